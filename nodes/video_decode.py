@@ -1,0 +1,344 @@
+"""Streaming video / image-sequence decoding for the TokenFlow loader (no ComfyUI imports).
+
+Frames are decoded one at a time with PyAV (or PIL for a folder of numbered images); only the
+selected frames (``skip_first_frames``, ``select_every_nth``, ``frame_load_cap``) are converted,
+resized right away and written into a preallocated ``(N, H, W, 3)`` float32 buffer, so the
+whole decoded video never exists in memory. Before decoding, the size of that buffer is
+estimated and compared with the available RAM.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import av
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+MAX_SIZE = 8192
+MIN_MULTIPLE, MAX_MULTIPLE = 8, 128
+# Refuse a load whose frame buffer needs more than this share of the available RAM.
+MEMORY_FRACTION = 0.75
+# Optional hard ceiling in bytes (lowers the limit, e.g. for tests); the env var wins if set.
+MAX_BYTES: int | None = None
+MAX_BYTES_ENV = "TOKENFLOW_VIDEO_MAX_BYTES"
+# A folder of images carries no frame rate; this one is reported for it.
+FOLDER_FPS = 24.0
+
+ProgressFn = Callable[[int, int], None]  # (frames kept so far, expected kept frames or 0)
+
+
+@dataclass
+class LoadedVideo:
+    images: torch.Tensor  # (N, H, W, 3) float32 in [0, 1]
+    frame_count: int
+    fps: float  # source fps / select_every_nth
+    source_fps: float
+    source_size: tuple[int, int]  # (width, height) of the source frames
+
+
+def _gib(n: float) -> float:
+    return n / 1024 ** 3
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers numerically (frame_2 before frame_10)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Image files of ``folder`` sorted by the last number in their name, then naturally."""
+    names = [n for n in os.listdir(folder)
+             if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(folder, n))]
+
+    def key(name: str) -> tuple:
+        numbers = re.findall(r"\d+", os.path.splitext(name)[0])
+        return (0, int(numbers[-1])) if numbers else (1, 0), natural_key(name)
+
+    return [os.path.join(folder, n) for n in sorted(names, key=key)]
+
+
+def is_video_file(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def source_fingerprint(path: str) -> str:
+    """mtime+size of a file, or a hash of the image listing (names, mtimes, sizes) of a folder."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for f in list_image_files(path):
+            st = os.stat(f)
+            digest.update(f"{os.path.basename(f)}|{st.st_mtime_ns}|{st.st_size}\n".encode())
+        return f"dir:{os.path.abspath(path)}:{digest.hexdigest()}"
+    st = os.stat(path)
+    return f"file:{os.path.abspath(path)}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def check_size_args(width: int, height: int, multiple: int) -> None:
+    """Raise ValueError for an invalid size_multiple or an absurd width/height request."""
+    if not (MIN_MULTIPLE <= multiple <= MAX_MULTIPLE and multiple % 8 == 0):
+        raise ValueError(f"size_multiple={multiple} is invalid: use a multiple of 8 between "
+                         f"{MIN_MULTIPLE} and {MAX_MULTIPLE} (64 is the usual choice for Stable Diffusion).")
+    for name, value in (("width", width), ("height", height)):
+        if value < 0 or value > MAX_SIZE:
+            raise ValueError(f"{name}={value} is out of range: use 0 (keep aspect ratio) or 1..{MAX_SIZE}.")
+        if 0 < value < multiple:
+            raise ValueError(f"{name}={value} is smaller than size_multiple={multiple}: the frames would "
+                             f"be rounded to nothing. Use {name} >= {multiple}, 0, or a smaller size_multiple.")
+
+
+def compute_output_size(src_w: int, src_h: int, width: int, height: int, multiple: int) -> tuple[int, int]:
+    """Target (width, height): a 0 side follows the source aspect ratio, both 0 keep the source size;
+    both sides are then rounded to the nearest multiple of ``multiple`` (at least one multiple)."""
+    check_size_args(width, height, multiple)
+    if src_w <= 0 or src_h <= 0:
+        raise ValueError(f"The source reports an invalid frame size {src_w}x{src_h}.")
+    if width == 0 and height == 0:
+        w, h = float(src_w), float(src_h)
+    elif width == 0:
+        w, h = height * src_w / src_h, float(height)
+    elif height == 0:
+        w, h = float(width), width * src_h / src_w
+    else:
+        w, h = float(width), float(height)
+    out_w, out_h = (max(multiple, int(math.floor(v / multiple + 0.5)) * multiple) for v in (w, h))
+    if out_w > MAX_SIZE or out_h > MAX_SIZE:
+        raise ValueError(f"The output size {out_w}x{out_h} (source {src_w}x{src_h}, width={width}, "
+                         f"height={height}) exceeds {MAX_SIZE} px: set a smaller width or height.")
+    return out_w, out_h
+
+
+def expected_kept(total: int, skip: int, nth: int, cap: int) -> int:
+    """Number of frames kept from ``total`` by skip / every-nth / cap."""
+    kept = max(0, -(-(total - skip) // nth))
+    return min(kept, cap) if cap > 0 else kept
+
+
+def memory_limit_bytes(max_bytes: int | None = None) -> tuple[int, int]:
+    """(limit, available): MEMORY_FRACTION of the available RAM, lowered by MAX_BYTES / env / argument."""
+    available = int(psutil.virtual_memory().available)
+    limit = int(available * MEMORY_FRACTION)
+    env = os.environ.get(MAX_BYTES_ENV, "").strip()
+    for ceiling in (MAX_BYTES, int(float(env)) if env else None, max_bytes):
+        if ceiling is not None:
+            limit = min(limit, int(ceiling))
+    return limit, available
+
+
+def check_memory(frames: int, width: int, height: int, max_bytes: int | None = None) -> None:
+    """Raise ValueError if ``frames`` float32 RGB frames of width x height do not fit in RAM."""
+    needed = frames * height * width * 3 * 4
+    limit, available = memory_limit_bytes(max_bytes)
+    if needed > limit:
+        raise ValueError(
+            f"Loading {frames} frames of {width}x{height} needs {_gib(needed):.2f} GiB of RAM as float32, "
+            f"but only {_gib(limit):.2f} GiB may be used ({_gib(available):.2f} GiB available). "
+            "Load fewer or smaller frames: set frame_load_cap, raise select_every_nth, "
+            "or lower width/height.")
+
+
+class _FrameBuffer:
+    """Preallocated (N, H, W, 3) float32 storage that grows by chunks if the estimate was short."""
+
+    def __init__(self, capacity: int, width: int, height: int):
+        self.size = (height, width)
+        self.chunks = [torch.empty((max(capacity, 1), height, width, 3), dtype=torch.float32)]
+        self.count = 0
+        self._pos = 0  # position in the last chunk
+
+    def append(self, frame: np.ndarray) -> None:
+        last = self.chunks[-1]
+        if self._pos == last.shape[0]:
+            last = torch.empty((max(16, self.count // 4), *self.size, 3), dtype=torch.float32)
+            self.chunks.append(last)
+            self._pos = 0
+        t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        if tuple(t.shape[-2:]) != self.size:
+            t = F.interpolate(t, size=self.size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        last[self._pos].copy_(t[0].permute(1, 2, 0))
+        self._pos += 1
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        if len(self.chunks) == 1:
+            first = self.chunks[0]
+            return first if self.count == first.shape[0] else first[: self.count].clone()
+        parts = self.chunks[:-1] + [self.chunks[-1][: self._pos]]
+        return torch.cat(parts, dim=0)
+
+
+def _select(frames: Iterator, skip: int, nth: int, cap: int) -> Iterator[tuple[int, object]]:
+    """Yield (index, item) for the selected items; stops as soon as the cap is reached."""
+    kept = 0
+    for index, item in enumerate(frames):
+        if index < skip or (index - skip) % nth:
+            continue
+        yield index, item
+        kept += 1
+        if cap and kept >= cap:
+            return
+
+
+def _check_selection(frame_load_cap: int, skip_first_frames: int, select_every_nth: int) -> None:
+    if frame_load_cap < 0:
+        raise ValueError(f"frame_load_cap={frame_load_cap} must be >= 0 (0 loads all frames).")
+    if skip_first_frames < 0:
+        raise ValueError(f"skip_first_frames={skip_first_frames} must be >= 0.")
+    if select_every_nth < 1:
+        raise ValueError(f"select_every_nth={select_every_nth} must be >= 1.")
+
+
+def _no_frames_error(path: str, decoded: int, skip: int, nth: int, error: Exception | None) -> ValueError:
+    if decoded == 0:
+        why = f" ({error})" if error else ""
+        return ValueError(f"No frame could be decoded from '{path}': the file is empty, corrupt or "
+                          f"truncated{why}. Re-export or re-download the video.")
+    return ValueError(f"'{path}' has {decoded} decodable frame(s), but skip_first_frames={skip} "
+                      f"(select_every_nth={nth}) leaves none. Lower skip_first_frames.")
+
+
+def _stream_fps(stream) -> float:
+    for rate in (stream.guessed_rate, stream.average_rate, stream.base_rate):  # guessed: ffmpeg's own pick
+        if rate:
+            return float(rate)
+    return 0.0
+
+
+def _estimate_total(container, stream, path: str) -> tuple[int, bool]:
+    """(frame count, from_metadata): stream frame count, else duration x fps, else packet counting."""
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames), True
+    fps = _stream_fps(stream)
+    seconds = None
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / av.time_base
+    if seconds and fps:
+        return int(round(seconds * fps)), True
+    counter = av.open(path)
+    try:
+        return sum(1 for p in counter.demux(counter.streams.video[0]) if p.size), False
+    finally:
+        counter.close()
+
+
+def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height: int, multiple: int,
+                    max_bytes: int | None, progress: ProgressFn | None) -> LoadedVideo:
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise ValueError(f"Cannot read '{path}' as a video: the file is corrupt, truncated or not a "
+                         f"video ({e}). Use an mp4/webm/mov/gif file or a folder of images.") from None
+    try:
+        if not container.streams.video:
+            raise ValueError(f"'{path}' contains no video stream. Choose a video file.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        src_w, src_h = stream.codec_context.width, stream.codec_context.height
+        out_w, out_h = compute_output_size(src_w, src_h, width, height, multiple)
+        total, from_metadata = _estimate_total(container, stream, path)
+        kept_estimate = expected_kept(total, skip, nth, cap)
+        check_memory(kept_estimate, out_w, out_h, max_bytes)
+        source_fps = _stream_fps(stream)
+        logger.info("TokenFlow Load Video: '%s' %dx%d, ~%d frames at %.3f fps -> ~%d frames of %dx%d",
+                    path, src_w, src_h, total, source_fps, kept_estimate, out_w, out_h)
+
+        buffer = _FrameBuffer(kept_estimate or (cap or 16), out_w, out_h)
+        decoded = 0
+        error: Exception | None = None
+
+        def counted() -> Iterator:
+            nonlocal decoded
+            for frame in container.decode(stream):
+                decoded += 1
+                yield frame
+
+        try:
+            for _, frame in _select(counted(), skip, nth, cap):
+                buffer.append(frame.to_ndarray(format="rgb24"))
+                if progress is not None:
+                    progress(buffer.count, kept_estimate)
+        except av.FFmpegError as e:  # truncated / corrupt data after some frames
+            error = e
+        if buffer.count == 0:
+            raise _no_frames_error(path, decoded, skip, nth, error)
+        capped = cap > 0 and buffer.count >= cap
+        if error is not None:
+            logger.warning("TokenFlow Load Video: decoding '%s' stopped after %d frame(s) (%s); the file "
+                           "looks truncated or corrupt, returning the %d frame(s) decoded so far.",
+                           path, decoded, error, buffer.count)
+        elif not capped and from_metadata and decoded < total - 1:
+            logger.warning("TokenFlow Load Video: '%s' announces %d frames but only %d could be decoded; "
+                           "the file may be truncated.", path, total, decoded)
+        images = buffer.result()
+        return LoadedVideo(images, images.shape[0], source_fps / nth, source_fps, (src_w, src_h))
+    finally:
+        container.close()
+
+
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"Cannot read image '{path}' ({e}). Remove or replace that file.") from None
+
+
+def _load_folder(folder: str, cap: int, skip: int, nth: int, width: int, height: int, multiple: int,
+                 max_bytes: int | None, progress: ProgressFn | None) -> LoadedVideo:
+    files = list_image_files(folder)
+    if not files:
+        raise ValueError(f"The folder '{folder}' contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
+                         "Point path at a folder of numbered frames or at a video file.")
+    try:
+        with Image.open(files[0]) as first:
+            src_w, src_h = ImageOps.exif_transpose(first).size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read image '{files[0]}' ({e}). Remove or replace that file.") from None
+    out_w, out_h = compute_output_size(src_w, src_h, width, height, multiple)
+    selected = [f for _, f in _select(iter(files), skip, nth, cap)]
+    if not selected:
+        raise _no_frames_error(folder, len(files), skip, nth, None)
+    check_memory(len(selected), out_w, out_h, max_bytes)
+    logger.info("TokenFlow Load Video: folder '%s' with %d images of %dx%d -> %d frames of %dx%d",
+                folder, len(files), src_w, src_h, len(selected), out_w, out_h)
+    buffer = _FrameBuffer(len(selected), out_w, out_h)
+    for f in selected:
+        buffer.append(np.array(_open_image(f)))
+        if progress is not None:
+            progress(buffer.count, len(selected))
+    images = buffer.result()
+    return LoadedVideo(images, images.shape[0], FOLDER_FPS / nth, FOLDER_FPS, (src_w, src_h))
+
+
+def load_video(path: str, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,
+               width: int = 0, height: int = 0, size_multiple: int = 64, max_bytes: int | None = None,
+               progress: ProgressFn | None = None) -> LoadedVideo:
+    """Decode a video file or a folder of numbered images into (N, H, W, 3) float32 frames in [0, 1].
+
+    Frame ``i`` (0-based, decode order) is kept when ``i >= skip_first_frames`` and
+    ``(i - skip_first_frames) % select_every_nth == 0``, up to ``frame_load_cap`` frames (0 = all).
+    """
+    _check_selection(frame_load_cap, skip_first_frames, select_every_nth)
+    check_size_args(width, height, size_multiple)
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"Video not found: '{path}'. Check the path, or pick a file from the "
+                                "video list (ComfyUI input folder).")
+    args = (frame_load_cap, skip_first_frames, select_every_nth, width, height, size_multiple, max_bytes, progress)
+    if os.path.isdir(path):
+        return _load_folder(path, *args)
+    return _load_container(path, *args)
+
