@@ -1,0 +1,148 @@
+"""Pure-torch TokenFlow ops against brute-force restatements (spec sections 1-3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_tokenflow.tokenflow_ops import attention, correspondence, keyframes, propagation, schedule
+
+
+def test_editing_timesteps_are_the_official_leading_grid():
+    ts = schedule.editing_timesteps(50)
+    assert ts[:3] == [981, 961, 941] and ts[-1] == 1 and len(ts) == 50
+    assert schedule.inversion_timesteps(500)[:3] == [1, 3, 5] and schedule.inversion_timesteps(500)[-1] == 999
+    assert set(ts) <= set(schedule.inversion_timesteps(500))
+    sd = schedule.sdedit_timesteps(50, 0.9)
+    assert len(sd) == 44 and sd[0] == 861 and sd[-1] == 1
+
+
+def test_inversion_steps_must_cover_editing_steps():
+    schedule.check_inversion_covers(50, 500)
+    with pytest.raises(ValueError, match="multiple of steps"):
+        schedule.check_inversion_covers(50, 120)
+
+
+def test_keyframe_plan_matches_official_draws_and_is_reproducible():
+    plan = keyframes.keyframe_plan(40, 8, 3, seed=1, mode="random")
+    torch.manual_seed(1)
+    for step in range(3):  # the official: torch.randint(B, (n // B,)) + torch.arange(0, n, B)
+        expected = torch.randint(8, (5,)) + torch.arange(0, 40, 8)
+        assert torch.equal(plan[step], expected)
+    assert torch.equal(plan, keyframes.keyframe_plan(40, 8, 3, seed=1, mode="random"))
+    fixed = keyframes.keyframe_plan(10, 4, 2, seed=0, mode="fixed")
+    assert fixed.tolist() == [[2, 6, 9]] * 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 9, 17])
+def test_keyframe_plan_short_last_batch_stays_inside_it(n):
+    plan = keyframes.keyframe_plan(n, 8, 20, seed=3)
+    for b, frames in enumerate(keyframes.batch_ranges(n, 8)):
+        assert all(k in frames for k in plan[:, b].tolist())
+
+
+def test_official_pairing_weights():
+    pairing = keyframes.official_pairing(24, 8)
+    assert pairing.slots[:8].tolist() == [[0, 0]] * 8 and (pairing.weights[:8, 1] == 0).all()
+    i = 10  # batch 1: centres c1 = 12, c0 = 4
+    w = torch.sigmoid(torch.tensor(6 / (2 + 6)))
+    assert pairing.slots[i].tolist() == [1, 0]
+    assert torch.allclose(pairing.weights[i], torch.stack([w, 1 - w]))
+
+
+def test_paper_pairing_uses_neighbouring_keyframes_linearly():
+    pairing = keyframes.paper_pairing(torch.tensor([2, 10]), 12)
+    assert pairing.slots[6].tolist() == [0, 1] and torch.allclose(pairing.weights[6], torch.tensor([0.5, 0.5]))
+    assert pairing.slots[0].tolist() == [0, 0] and pairing.weights[0].tolist() == [1.0, 0.0]
+    assert pairing.weights[10].tolist() == [1.0, 0.0] and pairing.slots[11].tolist() == [1, 1]
+
+
+def _brute_nn(q, k):
+    sim = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).T
+    return sim.argmax(-1)
+
+
+def test_nearest_neighbours_chunked_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 50, 16, generator=g), torch.randn(40, 16, generator=g)
+    for budget in (40, 41, 400, 1 << 20):  # one row per chunk ... everything at once
+        assert torch.equal(correspondence.nearest_neighbours(q, k, max_elements=budget), _brute_nn(q.reshape(-1, 16), k).view(3, 50))
+
+
+def test_nearest_neighbour_search_never_holds_more_than_the_budget(monkeypatch):
+    sizes = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real_matmul(a, b)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    q, k = torch.randn(4, 300, 8), torch.randn(300, 8)
+    correspondence.nearest_neighbours(q, k, max_elements=3000)
+    assert sizes and max(sizes) <= 3000 and sum(sizes) == 4 * 300 * 300
+
+
+def test_frame_fields_and_propagation_equal_brute_force():
+    g = torch.Generator().manual_seed(1)
+    n, tokens, dim = 11, 20, 8
+    frames = torch.randn(n, tokens, dim, generator=g)
+    plan = keyframes.keyframe_plan(n, 4, 1, seed=0)[0]
+    pairing = keyframes.official_pairing(n, 4)
+    key_tokens = frames[plan]
+    ids = torch.arange(3, 9)
+    fields = correspondence.frame_fields(frames[ids], ids, key_tokens, pairing, max_elements=64)
+    values = torch.randn(len(plan), tokens, 5, generator=g)
+    out = propagation.propagate(values, fields, pairing.slots[ids], pairing.weights[ids])
+    for row, i in enumerate(ids.tolist()):
+        a, b = pairing.slots[i].tolist()
+        f0, f1 = _brute_nn(frames[i], key_tokens[a]), _brute_nn(frames[i], key_tokens[b])
+        assert torch.equal(fields[row, 0], f0) and torch.equal(fields[row, 1], f1)
+        w0, w1 = pairing.weights[i]
+        expected = values[a][f0] if w1 == 0 else w0 * values[a][f0] + w1 * values[b][f1]
+        assert torch.allclose(out[row], expected, atol=1e-6)
+
+
+def test_keyframe_tokens_match_themselves():
+    frames = torch.randn(8, 30, 16)
+    pairing = keyframes.official_pairing(8, 8)
+    fields = correspondence.frame_fields(frames, torch.arange(8), frames[[5]], pairing)
+    assert torch.equal(fields[5, 0], torch.arange(30))
+
+
+def _brute_extended(q, k, v, heads):
+    kk, n, inner = q.shape
+    d = inner // heads
+    outs = []
+    for i in range(kk):  # the official way: every keyframe gets a copy of all keyframes' keys
+        keys, vals = k.reshape(1, -1, inner)[0], v.reshape(1, -1, inner)[0]
+        qh = q[i].view(n, heads, d).transpose(0, 1)
+        kh, vh = keys.view(-1, heads, d).transpose(0, 1), vals.view(-1, heads, d).transpose(0, 1)
+        att = (qh @ kh.transpose(-1, -2) * d ** -0.5).softmax(-1) @ vh
+        outs.append(att.transpose(0, 1).reshape(n, inner))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_extended_attention_equals_concatenated_keys(frames):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(frames, 12, 16, generator=g) for _ in range(3))
+    out = attention.extended_attention(q, k, v, heads=2)
+    assert torch.allclose(out, _brute_extended(q, k, v, 2), atol=1e-5)
+    if frames == 1:
+        assert torch.allclose(out, attention.sdpa_attention(q, k, v, 2), atol=1e-6)
+
+
+def test_extended_attention_runs_on_comfyui_fused_attention():
+    import comfy.ldm.modules.attention as comfy_attention
+
+    q, k, v = (torch.randn(3, 10, 16) for _ in range(3))
+    calls = []
+
+    def fused(a, b, c, heads):
+        calls.append(a.shape)
+        return comfy_attention.optimized_attention(a, b, c, heads)
+
+    out = attention.extended_attention(q, k, v, 2, fused)
+    assert calls == [torch.Size([1, 30, 16])]  # one fused call, keys never repeated per keyframe
+    assert torch.allclose(out, _brute_extended(q, k, v, 2), atol=1e-5)
