@@ -6,17 +6,21 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from . import (
+    consistency_nodes,
     correspondence_nodes,
     inversion_nodes,
     joint_edit_nodes,
     sampler_nodes,
+    video_nodes,
 )
 
 NODE_MODULES = (
+    video_nodes,
     inversion_nodes,
     correspondence_nodes,
     joint_edit_nodes,
     sampler_nodes,
+    consistency_nodes,
 )
 
 

@@ -1,0 +1,115 @@
+"""A CFGGuider that evaluates the model on chosen subsets of frames, each with its own conditioning.
+
+ComfyUI calls a guider with the whole latent batch. TokenFlow needs calls on keyframes and on
+batches of frames, and every per-frame conditioning (a ControlNet hint per frame, a per-frame
+cond tensor) must follow the frames it belongs to. This base class slices processed conds to a
+frame subset, with per-subset copies of ControlNet chains that are cleaned up after the run,
+and runs ``calc_cond_batch`` on it, so LoRA, model patches, hooks and ControlNet keep working
+through ComfyUI's own sampling path.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.samplers
+
+from .attention_patches import PASS_KEY, PassContext
+
+log = logging.getLogger(__name__)
+
+
+def _slice_frames(value: torch.Tensor, idx: torch.Tensor, n_frames: int) -> torch.Tensor:
+    if n_frames > 1 and value.ndim > 0 and value.shape[0] == n_frames:
+        return value[idx.to(value.device)]
+    return value
+
+
+class FrameSubsetGuider(comfy.samplers.CFGGuider):
+    """Base guider: ``calc_on_frames`` runs chosen conds on a frame subset."""
+
+    def __init__(self, model_patcher) -> None:
+        super().__init__(model_patcher)
+        self._subset_cache: dict[tuple[int, tuple[int, ...], int], list[dict]] = {}
+        self._control_copies: list[Any] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def sample(self, *args, **kwargs):
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            self.release_subsets()
+
+    def release_subsets(self) -> None:
+        """Drop cached cond subsets and clean every ControlNet copy made for them."""
+        for control in self._control_copies:
+            control.cleanup()
+        self._control_copies.clear()
+        self._subset_cache.clear()
+
+    # -- conditioning subsets --------------------------------------------------------------
+    def _subset_control(self, control, idx: torch.Tensor, n_frames: int):
+        copy = control.copy()
+        if control.previous_controlnet is not None:
+            copy.set_previous_controlnet(self._subset_control(control.previous_controlnet, idx, n_frames))
+        hint = getattr(control, "cond_hint_original", None)
+        if isinstance(hint, torch.Tensor):
+            if hint.shape[0] not in (1, n_frames):
+                raise ValueError(
+                    f"A ControlNet in the conditioning has {hint.shape[0]} hint images but the video has {n_frames} frames. "
+                    "Feed the ControlNet one hint per frame (run the preprocessor on the same frames) or a single image."
+                )
+            copy.cond_hint_original = _slice_frames(hint, idx, n_frames)
+        copy.extra_concat_orig = [_slice_frames(c, idx, n_frames) for c in getattr(control, "extra_concat_orig", [])]
+        sampling = self.inner_model.model_sampling
+        copy.pre_run(self.inner_model, lambda a: sampling.percent_to_sigma(a))
+        self._control_copies.append(copy)
+        return copy
+
+    def _subset_cond(self, cond: dict, idx: torch.Tensor, n_frames: int) -> dict:
+        out = cond.copy()
+        for key, value in cond.items():
+            if isinstance(value, torch.Tensor):
+                out[key] = _slice_frames(value, idx, n_frames)
+            elif key == "control" and value is not None:
+                out[key] = self._subset_control(value, idx, n_frames)
+            elif key == "model_conds":
+                sliced = {}
+                for name, item in value.items():
+                    tensor = getattr(item, "cond", None)
+                    if isinstance(tensor, torch.Tensor) and n_frames > 1 and tensor.shape[0] == n_frames:
+                        sliced[name] = item._copy_with(tensor[idx.to(tensor.device)])
+                    else:
+                        sliced[name] = item
+                out[key] = sliced
+        return out
+
+    def conds_for(self, name: str, idx: torch.Tensor, n_frames: int, cache: bool) -> list[dict] | None:
+        """The processed conds ``name`` restricted to frames ``idx`` (cached for recurring subsets)."""
+        conds = self.conds.get(name)
+        if conds is None:
+            return None
+        key = (id(conds), tuple(idx.tolist()), n_frames)
+        if key in self._subset_cache:
+            return self._subset_cache[key]
+        subset = [self._subset_cond(c, idx, n_frames) for c in conds]
+        if cache:
+            self._subset_cache[key] = subset
+        return subset
+
+    # -- model calls -----------------------------------------------------------------------
+    def calc_on_frames(self, names: list[str | None], x: torch.Tensor, timestep: torch.Tensor, idx: torch.Tensor,
+                       model_options: dict, context: PassContext | None, n_frames: int, cache: bool = True) -> list[torch.Tensor]:
+        """Denoised predictions for conds ``names`` on frames ``idx`` of ``x`` (already subset by the caller or not)."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        options = comfy.model_patcher.create_model_options_clone(model_options)
+        options.pop("context_handler", None)  # TokenFlow does its own frame batching
+        if context is not None:
+            options.setdefault("transformer_options", {})[PASS_KEY] = context
+        conds = [self.conds_for(name, idx, n_frames, cache) if name else None for name in names]
+        step_idx = idx.to(x.device)
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x[step_idx], timestep[step_idx], options)

@@ -1,0 +1,50 @@
+"""TokenFlowInvert: DDIM-invert every frame and keep the latent trajectory."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .inversion_runner import inverted_latent_output, run_inversion
+from .products import InversionType
+
+CATEGORY = "TokenFlow"
+
+
+class TokenFlowInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TokenFlowInvert",
+            display_name="TokenFlow DDIM Inversion",
+            category=CATEGORY,
+            description="DDIM-inverts every frame of the source video (deterministic, no CFG) and keeps the latent "
+                        "trajectory at every editing timestep. Its output feeds correspondence extraction and the "
+                        "TokenFlow sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to invert with. Use the same "
+                               "checkpoint for editing."),
+                io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode (one latent per frame)."),
+                io.Conditioning.Input("conditioning", tooltip="The inversion prompt, describing the source video "
+                                      "(e.g. 'a wolf'); an empty prompt also works. The source branch reuses it."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Editing steps the trajectory is kept for "
+                             "(the official default is 50). The sampler uses this count or a divisor of it."),
+                io.Int.Input("inversion_steps", default=500, min=1, max=1000, tooltip="DDIM inversion steps; must be a "
+                             "multiple of steps. More steps invert more exactly (official 500, paper 1000) but take "
+                             "longer; 50 is a fast preview."),
+                io.Int.Input("frame_batch", default=16, min=1, max=512, optional=True, tooltip="Frames per UNet call "
+                             "during inversion. Lower it if you run out of memory; it does not change the result."),
+            ],
+            outputs=[
+                InversionType.Output(display_name="inversion", tooltip="The inverted video: trajectory, schedule, "
+                                     "inversion prompt and fingerprints of model and frames (kept in system RAM)."),
+                io.Latent.Output(display_name="inverted_latent", tooltip="The fully inverted latent x_T (with leftover "
+                                 "noise, as from KSampler Advanced)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, conditioning, steps, inversion_steps, frame_batch=16) -> io.NodeOutput:
+        inversion = run_inversion(model, latent, conditioning, steps, inversion_steps, frame_batch)
+        return io.NodeOutput(inversion, inverted_latent_output(model, inversion))
+
+
+NODES = [TokenFlowInvert]

@@ -1,0 +1,169 @@
+"""What the pack needs to know about a ComfyUI model: family, transformer blocks, PnP layers, identity.
+
+Everything is derived from the model object itself (no hard-coded SD1.5 shapes), so SD1.x,
+SD2.x (epsilon and v) and SDXL UNets work, and anything else is refused with a clear message.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_sampling
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+
+log = logging.getLogger(__name__)
+
+BlockKey = tuple[str, int, int]  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    family: str  # "sd1/sd2" style or "sdxl" style UNet, for messages and defaults
+    prediction: str  # "eps" | "v"
+    transformer_blocks: tuple[BlockKey, ...]
+    default_pnp_attention: tuple[BlockKey, ...]
+    default_pnp_residual: tuple[str, ...]  # module paths of ResBlocks inside diffusion_model
+
+
+def diffusion_model_of(model_patcher) -> torch.nn.Module:
+    return model_patcher.model.diffusion_model
+
+
+def _unsupported(model_patcher, why: str) -> ValueError:
+    name = type(getattr(model_patcher.model, "diffusion_model", model_patcher.model)).__name__
+    return ValueError(
+        f"TokenFlow needs a Stable Diffusion UNet (SD1.x, SD2.x or SDXL) but the connected model is {name}: {why}. "
+        "Load an SD1.x/SD2.x/SDXL checkpoint with Load Checkpoint; DiT/flow models such as Flux, SD3 or video "
+        "models are not supported."
+    )
+
+
+def check_supported(model_patcher) -> ModelLayout:
+    """Validate the model family and describe its layout, or raise a clear error."""
+    unet = getattr(model_patcher.model, "diffusion_model", None)
+    if not isinstance(unet, UNetModel):
+        raise _unsupported(model_patcher, "it is not a UNet")
+    sampling = model_patcher.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not hasattr(sampling, "sigmas"):
+        raise _unsupported(model_patcher, "its noise schedule is not the discrete DDPM schedule")
+    prediction = _prediction_type(sampling)
+    if prediction is None:
+        raise _unsupported(model_patcher, f"its prediction type ({type(sampling).__mro__[1].__name__}) is not epsilon or v")
+    if len(sampling.sigmas) != 1000:
+        raise _unsupported(model_patcher, f"its schedule has {len(sampling.sigmas)} timesteps, not 1000")
+    if getattr(unet, "use_temporal_attention", False) or getattr(unet, "use_temporal_resblocks", False):
+        raise _unsupported(model_patcher, "it is a video UNet (SVD)")
+    blocks = transformer_blocks(unet)
+    if not blocks:
+        raise _unsupported(model_patcher, "it has no spatial transformer blocks")
+    family = "sdxl" if getattr(unet, "adm_in_channels", None) == 2816 or unet.num_classes == "sequential" else "sd1/sd2"
+    return ModelLayout(family, prediction, blocks, default_pnp_attention(unet, blocks), (default_pnp_residual(unet),))
+
+
+def _prediction_type(sampling) -> str | None:
+    """The first prediction mixin in the sampling object's MRO: EPS -> "eps", V_PREDICTION -> "v", else None."""
+    for cls in type(sampling).__mro__:
+        if cls is comfy.model_sampling.V_PREDICTION:
+            return "v"
+        if cls is comfy.model_sampling.EPS:
+            return "eps"
+        if cls.__module__ == comfy.model_sampling.__name__ and cls is not comfy.model_sampling.ModelSamplingDiscrete:
+            return None  # EDM, X0, CONST (flow), ... come before EPS in the MRO
+    return None
+
+
+def transformer_blocks(unet: torch.nn.Module) -> tuple[BlockKey, ...]:
+    """Every BasicTransformerBlock as ComfyUI's (block type, block id, index) patch key."""
+    keys: list[BlockKey] = []
+    groups = (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks))
+    for kind, seq in groups:
+        for block_id, block in enumerate(seq):
+            for layer in block:
+                if isinstance(layer, SpatialTransformer):
+                    keys += [(kind, block_id, i) for i in range(len(layer.transformer_blocks))]
+    return tuple(keys)
+
+
+def default_pnp_attention(unet: torch.nn.Module, blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
+    """Decoder transformer blocks minus the first decoder attention block (SD: output 4-11; SDXL: output 1-5)."""
+    decoder = [b for b in blocks if b[0] == "output"]
+    if not decoder:
+        return ()
+    first_id = min(b[1] for b in decoder)
+    return tuple(b for b in decoder if b[1] != first_id)
+
+
+def default_pnp_residual(unet: torch.nn.Module) -> str:
+    """Second ResBlock of the decoder's second resolution level (diffusers up_blocks[1].resnets[1])."""
+    per_level = unet.num_res_blocks[-1] + 1 if isinstance(unet.num_res_blocks, (list, tuple)) else unet.num_res_blocks + 1
+    return f"output_blocks.{per_level + 1}.0"
+
+
+def parse_block_list(text: str, layout: ModelLayout, default: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
+    """Parse "auto" or a list like "output:4-11, input:7" (all indices of those blocks) into block keys."""
+    text = text.strip().lower()
+    if text in ("", "auto"):
+        return default
+    if text == "none":
+        return ()
+    chosen: set[BlockKey] = set()
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            kind, ids = part.split(":")
+            lo, _, hi = ids.partition("-")
+            wanted = range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise ValueError(f"pnp_attention_blocks: cannot read {part!r}; write e.g. 'output:4-11' or 'auto'") from None
+        matched = [b for b in layout.transformer_blocks if b[0] == kind.strip() and b[1] in wanted]
+        if not matched:
+            raise ValueError(f"pnp_attention_blocks: {part!r} names no transformer block of this model "
+                             f"(it has {sorted({(b[0], b[1]) for b in layout.transformer_blocks})})")
+        chosen.update(matched)
+    return tuple(b for b in layout.transformer_blocks if b in chosen)
+
+
+def parse_residual_list(text: str, unet: torch.nn.Module, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Parse "auto", "none" or module paths like "output_blocks.4.0" (must be ResBlocks)."""
+    text = text.strip()
+    if text.lower() in ("", "auto"):
+        return default
+    if text.lower() == "none":
+        return ()
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    for path in paths:
+        try:
+            module = unet.get_submodule(path)
+        except AttributeError:
+            module = None
+        if not isinstance(module, ResBlock):
+            raise ValueError(f"pnp_residual_blocks: {path!r} is not a ResBlock of this UNet; write e.g. 'output_blocks.4.0'")
+    return paths
+
+
+def model_fingerprint(model_patcher) -> str:
+    """Identity of the base weights (LoRA/patches excluded): architecture, schedule and sampled weights."""
+    unet = diffusion_model_of(model_patcher)
+    digest = hashlib.sha256(type(unet).__name__.encode())
+    sampling = model_patcher.get_model_object("model_sampling")
+    digest.update(type(sampling).__name__.encode())
+    digest.update(sampling.sigmas.detach().float().cpu().numpy().tobytes())
+    for name, param in unet.state_dict().items():
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        flat = param.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]) if flat.numel() > 128 else flat
+        digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """Content hash of a tensor (used for the source frames' latents)."""
+    digest = hashlib.sha256(str(tuple(tensor.shape)).encode())
+    digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,84 @@
+"""The data that flows between TokenFlow nodes: the inversion and the correspondences.
+
+Both live on the CPU (the GPU only ever holds the frames of the current pass) and carry
+fingerprints so that a sampler can refuse products made from another video or model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tokenflow_ops.keyframes import FramePairing, pairing_for_step
+
+from comfy_api.latest import io
+
+InversionType = io.Custom("TOKENFLOW_INVERSION")
+CorrespondencesType = io.Custom("TOKENFLOW_CORRESPONDENCES")
+
+
+@dataclass
+class TokenFlowInversion:
+    """The DDIM-inverted source video: its latent trajectory at every editing timestep."""
+
+    steps: int
+    inversion_steps: int
+    timesteps: list[int]  # editing timesteps, largest first
+    sigmas: torch.Tensor  # the model's sigma at each editing timestep, plus sigma[0] (final level)
+    trajectory: torch.Tensor  # (steps, n, C, H, W) DDPM-space scaled latents x_t, CPU float32
+    x0: torch.Tensor  # (n, C, H, W) scaled clean latents
+    inverted: torch.Tensor  # (n, C, H, W) the fully inverted latent at ``inverted_timestep``
+    inverted_timestep: int
+    conditioning: list  # the inversion prompt (CPU), used by the source branch
+    model_fingerprint: str
+    frames_fingerprint: str
+    family: str
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.x0.shape[0])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.x0.shape[1:])
+
+    def step_of(self, timestep: int) -> int:
+        try:
+            return self.timesteps.index(timestep)
+        except ValueError:
+            raise ValueError(f"timestep {timestep} is not on this inversion's grid ({self.steps} steps)") from None
+
+    def describe(self) -> str:
+        c, h, w = self.latent_shape
+        return (f"{self.n_frames} frames, latent {c}x{h}x{w}, {self.steps} steps "
+                f"(inverted with {self.inversion_steps}), model {self.model_fingerprint}, frames {self.frames_fingerprint}")
+
+
+@dataclass
+class TokenFlowCorrespondences:
+    """Keyframe plan plus nearest-neighbour fields for every transformer block at every step.
+
+    ``fields[block]`` is (steps, n_frames, 2, tokens) in a compact integer type: for each frame,
+    the index of the matched token in each of its two paired keyframes (see FramePairing).
+    """
+
+    timesteps: list[int]
+    keyframes: torch.Tensor  # (steps, n_keyframes) long
+    group_size: int
+    blend: str
+    fields: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    inversion_fingerprint: str = ""
+    model_fingerprint: str = ""
+
+    def pairing(self, step: int, n_frames: int) -> FramePairing:
+        return pairing_for_step(self.keyframes[step], n_frames, self.group_size, self.blend)
+
+    def fields_at(self, step: int, block: tuple[str, int, int], frames: torch.Tensor) -> torch.Tensor:
+        return self.fields[block][step, frames].long()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+
+def inversion_fingerprint(inversion: TokenFlowInversion) -> str:
+    return f"{inversion.model_fingerprint}:{inversion.frames_fingerprint}:{inversion.steps}"

@@ -1,0 +1,57 @@
+"""Input checks shared by the nodes: each raises a clear error naming the input and the fix."""
+from __future__ import annotations
+
+import torch
+
+from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
+
+MAX_LATENT_SIDE = 1024  # 8192 px
+MIN_LATENT_SIDE = 8  # 64 px: the UNet downsamples three times
+
+
+def check_latent_frames(latent: dict, input_name: str = "latent", channels: int | None = None) -> torch.Tensor:
+    """Validate a LATENT holding a video (one frame per batch item) and return its samples."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ValueError(f"{input_name}: expected a LATENT from VAE Encode of the video frames")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ValueError(f"{input_name}: expected image latents (frames, channels, height, width), got shape "
+                         f"{tuple(samples.shape)}; video-model latents are not supported")
+    if samples.shape[0] == 0:
+        raise ValueError(f"{input_name}: the latent has 0 frames; check the video loader's frame_load_cap/skip settings")
+    if channels is not None and samples.shape[1] != channels:
+        raise ValueError(f"{input_name}: the latent has {samples.shape[1]} channels but the model expects {channels}; "
+                         "encode the frames with the VAE that belongs to this checkpoint")
+    h, w = samples.shape[-2:]
+    if min(h, w) < MIN_LATENT_SIDE or max(h, w) > MAX_LATENT_SIDE:
+        raise ValueError(f"{input_name}: frames of {w * 8}x{h * 8} px cannot be processed; use sizes between "
+                         f"{MIN_LATENT_SIDE * 8} and {MAX_LATENT_SIDE * 8} px (resize in TokenFlow Load Video)")
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"{input_name}: the latent contains NaN or infinite values; re-encode the frames "
+                         "(a VAE in fp16 can overflow: try --fp32-vae)")
+    if latent.get("noise_mask") is not None:
+        raise ValueError(f"{input_name}: masked latents (Set Latent Noise Mask) are not supported by TokenFlow")
+    return samples
+
+
+def check_batch_size(batch_size: int, n_frames: int) -> None:
+    if batch_size > n_frames and n_frames > 1:
+        raise ValueError(f"batch_size ({batch_size}) is larger than the clip ({n_frames} frames); "
+                         f"use batch_size <= {n_frames} (the default 8 suits clips of 8+ frames)")
+
+
+def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, model_fp: str) -> None:
+    """Refuse correspondences that were extracted from another inversion or model."""
+    if corr.inversion_fingerprint != inversion_fingerprint(inversion):
+        raise ValueError("correspondences: they were extracted from a different inversion (another video, model or "
+                         "step count) than the one connected to 'inversion'; connect the same TokenFlow Invert output "
+                         "to TokenFlow Extract Correspondences and to this sampler")
+    if corr.model_fingerprint != model_fp:
+        raise ValueError("correspondences: they were extracted with a different model; use the same checkpoint")
+
+
+def check_inversion_model(inversion: TokenFlowInversion, model_fp: str, input_name: str = "inversion") -> None:
+    if inversion.model_fingerprint != model_fp:
+        raise ValueError(f"{input_name}: it was made with a different model (fingerprint {inversion.model_fingerprint}, "
+                         f"this model {model_fp}); invert the video with the same checkpoint you edit with "
+                         "(LoRAs may differ: only the base weights are compared)")

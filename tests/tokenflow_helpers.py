@@ -1,0 +1,32 @@
+"""Shared set-up for the TokenFlow integration tests: tiny clips and one-call runs of each stage."""
+from __future__ import annotations
+
+import torch
+
+import tiny_models
+from comfyui_tokenflow.nodes import correspondence_runner, edit_plan, inversion_runner, tokenflow_runner
+
+STEPS, INVERSION_STEPS = 5, 10  # editing timesteps 801..1 on the inversion grid 1, 101, ..., 901
+
+
+def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(n, channels, size, size, generator=g)}
+
+
+def conds(model, seeds=(11, 12, 13)):
+    return [tiny_models.make_conditioning(model, seed=s) for s in seeds]
+
+
+def invert(model, latent, cond, steps=STEPS, inversion_steps=INVERSION_STEPS):
+    return inversion_runner.run_inversion(model, latent, cond, steps, inversion_steps, frame_batch=4)
+
+
+def edit(model, pos, neg, inversion, correspondences=None, trace=None, **settings):
+    settings.setdefault("batch_size", 2)
+    return tokenflow_runner.run_edit(model, pos, neg, inversion, edit_plan.EditSettings(**settings),
+                                     correspondences, trace=trace)["samples"]
+
+
+def extract(model, inversion, batch_size=2, keyframes="random", seed=1, **kwargs):
+    return correspondence_runner.run_extraction(model, inversion, batch_size, keyframes, seed, **kwargs)
