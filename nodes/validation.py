@@ -35,7 +35,7 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
 
 
 def check_batch_size(batch_size: int, n_frames: int) -> None:
-    if batch_size > n_frames and n_frames > 1:
+    if batch_size > n_frames:
         raise ValueError(f"batch_size ({batch_size}) is larger than the clip ({n_frames} frames); "
                          f"use batch_size <= {n_frames} (the default 8 suits clips of 8+ frames)")
 
