@@ -52,10 +52,15 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         self._subset_cache.clear()
 
     # -- conditioning subsets --------------------------------------------------------------
-    def _subset_control(self, control, idx: torch.Tensor, n_frames: int):
+    def _subset_control(self, control, idx: torch.Tensor, n_frames: int, memo: dict):
+        # One copy per original object and subset, so conds that shared a ControlNet (positive and
+        # negative from Apply ControlNet) still share it and ComfyUI can batch them together.
+        if id(control) in memo:
+            return memo[id(control)]
         copy = control.copy()
+        memo[id(control)] = copy
         if control.previous_controlnet is not None:
-            copy.set_previous_controlnet(self._subset_control(control.previous_controlnet, idx, n_frames))
+            copy.set_previous_controlnet(self._subset_control(control.previous_controlnet, idx, n_frames, memo))
         hint = getattr(control, "cond_hint_original", None)
         if isinstance(hint, torch.Tensor):
             if hint.shape[0] not in (1, n_frames):
@@ -70,13 +75,13 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         self._control_copies.append(copy)
         return copy
 
-    def _subset_cond(self, cond: dict, idx: torch.Tensor, n_frames: int) -> dict:
+    def _subset_cond(self, cond: dict, idx: torch.Tensor, n_frames: int, memo: dict) -> dict:
         out = cond.copy()
         for key, value in cond.items():
             if isinstance(value, torch.Tensor):
                 out[key] = _slice_frames(value, idx, n_frames)
             elif key == "control" and value is not None:
-                out[key] = self._subset_control(value, idx, n_frames)
+                out[key] = self._subset_control(value, idx, n_frames, memo)
             elif key == "model_conds":
                 sliced = {}
                 for name, item in value.items():
@@ -88,7 +93,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
                 out[key] = sliced
         return out
 
-    def conds_for(self, name: str, idx: torch.Tensor, n_frames: int, cache: bool) -> list[dict] | None:
+    def conds_for(self, name: str, idx: torch.Tensor, n_frames: int, cache: bool, memo: dict) -> list[dict] | None:
         """The processed conds ``name`` restricted to frames ``idx`` (cached for recurring subsets)."""
         conds = self.conds.get(name)
         if conds is None:
@@ -96,7 +101,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         key = (id(conds), tuple(idx.tolist()), n_frames)
         if key in self._subset_cache:
             return self._subset_cache[key]
-        subset = [self._subset_cond(c, idx, n_frames) for c in conds]
+        subset = [self._subset_cond(c, idx, n_frames, memo) for c in conds]
         if cache:
             self._subset_cache[key] = subset
         return subset
@@ -110,6 +115,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         options.pop("context_handler", None)  # TokenFlow does its own frame batching
         if context is not None:
             options.setdefault("transformer_options", {})[PASS_KEY] = context
-        conds = [self.conds_for(name, idx, n_frames, cache) if name else None for name in names]
+        memo: dict = {}
+        conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
         step_idx = idx.to(x.device)
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, x[step_idx], timestep[step_idx], options)
