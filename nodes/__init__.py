@@ -10,6 +10,7 @@ from . import (
     correspondence_nodes,
     inversion_nodes,
     joint_edit_nodes,
+    product_io_nodes,
     sampler_nodes,
     video_nodes,
 )
@@ -20,6 +21,7 @@ NODE_MODULES = (
     correspondence_nodes,
     joint_edit_nodes,
     sampler_nodes,
+    product_io_nodes,
     consistency_nodes,
 )
 

@@ -50,6 +50,7 @@ class Phase(str, Enum):
 
 
 SOURCE_PHASES = (Phase.SOURCE_KEYFRAMES, Phase.SOURCE_FRAMES)
+PROPAGATION_PHASES = (Phase.SOURCE_FRAMES, Phase.EDIT_FRAMES)
 EDIT_PHASES = (Phase.EDIT_KEYFRAMES, Phase.EDIT_FRAMES)
 
 FieldProvider = Callable[[BlockKey, torch.Tensor], torch.Tensor]  # (block, frame ids) -> (F, 2, N) fields
@@ -128,6 +129,11 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
     elif ctx.phase is Phase.EXTRACT_FRAMES:
         fields = frame_fields(n, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing, ctx.max_elements)
         ctx.field_sink(block, ctx.frames, fields)
+    if ctx.phase in PROPAGATION_PHASES:
+        # Propagated frames never compute self-attention: hand the q/k/v projections a single token
+        # each so that their cost vanishes too (the replacement below rebuilds the full token count).
+        one = n[:, :1]
+        return one, one, one
     return n, context, value
 
 
@@ -173,9 +179,9 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
         if values is None:
             raise RuntimeError(f"TokenFlow: block {block} has no keyframe output for this conditioning; "
                                "area/mask conditioning that differs between passes is not supported")
-        if values.shape[1] != q.shape[1]:
+        if values.shape[1] != fields.shape[-1]:
             raise RuntimeError(f"TokenFlow: token count changed between passes at block {block} "
-                               f"({values.shape[1]} vs {q.shape[1]}); area conditioning is not supported")
+                               f"({values.shape[1]} vs {fields.shape[-1]}); area conditioning is not supported")
         outs.append(propagate(values, fields.to(values.device), slots, weights))
     return torch.cat(outs)
 
