@@ -154,7 +154,13 @@ def model_fingerprint(model_patcher) -> str:
     sampling = model_patcher.get_model_object("model_sampling")
     digest.update(type(sampling).__name__.encode())
     digest.update(sampling.sigmas.detach().float().cpu().numpy().tobytes())
+    # A loaded clone may have patched (e.g. LoRA) weights in place; clones share the backup of the
+    # original weights, so read those where present to fingerprint the BASE model.
+    backup = getattr(model_patcher, "backup", {}) or {}
     for name, param in unet.state_dict().items():
+        saved = backup.get(f"diffusion_model.{name}")
+        if saved is not None:
+            param = saved.weight
         digest.update(f"{name}{tuple(param.shape)}".encode())
         flat = param.detach().reshape(-1)
         sample = torch.cat([flat[:64], flat[-64:]]) if flat.numel() > 128 else flat
