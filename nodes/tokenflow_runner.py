@@ -85,6 +85,7 @@ class TokenFlowGuider(FrameSubsetGuider):
                                     PassContext(Phase.SOURCE_KEYFRAMES, frames=keyframes, **common), n, cache=False)
             self.calc_on_frames(["positive", negative], x, timestep, keyframes, model_options,
                                 PassContext(Phase.EDIT_KEYFRAMES, frames=keyframes, **common), n, cache=False)
+            bank.pnp_qk.clear()  # only the keyframe pass computes (and injects into) self-attention
             for frames in batch_ranges(n, self.batch_size):
                 idx = torch.arange(frames.start, frames.stop)
                 bank.fields.clear()
