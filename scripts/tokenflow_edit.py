@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""Edit a video with TokenFlow without the ComfyUI interface (the pack's "main job").
+
+    bash scripts/run.sh --video wolf.mp4 --prompt "a shiny silver robotic wolf" \\
+        --inversion-prompt "a wolf" --checkpoint /path/to/v2-1_512-ema-pruned.safetensors \\
+        --output robot_wolf.mp4
+
+ComfyUI is imported in-process (no server, no browser): the script builds the same graph as
+``example_workflows/tokenflow_pnp.json`` (Load Checkpoint -> TokenFlow Load Video -> VAE Encode ->
+TokenFlow DDIM Inversion -> TokenFlow Sampler -> VAE Decode -> Create Video -> Save Video), lets
+ComfyUI validate it and runs it with ComfyUI's own executor, printing each node and its progress,
+then moves the saved mp4 to ``--output``. ``--editor sdedit`` or ``--editor controlnet``
+(with ``--controlnet``, canny hints from the frames) select the other editors.
+
+The ComfyUI host is ``--comfyui``, else ``$COMFYUI_PATH``, else the ComfyUI that holds this pack in
+``custom_nodes/``, else ``~/comfy/ComfyUI``. ``scripts/run.sh`` also sets up the Python environment.
+Exit codes: 0 done, 2 bad arguments (nothing run), 1 the edit failed, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
+EDITORS = ("pnp", "sdedit", "controlnet")
+
+CHECKPOINT_HELP = """\
+Pass the Stable Diffusion checkpoint to edit with:
+
+    --checkpoint /path/to/model.safetensors        (a .safetensors or .ckpt file, SD1.x / SD2.x / SDXL)
+    --checkpoint model.safetensors                 (a file name in ComfyUI/models/checkpoints/)
+
+TokenFlow's official setting uses Stable Diffusion 2.1-base, file v2-1_512-ema-pruned.safetensors from
+https://huggingface.co/stabilityai/stable-diffusion-2-1-base (any SD1.5 checkpoint works too, e.g.
+v1-5-pruned-emaonly-fp16.safetensors from https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive).
+Put it in ComfyUI/models/checkpoints/ or anywhere and pass its path. Example:
+
+    bash scripts/run.sh --video wolf.mp4 --prompt "a shiny silver robotic wolf" --inversion-prompt "a wolf" \\
+        --checkpoint ~/comfy/ComfyUI/models/checkpoints/v2-1_512-ema-pruned.safetensors --output robot_wolf.mp4
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenflow_edit.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Edit a video with TokenFlow (ICLR 2024) through ComfyUI, headless.")
+    p.add_argument("--video", help="source video file (mp4, webm, mov, gif...) or a folder of numbered images")
+    p.add_argument("--prompt", help="edit prompt, e.g. 'a shiny silver robotic wolf'")
+    p.add_argument("--inversion-prompt", default="", help="prompt describing the SOURCE video for the DDIM "
+                   "inversion (the official default is empty; e.g. 'a wolf')")
+    p.add_argument("--negative", default=OFFICIAL_NEGATIVE, help="negative prompt")
+    p.add_argument("--checkpoint", help="SD1.x/SD2.x/SDXL checkpoint: a .safetensors/.ckpt path, or a file name in "
+                   "ComfyUI/models/checkpoints (required)")
+    p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
+    p.add_argument("--editor", choices=EDITORS, default="pnp", help="image editor combined with TokenFlow")
+    p.add_argument("--steps", type=int, default=50, help="editing (DDIM) steps")
+    p.add_argument("--inversion-steps", type=int, default=500, help="DDIM inversion steps (a multiple of --steps; "
+                   "the paper used 1000, 50 is a fast preview)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per batch; one keyframe per batch per step")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--pnp-attn-t", type=float, default=0.5, help="PnP: fraction of steps with attention injection")
+    p.add_argument("--pnp-f-t", type=float, default=0.8, help="PnP: fraction of steps with residual injection")
+    p.add_argument("--sdedit-start", type=float, default=0.9, help="SDEdit: noise level the edit starts from")
+    p.add_argument("--controlnet", help="ControlNet file (path or name in ComfyUI/models/controlnet) for "
+                   "--editor controlnet; hints are canny edges of each frame")
+    p.add_argument("--controlnet-strength", type=float, default=1.0, help="ControlNet strength")
+    p.add_argument("--frames", type=int, default=0, help="number of frames to edit (0: all)")
+    p.add_argument("--skip-frames", type=int, default=0, help="frames to skip at the start")
+    p.add_argument("--every-nth", type=int, default=1, help="keep one frame out of every n")
+    p.add_argument("--width", type=int, default=512, help="output width (0: from --height and the aspect ratio)")
+    p.add_argument("--height", type=int, default=0, help="output height (0: from --width and the aspect ratio)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the keyframe choice (the official runs use 1)")
+    p.add_argument("--frame-batch", type=int, default=16, help="frames per UNet call during inversion (memory)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for tests and machines without a GPU)")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI holding this pack, "
+                   "~/comfy/ComfyUI)")
+    p.add_argument("--extra-nodes", action="append", default=[], metavar="DIR",
+                   help="also load this custom node pack (repeatable), e.g. one that adds model types")
+    p.add_argument("--verbose", action="store_true", help="show ComfyUI's log")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """A message for the first problem in the arguments, or None."""
+    if not args.checkpoint:
+        return "error: no checkpoint given (--checkpoint). " + CHECKPOINT_HELP
+    if not args.video:
+        return "error: no video given: pass --video /path/to/video.mp4 (or a folder of numbered images)."
+    if not os.path.exists(os.path.expanduser(args.video)):
+        return f"error: --video {args.video}: no such file or folder."
+    if not args.prompt:
+        return "error: no edit prompt given: pass --prompt 'what the video should become'."
+    if args.steps < 1 or args.inversion_steps < 1 or args.inversion_steps % args.steps:
+        return (f"error: --inversion-steps ({args.inversion_steps}) must be a positive multiple of --steps "
+                f"({args.steps}), e.g. --steps 50 --inversion-steps 500.")
+    if args.editor == "controlnet" and not args.controlnet:
+        return ("error: --editor controlnet needs --controlnet /path/to/controlnet.safetensors "
+                "(e.g. a canny ControlNet).")
+    if args.batch_size < 1 or args.frames < 0 or args.skip_frames < 0 or args.every_nth < 1:
+        return "error: --batch-size and --every-nth must be >= 1, --frames and --skip-frames >= 0."
+    if args.width < 0 or args.height < 0:
+        return "error: --width and --height must be >= 0."
+    return None
+
+
+def find_host(explicit: str | None) -> Path | None:
+    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
+    if REPO.parent.name == "custom_nodes":
+        candidates.append(str(REPO.parent.parent))
+    candidates.append(str(Path.home() / "comfy" / "ComfyUI"))
+    for candidate in candidates:
+        if candidate and (Path(candidate).expanduser() / "comfy" / "model_patcher.py").is_file():
+            return Path(candidate).expanduser().resolve()
+    return None
+
+
+def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, controlnet_name: str | None,
+                 prefix: str) -> tuple[dict, str]:
+    """The API-format graph and the id of its Save Video node."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "2": {"class_type": "TokenFlowLoadVideo", "inputs": {
+            "video": video_name, "frame_load_cap": args.frames, "skip_first_frames": args.skip_frames,
+            "select_every_nth": args.every_nth, "width": args.width, "height": args.height, "size_multiple": 64,
+            "path": ""}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": args.inversion_prompt, "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": args.prompt, "clip": ["1", 1]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": args.negative, "clip": ["1", 1]}},
+        "7": {"class_type": "TokenFlowInvert", "inputs": {
+            "model": ["1", 0], "latent": ["3", 0], "conditioning": ["4", 0], "steps": args.steps,
+            "inversion_steps": args.inversion_steps, "frame_batch": args.frame_batch}},
+        "8": {"class_type": "TokenFlowSampler", "inputs": {
+            "model": ["1", 0], "positive": ["5", 0], "negative": ["6", 0], "inversion": ["7", 0],
+            "editor": args.editor, "cfg": args.cfg, "pnp_attn_t": args.pnp_attn_t, "pnp_f_t": args.pnp_f_t,
+            "sdedit_start": args.sdedit_start, "batch_size": args.batch_size, "keyframes": "random",
+            "seed": args.seed}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "CreateVideo", "inputs": {"images": ["9", 0], "fps": ["2", 2]}},
+        "11": {"class_type": "SaveVideo", "inputs": {"video": ["10", 0], "filename_prefix": prefix,
+                                                     "format": "mp4", "codec": "h264"}},
+    }
+    for node_id, title in (("4", f"inversion prompt {args.inversion_prompt!r}"), ("5", f"edit prompt {args.prompt!r}"),
+                           ("6", "negative prompt")):
+        prompt[node_id]["_meta"] = {"title": title}
+    if controlnet_name is not None:
+        prompt.update({
+            "12": {"class_type": "Canny", "inputs": {"image": ["2", 0], "low_threshold": 0.4, "high_threshold": 0.8}},
+            "13": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet_name}},
+            "14": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["5", 0], "negative": ["6", 0], "control_net": ["13", 0], "image": ["12", 0],
+                "strength": args.controlnet_strength, "start_percent": 0.0, "end_percent": 1.0}},
+        })
+        prompt["8"]["inputs"]["positive"] = ["14", 0]
+        prompt["8"]["inputs"]["negative"] = ["14", 1]
+    return prompt, "11"
+
+
+class _Console:
+    """What ComfyUI's server would send to the browser, printed instead."""
+
+    def __init__(self, prompt: dict, titles: dict[str, str]):
+        self.prompt, self.titles = prompt, titles
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.started = time.monotonic()
+        self.node_started = self.started
+        self._last_fraction = -1.0
+        self._tty = sys.stdout.isatty()
+        self._done = 0
+        self._total = len(prompt)
+
+    def _name(self, node_id) -> str:
+        node = self.prompt.get(str(node_id), {})
+        class_type = node.get("class_type", "?")
+        title = self.titles.get(class_type, class_type)
+        meta = node.get("_meta", {}).get("title")
+        return f"{title}: {meta}" if meta else title
+
+    def send_sync(self, event: str, data, sid=None) -> None:
+        if event == "execution_cached":
+            self._done += len(data.get("nodes", []))
+        elif event == "executing" and isinstance(data, dict) and data.get("node") is not None:
+            self._end_line()
+            self._done += 1
+            self.node_started = time.monotonic()
+            self._last_fraction = -1.0
+            print(f"[{self._done}/{self._total}] {self._name(data['node'])}", flush=True)
+
+    def queue_updated(self) -> None:
+        pass
+
+    def progress(self, value, total, preview=None, prompt_id=None, node_id=None) -> None:
+        from comfy_execution.progress import get_progress_state
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+        if node_id is None and context is not None:
+            node_id = context.node_id
+        try:
+            get_progress_state().update_progress(node_id, value, total, preview)
+        except Exception:  # noqa: BLE001 - progress display must never break the edit
+            pass
+        total = max(int(total or 1), 1)
+        fraction = min(value / total, 1.0)
+        elapsed = time.monotonic() - self.node_started
+        line = f"    {value}/{total} ({100 * fraction:3.0f}%, {elapsed:.0f} s)"
+        if self._tty:
+            print("\r" + line, end="" if value < total else "\n", flush=True)
+        elif fraction >= 1.0 or fraction - self._last_fraction >= 0.1:
+            print(line, flush=True)
+            self._last_fraction = fraction
+
+    def _end_line(self) -> None:
+        if self._tty and self._last_fraction >= 0:
+            print(flush=True)
+
+
+def _run(args: argparse.Namespace, host: Path) -> int:
+    # Import the host exactly as ComfyUI's main.py would see it: its folder first on sys.path.
+    script_dir = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p not in ("", script_dir, str(REPO))]
+    sys.path.insert(0, str(host))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from comfy.cli_args import args as comfy_args
+
+    if not args.cpu and not _accelerator_available():
+        print("warning: no GPU found, running on the CPU (slow; pass --cpu to silence this).", file=sys.stderr)
+        args.cpu = True
+    if args.cpu:
+        comfy_args.cpu = True
+        comfy_args.use_pytorch_cross_attention = True
+    import asyncio
+
+    import folder_paths
+    # As main.py does: bind ComfyUI's `utils` package before any node module can shadow it
+    # (comfy_extras' imports otherwise find comfy/utils.py as `utils`).
+    import utils.extra_config  # noqa: F401
+
+    work = Path(tempfile.mkdtemp(prefix="tokenflow-edit-"))
+    try:
+        for sub in ("input", "output", "temp"):
+            (work / sub).mkdir()
+        folder_paths.set_input_directory(str(work / "input"))
+        folder_paths.set_output_directory(str(work / "output"))
+        folder_paths.set_temp_directory(str(work / "temp"))
+
+        ckpt_name = _register_model("checkpoints", args.checkpoint, folder_paths)
+        if ckpt_name is None:
+            print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in "
+                  f"{', '.join(folder_paths.get_folder_paths('checkpoints'))}).\n{CHECKPOINT_HELP}", file=sys.stderr)
+            return 2
+        controlnet_name = None
+        if args.editor == "controlnet":
+            controlnet_name = _register_model("controlnet", args.controlnet, folder_paths)
+            if controlnet_name is None:
+                print(f"error: --controlnet {args.controlnet}: no such file.", file=sys.stderr)
+                return 2
+
+        video = Path(args.video).expanduser().resolve()
+        video_name = ""  # a folder of numbered images goes through the loader's path input
+        if video.is_file():  # a video file: linked into the input folder, chosen like an upload
+            video_name = "source" + video.suffix.lower()
+            os.symlink(video, work / "input" / video_name)
+
+        print(f"ComfyUI host: {host}", flush=True)
+        t0 = time.monotonic()
+        import execution
+        import nodes
+
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        for pack in [str(REPO)] + [str(Path(d).expanduser().resolve()) for d in args.extra_nodes]:
+            if not asyncio.run(nodes.load_custom_node(pack)):
+                print(f"error: could not load the custom node pack {pack} (run with --verbose to see why).",
+                      file=sys.stderr)
+                return 1
+        missing = [n for n in ("TokenFlowLoadVideo", "TokenFlowInvert", "TokenFlowSampler")
+                   if n not in nodes.NODE_CLASS_MAPPINGS]
+        if missing:
+            print(f"error: the TokenFlow nodes {missing} did not register (run with --verbose).", file=sys.stderr)
+            return 1
+        import comfy.model_management
+        import comfy.utils
+
+        print(f"device: {comfy.model_management.get_torch_device()}; nodes loaded in {time.monotonic() - t0:.1f} s",
+              flush=True)
+
+        prefix = f"tokenflow_{uuid.uuid4().hex[:8]}"
+        prompt, save_id = build_prompt(args, video_name, ckpt_name, controlnet_name, prefix)
+        if not video_name:
+            prompt["2"]["inputs"]["path"] = str(video)
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid:
+            print(f"error: ComfyUI refused the graph: {error.get('message')}: {error.get('details')}", file=sys.stderr)
+            for node_id, info in (node_errors or {}).items():
+                for e in info.get("errors", []):
+                    print(f"  {info.get('class_type')}: {e.get('message')}: {e.get('details')}", file=sys.stderr)
+            return 2
+
+        titles = {name: getattr(nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}).get(name, name) for name in
+                  {n["class_type"] for n in prompt.values()}}
+        console = _Console(prompt, titles)
+        comfy.utils.set_progress_bar_global_hook(console.progress)
+        executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
+        print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
+              f"(inversion {args.inversion_steps}), batch {args.batch_size}", flush=True)
+        executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
+        console._end_line()
+        if not executor.success:
+            for event, data in executor.status_messages:
+                if event == "execution_error":
+                    print(f"error in {data.get('node_type')}: {data.get('exception_type')}: "
+                          f"{data.get('exception_message')}", file=sys.stderr)
+                    if args.verbose:
+                        print("".join(data.get("traceback") or []), file=sys.stderr)
+            return 1
+        saved = [item for item in executor.history_result.get("outputs", {}).get(save_id, {}).get("images", [])
+                 if isinstance(item, dict)]
+        if not saved:
+            print("error: Save Video reported no file.", file=sys.stderr)
+            return 1
+        source = work / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
+        destination = Path(args.output).expanduser()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), destination)
+        print(f"wrote {destination} ({_describe(destination)}) in {time.monotonic() - t0:.0f} s", flush=True)
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    checks = (lambda: torch.cuda.is_available(), lambda: torch.backends.mps.is_available(),
+              lambda: torch.xpu.is_available())
+    for check in checks:
+        try:
+            if check():
+                return True
+        except Exception:  # noqa: BLE001 - a backend this torch build lacks
+            continue
+    return False
+
+
+def _register_model(folder: str, given: str, folder_paths) -> str | None:
+    """The name ComfyUI's loader needs for ``given`` (a path, or a name inside the models folder)."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        folder_paths.add_model_folder_path(folder, str(path.resolve().parent), is_default=True)
+        return path.name
+    if folder_paths.get_full_path(folder, given) is not None:
+        return given
+    return None
+
+
+def _describe(path: Path) -> str:
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = sum(1 for _ in container.decode(stream))
+            return f"{frames} frames, {stream.width}x{stream.height}, {float(stream.average_rate):g} fps"
+    except Exception as e:  # noqa: BLE001 - only a description
+        return f"unreadable: {e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    host = find_host(args.comfyui)
+    if host is None:
+        print("error: ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
+              "(bash scripts/run.sh finds or sets one up for you).", file=sys.stderr)
+        return 2
+    if not args.output:
+        args.output = f"{Path(args.video).stem}_tokenflow.mp4"
+    try:
+        return _run(args, host)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Write tiny random-weight model FILES that ComfyUI's real loaders read (test only).
+
+* ``checkpoints/tokenflow_tiny_sd15.safetensors``: a full SD1.x-layout checkpoint in the original
+  (LDM) key layout, written by ComfyUI's own ``comfy.sd.save_checkpoint``: the tiny sd15 UNet of
+  ``tests/tiny_models.py`` (``model.diffusion_model.*``), its tiny CLIP
+  (``cond_stage_model.transformer.text_model.*``) and a random-weight TAESD as the VAE
+  (``first_stage_model.taesd_*``, which ComfyUI's VAE detection recognises by its keys; the tiny
+  AutoencoderKL would be detected with the full SD VAE widths). About 30 MB, float32.
+* ``controlnet/tokenflow_tiny_controlnet.safetensors``: the tiny cldm ControlNet of
+  ``tiny_models.make_controlnet("sd15")`` (non-zero zero-convs), plain cldm keys.
+* ``extra_model_paths.yaml``: points ComfyUI's ``checkpoints`` and ``controlnet`` folders at them,
+  for ``main.py --extra-model-paths-config``.
+
+``CheckpointLoaderSimple`` can detect the checkpoint only in a process where the stand-in pack
+(``tests/stand_in_nodes/__init__.py``) was imported: it registers the tiny model config.
+This module itself registers nothing, so the test process can import it freely.
+
+    python tests/stand_in_nodes/tiny_files.py /tmp/tiny-models     # host from $COMFYUI_PATH
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CHECKPOINT_NAME = "tokenflow_tiny_sd15.safetensors"
+CONTROLNET_NAME = "tokenflow_tiny_controlnet.safetensors"
+EXTRA_PATHS_NAME = "extra_model_paths.yaml"
+
+_TESTS = Path(__file__).resolve().parents[1]
+
+
+def _ensure_importable() -> None:
+    if str(_TESTS) not in sys.path:
+        sys.path.append(str(_TESTS))
+
+
+def write_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+    """The tiny SD1.x checkpoint (UNet + CLIP + TAESD VAE) at ``path``."""
+    _ensure_importable()
+    import torch
+
+    import comfy.sd
+    import comfy.taesd.taesd
+    import tiny_models
+
+    model = tiny_models.make_unet_model("sd15", seed=seed)
+    clip = tiny_models.make_clip(seed=seed + 1)
+    taesd = comfy.taesd.taesd.TAESD()
+    tiny_models.init_weights(taesd, seed + 2, skip=("vae_scale", "vae_shift"))
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.sd.save_checkpoint(str(path), model, clip, vae, metadata={"tokenflow_test": "tiny random weights"})
+    return path
+
+
+def write_controlnet(path: str | os.PathLike, seed: int = 0) -> Path:
+    """The tiny cldm ControlNet (hint: RGB IMAGE) for the tiny checkpoint, at ``path``."""
+    _ensure_importable()
+    import safetensors.torch
+
+    import tiny_models
+
+    controlnet = tiny_models.make_controlnet("sd15", seed=seed)
+    state = {k: v.detach().contiguous() for k, v in controlnet.control_model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(path))
+    return path
+
+
+def write_tiny_model_files(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """Checkpoint, ControlNet and an extra_model_paths.yaml for them under ``models_dir``."""
+    models_dir = Path(models_dir).resolve()
+    checkpoint = write_checkpoint(models_dir / "checkpoints" / CHECKPOINT_NAME, seed=0)
+    controlnet = write_controlnet(models_dir / "controlnet" / CONTROLNET_NAME, seed=3)
+    extra = models_dir / EXTRA_PATHS_NAME
+    extra.write_text(
+        "# Tiny random-weight models for the ComfyUI-TokenFlow server tests (test only).\n"
+        "tokenflow_test_models:\n"
+        f"    base_path: {models_dir.as_posix()}\n"
+        "    checkpoints: checkpoints\n"
+        "    controlnet: controlnet\n",
+        encoding="utf-8")
+    return {"checkpoint": checkpoint, "controlnet": controlnet, "extra_model_paths": extra}
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(f"usage: python {Path(__file__).name} MODELS_DIR", file=sys.stderr)
+        return 2
+    host = Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser()
+    sys.path.insert(0, str(host))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    written = write_tiny_model_files(argv[0])
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
