@@ -1,0 +1,604 @@
+"""The real ComfyUI frontend loads and queues every example workflow (headless Chromium).
+
+The host's own server (``main.py --cpu`` through ``tests/server_harness.py``, this pack and the
+test-only stand-in models installed) serves the frontend the host pins (``comfyui-frontend-package``
+in the host's ``requirements.txt``; checked). Debian's ``chromium``, driven by Playwright, opens it
+and, for each ``example_workflows/*.json``:
+
+1. drops the file on the canvas as a user would: a ``drop`` event carrying a ``File``; the app's
+   own drop handler reads it (``app.handleFile``) and calls ``app.loadGraphData``;
+2. checks the app's own missing-node detection (the ``missingNodeTypes`` list it hands to the
+   ``afterConfigureGraph`` extension hook), that every node type is registered in LiteGraph, that no
+   dialog (missing nodes, missing models, load error) and no error/warning toast (e.g. the workflow
+   schema validation) appeared, that every widget holds a valid value (combo values among the
+   options, numbers finite and within min/max, toggles boolean, texts strings), that the frontend kept
+   the saved ``widgets_values`` and all links, and that no page error was thrown;
+3. types the test-time sizes into the widgets (64x64, 5 frames, 2/4 steps, ...; the files keep the
+   official settings), clicks Run and checks the server accepted the prompt (``POST /api/prompt``
+   answered 200 with a ``prompt_id`` and no ``node_errors``, the prompt is in ``/api/queue`` or
+   ``/api/history``), then that the run ends with ``success`` within ``TOKENFLOW_FRONTEND_RUN_S``
+   seconds (default 120) and the page shows no error;
+4. keeps ``<workflow>.loaded.png`` (official settings, fit to view), ``<workflow>.queued.png``
+   (after the run, with the previews) and ``<workflow>.frontend.json`` (what the page reported) in
+   the ``test_artifacts`` directory, plus ``frontend.console.log``.
+
+What a user of the examples would have installed is provided: the model file names the workflows
+use are links to the tiny stand-in files, and the videos they name are short clips in ``input/``.
+
+Browser tools come from ``scripts/install_browser.sh`` (apt's chromium + the ``playwright`` Python
+package, never ``playwright install``), run by a session fixture so a fresh machine works. If it
+cannot install them the tests FAIL saying why; ``TOKENFLOW_SKIP_FRONTEND=1`` skips them explicitly.
+``TOKENFLOW_CHROMIUM`` names another chromium binary (default ``/usr/bin/chromium``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_DIR = REPO / "example_workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+INSTALL_SCRIPT = REPO / "scripts" / "install_browser.sh"
+CHROMIUM = os.environ.get("TOKENFLOW_CHROMIUM", "/usr/bin/chromium")
+RUN_TIMEOUT_S = float(os.environ.get("TOKENFLOW_FRONTEND_RUN_S", "120"))
+VIEWPORT = {"width": 1920, "height": 1080}
+PAGE_TIMEOUT_MS = 30_000
+STARTUP_WATCHDOG_S = 300  # browser launch + first page load
+
+if os.environ.get("TOKENFLOW_SKIP_FRONTEND") == "1":
+    pytestmark = pytest.mark.skip(reason="TOKENFLOW_SKIP_FRONTEND=1: frontend tests explicitly skipped")
+
+
+# --------------------------------------------------------------------------------------------------
+# Browser tools
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def playwright_sync_api() -> Any:
+    """``playwright.sync_api`` with Debian's chromium present; installs both when missing, or fails."""
+    env = dict(os.environ, PYTHON=sys.executable, TOKENFLOW_CHROMIUM=CHROMIUM)
+    try:
+        proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{INSTALL_SCRIPT} did not finish within 900 s (apt-get/pip hanging?). "
+                    "Set TOKENFLOW_SKIP_FRONTEND=1 to skip the frontend tests explicitly.")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"could not install the browser tools for the frontend test ({INSTALL_SCRIPT} exited "
+            f"{proc.returncode}):\n{proc.stderr[-3000:]}\nInstall Debian's chromium (apt-get install chromium) and "
+            f"`{sys.executable} -m pip install playwright`, or set TOKENFLOW_SKIP_FRONTEND=1 to skip explicitly.")
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module("playwright.sync_api")
+    except ImportError as exc:  # installed into another interpreter?
+        pytest.fail(f"playwright is not importable from {sys.executable} after {INSTALL_SCRIPT}: {exc}")
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float) -> Iterator[None]:
+    """Kill this process's Playwright driver (and so its browser) if the block runs over ``seconds``.
+
+    Playwright's own timeouts bound every wait; this is the backstop for a hung renderer or driver:
+    the pending Playwright call then raises and the test fails instead of hanging the suite.
+    """
+    import threading
+
+    def fire() -> None:
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=False):
+                with contextlib.suppress(psutil.Error):
+                    if "playwright" in " ".join(child.cmdline()):
+                        for proc in child.children(recursive=True) + [child]:
+                            with contextlib.suppress(psutil.Error):
+                                proc.kill()
+        except Exception:  # noqa: BLE001 (a watchdog must not raise in its thread)
+            pass
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _eval(pg: Any, js: str, arg: Any = None, timeout_ms: int = PAGE_TIMEOUT_MS) -> Any:
+    """``page.evaluate`` of an (async) function expression, rejected in the page after ``timeout_ms``."""
+    bounded = (f"async (arg) => Promise.race([({js.strip()})(arg), new Promise((_, reject) => "
+               f"setTimeout(() => reject(new Error('page call timed out after {timeout_ms} ms')), {timeout_ms}))])")
+    return pg.evaluate(bounded, arg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------------
+
+def _comfyui_path() -> Path:
+    return Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser().resolve()
+
+
+def _http(url: str, data: Any = None, timeout: float = 10.0) -> Any:
+    body = None if data is None else json.dumps(data).encode()
+    request = urllib.request.Request(url, data=body, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def _tiny_files_module() -> Any:
+    path = REPO / "tests" / "stand_in_nodes" / "tiny_files.py"
+    spec = importlib.util.spec_from_file_location("tokenflow_frontend_tiny_files", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_clip(path: Path, frames: int = 6, size: int = 64, fps: int = 20) -> None:
+    """A short test clip: the first frames of ``$TOKENFLOW_TEST_VIDEOS/<name>`` when present, else synthetic."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    source = Path(os.environ.get("TOKENFLOW_TEST_VIDEOS", "/work/shared/videos")) / path.name
+    if source.is_file():
+        with av.open(str(source)) as container:
+            for frame in container.decode(video=0):
+                images.append(frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC))
+                if len(images) == frames:
+                    break
+    while len(images) < frames:
+        i = len(images)
+        rgb = np.zeros((size, size, 3), np.uint8)
+        rgb[..., 0] = 40 * i % 256
+        rgb[16 + i:40 + i, 8 + 3 * i:32 + 3 * i] = (230, 230, 40)
+        images.append(Image.fromarray(rgb))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        for image in images:
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
+    """What a user of the examples has installed: their model names and their input videos.
+
+    The model names the workflows use (loader widgets and the ``models`` list the frontend checks)
+    become links to the tiny stand-in files; each video the loaders name becomes a short clip in the
+    server's input folder (unless already there).
+    """
+    stand_ins = {"checkpoints": Path(tiny["checkpoint"]), "controlnet": Path(tiny["controlnet"])}
+    loaders = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
+               "ControlNetLoader": ("control_net_name", "controlnet")}
+    wanted: dict[str, set[str]] = {"checkpoints": set(), "controlnet": set(), "videos": set()}
+    for workflow in WORKFLOWS:
+        for node in json.loads(workflow.read_text()).get("nodes", []):
+            values = node.get("widgets_values")
+            if node.get("type") in loaders and isinstance(values, list) and values:
+                wanted[loaders[node["type"]][1]].add(values[0])
+            if node.get("type") == "TokenFlowLoadVideo" and isinstance(values, list) and values and values[0]:
+                wanted["videos"].add(values[0])
+            for model in (node.get("properties") or {}).get("models") or []:
+                if model.get("directory") in stand_ins and model.get("name"):
+                    wanted[model["directory"]].add(model["name"])
+    for directory, names in wanted.items():
+        for name in names:
+            if directory == "videos":
+                target = Path(server.input_dir) / name
+                if not target.exists():
+                    _write_clip(target)
+                continue
+            alias = stand_ins[directory].parent / name
+            if not (alias.exists() or alias.is_symlink()):
+                alias.symlink_to(stand_ins[directory])
+    return {k: sorted(v) for k, v in wanted.items()}
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real ComfyUI server (``tests/server_harness.py``) with this pack, the stand-in models and clips.
+
+    Reuses a session ``comfy_server`` + ``tiny_model_files`` when a conftest provides them (one server
+    per session); otherwise starts its own the same way and stops it after this module.
+    """
+    import server_harness as harness
+
+    try:
+        shared, tiny = request.getfixturevalue("comfy_server"), request.getfixturevalue("tiny_model_files")
+    except pytest.FixtureLookupError:
+        shared = tiny = None
+    if shared is not None:
+        shared.tf_files = _provide_workflow_files(shared, tiny)
+        yield shared
+        return
+    tiny = _tiny_files_module().write_tiny_model_files(tmp_path_factory.mktemp("frontend-tiny-models"))
+    base = harness.make_base_dir(tmp_path_factory.mktemp("frontend-comfy-base"))
+    own = harness.ComfyServer(base, extra_model_paths=tiny["extra_model_paths"], python=sys.executable)
+    try:
+        own.tf_files = _provide_workflow_files(own, tiny)
+        own.start(timeout=180)
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture(scope="module")
+def server_url(server: Any) -> str:
+    return server.url
+
+
+# --------------------------------------------------------------------------------------------------
+# Page
+# --------------------------------------------------------------------------------------------------
+
+# Installed once per page: a MutationObserver recording every toast and dialog the app shows, and an
+# extension whose afterConfigureGraph hook receives the app's own list of missing node types.
+_INSTRUMENT_JS = r"""
+() => {
+  if (window.__tf) return true;
+  const tf = window.__tf = {events: [], missing: null, loads: 0};
+  const severity = (el) => (String(el.className).match(/p-toast-message-(\w+)/) || [])[1] || 'unknown';
+  const record = (el) => {
+    if (!(el instanceof Element)) return;
+    const found = [];
+    if (el.matches('.p-toast-message')) found.push(el);
+    found.push(...el.querySelectorAll('.p-toast-message'));
+    for (const t of found) tf.events.push({kind: 'toast', severity: severity(t), text: t.innerText.slice(0, 500)});
+    const dialogs = [];
+    if (el.matches('.global-dialog')) dialogs.push(el);
+    dialogs.push(...el.querySelectorAll('.global-dialog'));
+    for (const d of dialogs) tf.events.push({kind: 'dialog', key: d.getAttribute('aria-labelledby'),
+                                             text: d.innerText.slice(0, 500)});
+  };
+  new MutationObserver((mutations) => {
+    for (const m of mutations) for (const n of m.addedNodes) record(n);
+  }).observe(document.body, {childList: true, subtree: true});
+  window.app.registerExtension({
+    name: 'TokenFlow.FrontendTest',
+    afterConfigureGraph(missingNodeTypes) { tf.missing = JSON.parse(JSON.stringify(missingNodeTypes || [])); },
+  });
+  return true;
+}
+"""
+
+_OPEN_DIALOGS_JS = r"""
+() => [...document.querySelectorAll('.global-dialog')]
+  .filter((d) => d.offsetParent !== null || d.getClientRects().length)
+  .map((d) => ({key: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 500)}))
+"""
+
+# Drop the workflow file on the canvas (the app's document-level drop handler takes it from there),
+# wait for the app's loadGraphData to finish, then report what the app made of it.
+_DROP_AND_INSPECT_JS = r"""
+async ({text, fileName, timeoutMs}) => {
+  const app = window.app, tf = window.__tf;
+  tf.missing = null;
+  const original = app.loadGraphData;
+  let settle;
+  const loaded = new Promise((resolve) => { settle = resolve; });
+  app.loadGraphData = async function (...args) {
+    try { return await original.apply(this, args); }
+    catch (error) { tf.loadError = String(error && error.stack || error); throw error; }
+    finally { app.loadGraphData = original; settle(true); }
+  };
+  try {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([text], fileName, {type: 'application/json'}));
+    const canvas = document.querySelector('#graph-canvas') || document.body;
+    canvas.dispatchEvent(new DragEvent('drop', {bubbles: true, cancelable: true, dataTransfer: transfer}));
+    const ok = await Promise.race([loaded, new Promise((r) => setTimeout(() => r(false), timeoutMs))]);
+    if (!ok) return {error: `the app did not load the dropped file within ${timeoutMs} ms`};
+  } finally {
+    app.loadGraphData = original;
+  }
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+
+  const wf = JSON.parse(text);
+  const registered = (type) => type in LiteGraph.registered_node_types;
+  const savedNodes = [...(wf.nodes || [])];
+  for (const sg of (wf.definitions && wf.definitions.subgraphs) || []) savedNodes.push(...(sg.nodes || []));
+  const unregistered = [...new Set(savedNodes.map((n) => n.type).filter((t) => !registered(t)))];
+  const savedById = new Map((wf.nodes || []).map((n) => [String(n.id), n]));
+
+  const problems = [];
+  const nodes = [];
+  const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+  for (const node of app.graph.nodes) {
+    const where = `node ${node.id} (${node.type}${node.title && node.title !== node.type ? ` "${node.title}"` : ''})`;
+    if (!registered(node.type)) problems.push(`${where}: type not registered in LiteGraph`);
+    if (node.has_errors) problems.push(`${where}: has_errors is set`);
+    const widgets = [];
+    for (const w of node.widgets || []) {
+      const o = w.options || {};
+      const entry = {name: w.name, type: w.type, value: w.value};
+      widgets.push(entry);
+      const bad = (why) => problems.push(`${where}: widget '${w.name}' = ${JSON.stringify(w.value)}: ${why}`);
+      if (w.type === 'combo') {
+        let values = o.values;
+        if (typeof values === 'function') values = values(w, node);
+        if (values && !Array.isArray(values) && typeof values === 'object') values = Object.keys(values);
+        entry.options = Array.isArray(values) ? values.slice(0, 50) : values;
+        if (!Array.isArray(values)) bad('combo without a list of options');
+        else if (!values.includes(w.value)) bad(`not among the options ${JSON.stringify(values.slice(0, 20))}`);
+      } else if (w.type === 'number' || w.type === 'slider') {
+        entry.min = o.min; entry.max = o.max;
+        if (typeof w.value !== 'number' || !Number.isFinite(w.value)) bad('not a finite number');
+        else if (o.min != null && w.value < o.min) bad(`below min ${o.min}`);
+        else if (o.max != null && w.value > o.max) bad(`above max ${o.max}`);
+      } else if (w.type === 'toggle' || w.type === 'boolean') {
+        if (typeof w.value !== 'boolean') bad('not a boolean');
+      } else if (w.type === 'text' || w.type === 'customtext' || w.type === 'string') {
+        if (typeof w.value !== 'string') bad('not a string');
+      }
+    }
+    const saved = savedById.get(String(node.id));
+    if (!saved) problems.push(`${where}: not in the workflow file`);
+    else if (saved.widgets_values !== undefined) {
+      const kept = node.serialize().widgets_values;
+      if (!same(kept, saved.widgets_values))
+        problems.push(`${where}: widgets_values changed on load: saved ${JSON.stringify(saved.widgets_values)}, ` +
+                      `frontend has ${JSON.stringify(kept)}`);
+    }
+    nodes.push({id: node.id, type: node.type, mode: node.mode, widgets});
+  }
+  if (app.graph.nodes.length !== (wf.nodes || []).length)
+    problems.push(`the graph has ${app.graph.nodes.length} nodes, the file ${(wf.nodes || []).length}`);
+  const links = app.graph.links instanceof Map ? app.graph.links.size : Object.keys(app.graph.links || {}).length;
+  return {missing: tf.missing, unregistered, problems, nodes, links, loadError: tf.loadError || null,
+          savedLinks: (wf.links || []).length};
+}
+"""
+
+
+# Test-time overrides, typed into the widgets after the checks (the files keep the official settings):
+# 64x64 frames, 5 of them (3 for strided loaders, stride at most 2), 2 editing / 4 inversion steps,
+# frame and propagation batches of 2, 2 KSampler steps. The same as tests/test_server_workflows.py.
+_TINY_OVERRIDES_JS = r"""
+() => {
+  const changed = [];
+  const set = (node, name, value) => {
+    const w = (node.widgets || []).find((w) => w.name === name);
+    if (!w) return;
+    const v = typeof value === 'function' ? value(w.value) : value;
+    if (w.value !== v) { changed.push(`${node.id}.${name}: ${w.value} -> ${v}`); w.value = v; }
+  };
+  for (const node of window.app.graph.nodes) {
+    switch (node.type) {
+      case 'TokenFlowLoadVideo': {
+        const nth = (node.widgets.find((w) => w.name === 'select_every_nth') || {}).value || 1;
+        set(node, 'width', 64); set(node, 'height', 64);
+        set(node, 'frame_load_cap', nth > 1 ? 3 : 5); set(node, 'select_every_nth', Math.min(nth, 2));
+        break;
+      }
+      case 'TokenFlowInvert':
+        set(node, 'steps', 2); set(node, 'inversion_steps', 4); set(node, 'frame_batch', 2); break;
+      case 'TokenFlowExtractCorrespondences': case 'TokenFlowSampler':
+        set(node, 'batch_size', 2); break;
+      case 'KSampler': case 'KSamplerAdvanced':
+        set(node, 'steps', 2); break;
+    }
+  }
+  window.app.graph.setDirtyCanvas(true, true);
+  return changed;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def page(playwright_sync_api: Any, server_url: str, test_artifacts: Path) -> Iterator[Any]:
+    """The frontend open in headless chromium, instrumented; page errors collected in ``page.tf_errors``."""
+    # A fresh user would get the template browser on top of the canvas; a returning one would not.
+    # Full detail at any zoom and no minimap make the screenshots of whole workflows readable.
+    _http(f"{server_url}/api/settings", {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+                                         "Comfy.Minimap.Visible": False})
+    with playwright_sync_api.sync_playwright() as pw:
+        with _watchdog(STARTUP_WATCHDOG_S):
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, timeout=60_000,
+                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"])
+        pg = None
+        try:
+            with _watchdog(STARTUP_WATCHDOG_S):
+                context = browser.new_context(viewport=VIEWPORT)
+                context.set_default_timeout(PAGE_TIMEOUT_MS)
+                pg = context.new_page()
+                pg.tf_errors, pg.tf_console = [], []
+                pg.on("pageerror", lambda exc: pg.tf_errors.append(str(exc)))
+                pg.on("console", lambda msg: pg.tf_console.append(f"[{msg.type}] {msg.text}"))
+                started = time.monotonic()
+                pg.goto(f"{server_url}/", wait_until="load", timeout=60_000)
+                pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
+                                     " && document.querySelector('[data-testid=\"queue-button\"]')", timeout=90_000)
+                pg.tf_startup_s = round(time.monotonic() - started, 2)
+                _eval(pg, _INSTRUMENT_JS)
+            # Errors thrown while the app booted (host frontend noise, before any workflow is loaded)
+            # go to the console log but are not held against the workflows.
+            pg.tf_startup_errors = list(pg.tf_errors)
+            pg.tf_console += [f"[startup pageerror] {e}" for e in pg.tf_errors]
+            pg.tf_errors.clear()
+            yield pg
+        finally:
+            if pg is not None:
+                with contextlib.suppress(Exception):
+                    (test_artifacts / "frontend.console.log").write_text("\n".join(pg.tf_console) + "\n")
+            with contextlib.suppress(Exception):
+                browser.close()
+
+
+def _pinned_frontend_version() -> str | None:
+    requirements = _comfyui_path() / "requirements.txt"
+    match = re.search(r"^comfyui-frontend-package==(\S+)", requirements.read_text(), re.M) if requirements.is_file() else None
+    return match.group(1) if match else None
+
+
+def _clear_server_queue(server_url: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        _http(f"{server_url}/api/queue", {"clear": True})
+        _http(f"{server_url}/api/interrupt", {})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            queue = _http(f"{server_url}/api/queue")
+            if not queue["queue_running"] and not queue["queue_pending"]:
+                return
+            _http(f"{server_url}/api/interrupt", {})
+            time.sleep(0.5)
+
+
+def _log_tail(server: Any) -> str:
+    with contextlib.suppress(Exception):
+        return "--- server log ---\n" + server.log_tail(4000)
+    return ""
+
+
+def _close_dialogs(pg: Any) -> None:
+    for _ in range(3):
+        if not _eval(pg, _OPEN_DIALOGS_JS):
+            return
+        pg.keyboard.press("Escape")
+        pg.wait_for_timeout(300)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+def test_example_workflows_exist() -> None:
+    assert WORKFLOWS, f"no example workflows in {WORKFLOW_DIR}"
+
+
+def test_frontend_is_the_pinned_one(page: Any, server_url: str) -> None:
+    version = _eval(page, "() => window.__COMFYUI_FRONTEND_VERSION__ || null")
+    pinned = _pinned_frontend_version()
+    assert pinned, f"no comfyui-frontend-package pin in {_comfyui_path() / 'requirements.txt'}"
+    assert version == pinned, f"the server serves frontend {version}, the host pins {pinned}"
+    assert page.url.startswith(server_url)
+
+
+_EVENTS_JS = "() => window.__tf.events"
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_frontend_loads_and_queues_workflow(workflow: Path, page: Any, server: Any, test_artifacts: Path) -> None:
+    text = workflow.read_text()
+    url = server.url
+    report: dict[str, Any] = {"workflow": workflow.name}
+    timings: dict[str, float] = {}
+    page.tf_errors.clear()
+    try:
+        with _watchdog(RUN_TIMEOUT_S + 3 * PAGE_TIMEOUT_MS / 1000 + 60):
+            _close_dialogs(page)
+            _eval(page, "() => { window.__tf.events = []; window.__tf.loadError = null; }")
+            _load_and_check(page, workflow, text, report, timings, test_artifacts)
+            _queue_and_run(page, server, workflow, report, timings, test_artifacts)
+    finally:
+        report["timings"] = timings
+        report["page_errors"] = list(page.tf_errors)
+        with contextlib.suppress(Exception):
+            (test_artifacts / f"{workflow.stem}.frontend.json").write_text(json.dumps(report, indent=1, default=str))
+        _clear_server_queue(url)
+        with contextlib.suppress(Exception):
+            _close_dialogs(page)
+
+
+def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings: dict, artifacts: Path) -> None:
+    # Drop the file on the canvas; the page waits (bounded) for the app's loadGraphData to finish.
+    started = time.monotonic()
+    result = _eval(page, _DROP_AND_INSPECT_JS, {"text": text, "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
+                   timeout_ms=PAGE_TIMEOUT_MS + 5000)
+    timings["load_s"] = round(time.monotonic() - started, 2)
+    report["load"] = result
+    _eval(page, "() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(artifacts / f"{workflow.stem}.loaded.png"))
+    events = _eval(page, _EVENTS_JS)
+    report["load_events"] = events
+
+    assert "error" not in result, result["error"]
+    assert not result["loadError"], f"app.loadGraphData threw: {result['loadError']}"
+    assert result["missing"] is not None, "the app's afterConfigureGraph hook did not run (load aborted?)"
+    assert result["missing"] == [], f"the app reports missing node types: {result['missing']}"
+    assert not result["unregistered"], f"node types not registered in the frontend: {result['unregistered']}"
+    dialogs = _eval(page, _OPEN_DIALOGS_JS)
+    shown = [e for e in events if e["kind"] == "dialog"]
+    assert not dialogs and not shown, f"the app showed dialogs while loading: {dialogs or shown}"
+    toasts = [e for e in events if e["kind"] == "toast" and e["severity"] in ("error", "warn")]
+    assert not toasts, f"the app showed error/warning toasts while loading: {toasts}"
+    assert not result["problems"], "invalid graph or widget values after loading:\n  " + "\n  ".join(result["problems"])
+    assert result["links"] == result["savedLinks"], f"{result['savedLinks']} links saved, {result['links']} loaded"
+    assert not page.tf_errors, f"page errors while loading: {page.tf_errors}"
+
+
+def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings: dict, artifacts: Path) -> None:
+    url = server.url
+    report["overrides"] = _eval(page, _TINY_OVERRIDES_JS)
+
+    # Click Run, as a user would; the frontend builds the prompt and POSTs it.
+    started = time.monotonic()
+    try:
+        with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
+                                  timeout=PAGE_TIMEOUT_MS) as response_info:
+            page.locator('[data-testid="queue-button"]').first.click()
+        response = response_info.value
+    except Exception as exc:  # noqa: BLE001 (playwright's TimeoutError): say what the page showed instead
+        pytest.fail(f"clicking Run sent no POST /api/prompt within {PAGE_TIMEOUT_MS} ms ({exc}); dialogs "
+                    f"{_eval(page, _OPEN_DIALOGS_JS)}, events {_eval(page, _EVENTS_JS)}, page errors {page.tf_errors}")
+    body = response.json()
+    report["queue_response"] = {"status": response.status, "body": body}
+    assert response.status == 200, f"the server refused the prompt ({response.status}): {json.dumps(body)[:3000]}"
+    prompt_id = body.get("prompt_id")
+    assert prompt_id, f"no prompt_id in the server's answer: {body}"
+    assert not body.get("node_errors"), f"node errors: {body['node_errors']}"
+    queue = _http(f"{url}/api/queue")
+    held = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
+    assert prompt_id in held or prompt_id in (_http(f"{url}/api/history/{prompt_id}") or {}), \
+        f"prompt {prompt_id} is neither in /api/queue nor in /api/history"
+
+    # It runs to the end on the server, and the page shows no error.
+    entry, deadline = None, time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        entry = (_http(f"{url}/api/history/{prompt_id}") or {}).get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        entry = None
+        time.sleep(0.5)
+    timings["queue_to_done_s"] = round(time.monotonic() - started, 2)
+    assert entry is not None, (f"the queued run did not finish within {RUN_TIMEOUT_S:.0f} s "
+                               f"(TOKENFLOW_FRONTEND_RUN_S)\n{_log_tail(server)}")
+    status = entry["status"]
+    report["run_status"] = status
+    errors = [m for m in status.get("messages", []) if m and m[0] == "execution_error"]
+    assert not errors and status.get("status_str") == "success", \
+        f"the queued run failed: {json.dumps(errors or status)[:3000]}\n{_log_tail(server)}"
+    page.wait_for_function("() => !window.app.runningNodeId", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # let the previews arrive and paint
+    page.screenshot(path=str(artifacts / f"{workflow.stem}.queued.png"))
+    events = _eval(page, _EVENTS_JS)
+    report["queue_events"] = events
+    bad = [e for e in events if e["kind"] == "dialog" or (e["kind"] == "toast" and e["severity"] == "error")]
+    assert not bad, f"the app showed errors after queueing: {bad}"
+    assert not _eval(page, "() => window.app.lastNodeErrors || null"), "the app holds node errors"
+    assert not _eval(page, "() => window.app.lastExecutionError || null"), "the app holds an execution error"
+    assert not page.tf_errors, f"page errors while queueing: {page.tf_errors}"
