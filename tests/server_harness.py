@@ -554,8 +554,11 @@ def _node_size(node: N, info: dict | None, n_sockets: int, n_outputs: int, n_wid
     if node.type == "CLIPTextEncode":
         return [400, 160]
     if node.type in ("PreviewImage", "SaveVideo"):
-        return [340, 360]
-    return [320, 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets]
+        return [340, 480]  # room for the image/video preview shown after a run
+    height = 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets
+    if node.type == "TokenFlowLoadVideo":
+        height += 300  # the upload widget's video preview
+    return [320, height]
 
 
 def build_ui_workflow(example: Example, object_info: dict) -> dict:
