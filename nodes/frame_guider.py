@@ -40,16 +40,27 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
     # -- lifecycle -------------------------------------------------------------------------
     def sample(self, *args, **kwargs):
         try:
-            return super().sample(*args, **kwargs)
-        finally:
-            self.release_subsets()
+            output = super().sample(*args, **kwargs)
+        except BaseException:
+            self.release_subsets(raise_errors=False)  # a cleanup error must not replace the original one
+            raise
+        self.release_subsets()
+        return output
 
-    def release_subsets(self) -> None:
-        """Drop cached cond subsets and clean every ControlNet copy made for them."""
+    def release_subsets(self, raise_errors: bool = True) -> None:
+        """Drop cached cond subsets and clean every ControlNet copy made for them (all of them, even if one fails)."""
+        errors = []
         for control in self._control_copies:
-            control.cleanup()
+            try:
+                control.cleanup()
+            except Exception as e:  # noqa: BLE001 - every copy must still be cleaned
+                errors.append(e)
         self._control_copies.clear()
         self._subset_cache.clear()
+        if errors and raise_errors:
+            raise errors[0]
+        for error in errors:
+            log.warning("TokenFlow: cleaning up a ControlNet copy failed after an earlier error: %r", error)
 
     # -- conditioning subsets --------------------------------------------------------------
     def _subset_control(self, control, idx: torch.Tensor, n_frames: int, memo: dict):

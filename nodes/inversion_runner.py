@@ -14,7 +14,7 @@ from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps, 
 from .frame_guider import FrameSubsetGuider
 from .model_support import check_supported, model_fingerprint, tensor_fingerprint
 from .products import TokenFlowInversion
-from .validation import check_latent_frames
+from .validation import check_conditioning, check_control_hints, check_latent_frames
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
     layout = check_supported(model)
     check_inversion_covers(steps, inversion_steps)
     samples = check_latent_frames(latent, "latent", model.model.latent_format.latent_channels)
+    check_conditioning(conditioning, model, "conditioning")
+    check_control_hints(conditioning, samples.shape[0], "conditioning")
     sampling = model.get_model_object("model_sampling")
     model_sigmas = sampling.sigmas.float().cpu()
     edit_ts = editing_timesteps(steps)

@@ -50,9 +50,12 @@ def check_supported(model_patcher) -> ModelLayout:
     sampling = model_patcher.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not hasattr(sampling, "sigmas"):
         raise _unsupported(model_patcher, "its noise schedule is not the discrete DDPM schedule")
-    prediction = _prediction_type(sampling)
+    prediction, kind = _prediction_type(sampling)
     if prediction is None:
-        raise _unsupported(model_patcher, f"its prediction type ({type(sampling).__mro__[1].__name__}) is not epsilon or v")
+        raise ValueError(
+            f"TokenFlow supports epsilon and v-prediction models, but the connected model predicts {kind} "
+            "(a ModelSamplingDiscrete/LCM/EDM patch node, or a distilled checkpoint). Remove the sampling-patch node "
+            "or use a regular SD1.x/SD2.x/SDXL checkpoint.")
     if len(sampling.sigmas) != 1000:
         raise _unsupported(model_patcher, f"its schedule has {len(sampling.sigmas)} timesteps, not 1000")
     if getattr(unet, "use_temporal_attention", False) or getattr(unet, "use_temporal_resblocks", False):
@@ -64,16 +67,20 @@ def check_supported(model_patcher) -> ModelLayout:
     return ModelLayout(family, prediction, blocks, default_pnp_attention(unet, blocks), (default_pnp_residual(unet),))
 
 
-def _prediction_type(sampling) -> str | None:
-    """The first prediction mixin in the sampling object's MRO: EPS -> "eps", V_PREDICTION -> "v", else None."""
-    for cls in type(sampling).__mro__:
+def _prediction_type(sampling) -> tuple[str | None, str]:
+    """("eps" | "v" | None, name of the prediction class) from the sampling object's MRO.
+
+    The first class that defines its own ``calculate_denoised`` decides: EPS and V_PREDICTION are
+    supported; X0, LCM, EDM, CONST (flow) and other parameterisations are not.
+    """
+    for cls in type(sampling).__mro__[1:]:
         if cls is comfy.model_sampling.V_PREDICTION:
-            return "v"
+            return "v", cls.__name__
         if cls is comfy.model_sampling.EPS:
-            return "eps"
-        if cls.__module__ == comfy.model_sampling.__name__ and cls is not comfy.model_sampling.ModelSamplingDiscrete:
-            return None  # EDM, X0, CONST (flow), ... come before EPS in the MRO
-    return None
+            return "eps", cls.__name__
+        if "calculate_denoised" in vars(cls):
+            return None, cls.__name__
+    return None, type(sampling).__name__
 
 
 def transformer_blocks(unet: torch.nn.Module) -> tuple[BlockKey, ...]:

@@ -44,8 +44,9 @@ class TokenFlowSampler(io.ComfyNode):
                                "steps with residual-block feature injection. Higher keeps more structure."),
                 io.Float.Input("sdedit_start", default=0.9, min=0.01, max=1.0, step=0.01, tooltip="SDEdit: how much "
                                "noise to start from (0.9 keeps 44 of 50 steps). Higher edits more, keeps less."),
-                io.Int.Input("batch_size", default=8, min=1, max=512, tooltip="Frames per propagation batch; one keyframe "
-                             "per batch (official 8). Ignored when correspondences are connected (theirs is used)."),
+                io.Int.Input("batch_size", default=8, min=1, max=512, tooltip="Frames per propagation batch, with one "
+                             "keyframe drawn per batch (official 8). With correspondences connected the keyframes come "
+                             "from them and this only sets how many frames go through the UNet at once."),
                 io.Combo.Input("keyframes", options=list(KEYFRAME_MODES), default="random", tooltip="random: new "
                                "keyframes every step (the paper); fixed: each batch's middle frame (ablation)."),
                 io.Int.Input("seed", default=1, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,

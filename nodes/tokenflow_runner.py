@@ -22,7 +22,8 @@ from .edit_plan import EditPlan, EditSettings, make_plan
 from .frame_guider import FrameSubsetGuider
 from .model_support import check_supported, model_fingerprint
 from .products import TokenFlowCorrespondences, TokenFlowInversion
-from .validation import check_batch_size, check_correspondences, check_inversion_model
+from .validation import (check_batch_size, check_conditioning, check_control_hints, check_correspondences,
+                         check_inversion_model)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,9 @@ def run_edit(model, positive, negative, inversion: TokenFlowInversion, settings:
              correspondences: TokenFlowCorrespondences | None = None, callback=None, trace: list | None = None) -> dict:
     """Run the edit; ``trace`` (a list) receives (timestep, kind, where, phase) for every PnP injection."""
     guider, sigmas, start = prepare_edit(model, inversion, settings, correspondences)
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        check_conditioning(conditioning, model, name)
+        check_control_hints(conditioning, inversion.n_frames, name)
     guider.trace = trace
     guider.inner_set_conds({"positive": positive, "negative": negative, SOURCE: inversion.conditioning})
     start_model_space = start / _abar(float(sigmas[0].double())) ** 0.5

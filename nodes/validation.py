@@ -16,7 +16,8 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"{input_name}: expected image latents (frames, channels, height, width), got shape "
-                         f"{tuple(samples.shape)}; video-model latents are not supported")
+                         f"{tuple(samples.shape)}; video-model latents are not supported: encode the frames with "
+                         "VAE Encode of an SD1.x/SD2.x/SDXL checkpoint")
     if samples.shape[0] == 0:
         raise ValueError(f"{input_name}: the latent has 0 frames; check the video loader's frame_load_cap/skip settings")
     if channels is not None and samples.shape[1] != channels:
@@ -24,13 +25,15 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
                          "encode the frames with the VAE that belongs to this checkpoint")
     h, w = samples.shape[-2:]
     if min(h, w) < MIN_LATENT_SIDE or max(h, w) > MAX_LATENT_SIDE:
-        raise ValueError(f"{input_name}: frames of {w * 8}x{h * 8} px cannot be processed; use sizes between "
-                         f"{MIN_LATENT_SIDE * 8} and {MAX_LATENT_SIDE * 8} px (resize in TokenFlow Load Video)")
+        raise ValueError(f"{input_name}: frames of {w * 8}x{h * 8} px are outside the sizes TokenFlow supports; use "
+                         f"sizes between {MIN_LATENT_SIDE * 8} and {MAX_LATENT_SIDE * 8} px (set width/height in "
+                         "TokenFlow Load Video)")
     if not torch.isfinite(samples).all():
         raise ValueError(f"{input_name}: the latent contains NaN or infinite values; re-encode the frames "
                          "(a VAE in fp16 can overflow: try --fp32-vae)")
     if latent.get("noise_mask") is not None:
-        raise ValueError(f"{input_name}: masked latents (Set Latent Noise Mask) are not supported by TokenFlow")
+        raise ValueError(f"{input_name}: masked latents (Set Latent Noise Mask) are not supported by TokenFlow; "
+                         "connect the VAE Encode output directly (remove the mask node)")
     return samples
 
 
@@ -55,3 +58,37 @@ def check_inversion_model(inversion: TokenFlowInversion, model_fp: str, input_na
         raise ValueError(f"{input_name}: it was made with a different model (fingerprint {inversion.model_fingerprint}, "
                          f"this model {model_fp}); invert the video with the same checkpoint you edit with "
                          "(LoRAs may differ: only the base weights are compared)")
+
+
+def check_conditioning(conditioning, model, input_name: str) -> None:
+    """Refuse a CONDITIONING that this UNet cannot use (empty, another model's text encoder, NaN)."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{input_name}: expected a CONDITIONING (e.g. from CLIP Text Encode), got an empty or "
+                         "unknown value; connect a text encoder's output")
+    expected = getattr(getattr(model.model, "model_config", None), "unet_config", {}).get("context_dim")
+    for entry in conditioning:
+        cond = entry[0] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
+            raise ValueError(f"{input_name}: expected a CONDITIONING (e.g. from CLIP Text Encode), got an entry that "
+                             "is not [tensor, options]; connect a text encoder's output")
+        if isinstance(expected, int) and cond.shape[-1] != expected:
+            raise ValueError(f"{input_name}: the conditioning has width {cond.shape[-1]} but this model expects "
+                             f"{expected}; encode the prompt with the CLIP of the same checkpoint (an SDXL prompt "
+                             "cannot drive an SD1.x model and vice versa)")
+        if not torch.isfinite(cond).all():
+            raise ValueError(f"{input_name}: the conditioning contains NaN or infinite values; encode the prompt "
+                             "again (a text encoder in fp16 can overflow: try --fp32-text-enc)")
+
+
+def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:
+    """Every ControlNet in the conditioning needs one hint per frame or a single hint (checked before sampling)."""
+    for entry in conditioning or ():
+        options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else {}
+        control = options.get("control") if isinstance(options, dict) else None
+        while control is not None:
+            hint = getattr(control, "cond_hint_original", None)
+            if isinstance(hint, torch.Tensor) and hint.shape[0] not in (1, n_frames):
+                raise ValueError(f"{input_name}: a ControlNet applied to it has {hint.shape[0]} hint images but the "
+                                 f"video has {n_frames} frames; feed the ControlNet one hint per frame (run the "
+                                 "preprocessor on the same frames) or a single image")
+            control = getattr(control, "previous_controlnet", None)
