@@ -89,6 +89,9 @@ class PassContext:
     field_provider: FieldProvider | None = None  # extracted fields; None: on the fly from source tokens
     field_sink: FieldSink | None = None
     max_elements: int = DEFAULT_MAX_ELEMENTS
+    # Extracted correspondences + PnP: a propagated source pass is only needed up to the last
+    # PnP ResBlock, so the rest of the UNet is skipped.
+    stop_after_residuals: bool = False
 
     def fields_for(self, block: BlockKey) -> torch.Tensor:
         fields = self.bank.fields.get(block)
@@ -186,9 +189,15 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     return torch.cat(outs)
 
 
+class _SourceFeaturesRecorded(Exception):
+    """Stops a source pass early: it only ran for PnP residual features, and all are recorded."""
+
+
 def _residual_hook(ctx: PassContext, path: str, chunks: int, module, inputs, output):
     if ctx.phase in SOURCE_PHASES:
         ctx.bank.residuals[path] = output
+        if ctx.stop_after_residuals and all(p in ctx.bank.residuals for p in ctx.pnp_residual):
+            raise _SourceFeaturesRecorded
         return None
     source = ctx.bank.residuals[path]
     if ctx.bank.trace is not None:
@@ -210,7 +219,10 @@ def residual_injection_wrapper(executor, *args, **kwargs):
         for path in ctx.pnp_residual:
             last_layer = unet.get_submodule(path).out_layers[-1]  # after the second conv, before the skip add
             handles.append(last_layer.register_forward_hook(functools.partial(_residual_hook, ctx, path, chunks)))
-        return executor(*args, **kwargs)
+        try:
+            return executor(*args, **kwargs)
+        except _SourceFeaturesRecorded:
+            return torch.zeros_like(args[0])  # this source prediction is never used
     finally:
         for handle in handles:
             handle.remove()

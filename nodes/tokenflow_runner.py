@@ -45,6 +45,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         self.batch_size = batch_size
         self.step_sigmas = sigmas[:-1].double()
         self.on_the_fly = plan.correspondences is None
+        self.skip_unused_source = not self.on_the_fly  # stop source passes after the PnP residuals
         n_batches = len(batch_ranges(inversion.n_frames, batch_size))
         self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * n_batches)
         self.trace: list[tuple] | None = None  # set to [] to log (timestep, kind, where, phase) of PnP injections
@@ -93,7 +94,8 @@ class TokenFlowGuider(FrameSubsetGuider):
                 bank.residuals.clear()
                 if need_source_frames:
                     self.calc_on_frames([SOURCE], source, timestep, idx, model_options,
-                                        PassContext(Phase.SOURCE_FRAMES, frames=idx, **common), n)
+                                        PassContext(Phase.SOURCE_FRAMES, frames=idx, **common,
+                                                    stop_after_residuals=self.skip_unused_source), n)
                 preds = self.calc_on_frames(["positive", negative], x, timestep, idx, model_options,
                                             PassContext(Phase.EDIT_FRAMES, frames=idx, **common), n)
                 out[idx.to(x.device)] = self._combine(preds, x, timestep, idx, model_options)

@@ -143,3 +143,30 @@ def test_frame_counts_that_are_not_a_multiple_of_the_batch(tiny_sd15, prompts, n
     for corr in (None, extract(tiny_sd15, inversion, batch_size=batch_size)):
         out = edit(tiny_sd15, pos, neg, inversion, correspondences=corr, batch_size=batch_size)
         assert out.shape == (n, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_extracted_pnp_stops_the_source_pass_early_without_changing_the_result(tiny_sd15, prompts, monkeypatch):
+    from comfyui_tokenflow.nodes import tokenflow_runner
+
+    src, pos, neg = prompts
+    inversion = invert(tiny_sd15, random_latent(5, seed=9), src)
+    corr = extract(tiny_sd15, inversion)
+    unet = tiny_sd15.model.diffusion_model
+    calls = []
+    handle = unet.out.register_forward_hook(lambda *a: calls.append(1))  # the UNet's last layer
+    try:
+        fast = edit(tiny_sd15, pos, neg, inversion, correspondences=corr)
+        fast_calls = len(calls)
+        calls.clear()
+        original = tokenflow_runner.TokenFlowGuider.__init__
+
+        def full_source(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.skip_unused_source = False
+
+        monkeypatch.setattr(tokenflow_runner.TokenFlowGuider, "__init__", full_source)
+        full = edit(tiny_sd15, pos, neg, inversion, correspondences=corr)
+    finally:
+        handle.remove()
+    assert torch.equal(fast, full)
+    assert fast_calls < len(calls)  # source passes with residual injection never reached the last layer
