@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""TokenFlow speed and memory per phase versus plain CFG sampling of the same frames.
+
+For every (frames, latent size) of the grid, one fresh worker process builds a random-weight
+SD1.5-architecture UNet (``--model``: tiny / mid / full, see ``models.py``), the frames and the
+prompts, warms up with one plain step, then measures each phase:
+
+- ``inversion``: ``inversion_runner.run_inversion`` (TokenFlowInvert: DDIM inversion, no CFG, batched
+  over frames, no reconstruction pass), per inversion step;
+- ``extraction``: ``correspondence_runner.run_extraction`` (clean source pass, keyframes then batches);
+- ``plain`` / ``plain_controlnet``: the core KSampler path, ``comfy.sample.sample`` with sampler
+  ``ddim``, scheduler ``ddim_uniform``, the same UNet, steps and cfg (and the same per-frame
+  ControlNet for the ControlNet baseline);
+- the TokenFlow edits ``pnp`` (correspondences on the fly, the official numbers), ``pnp_extracted``,
+  ``sdedit_extracted`` and ``controlnet_extracted`` (``tokenflow_runner.run_edit``), split into
+  keyframe pass and propagation by the ``PassContext.phase`` of each guider call.
+
+Time per step: each step kind's fastest step (PnP steps differ only by their injections), on the
+process's CPU clock with 1 thread on a CPU (robust on a shared machine), wall time on CUDA; also
+extrapolated to the official 50 steps' mix of step kinds (``--mix-steps``). Memory: peak increase
+above the phase's start (CPU: resident set through the kernel's high-water mark, reset per phase,
+from a separate 1-step run with glibc's mmap threshold fixed so that RSS follows the live tensors;
+CUDA: ``torch.cuda.max_memory_allocated`` of the timed run). ``--isolate`` runs every phase in its
+own process.
+
+    python benchmarks/bench_tokenflow.py                       # default CPU grid (< 10 min on 2 cores)
+    python benchmarks/bench_tokenflow.py --frames 8 --latent 16 --phases plain,pnp
+    python benchmarks/bench_tokenflow.py --device cuda --model full --frames 40 --latent 64 --steps 50 \\
+        --phases inversion,plain,pnp --target-seconds 30   # = bench_gpu_full.sh
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _host  # noqa: E402
+
+DEFAULT_PHASES = ("inversion", "extraction", "plain", "plain_controlnet", "pnp", "pnp_extracted",
+                  "sdedit_extracted", "controlnet_extracted")
+LABELS = {
+    "inversion": "inversion (TokenFlowInvert)",
+    "extraction": "extraction (correspondences)",
+    "plain": "plain CFG (KSampler path)",
+    "plain_controlnet": "plain CFG + ControlNet",
+    "pnp": "PnP, on the fly",
+    "pnp_extracted": "PnP, extracted corr.",
+    "sdedit_extracted": "SDEdit, extracted corr.",
+    "controlnet_extracted": "ControlNet, extracted corr.",
+    "sdedit": "SDEdit, on the fly",
+    "controlnet": "ControlNet, on the fly",
+}
+BASELINE = {"pnp": "plain", "pnp_extracted": "plain", "sdedit_extracted": "plain", "sdedit": "plain",
+            "controlnet_extracted": "plain_controlnet", "controlnet": "plain_controlnet", "inversion": "plain",
+            "extraction": "plain"}
+TARGETS = {"pnp": 1.6, "pnp_extracted": 1.6, "sdedit_extracted": 1.1, "controlnet_extracted": 1.1}
+RESULT_TAG = "BENCH_RESULT "
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=_ints, default=[8, 16], help="comma-separated frame counts (default 8,16)")
+    p.add_argument("--latent", type=_ints, default=[16, 24], help="comma-separated latent sizes (default 16,24; "
+                   "pixels are 8x)")
+    p.add_argument("--model", choices=("tiny", "mid", "full"), default="mid", help="UNet size (see models.py)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--steps", type=int, default=4, help="editing steps of the timed runs (default 4: PnP steps of "
+                   "every kind: q/k+residual injection, residual only, none; SDEdit 0.9 visits 2)")
+    p.add_argument("--inversion-steps", type=int, default=0, help="inversion steps (default: --steps; time is per step)")
+    p.add_argument("--batch-size", type=int, default=8, help="TokenFlow batch size B (one keyframe per batch)")
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--max-keyframes", type=int, default=0)
+    p.add_argument("--phases", default=",".join(DEFAULT_PHASES), help=f"comma-separated, from {tuple(LABELS)}")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each phase, interleaved; per step kind the fastest "
+                   "step counts (default 1)")
+    p.add_argument("--mix-steps", type=int, default=50, help="also estimate s/step for this step count's mix of step "
+                   "kinds (PnP injects q/k in the first half, residuals in the first 80%%; default 50, the official)")
+    p.add_argument("--memory-steps", type=int, default=1, help="CPU: peak memory comes from one extra run per phase "
+                   "with this many steps (PnP: every step with q/k and residual injection, its heaviest kind) and "
+                   "glibc's mmap threshold fixed at 4 KiB (repeatable RSS peaks; 0 = take the peaks of the timed "
+                   "runs, which vary by +-15 MiB with heap fragmentation)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine one "
+                   "thread per process is far less disturbed by other load; 0 = torch's default)")
+    p.add_argument("--isolate", action="store_true", help="one fresh process per phase (slower; memory cross-check)")
+    p.add_argument("--target-seconds", type=float, default=0.0, help="also report the PnP edit's total seconds "
+                   "against this target (GPU run: 30)")
+    p.add_argument("--json", type=Path, help="write all results here as JSON")
+    p.add_argument("--markdown", type=Path, help="write the Markdown report here")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help="time measure: cpu = this "
+                   "process's CPU seconds (robust on a shared machine; auto picks it on CPU with 1 thread), wall = "
+                   "wall seconds (auto on CUDA or with several threads)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- worker: one config, some phases, in this process --------------------------------------------
+def resolve_clock(args: argparse.Namespace) -> str:
+    if args.clock != "auto":
+        return args.clock
+    return "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    _host.bootstrap(args.device, args.threads or None)
+    import torch
+
+    import _phases
+
+    _phases.set_clock(resolve_clock(args))
+    import models
+
+    frames, latent = args.frames[0], args.latent[0]
+    phases = args.phases.split(",")
+    memory_first = args.device == "cpu" and args.memory_steps > 0
+    if memory_first:
+        _phases.memory_mode()  # before anything is allocated: a fresh heap (see _phases.memory_mode)
+    work = _phases.Workload(args.model, args.device, frames, latent, args.steps, args.inversion_steps or args.steps,
+                            batch_size=args.batch_size, cfg=args.cfg, max_keyframes=args.max_keyframes)
+    # Products made by an earlier isolated worker.
+    if args.workdir is not None:
+        for name in ("inversion", "correspondences"):
+            path = args.workdir / f"{name}.pt"
+            if path.is_file():
+                setattr(work, name, torch.load(path, weights_only=False))
+    start = time.perf_counter()
+    work.warm_up()
+    warm_s = time.perf_counter() - start
+    memory = {}
+    if memory_first:
+        memory = _phases.measure_memory(work, phases, args.memory_steps)
+        _phases.timing_mode()
+        work.warm_up()  # grow the heap again, outside the timed runs
+    results = _phases.measure_phases(work, phases, args.repeats,
+                                     log=lambda m: print(f"[worker {frames}x{latent}] {m}", file=sys.stderr, flush=True),
+                                     mix_steps=args.mix_steps or args.steps)
+    for phase, peaks in memory.items():
+        results[phase].update(peaks)
+    if args.workdir is not None:
+        for name in ("inversion", "correspondences"):
+            path = args.workdir / f"{name}.pt"
+            if getattr(work, name) is not None and not path.is_file():
+                torch.save(getattr(work, name), path)
+    device = work.torch_device
+    info = {
+        "machine": _host.machine_lines(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "dtype": str(work.model.model.get_dtype()).replace("torch.", ""),
+        "parameters": models.parameter_count(work.model), "warm_up_s": warm_s,
+        "products": _phases.product_sizes(work),
+    }
+    print(RESULT_TAG + json.dumps({"info": info, "phases": results}), flush=True)
+
+
+def _spawn(args: argparse.Namespace, frames: int, latent: int, phases: list[str], workdir: Path | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--frames", str(frames), "--latent", str(latent),
+           "--model", args.model, "--device", args.device, "--steps", str(args.steps),
+           "--inversion-steps", str(args.inversion_steps), "--batch-size", str(args.batch_size), "--cfg", str(args.cfg),
+           "--max-keyframes", str(args.max_keyframes), "--phases", ",".join(phases), "--repeats", str(args.repeats), "--mix-steps", str(args.mix_steps), "--memory-steps", str(args.memory_steps),
+           "--threads", str(args.threads), "--clock", args.clock]
+    if workdir is not None:
+        cmd += ["--workdir", str(workdir)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed ({proc.returncode}): {' '.join(cmd)}")
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise SystemExit("worker printed no result")
+
+
+def run_config(args: argparse.Namespace, frames: int, latent: int) -> dict:
+    phases = args.phases.split(",")
+    if not args.isolate:
+        return _spawn(args, frames, latent, phases, None)
+    merged: dict = {"phases": {}}
+    with tempfile.TemporaryDirectory(prefix="tokenflow-bench-") as tmp:
+        # Products first so that the isolated edit workers load them instead of recomputing.
+        order = sorted(phases, key=lambda p: (p not in ("inversion",), p not in ("extraction",)))
+        for phase in order:
+            out = _spawn(args, frames, latent, [phase], Path(tmp))
+            merged["info"] = out["info"]
+            merged["phases"].update(out["phases"])
+    return merged
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def report(args: argparse.Namespace, configs: list[tuple[int, int, dict]]) -> str:
+    info = configs[0][2]["info"]
+    clock = resolve_clock(args)
+    mix = args.mix_steps or args.steps
+    memory = (f"separate {args.memory_steps}-step run with glibc's mmap threshold fixed at 4 KiB"
+              if args.device == "cpu" and args.memory_steps else "the timed runs")
+    lines = [f"### TokenFlow vs plain CFG — model `{args.model}` ({info['parameters'] / 1e6:.1f}M params, "
+             f"{info['dtype']}), device {args.device}", ""]
+    lines += info["machine"]
+    lines.append(f"- steps {args.steps} (inversion {args.inversion_steps or args.steps}), batch size B="
+                 f"{args.batch_size}, cfg {args.cfg}, max_keyframes {args.max_keyframes}, repeats {args.repeats}, "
+                 f"{'one process per phase' if args.isolate else 'one process per config'}, "
+                 f"clock: {'process CPU seconds' if clock == 'cpu' else 'wall seconds'}")
+    lines.append("- **targets**: SDEdit / ControlNet with extracted correspondences ≤ 1.1× plain CFG per step; "
+                 "PnP ≤ 1.6×; inversion without a reconstruction pass, batched over frames (here: one UNet "
+                 "evaluation per frame per inversion step, `frame_batch` 16)")
+    lines.append(f"- s/step: per model evaluation, each step kind's fastest step (PnP steps differ by their "
+                 f"injections); @{mix}: the same for a {mix}-step edit's mix of step kinds (PnP: q/k injection in "
+                 f"the first {int(mix * 0.5)}, residuals in the first {int(mix * 0.8)} steps); keyframe / propagation: "
+                 "seconds per step inside the keyframe pass and the propagation passes (the rest: CFG combination, "
+                 "conditioning subsets); × plain uses @{mix}; peak: memory above the phase's start (CPU: peak RSS "
+                 "increase, from a {memory}; CUDA: max_memory_allocated); step peak: the largest one model evaluation "
+                 "(one step) reached".replace("{memory}", memory).replace("{mix}", str(mix)))
+    lines.append("")
+    lines.append(f"| frames | latent | phase | steps | s/step | s/step @{mix} | keyframe s/step | propagation s/step | "
+                 "peak MiB | step peak MiB | × plain | target | |")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for frames, latent, result in configs:
+        phases = result["phases"]
+        for phase, r in phases.items():
+            base = phases.get(BASELINE.get(phase, ""))
+            ratio = (r["mix_s_per_step"] / base["mix_s_per_step"]
+                     if base and phase not in ("plain", "plain_controlnet") else None)
+            target = TARGETS.get(phase)
+            verdict = "" if ratio is None or target is None else ("ok" if ratio <= target else "**over**")
+            split = phase not in ("plain", "plain_controlnet", "inversion")
+            lines.append(
+                f"| {frames} | {latent} | {LABELS.get(phase, phase)} | {r['steps']} | {_fmt(r['s_per_step'])} | "
+                f"{_fmt(r['mix_s_per_step'])} | "
+                f"{_fmt(r['keyframe_s_per_step']) if split else ''} | {_fmt(r['propagation_s_per_step']) if split else ''} "
+                f"| {r['peak_mib']:.0f} | {r['step_peak_mib']:.0f} | {_fmt(ratio, 2) if ratio is not None else ''} | "
+                f"{'≤ %.1f×' % target if target else ''} | {verdict} |")
+    products = [(f, l, r["info"]["products"]) for f, l, r in configs]
+    lines.append("")
+    lines.append("Stored products: " + "; ".join(
+        f"{f}×{l}²: trajectory {p.get('trajectory_mib', 0):.2f} MiB, correspondences "
+        f"{p.get('correspondences_mib', 0):.2f} MiB" for f, l, p in products))
+    if args.target_seconds:
+        lines.append("")
+        for frames, latent, result in configs:
+            pnp = result["phases"].get("pnp")
+            plain = result["phases"].get("plain")
+            if pnp is None:
+                continue
+            verdict = "meets" if pnp["wall_s"] <= args.target_seconds else "MISSES"
+            ratio = f", {pnp['mix_s_per_step'] / plain['mix_s_per_step']:.2f}× plain CFG per step" if plain else ""
+            plain_total = f" (plain CFG: {plain['wall_s']:.1f} s)" if plain else ""
+            lines.append(f"**PnP edit, {frames} frames, latent {latent}, {pnp['steps']} steps: {pnp['wall_s']:.1f} s "
+                         f"wall in total{plain_total} — {verdict} the {args.target_seconds:g} s target{ratio}.**")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return
+    unknown = [p for p in args.phases.split(",") if p not in LABELS]
+    if unknown:
+        raise SystemExit(f"unknown phases {unknown}; choose from {tuple(LABELS)}")
+    configs = []
+    start = time.perf_counter()
+    for frames in args.frames:
+        for latent in args.latent:
+            print(f"[bench] {frames} frames, latent {latent}x{latent} ...", file=sys.stderr, flush=True)
+            configs.append((frames, latent, run_config(args, frames, latent)))
+    text = report(args, configs)
+    text += f"\n(benchmark wall time {time.perf_counter() - start:.0f} s)\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items()},
+                                         "configs": [{"frames": f, "latent": l, **r} for f, l, r in configs]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
