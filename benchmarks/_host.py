@@ -10,8 +10,9 @@ Import this module FIRST (before torch-heavy or comfy imports) and call :func:`b
 3. ``torch.set_num_threads(threads)`` when given.
 4. The repo is registered as the package ``comfyui_tokenflow`` WITHOUT running its ``__init__``.
 
-It also has the small measurement helpers every benchmark uses: peak-RSS reset/read through
-``/proc/self/clear_refs`` and ``/proc/self/status``, CUDA peak memory, and the machine description.
+It also has the small helpers every benchmark uses: peak-RSS reset/read through
+``/proc/self/clear_refs`` and ``/proc/self/status`` (used by ``_phases.PeakTracker``), CUDA
+synchronisation and the machine description.
 """
 from __future__ import annotations
 
@@ -115,46 +116,6 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mib() -> float:
     return _status_kib("VmHWM") / 1024
-
-
-class PeakMemory:
-    """Peak memory increase of a code region: CUDA ``max_memory_allocated`` or CPU peak RSS (VmHWM).
-
-    On the CPU the kernel's high-water mark is reset at entry, so the result is the peak resident
-    set during the region minus the resident set at entry: every byte touched, including the
-    allocator's, exactly (no sampling). Run each measured phase in a fresh process so that memory
-    freed by an earlier phase and kept by the allocator does not hide this one's.
-    """
-
-    def __init__(self, device) -> None:
-        self.cuda = getattr(device, "type", str(device)) == "cuda"
-        self.peak_mib = float("nan")
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated() / 2**20
-        else:
-            import gc
-
-            gc.collect()
-            if not reset_peak_rss():
-                raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); Linux >= 4.0 is needed")
-            self.start = rss_mib()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20 - self.start
-        else:
-            self.peak_mib = peak_rss_mib() - self.start
-        return False
 
 
 def synchronize(device) -> None:

@@ -1,8 +1,8 @@
 """Random-weight SD1.5-architecture models for the benchmarks (real ComfyUI classes, no checkpoints).
 
 Three sizes, all with the real SD1.x block layout (``tests/tiny_models.py``: transformer blocks at
-input 1,2,4,5,7,8, middle, output 3-11, channel_mult 1,2,4,4 -> here 1,2,2,2 for tiny/mid as in
-the tests, 1,2,4,4 for full):
+input 1,2,4,5,7,8, middle, output 3-11; channel_mult 1,2,2,2 for tiny as in the tests, the real
+1,2,4,4 for mid and full):
 
 - ``tiny``: model_channels 32, 4 heads, context 32 (the test suite's tiny sd15);
 - ``mid``:  model_channels 64, 8 heads, context 768 (CLIP-L width), channel_mult 1,2,4,4: the real

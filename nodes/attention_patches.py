@@ -173,7 +173,7 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
             outs.append(out)
         return torch.cat(outs)
     # Propagation: self-attention is not computed; keyframe outputs are gathered through the fields.
-    fields = ctx.fields_for(block)
+    fields = None
     slots = ctx.pairing.slots[ctx.frames]
     weights = ctx.pairing.weights[ctx.frames]
     outs = []
@@ -182,10 +182,12 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
         if values is None:
             raise RuntimeError(f"TokenFlow: block {block} has no keyframe output for this conditioning; "
                                "area/mask conditioning that differs between passes is not supported")
+        if fields is None:  # moved to the device once per block, not once per branch
+            fields = ctx.fields_for(block).to(values.device)
         if values.shape[1] != fields.shape[-1]:
             raise RuntimeError(f"TokenFlow: token count changed between passes at block {block} "
                                f"({values.shape[1]} vs {fields.shape[-1]}); area conditioning is not supported")
-        outs.append(propagate(values, fields.to(values.device), slots, weights))
+        outs.append(propagate(values, fields, slots, weights))
     return torch.cat(outs)
 
 

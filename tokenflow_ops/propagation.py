@@ -14,13 +14,13 @@ def propagate(keyframe_values: torch.Tensor, fields: torch.Tensor, slots: torch.
     """
     k, m, d = keyframe_values.shape
     flat = keyframe_values.reshape(k * m, d)
+    rows = (weights[:, 1] != 0).nonzero().flatten()  # decided on the (CPU) weights: no device sync
     slots = slots.to(fields.device)
     first = flat.index_select(0, (slots[:, 0:1] * m + fields[:, 0].long()).flatten()).view(fields.shape[0], -1, d)
-    w = weights.to(device=keyframe_values.device, dtype=keyframe_values.dtype)
-    blended = w[:, 1] != 0
-    if not bool(blended.any()):
+    if rows.numel() == 0:
         return first
-    rows = blended.nonzero().flatten()
+    w = weights.to(device=keyframe_values.device, dtype=keyframe_values.dtype)
+    rows = rows.to(keyframe_values.device)
     second = flat.index_select(0, (slots[rows, 1:2] * m + fields[rows, 1].long()).flatten()).view(rows.numel(), -1, d)
     out = first.clone()
     out[rows] = w[rows, 0, None, None] * first[rows] + w[rows, 1, None, None] * second
