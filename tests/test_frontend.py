@@ -152,35 +152,10 @@ def _tiny_files_module() -> Any:
     return module
 
 
-def _write_clip(path: Path, frames: int = 6, size: int = 64, fps: int = 20) -> None:
-    """A short test clip: the first frames of ``$TOKENFLOW_TEST_VIDEOS/<name>`` when present, else synthetic."""
-    import av
-    import numpy as np
-    from PIL import Image
+def _harness() -> Any:
+    import server_harness
 
-    images = []
-    source = Path(os.environ.get("TOKENFLOW_TEST_VIDEOS", "/work/shared/videos")) / path.name
-    if source.is_file():
-        with av.open(str(source)) as container:
-            for frame in container.decode(video=0):
-                images.append(frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC))
-                if len(images) == frames:
-                    break
-    while len(images) < frames:
-        i = len(images)
-        rgb = np.zeros((size, size, 3), np.uint8)
-        rgb[..., 0] = 40 * i % 256
-        rgb[16 + i:40 + i, 8 + 3 * i:32 + 3 * i] = (230, 230, 40)
-        images.append(Image.fromarray(rgb))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        for image in images:
-            for packet in stream.encode(av.VideoFrame.from_image(image)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    return server_harness
 
 
 def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
@@ -209,7 +184,7 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
             if directory == "videos":
                 target = Path(server.input_dir) / name
                 if not target.exists():
-                    _write_clip(target)
+                    _harness().write_test_clip(target)
                 continue
             alias = stand_ins[directory].parent / name
             if not (alias.exists() or alias.is_symlink()):

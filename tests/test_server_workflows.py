@@ -42,7 +42,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
 import server_harness as harness
@@ -50,8 +49,7 @@ import server_harness as harness
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 EXPECTED_EXAMPLES = ["baselines", "tokenflow_controlnet", "tokenflow_pnp", "tokenflow_sdedit"]
-VIDEO_DIR = Path(os.environ.get("TOKENFLOW_TEST_VIDEOS", "/work/shared/videos"))
-CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = 6, 64, 20
+VIDEO_DIR, CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = harness.VIDEO_DIR, harness.CLIP_FRAMES, harness.CLIP_SIZE, harness.CLIP_FPS
 PROMPT_TIMEOUT = 300.0
 
 # The stable contract: node id -> (required inputs in order, optional inputs, output types).
@@ -95,39 +93,10 @@ def tiny_model_files(tmp_path_factory) -> dict:
     return files
 
 
-def write_test_clip(path: Path, frames: int = CLIP_FRAMES, size: int = CLIP_SIZE, fps: int = CLIP_FPS) -> None:
-    """The first ``frames`` frames of wolf.mp4 at ``size``x``size`` (synthetic frames if it is missing)."""
-    from PIL import Image
-
-    images = []
-    source = VIDEO_DIR / "wolf.mp4"
-    if source.is_file():
-        with av.open(str(source)) as container:
-            for frame in container.decode(video=0):
-                images.append(frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC))
-                if len(images) == frames:
-                    break
-    while len(images) < frames:  # moving gradient + square
-        i = len(images)
-        yy, xx = np.mgrid[0:size, 0:size]
-        rgb = np.stack([(xx * 4 + i * 9) % 256, (yy * 4) % 256, np.full_like(xx, 120)], -1).astype(np.uint8)
-        rgb[20 + i:40 + i, 10 + 2 * i:30 + 2 * i] = (230, 230, 40)
-        images.append(Image.fromarray(rgb))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        for image in images:
-            for packet in stream.encode(av.VideoFrame.from_image(image)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_model_files):
     base = harness.make_base_dir(tmp_path_factory.mktemp("comfy-base"))
-    write_test_clip(base / "input" / "wolf.mp4")
+    harness.write_test_clip(base / "input" / "wolf.mp4")
     server = harness.ComfyServer(base, extra_model_paths=tiny_model_files["extra_model_paths"], python=sys.executable)
     try:
         server.start(timeout=180)
@@ -324,7 +293,7 @@ def test_runner_without_checkpoint_says_what_to_pass(tmp_path):
 
 def test_runner_edits_a_clip_end_to_end(tmp_path, tiny_model_files, artifacts):
     clip = tmp_path / "clip.mp4"
-    write_test_clip(clip)
+    harness.write_test_clip(clip)
     output = tmp_path / "out" / "edited.mp4"
     command = [sys.executable, str(RUNNER), "--video", str(clip), "--prompt", "a shiny silver robotic wolf",
                "--inversion-prompt", "a wolf", "--checkpoint", str(tiny_model_files["checkpoint"]),
