@@ -1,17 +1,21 @@
 """The patch layer: TokenFlow inside ComfyUI's transformer blocks through public patch points.
 
-A model clone gets three things (see :func:`install_tokenflow_patches`):
+A model clone gets four things (see :func:`install_tokenflow_patches`):
 
 - an ``attn1_patch`` that sees every block's ``norm1`` tokens: it records the source keyframes'
   tokens and computes (or looks up) the nearest-neighbour fields of the frames being propagated;
 - an ``attn1_replace`` for every transformer block: ordinary, extended (joint keyframe) or
-  propagated self-attention depending on the pass, with PnP query/key injection;
+  propagated self-attention depending on the pass and the branch, with PnP query/key injection;
+- a keyed ``APPLY_MODEL`` wrapper that gives the source branch its own input (the inverted
+  source latents) when it shares a UNet call with the edit branches;
 - a keyed ``DIFFUSION_MODEL`` wrapper that, only for the duration of one UNet call, hooks the
   residual branch of the PnP ResBlocks to record (source) or inject (edit) their features.
 
-Nothing happens unless the call's ``transformer_options`` carry a :class:`PassContext` (set per
-call by the TokenFlow guiders) or the joint-edit flag, so the clone behaves like the plain
-model elsewhere. All per-step state lives in a :class:`StepBank` owned by the guider and
+One UNet call may hold several branches (ComfyUI's ``cond_or_uncond`` chunks): the source branch
+is the chunk whose cond index is ``PassContext.source_index``, every other chunk is an edit
+branch. Nothing happens unless the call's ``transformer_options`` carry a :class:`PassContext`
+(set per call by the TokenFlow guiders) or the joint-edit flag, so the clone behaves like the
+plain model elsewhere. All per-step state lives in a :class:`StepBank` owned by the guider and
 cleared in ``finally``.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import comfy.patcher_extension
 from ..tokenflow_ops.attention import extended_attention
 from ..tokenflow_ops.correspondence import DEFAULT_MAX_ELEMENTS, frame_fields
 from ..tokenflow_ops.keyframes import FramePairing
-from ..tokenflow_ops.propagation import propagate
+from ..tokenflow_ops.propagation import gather_base, propagate
 from .model_support import BlockKey, ModelLayout
 
 log = logging.getLogger(__name__)
@@ -41,17 +45,13 @@ WRAPPER_KEY = "tokenflow"
 
 
 class Phase(str, Enum):
-    SOURCE_KEYFRAMES = "source_keyframes"  # source branch on keyframes: record tokens, outputs, PnP q/k, residuals
-    EDIT_KEYFRAMES = "edit_keyframes"  # edit branches on keyframes: extended attention (+ PnP), record outputs
-    SOURCE_FRAMES = "source_frames"  # source branch on a batch: fields + propagated source outputs
-    EDIT_FRAMES = "edit_frames"  # edit branches on a batch: propagated outputs (+ PnP residuals)
+    KEYFRAMES = "keyframes"  # source: ordinary attention, recorded; edit: extended attention (+ PnP q/k)
+    FRAMES = "frames"  # propagation: keyframe outputs gathered through the fields (+ PnP residuals)
     EXTRACT_KEYFRAMES = "extract_keyframes"  # clean source pass on keyframes: record tokens
-    EXTRACT_FRAMES = "extract_frames"  # clean source pass on a batch: fields to the sink
+    EXTRACT_FRAMES = "extract_frames"  # clean source pass on frames: fields to the sink
 
 
-SOURCE_PHASES = (Phase.SOURCE_KEYFRAMES, Phase.SOURCE_FRAMES)
-PROPAGATION_PHASES = (Phase.SOURCE_FRAMES, Phase.EDIT_FRAMES)
-EDIT_PHASES = (Phase.EDIT_KEYFRAMES, Phase.EDIT_FRAMES)
+EXTRACT_PHASES = (Phase.EXTRACT_KEYFRAMES, Phase.EXTRACT_FRAMES)
 
 FieldProvider = Callable[[BlockKey, torch.Tensor], torch.Tensor]  # (block, frame ids) -> (F, 2, N) fields
 FieldSink = Callable[[BlockKey, torch.Tensor, torch.Tensor], None]  # (block, frame ids, fields)
@@ -62,7 +62,8 @@ class StepBank:
     """What one step's keyframe pass records and its propagation passes read."""
 
     keyframe_tokens: dict[BlockKey, torch.Tensor] = field(default_factory=dict)
-    keyframe_outputs: dict[tuple[BlockKey, Any], torch.Tensor] = field(default_factory=dict)
+    # per block: segments (outputs of one call, (chunks*K, N, d)) with the uuid of each chunk
+    keyframe_outputs: dict[BlockKey, list[tuple[torch.Tensor, list]]] = field(default_factory=dict)
     pnp_qk: dict[BlockKey, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     fields: dict[BlockKey, torch.Tensor] = field(default_factory=dict)
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -75,6 +76,20 @@ class StepBank:
     def is_empty(self) -> bool:
         return not any((self.keyframe_tokens, self.keyframe_outputs, self.pnp_qk, self.fields, self.residuals))
 
+    def keyframe_values(self, block: BlockKey, uuids: list, keyframes: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """All recorded keyframe outputs of ``block`` and the first row of each of ``uuids`` in them."""
+        segments = self.keyframe_outputs.get(block)
+        if not segments:
+            raise RuntimeError(f"TokenFlow: block {block} has no keyframe output; the keyframe pass did not run")
+        if len(segments) > 1:  # the keyframe pass was split by branch: merge once per block and step
+            segments[:] = [(torch.cat([s[0] for s in segments]), [u for s in segments for u in s[1]])]
+        values, owners = segments[0]
+        missing = [u for u in uuids if u not in owners]
+        if missing:
+            raise RuntimeError(f"TokenFlow: block {block} has no keyframe output for this conditioning; "
+                               "area/mask conditioning that differs between passes is not supported")
+        return values, tuple(owners.index(u) * keyframes for u in uuids)
+
 
 @dataclass
 class PassContext:
@@ -83,22 +98,48 @@ class PassContext:
     phase: Phase
     bank: StepBank
     frames: torch.Tensor  # global indices (CPU long) of the frames in this call
+    source_index: int | None = None  # cond index of the source branch in this pass (None: no source branch)
+    source_input: torch.Tensor | None = None  # model-space source latents of ``frames`` for shared calls
     pairing: FramePairing | None = None
     pnp_attention: frozenset = frozenset()
     pnp_residual: tuple[str, ...] = ()
     field_provider: FieldProvider | None = None  # extracted fields; None: on the fly from source tokens
     field_sink: FieldSink | None = None
     max_elements: int = DEFAULT_MAX_ELEMENTS
-    # Extracted correspondences + PnP: a propagated source pass is only needed up to the last
-    # PnP ResBlock, so the rest of the UNet is skipped.
+    # Extracted correspondences + PnP: a propagated source-only call is only needed up to the
+    # last PnP ResBlock, so the rest of the UNet is skipped.
     stop_after_residuals: bool = False
+    keyframes: int = 0  # keyframes of this step (rows per branch in the keyframe outputs)
+    _device_cache: dict = field(default_factory=dict, repr=False)
 
-    def fields_for(self, block: BlockKey) -> torch.Tensor:
+    def roles(self, extra: dict) -> tuple[int | None, list[int]]:
+        """(position of the source branch among this call's chunks or None, positions of the edit chunks)."""
+        order = list(extra.get("cond_or_uncond", [0]))
+        if self.source_index is None or self.source_index not in order:
+            return None, list(range(len(order)))
+        return order.index(self.source_index), [i for i, c in enumerate(order) if c != self.source_index]
+
+    def frame_weights(self, device: torch.device) -> torch.Tensor:
+        """The blend weights of this call's frames on ``device`` (copied once per call)."""
+        key = ("weights", device)
+        if key not in self._device_cache:
+            self._device_cache[key] = self.pairing.weights[self.frames].to(device)
+        return self._device_cache[key]
+
+    def gather_rows(self, branch_rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """(C, F, 2) keyframe rows for :func:`propagate` (built once per call and chunk layout)."""
+        key = ("rows", branch_rows, device)
+        if key not in self._device_cache:
+            slots = self.pairing.slots[self.frames]
+            self._device_cache[key] = gather_base(torch.tensor(branch_rows), slots).to(device)
+        return self._device_cache[key]
+
+    def fields_for(self, block: BlockKey, device: torch.device) -> torch.Tensor:
         fields = self.bank.fields.get(block)
         if fields is None:
             if self.field_provider is None:
-                raise RuntimeError(f"TokenFlow: no correspondences for block {block}; the source pass did not run")
-            fields = self.field_provider(block, self.frames)
+                raise RuntimeError(f"TokenFlow: no correspondences for block {block}; the source branch did not run")
+            fields = self.bank.fields[block] = self.field_provider(block, self.frames).to(device)
         return fields
 
 
@@ -112,32 +153,71 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -
     return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
 
 
-def _chunks(t: torch.Tensor, extra: dict) -> list[torch.Tensor]:
-    return list(t.chunk(len(extra.get("cond_or_uncond", [0]))))
+def _chunk_count(extra: dict) -> int:
+    return len(extra.get("cond_or_uncond", [0]))
+
+
+def _trace(bank: StepBank, kind: str, where: Any, phase: Phase, times: int) -> None:
+    if bank.trace is not None:
+        bank.trace.extend([(kind, where, f"edit_{phase.value}")] * times)
 
 
 def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra: dict):
-    """Records / matches ``norm1`` tokens; never changes them."""
+    """Records / matches the source branch's ``norm1`` tokens; never changes them."""
     ctx: PassContext | None = extra.get(PASS_KEY)
     if ctx is None:
         return n, context, value
     block = _block_key(extra)
-    if ctx.phase in (Phase.SOURCE_KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
-        ctx.bank.keyframe_tokens[block] = n
-    elif ctx.phase is Phase.SOURCE_FRAMES:
+    src, _ = ctx.roles(extra)
+    source_tokens = n.chunk(_chunk_count(extra))[src] if src is not None else None
+    if ctx.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
+        if source_tokens is not None:
+            ctx.bank.keyframe_tokens[block] = source_tokens
+        return n, context, value
+    if block not in ctx.bank.fields:
         if ctx.field_provider is not None:
-            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames)
+            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(n.device)
+        elif source_tokens is not None:
+            ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.keyframe_tokens[block],
+                                                  ctx.pairing, ctx.max_elements)
+    if ctx.phase is Phase.EXTRACT_FRAMES:
+        ctx.field_sink(block, ctx.frames, ctx.bank.fields[block])
+        return n, context, value
+    # Propagated frames never compute self-attention: hand the q/k/v projections a single token
+    # each so that their cost vanishes too (the replacement below rebuilds the full token count).
+    one = n[:, :1]
+    return one, one, one
+
+
+def _keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict, ctx: PassContext,
+                        block: BlockKey) -> torch.Tensor:
+    """Keyframe pass: ordinary attention for the source chunk, one extended attention for all edit chunks."""
+    chunks = _chunk_count(extra)
+    src, edit = ctx.roles(extra)
+    bank = ctx.bank
+    qs, ks, vs = q.chunk(chunks), k.chunk(chunks), v.chunk(chunks)
+    outs: list[torch.Tensor | None] = [None] * chunks
+    if src is not None and block in ctx.pnp_attention:
+        bank.pnp_qk[block] = (qs[src], ks[src])
+    for i in range(chunks):
+        if i not in edit:  # the source branch: ordinary per-frame self-attention
+            outs[i] = _attention(qs[i], ks[i], vs[i], extra)
+    if edit:
+        def stacked(parts):
+            return torch.stack([parts[i] for i in edit])
+
+        if block in ctx.pnp_attention:
+            q_src, k_src = bank.pnp_qk[block]
+            q_e, k_e = q_src.expand(len(edit), *q_src.shape), k_src.expand(len(edit), *k_src.shape)
+            _trace(bank, "attention", block, ctx.phase, len(edit))
         else:
-            ctx.bank.fields[block] = frame_fields(n, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing, ctx.max_elements)
-    elif ctx.phase is Phase.EXTRACT_FRAMES:
-        fields = frame_fields(n, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing, ctx.max_elements)
-        ctx.field_sink(block, ctx.frames, fields)
-    if ctx.phase in PROPAGATION_PHASES:
-        # Propagated frames never compute self-attention: hand the q/k/v projections a single token
-        # each so that their cost vanishes too (the replacement below rebuilds the full token count).
-        one = n[:, :1]
-        return one, one, one
-    return n, context, value
+            q_e, k_e = stacked(qs), stacked(ks)
+        out_e = extended_attention(q_e, k_e, stacked(vs), extra["n_heads"], lambda a, b, c, h: _attention(a, b, c, extra))
+        for row, i in enumerate(edit):
+            outs[i] = out_e[row]
+    out = torch.cat(outs)
+    bank.keyframe_outputs.setdefault(block, []).append((out, list(extra.get("uuids", [None]))))
+    return out
 
 
 def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -145,82 +225,65 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     ctx: PassContext | None = extra.get(PASS_KEY)
     if ctx is None:
         if extra.get(JOINT_KEY):
-            attend = functools.partial(_attention, extra=extra)
-            heads = extra["n_heads"]
-            return torch.cat([extended_attention(qc, kc, vc, heads, lambda a, b, c, h: attend(a, b, c))
-                              for qc, kc, vc in zip(_chunks(q, extra), _chunks(k, extra), _chunks(v, extra))])
+            chunks = _chunk_count(extra)
+            split = [t.view(chunks, -1, *t.shape[1:]) for t in (q, k, v)]
+            out = extended_attention(*split, extra["n_heads"], lambda a, b, c, h: _attention(a, b, c, extra))
+            return out.reshape(q.shape[0], -1, out.shape[-1])
+        return _attention(q, k, v, extra)
+    if ctx.phase in EXTRACT_PHASES:
         return _attention(q, k, v, extra)
     block = _block_key(extra)
-    bank = ctx.bank
-    uuids = extra.get("uuids", [None])
-    if ctx.phase in (Phase.EXTRACT_KEYFRAMES, Phase.EXTRACT_FRAMES):
-        return _attention(q, k, v, extra)
-    if ctx.phase is Phase.SOURCE_KEYFRAMES:
-        if block in ctx.pnp_attention:
-            bank.pnp_qk[block] = (q, k)
-        out = _attention(q, k, v, extra)
-        bank.keyframe_outputs[(block, uuids[0])] = out
-        return out
-    if ctx.phase is Phase.EDIT_KEYFRAMES:
-        outs = []
-        for uuid, qc, kc, vc in zip(uuids, _chunks(q, extra), _chunks(k, extra), _chunks(v, extra)):
-            if block in ctx.pnp_attention:
-                qc, kc = bank.pnp_qk[block]
-                if bank.trace is not None:
-                    bank.trace.append(("attention", block, ctx.phase.value))
-            out = extended_attention(qc, kc, vc, extra["n_heads"], lambda a, b, c, h: _attention(a, b, c, extra))
-            bank.keyframe_outputs[(block, uuid)] = out
-            outs.append(out)
-        return torch.cat(outs)
+    if ctx.phase is Phase.KEYFRAMES:
+        return _keyframe_attention(q, k, v, extra, ctx, block)
     # Propagation: self-attention is not computed; keyframe outputs are gathered through the fields.
-    fields = None
-    slots = ctx.pairing.slots[ctx.frames]
-    weights = ctx.pairing.weights[ctx.frames]
-    outs = []
-    for uuid in uuids:
-        values = bank.keyframe_outputs.get((block, uuid))
-        if values is None:
-            raise RuntimeError(f"TokenFlow: block {block} has no keyframe output for this conditioning; "
-                               "area/mask conditioning that differs between passes is not supported")
-        if fields is None:  # moved to the device once per block, not once per branch
-            fields = ctx.fields_for(block).to(values.device)
-        if values.shape[1] != fields.shape[-1]:
-            raise RuntimeError(f"TokenFlow: token count changed between passes at block {block} "
-                               f"({values.shape[1]} vs {fields.shape[-1]}); area conditioning is not supported")
-        outs.append(propagate(values, fields, slots, weights))
-    return torch.cat(outs)
+    uuids = list(extra.get("uuids", [None]))
+    values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)
+    fields = ctx.fields_for(block, values.device)
+    if values.shape[1] != fields.shape[-1]:
+        raise RuntimeError(f"TokenFlow: token count changed between passes at block {block} "
+                           f"({values.shape[1]} vs {fields.shape[-1]}); area conditioning is not supported")
+    out = propagate(values, fields, ctx.gather_rows(rows, values.device), ctx.frame_weights(values.device))
+    return out.reshape(-1, *out.shape[2:])
 
 
 class _SourceFeaturesRecorded(Exception):
-    """Stops a source pass early: it only ran for PnP residual features, and all are recorded."""
+    """Stops a source-only call early: it only ran for PnP residual features, and all are recorded."""
 
 
-def _residual_hook(ctx: PassContext, path: str, chunks: int, module, inputs, output):
-    if ctx.phase in SOURCE_PHASES:
-        ctx.bank.residuals[path] = output
-        if ctx.stop_after_residuals and all(p in ctx.bank.residuals for p in ctx.pnp_residual):
-            raise _SourceFeaturesRecorded
-        return None
+def _residual_hook(module, inputs, output, *, ctx: PassContext, path: str, chunks: int, src: int | None,
+                   source_only: bool):
+    if src is not None:
+        ctx.bank.residuals[path] = output.chunk(chunks)[src]
+        if source_only:
+            if ctx.stop_after_residuals and all(p in ctx.bank.residuals for p in ctx.pnp_residual):
+                raise _SourceFeaturesRecorded
+            return None
+    # Every edit chunk gets the source's features (the source chunk keeps its own, which are the same).
     source = ctx.bank.residuals[path]
-    if ctx.bank.trace is not None:
-        ctx.bank.trace.append(("residual", path, ctx.phase.value))
-    return torch.cat([source] * chunks) if chunks > 1 else source
+    _trace(ctx.bank, "residual", path, ctx.phase, 1)
+    return source.repeat(chunks, *([1] * (source.ndim - 1))) if chunks > 1 else source
+
+
+def _pass_of(options: dict | None) -> PassContext | None:
+    return (options or {}).get(PASS_KEY)
 
 
 def residual_injection_wrapper(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: hooks the PnP ResBlocks' residual branch for this one call only."""
     # UNetModel.forward passes (x, timesteps, context, y, control, transformer_options) positionally.
     options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
-    ctx: PassContext | None = options.get(PASS_KEY)
-    if ctx is None or not ctx.pnp_residual or ctx.phase not in SOURCE_PHASES + EDIT_PHASES:
+    ctx = _pass_of(options)
+    if ctx is None or not ctx.pnp_residual or ctx.phase in EXTRACT_PHASES:
         return executor(*args, **kwargs)
     unet = executor.class_obj
-    chunks = len(options.get("cond_or_uncond", [0]))
+    order = list(options.get("cond_or_uncond", [0]))
+    src, edit = ctx.roles(options)
+    hook = functools.partial(_residual_hook, ctx=ctx, chunks=len(order), src=src, source_only=not edit)
     handles = []
     try:
         for path in ctx.pnp_residual:
             last_layer = unet.get_submodule(path).out_layers[-1]  # after the second conv, before the skip add
-            handles.append(last_layer.register_forward_hook(functools.partial(_residual_hook, ctx, path, chunks)))
+            handles.append(last_layer.register_forward_hook(functools.partial(hook, path=path)))
         try:
             return executor(*args, **kwargs)
         except _SourceFeaturesRecorded:
@@ -230,6 +293,19 @@ def residual_injection_wrapper(executor, *args, **kwargs):
             handle.remove()
 
 
+def source_input_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                         **kwargs):
+    """APPLY_MODEL wrapper: the source chunk of a shared call gets the source latents as its input."""
+    ctx = _pass_of(transformer_options)
+    if ctx is not None and ctx.source_input is not None:
+        src, _ = ctx.roles(transformer_options)
+        if src is not None:  # also when ComfyUI runs the source chunk on its own (e.g. beside a ControlNet)
+            parts = list(x.chunk(len(transformer_options["cond_or_uncond"])))
+            parts[src] = ctx.source_input.to(device=x.device, dtype=x.dtype)
+            x = torch.cat(parts)
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
 def install_tokenflow_patches(model_patcher, layout: ModelLayout) -> None:
     """Add TokenFlow's patches to a model CLONE (idempotent)."""
     patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
@@ -237,6 +313,7 @@ def install_tokenflow_patches(model_patcher, layout: ModelLayout) -> None:
         model_patcher.set_model_attn1_patch(tokenflow_attn1_patch)
     for kind, block_id, index in layout.transformer_blocks:
         model_patcher.set_model_attn1_replace(tokenflow_attn1_replace, kind, block_id, index)
-    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                       residual_injection_wrapper)
+    for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, residual_injection_wrapper),
+                                  (comfy.patcher_extension.WrappersMP.APPLY_MODEL, source_input_wrapper)):
+        model_patcher.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+        model_patcher.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)

@@ -17,8 +17,9 @@ import comfy.samplers
 import comfy.utils
 
 from ..tokenflow_ops.correspondence import field_dtype
-from ..tokenflow_ops.keyframes import batch_ranges, keyframe_plan, spread_keyframe_groups
+from ..tokenflow_ops.keyframes import keyframe_plan, spread_keyframe_groups
 from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
+from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider
 from .model_support import check_supported, model_fingerprint
 from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
@@ -28,14 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class ExtractionGuider(FrameSubsetGuider):
-    def __init__(self, model_patcher, corr: TokenFlowCorrespondences, n_frames: int, batch_size: int,
-                 sigmas: torch.Tensor) -> None:
+    def __init__(self, model_patcher, corr: TokenFlowCorrespondences, n_frames: int, sigmas: torch.Tensor) -> None:
         super().__init__(model_patcher)
         self.corr = corr
         self.n_frames = n_frames
-        self.batch_size = batch_size
         self.step_sigmas = sigmas.double()
-        self.progress = comfy.utils.ProgressBar(len(corr.timesteps) * len(batch_ranges(n_frames, batch_size)))
+        self.progress = comfy.utils.ProgressBar(len(corr.timesteps) * n_frames)
 
     def _sink(self, step: int, block, frames: torch.Tensor, fields: torch.Tensor) -> None:
         store = self.corr.fields.get(block)
@@ -50,15 +49,18 @@ class ExtractionGuider(FrameSubsetGuider):
         n = x.shape[0]
         keyframes = self.corr.keyframes[step]
         bank = StepBank()
-        common = dict(bank=bank, pairing=self.corr.pairing(step, n), field_sink=functools.partial(self._sink, step))
+        common = dict(bank=bank, pairing=self.corr.pairing(step, n), field_sink=functools.partial(self._sink, step),
+                      source_index=0, keyframes=len(keyframes))
         try:
             self.calc_on_frames(["positive"], x, timestep, keyframes, model_options,
                                 PassContext(Phase.EXTRACT_KEYFRAMES, frames=keyframes, **common), n, cache=False)
-            for frames in batch_ranges(n, self.batch_size):
+            per_call = frames_per_call(self.inner_model, 1, tuple(x.shape[1:]), x.device, n)
+            for frames in even_chunks(n, per_call):
                 idx = torch.arange(frames.start, frames.stop)
+                bank.fields.clear()
                 self.calc_on_frames(["positive"], x, timestep, idx, model_options,
                                     PassContext(Phase.EXTRACT_FRAMES, frames=idx, **common), n)
-                self.progress.update(1)
+                self.progress.update(len(idx))
         finally:
             bank.clear()
         return x
@@ -91,7 +93,7 @@ def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyfra
     sigmas = inversion.sigmas[:-1].float()
     patched = model.clone()
     install_tokenflow_patches(patched, layout)
-    guider = ExtractionGuider(patched, corr, n, batch_size, sigmas)
+    guider = ExtractionGuider(patched, corr, n, sigmas)
     guider.inner_set_conds({"positive": inversion.conditioning})
     guider.set_cfg(1.0)
     sampler = comfy.samplers.KSAMPLER(_extraction_sampler, extra_options={"source": inversion.trajectory})

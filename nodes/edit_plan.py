@@ -1,4 +1,4 @@
-"""Which timesteps, keyframes and PnP layers one TokenFlow edit uses (resolved before any heavy work)."""
+"""Which timesteps, keyframes and injections one TokenFlow edit uses (resolved before any heavy work)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,11 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, FramePairing, keyframe_plan, pairing_for_step, spread_keyframe_groups
-from ..tokenflow_ops.schedule import editing_timesteps, sdedit_timesteps
-from .model_support import BlockKey, ModelLayout, parse_block_list, parse_residual_list
+from ..tokenflow_ops.schedule import editing_timesteps
+from .editors import EDITORS, StepNeeds, get_editor
+from .model_support import ModelLayout
 from .products import TokenFlowCorrespondences, TokenFlowInversion
 
-EDITORS = ("pnp", "sdedit", "controlnet")
+__all__ = ["EDITORS", "EditPlan", "EditSettings", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,12 @@ class EditPlan:
     keyframes: torch.Tensor  # (len(timesteps), n_keyframes)
     group_size: int
     blend: str
-    pnp_attention: dict[int, frozenset]  # timestep -> blocks with q/k injection
-    pnp_residual: dict[int, tuple[str, ...]]  # timestep -> ResBlocks with feature injection
+    needs: list[StepNeeds]  # what the editor asks of each visited step
     correspondences: TokenFlowCorrespondences | None
+
+    @property
+    def on_the_fly(self) -> bool:
+        return self.correspondences is None
 
     def pairing(self, step: int, n_frames: int) -> FramePairing:
         return pairing_for_step(self.keyframes[step], n_frames, self.group_size, self.blend)
@@ -47,8 +51,7 @@ class EditPlan:
 
 def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: ModelLayout, unet: torch.nn.Module,
               correspondences: TokenFlowCorrespondences | None) -> EditPlan:
-    if settings.editor not in EDITORS:
-        raise ValueError(f"editor must be one of {EDITORS}, got {settings.editor!r}")
+    editor = get_editor(settings.editor)
     if settings.blend not in BLEND_MODES:
         raise ValueError(f"blend must be one of {BLEND_MODES}, got {settings.blend!r}")
     steps = settings.steps or inversion.steps
@@ -58,7 +61,7 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
         raise ValueError(f"steps: {steps} editing steps need timesteps {missing[:4]}... that the inversion "
                          f"({inversion.steps} steps) did not keep; use steps={inversion.steps} or a divisor of it, "
                          "or invert again with this step count")
-    timesteps = sdedit_timesteps(steps, settings.sdedit_start) if settings.editor == "sdedit" else full
+    timesteps = editor.timesteps(steps, settings)
     n = inversion.n_frames
     if correspondences is not None:
         absent = [t for t in timesteps if t not in correspondences.timesteps]
@@ -71,18 +74,11 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
         group = spread_keyframe_groups(n, settings.batch_size, settings.max_keyframes)
         keyframes = keyframe_plan(n, group, len(timesteps), settings.seed, settings.keyframes)
         blend = settings.blend
-    attention_blocks: tuple[BlockKey, ...] = ()
-    residual_blocks: tuple[str, ...] = ()
-    if settings.editor == "pnp":
-        attention_blocks = parse_block_list(settings.pnp_attention_blocks, layout, layout.default_pnp_attention)
-        residual_blocks = parse_residual_list(settings.pnp_residual_blocks, unet, layout.default_pnp_residual)
-    attn_until = set(full[:int(steps * settings.pnp_attn_t)]) if settings.pnp_attn_t >= 0 else set()
-    res_until = set(full[:int(steps * settings.pnp_f_t)]) if settings.pnp_f_t >= 0 else set()
+    needs = editor.step_needs(full, settings, layout, unet)
     return EditPlan(
         timesteps=timesteps,
         trajectory_steps=[inversion.step_of(t) for t in timesteps],
         keyframes=keyframes, group_size=group, blend=blend,
-        pnp_attention={t: frozenset(attention_blocks) if t in attn_until else frozenset() for t in timesteps},
-        pnp_residual={t: residual_blocks if t in res_until else () for t in timesteps},
+        needs=[needs[t] for t in timesteps],
         correspondences=correspondences,
     )

@@ -30,8 +30,9 @@ class TokenFlowInvert(io.ComfyNode):
                 io.Int.Input("inversion_steps", default=500, min=1, max=1000, tooltip="DDIM inversion steps; must be a "
                              "multiple of steps. More steps invert more exactly (official 500, paper 1000) but take "
                              "longer; 50 is a fast preview."),
-                io.Int.Input("frame_batch", default=16, min=1, max=512, optional=True, tooltip="Frames per UNet call "
-                             "during inversion. Lower it if you run out of memory; it does not change the result."),
+                io.Int.Input("frame_batch", default=0, min=0, max=4096, optional=True, tooltip="Most frames per UNet "
+                             "call during inversion; 0: as many as the device's memory allows (all frames in one "
+                             "call when they fit). It does not change the result beyond float rounding."),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip="The inverted video: trajectory, schedule, "
@@ -42,7 +43,7 @@ class TokenFlowInvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latent, conditioning, steps, inversion_steps, frame_batch=16) -> io.NodeOutput:
+    def execute(cls, model, latent, conditioning, steps, inversion_steps, frame_batch=0) -> io.NodeOutput:
         inversion = run_inversion(model, latent, conditioning, steps, inversion_steps, frame_batch)
         return io.NodeOutput(inversion, inverted_latent_output(model, inversion))
 

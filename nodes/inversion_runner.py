@@ -11,6 +11,7 @@ import comfy.utils
 
 from ..tokenflow_ops.inversion import ddim_inversion_step
 from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps, inversion_timesteps
+from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider
 from .model_support import check_supported, model_fingerprint, tensor_fingerprint
 from .products import TokenFlowInversion
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 class FrameBatchGuider(FrameSubsetGuider):
-    """Plain (cfg 1) prediction for the "positive" conds, in batches of frames."""
+    """Plain (cfg 1) prediction for the "positive" conds: every frame in one call when it fits.
+
+    ``frame_batch`` > 0 caps the frames per call; the device's memory may split further.
+    """
 
     def __init__(self, model_patcher, frame_batch: int) -> None:
         super().__init__(model_patcher)
@@ -28,9 +32,13 @@ class FrameBatchGuider(FrameSubsetGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         n = x.shape[0]
+        per_call = frames_per_call(self.inner_model, 1, tuple(x.shape[1:]), x.device, n, cap=self.frame_batch)
+        if per_call >= n:
+            (out,) = self.calc_on_frames(["positive"], x, timestep, torch.arange(n), model_options, None, n)
+            return out
         out = torch.empty_like(x)
-        for start in range(0, n, self.frame_batch):
-            idx = torch.arange(start, min(start + self.frame_batch, n))
+        for frames in even_chunks(n, per_call):
+            idx = torch.arange(frames.start, frames.stop)
             (out[idx.to(x.device)],) = self.calc_on_frames(["positive"], x, timestep, idx, model_options, None, n)
         return out
 
@@ -68,7 +76,7 @@ def _inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable
 
 @torch.no_grad()
 def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion_steps: int,
-                  frame_batch: int = 16) -> TokenFlowInversion:
+                  frame_batch: int = 0) -> TokenFlowInversion:
     layout = check_supported(model)
     check_inversion_covers(steps, inversion_steps)
     samples = check_latent_frames(latent, "latent", model.model.latent_format.latent_channels)

@@ -1,8 +1,10 @@
 """The TokenFlow editing loop inside ComfyUI's sampler (spec section 3).
 
-``TokenFlowGuider.predict_noise`` is called once per DDIM step with the whole clip. It runs the
-keyframe pass (source branch, then the edit branches with extended attention) and then, batch
-by batch, the propagation passes, and returns the CFG-combined prediction for every frame.
+``TokenFlowGuider.predict_noise`` is called once per DDIM step with the whole clip and runs it
+as few, large UNet calls: the keyframe pass (source, uncond and cond branches of every keyframe
+in one call) and the propagation pass (the three branches of every frame, as many frames per
+call as the device's memory allows; B only decides which keyframes a frame blends). What the
+source branch must do at a step comes from the editor's :class:`StepNeeds`.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import comfy.samplers
 import comfy.utils
 
 from ..tokenflow_ops.inversion import add_noise, ddim_noise
-from ..tokenflow_ops.keyframes import batch_ranges
+from ..tokenflow_ops.schedule import alpha_bar_from_sigma
 from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
+from .call_sizing import even_chunks, fits, frames_per_call
 from .edit_plan import EditPlan, EditSettings, make_plan
 from .frame_guider import FrameSubsetGuider
 from .model_support import check_supported, model_fingerprint
@@ -31,24 +34,21 @@ SOURCE = "tokenflow_source"
 
 
 def _abar(sigma: float) -> float:
-    return 1.0 / (1.0 + sigma * sigma)
+    return float(alpha_bar_from_sigma(sigma))
 
 
 class TokenFlowGuider(FrameSubsetGuider):
     """CFG guider whose every model evaluation is one TokenFlow step over the whole clip."""
 
-    def __init__(self, model_patcher, inversion: TokenFlowInversion, plan: EditPlan, batch_size: int,
-                 sigmas: torch.Tensor) -> None:
+    def __init__(self, model_patcher, inversion: TokenFlowInversion, plan: EditPlan, sigmas: torch.Tensor) -> None:
         super().__init__(model_patcher)
         self.inversion = inversion
         self.plan = plan
-        self.batch_size = batch_size
         self.step_sigmas = sigmas[:-1].double()
-        self.on_the_fly = plan.correspondences is None
-        self.skip_unused_source = not self.on_the_fly  # stop source passes after the PnP residuals
-        n_batches = len(batch_ranges(inversion.n_frames, batch_size))
-        self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * n_batches)
+        self.skip_unused_source = True  # a source-only call that just feeds the PnP residuals stops after them
+        self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * inversion.n_frames)
         self.trace: list[tuple] | None = None  # set to [] to log (timestep, kind, where, phase) of PnP injections
+        self.calls_per_step: list[list[int]] = []  # frames of each UNet pass (diagnostics and tests)
 
     def _step_index(self, timestep: torch.Tensor) -> int:
         return int((self.step_sigmas - float(timestep.flatten()[0])).abs().argmin())
@@ -60,50 +60,79 @@ class TokenFlowGuider(FrameSubsetGuider):
         row = corr.timesteps.index(self.plan.timesteps[step])
         return lambda block, frames: corr.fields_at(row, block, frames)
 
+    def _source_shares_calls(self, edit_names: list[str | None]) -> bool:
+        """ComfyUI batches conds only when they carry the same ControlNet: none, for the source branch."""
+        names = [SOURCE] + [name for name in edit_names if name]
+        return not any(c.get("control") is not None for name in names for c in self.conds.get(name) or [])
+
+    def _run_pass(self, phase: Phase, idx: torch.Tensor, x, source, edit_names, timestep, model_options, common,
+                  n: int, separate_source: bool, stop_source_early: bool = False) -> list[torch.Tensor]:
+        """One pass over frames ``idx``: the source branch with the edit branches, or before them."""
+        cache = phase is Phase.FRAMES  # propagation subsets recur every step; keyframe subsets do not
+        if source is None:
+            return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
+                                       PassContext(phase, frames=idx, **common), n, cache=cache)
+        if separate_source:
+            self.calc_on_frames([SOURCE], source, timestep, idx, model_options,
+                                PassContext(phase, frames=idx, source_index=0, stop_after_residuals=stop_source_early,
+                                            **common), n, cache=cache)
+            return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
+                                       PassContext(phase, frames=idx, **common), n, cache=cache)
+        # Listed first, the source branch runs first should ComfyUI not batch it with the edit branches.
+        ctx = PassContext(phase, frames=idx, source_index=0, source_input=source[idx.to(source.device)], **common)
+        return self.calc_on_frames([SOURCE] + edit_names, x, timestep, idx, model_options, ctx, n, cache=cache)[1:]
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = self._step_index(timestep)
         t = self.plan.timesteps[step]
-        n = x.shape[0]
+        needs = self.plan.needs[step]
+        on_the_fly = self.plan.on_the_fly
+        n, latent_shape = x.shape[0], tuple(x.shape[1:])
         keyframes = self.plan.keyframes[step]
-        pairing = self.plan.pairing(step, n)
-        pnp_attention, pnp_residual = self.plan.pnp_attention[t], self.plan.pnp_residual[t]
         bank = StepBank(trace=[] if self.trace is not None else None)
-        common = dict(bank=bank, pairing=pairing, pnp_attention=pnp_attention, pnp_residual=pnp_residual,
-                      field_provider=self._field_provider(step))
-        need_source_keyframes = self.on_the_fly or bool(pnp_attention) or bool(pnp_residual)
-        need_source_frames = self.on_the_fly or bool(pnp_residual)
-        negative = "negative"
+        common = dict(bank=bank, pairing=self.plan.pairing(step, n), pnp_attention=needs.attention_injection,
+                      pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
+                      keyframes=len(keyframes))
+        edit_names = ["positive", "negative"]
         if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
-            negative = None
+            edit_names = ["positive", None]
+        branches = sum(1 for name in edit_names if name)
         source = None
-        if need_source_keyframes:
-            sigma = float(self.step_sigmas[step])
+        if needs.source_in_keyframe_pass(on_the_fly):
             latents = self.inversion.trajectory[self.plan.trajectory_steps[step]]
-            source = (latents / _abar(sigma) ** 0.5).to(device=x.device, dtype=x.dtype)
+            source = (latents / _abar(float(self.step_sigmas[step])) ** 0.5).to(device=x.device, dtype=x.dtype)
+        own_calls = source is not None and not self._source_shares_calls(edit_names)
+        model = self.inner_model
         out = torch.empty_like(x)
+        calls: list[int] = []
         try:
-            if source is not None:
-                self.calc_on_frames([SOURCE], source, timestep, keyframes, model_options,
-                                    PassContext(Phase.SOURCE_KEYFRAMES, frames=keyframes, **common), n, cache=False)
-            self.calc_on_frames(["positive", negative], x, timestep, keyframes, model_options,
-                                PassContext(Phase.EDIT_KEYFRAMES, frames=keyframes, **common), n, cache=False)
+            # Keyframe pass: it cannot be split by frames (extended attention spans every keyframe).
+            with_source = branches + (source is not None)
+            self._run_pass(Phase.KEYFRAMES, keyframes, x, source, edit_names, timestep, model_options, common, n,
+                           separate_source=own_calls or not fits(model, with_source * len(keyframes),
+                                                                          latent_shape, x.device))
+            calls.append(len(keyframes))
             bank.pnp_qk.clear()  # only the keyframe pass computes (and injects into) self-attention
-            for frames in batch_ranges(n, self.batch_size):
+            # Propagation pass: every frame, as many per call as memory allows.
+            frame_source = source if needs.source_in_propagation(on_the_fly) else None
+            separate = frame_source is not None and (own_calls or needs.source_stops_early(on_the_fly))
+            per_call = frames_per_call(model, branches + (frame_source is not None and not separate), latent_shape,
+                                       x.device, n)
+            for frames in even_chunks(n, per_call):
                 idx = torch.arange(frames.start, frames.stop)
                 bank.fields.clear()
                 bank.residuals.clear()
-                if need_source_frames:
-                    self.calc_on_frames([SOURCE], source, timestep, idx, model_options,
-                                        PassContext(Phase.SOURCE_FRAMES, frames=idx, **common,
-                                                    stop_after_residuals=self.skip_unused_source), n)
-                preds = self.calc_on_frames(["positive", negative], x, timestep, idx, model_options,
-                                            PassContext(Phase.EDIT_FRAMES, frames=idx, **common), n)
+                preds = self._run_pass(Phase.FRAMES, idx, x, frame_source, edit_names, timestep, model_options,
+                                       common, n, separate_source=separate,
+                                       stop_source_early=self.skip_unused_source and needs.source_stops_early(on_the_fly))
                 out[idx.to(x.device)] = self._combine(preds, x, timestep, idx, model_options)
-                self.progress.update(1)
+                calls.append(len(idx))
+                self.progress.update(len(idx))
         finally:
             if self.trace is not None:
                 self.trace.extend((t, *event) for event in bank.trace)
             bank.clear()
+        self.calls_per_step.append(calls)
         return out
 
     def _combine(self, preds: list[torch.Tensor], x, timestep, idx, model_options) -> torch.Tensor:
@@ -151,7 +180,7 @@ def prepare_edit(model, inversion: TokenFlowInversion, settings: EditSettings,
     sigmas = torch.cat([sigmas_all[plan.timesteps], sigmas_all[:1]])
     patched = model.clone()
     install_tokenflow_patches(patched, layout)
-    guider = TokenFlowGuider(patched, inversion, plan, settings.batch_size, sigmas)
+    guider = TokenFlowGuider(patched, inversion, plan, sigmas)
     guider.set_cfg(settings.cfg)
     start = start_latent(inversion, sigmas_all, plan.timesteps[0])
     return guider, sigmas, start

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nodes as comfy_nodes
-from tokenflow_helpers import conds, edit, extract, invert, random_latent
+from tokenflow_helpers import conds, double, edit, extract, float64_copy, invert, random_latent
 
 N = 5  # batches of 2 with fixed keyframes 1 and 3 and 4 (the last, short batch)
 
@@ -52,12 +52,16 @@ def test_keyframe_hints_reach_the_joint_keyframe_pass(tiny_sd15, tiny_controlnet
         assert (moved[frame] - base[frame]).abs().max() > 1e-4 * base.abs().max(), f"frame {frame} unaffected"
 
 
-def test_zero_strength_controlnet_equals_none(tiny_sd15, tiny_controlnet, clip):
-    src, pos, neg, inversion = clip
+def test_zero_strength_controlnet_equals_none(tiny_sd15, tiny_controlnet):
+    # float64: with a ControlNet the source branch needs calls of its own (ComfyUI batches only conds with the
+    # same ControlNet), and the tiny UNet turns float32 rounding of another call layout into visible noise.
+    model = float64_copy(tiny_sd15)
+    src, pos, neg = (double(c) for c in conds(model))
+    inversion = invert(model, random_latent(N, seed=7), src)
     control = tiny_controlnet.copy().set_cond_hint(_hints(N).movedim(-1, 1), 0.0, (0.0, 1.0))
     zero = [[[c, {**d, "control": control, "control_apply_to_uncond": False}] for c, d in cond] for cond in (pos, neg)]
     for editor in ("pnp", "controlnet"):
-        assert torch.equal(edit(tiny_sd15, *zero, inversion, editor=editor), edit(tiny_sd15, pos, neg, inversion, editor=editor))
+        assert torch.equal(edit(model, *zero, inversion, editor=editor), edit(model, pos, neg, inversion, editor=editor))
 
 
 def test_chained_controlnets_and_extracted_correspondences(tiny_sd15, tiny_controlnet, clip):

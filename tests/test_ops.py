@@ -92,15 +92,45 @@ def test_frame_fields_and_propagation_equal_brute_force():
     key_tokens = frames[plan]
     ids = torch.arange(3, 9)
     fields = correspondence.frame_fields(frames[ids], ids, key_tokens, pairing, max_elements=64)
-    values = torch.randn(len(plan), tokens, 5, generator=g)
-    out = propagation.propagate(values, fields, pairing.slots[ids], pairing.weights[ids])
+    branches = 3  # e.g. source, uncond, cond: one gather for all of them
+    values = torch.randn(branches * len(plan), tokens, 5, generator=g)
+    base = propagation.gather_base(torch.arange(branches) * len(plan), pairing.slots[ids])
+    out = propagation.propagate(values, fields, base, pairing.weights[ids])
+    assert out.shape == (branches, len(ids), tokens, 5)
     for row, i in enumerate(ids.tolist()):
         a, b = pairing.slots[i].tolist()
         f0, f1 = _brute_nn(frames[i], key_tokens[a]), _brute_nn(frames[i], key_tokens[b])
         assert torch.equal(fields[row, 0], f0) and torch.equal(fields[row, 1], f1)
         w0, w1 = pairing.weights[i]
-        expected = values[a][f0] if w1 == 0 else w0 * values[a][f0] + w1 * values[b][f1]
-        assert torch.allclose(out[row], expected, atol=1e-6)
+        for branch in range(branches):
+            kv = values[branch * len(plan):(branch + 1) * len(plan)]
+            expected = kv[a][f0] if w1 == 0 else w0 * kv[a][f0] + w1 * kv[b][f1]
+            assert torch.allclose(out[branch, row], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [20, 50, 20 * 20, 3 * 20 * 20, 1 << 20])  # one token row ... everything at once
+def test_frame_field_search_is_batched_within_the_budget(monkeypatch, budget):
+    g = torch.Generator().manual_seed(4)
+    n, tokens, dim = 9, 20, 8
+    frames = torch.randn(n, tokens, dim, generator=g)
+    plan = keyframes.keyframe_plan(n, 3, 1, seed=0)[0]
+    pairing = keyframes.official_pairing(n, 3)
+    expected = correspondence.frame_fields(frames, torch.arange(n), frames[plan], pairing, max_elements=1 << 30)
+    sizes = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real_matmul(a, b)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    fields = correspondence.frame_fields(frames, torch.arange(n), frames[plan], pairing, max_elements=budget)
+    assert torch.equal(fields, expected)
+    pairs = n + int((pairing.slots[:, 0] != pairing.slots[:, 1]).sum())  # a frame with one keyframe: one search
+    assert max(sizes) <= budget and sum(sizes) == pairs * tokens * tokens
+    if budget >= 3 * tokens * tokens:
+        assert len(sizes) <= -(-pairs // 3), "each matmul should cover several frames"
 
 
 def test_keyframe_tokens_match_themselves():

@@ -14,6 +14,26 @@ def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> di
     return {"samples": torch.randn(n, channels, size, size, generator=g)}
 
 
+def float64_copy(model_patcher):
+    """A float64 copy of a tiny UNet ModelPatcher (the original is untouched).
+
+    The tiny random UNets' 1x1-pixel GroupNorms amplify float32 rounding enormously, so results of
+    two call layouts (which frames and branches share a UNet call) differ visibly in float32
+    though the arithmetic is the same; in float64 they agree.
+    """
+    import copy
+
+    model = model_patcher.clone()
+    model.model = copy.deepcopy(model_patcher.model)
+    model.model.diffusion_model.to(torch.float64)
+    model.model.diffusion_model.dtype = torch.float64
+    return model
+
+
+def double(conditioning):
+    return [[c.double(), extra] for c, extra in conditioning]
+
+
 def conds(model, seeds=(11, 12, 13)):
     return [tiny_models.make_conditioning(model, seed=s) for s in seeds]
 

@@ -3,7 +3,8 @@
 Every keyframe's queries attend to the keys/values of ALL keyframes of the same branch. Since
 all keyframes share one key set, the K keyframes are folded into a single sequence of K*N
 tokens and one fused attention call does the work: no per-keyframe copy of keys or values is
-ever made (the official code repeats them K times).
+ever made (the official code repeats them K times). Several branches go through the same
+call as its batch.
 """
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 
 def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                        attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
-    """Joint attention of K frames: q, k, v (K, N, H*D) -> (K, N, H*D).
+    """Joint attention of K frames: q, k, v ([C,] K, N, H*D) -> ([C,] K, N, H*D).
 
-    Frame i's output is softmax(q_i [k_0 .. k_{K-1}]^T) [v_0 .. v_{K-1}]. With K = 1 this is
-    ordinary self-attention.
+    Frame i's output is softmax(q_i [k_0 .. k_{K-1}]^T) [v_0 .. v_{K-1}], separately for each of
+    the C branches of the leading dimension. With K = 1 this is ordinary self-attention.
     """
-    frames, tokens, inner = q.shape
-    out = attention_fn(q.reshape(1, frames * tokens, inner), k.reshape(1, -1, inner), v.reshape(1, -1, inner), heads)
-    return out.reshape(frames, tokens, inner)
+    *lead, frames, tokens, inner = q.shape
+    batch = 1
+    for size in lead:
+        batch *= size
+    out = attention_fn(q.reshape(batch, frames * tokens, inner), k.reshape(batch, -1, inner),
+                       v.reshape(batch, -1, inner), heads)
+    return out.reshape(q.shape)

@@ -1,8 +1,9 @@
 """Nearest-neighbour fields between frame tokens and keyframe tokens (spec 3.3).
 
-``gamma[p] = argmax_q cos(phi_frame[p], phi_key[q])``. The search is chunked over query
-tokens so that no similarity block larger than ``max_elements`` entries ever exists, whatever
-the number of frames or the token count.
+``gamma[p] = argmax_q cos(phi_frame[p], phi_key[q])``. The search is chunked so that no
+similarity block larger than ``max_elements`` entries ever exists, whatever the number of
+frames or the token count; each chunk covers as many (frame, keyframe) pairs as fit, so a
+whole clip is searched in a few large batched matmuls.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from .keyframes import FramePairing
 
-DEFAULT_MAX_ELEMENTS = 1 << 24  # 16M similarities (64 MiB in float32) per chunk
+DEFAULT_MAX_ELEMENTS = 1 << 26  # 64M similarities (128 MiB in fp16, 256 MiB in fp32) per chunk
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -39,27 +40,59 @@ def field_dtype(tokens_per_frame: int) -> torch.dtype:
     return torch.int16 if tokens_per_frame <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def distinct_pairs(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (frame row, keyframe slot) pairs a set of frames needs, decided on the CPU.
+
+    slots: (F, 2) CPU long. A frame whose two slots are the same keyframe needs one search, not
+    two. Returns ``(pair_rows, pair_slots, where)``: the frame row and slot of each distinct pair
+    (P,), and for every (frame, column) the pair that answers it (F, 2).
+    """
+    slots = slots.cpu().long()
+    rows = torch.arange(slots.shape[0])
+    second = slots[:, 1] != slots[:, 0]
+    pair_rows = torch.cat([rows, rows[second]])
+    pair_slots = torch.cat([slots[:, 0], slots[second, 1]])
+    where = torch.stack([rows, rows.clone()], 1)
+    where[second, 1] = slots.shape[0] + torch.arange(int(second.sum()))
+    return pair_rows, pair_slots, where
+
+
+def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, pair_rows: torch.Tensor,
+                            pair_slots: torch.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """Nearest neighbours of every token of frame ``pair_rows[p]`` in keyframe ``pair_slots[p]``.
+
+    frame_units: (F, N, d) and key_units: (K, M, d), both unit-normalised; pair indices (P,) CPU.
+    Returns (P, N) long. Pairs are searched in batches of as many as fit in ``max_elements``
+    similarities; a single pair larger than that is split over its tokens.
+    """
+    n, m = frame_units.shape[1], key_units.shape[1]
+    device = frame_units.device
+    out = torch.empty(pair_rows.shape[0], n, dtype=torch.long, device=device)
+    rows_dev, slots_dev = pair_rows.to(device), pair_slots.to(device)
+    keys_t = key_units.transpose(1, 2)  # (K, d, M)
+    per_chunk = max_elements // max(1, n * m)
+    if per_chunk >= 1:
+        for start in range(0, pair_rows.shape[0], per_chunk):
+            stop = start + per_chunk
+            queries = frame_units.index_select(0, rows_dev[start:stop])
+            out[start:stop] = (queries @ keys_t.index_select(0, slots_dev[start:stop])).argmax(dim=-1)
+        return out
+    tokens = max(1, max_elements // max(1, m))  # one pair does not fit: split its tokens
+    for p, (row, slot) in enumerate(zip(pair_rows.tolist(), pair_slots.tolist())):  # CPU lists: no device sync
+        for start in range(0, n, tokens):
+            out[p, start:start + tokens] = (frame_units[row, start:start + tokens] @ keys_t[slot]).argmax(dim=-1)
+    return out
+
+
 def frame_fields(frame_tokens: torch.Tensor, frame_ids: torch.Tensor, keyframe_tokens: torch.Tensor,
                  pairing: FramePairing, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
     """Nearest-neighbour fields of some frames against their paired keyframes.
 
-    frame_tokens: (F, N, d) tokens of the frames ``frame_ids`` (global indices);
+    frame_tokens: (F, N, d) tokens of the frames ``frame_ids`` (global indices, CPU);
     keyframe_tokens: (K, M, d) tokens of the step's keyframes (slot order).
     Returns (F, 2, N) long: for each frame and each of its two slots, the matched token of that
     slot's keyframe. A frame with a single keyframe gets the same field in both slots.
     """
-    slots = pairing.slots[frame_ids.cpu()].to(frame_tokens.device)  # (F, 2)
-    out = torch.empty(frame_tokens.shape[0], 2, frame_tokens.shape[1], dtype=torch.long, device=frame_tokens.device)
-    for slot in torch.unique(slots).tolist():
-        for column in (0, 1):
-            rows = (slots[:, column] == slot).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            if column == 1:
-                same = slots[rows, 0] == slot  # already computed in column 0
-                out[rows[same], 1] = out[rows[same], 0]
-                rows = rows[~same]
-                if rows.numel() == 0:
-                    continue
-            out[rows, column] = nearest_neighbours(frame_tokens[rows], keyframe_tokens[slot], max_elements)
-    return out
+    pair_rows, pair_slots, where = distinct_pairs(pairing.slots[frame_ids.cpu()])
+    fields = pair_nearest_neighbours(_unit(frame_tokens), _unit(keyframe_tokens), pair_rows, pair_slots, max_elements)
+    return fields[where.to(fields.device)]

@@ -1,0 +1,63 @@
+"""How many frames one UNet call may hold: sized from the device's memory, never from the clip.
+
+ComfyUI's ``calc_cond_batch`` batches whole conds over one input and only splits by conds when
+memory is short, so splitting a pass by frames is TokenFlow's job. On CUDA (and other
+accelerators) the split follows the free memory and the model's own ``memory_required``
+estimate; on the CPU it follows a fixed budget so that CPU results are bit-identical from run
+to run (unless the machine really lacks the memory, which is logged).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+
+log = logging.getLogger(__name__)
+
+CPU_BUDGET_BYTES = 8 << 30  # what one CPU call may use, whatever the machine's free memory
+COMFY_FACTOR = 1.5  # calc_cond_batch's own margin over memory_required
+TOKENFLOW_FACTOR = 1.3  # propagation gathers, fields and the margin that keeps calc_cond_batch from re-splitting
+
+
+def call_bytes(model, images: int, latent_shape: tuple[int, ...]) -> float:
+    """What ComfyUI budgets (with TokenFlow's extra) for one call of ``images`` latents."""
+    return model.memory_required([images, *latent_shape]) * COMFY_FACTOR * TOKENFLOW_FACTOR
+
+
+def available_bytes(device: torch.device) -> float:
+    free = comfy.model_management.get_free_memory(device)
+    if device.type == "cpu":
+        if free < CPU_BUDGET_BYTES:
+            log.info("TokenFlow: %.1f GiB of free memory, less than the CPU budget of %.1f GiB: smaller calls",
+                     free / 2**30, CPU_BUDGET_BYTES / 2**30)
+        return min(free, CPU_BUDGET_BYTES)
+    return free
+
+
+def frames_per_call(model, branches: int, latent_shape: tuple[int, ...], device: torch.device, n_frames: int,
+                    cap: int = 0) -> int:
+    """The most frames (each evaluated in ``branches`` branches) that fit one call; at least 1.
+
+    ``cap`` > 0 limits it further (a user's frame_batch).
+    """
+    budget = available_bytes(device)
+    per_frame = call_bytes(model, branches, latent_shape)
+    fit = max(1, int(budget // max(per_frame, 1.0)))
+    while fit > 1 and call_bytes(model, fit * branches, latent_shape) > budget:
+        fit -= 1
+    fit = min(fit, n_frames)
+    return min(fit, cap) if cap > 0 else fit
+
+
+def fits(model, images: int, latent_shape: tuple[int, ...], device: torch.device) -> bool:
+    return call_bytes(model, images, latent_shape) <= available_bytes(device)
+
+
+def even_chunks(n_frames: int, per_call: int) -> list[range]:
+    """Consecutive frame ranges of at most ``per_call`` frames whose sizes differ by at most one."""
+    calls = -(-n_frames // max(1, per_call))
+    base, extra = divmod(n_frames, calls)
+    starts = [i * base + min(i, extra) for i in range(calls + 1)]
+    return [range(a, b) for a, b in zip(starts, starts[1:])]
