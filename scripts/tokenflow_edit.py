@@ -19,6 +19,7 @@ Exit codes: 0 done, 2 bad arguments (nothing run), 1 the edit failed, 130 interr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
@@ -61,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "ComfyUI/models/checkpoints (required)")
     p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
     p.add_argument("--editor", choices=EDITORS, default="pnp", help="image editor combined with TokenFlow")
-    p.add_argument("--steps", type=int, default=50, help="editing (DDIM) steps")
-    p.add_argument("--inversion-steps", type=int, default=500, help="DDIM inversion steps (a multiple of --steps; "
-                   "the paper used 1000, 50 is a fast preview)")
+    schedule = _schedule()
+    p.add_argument("--steps", type=int, default=50, help=f"editing (DDIM) steps, 1 to {schedule.MAX_STEPS}; must "
+                   "fit --inversion-steps (see there)")
+    p.add_argument("--inversion-steps", type=int, default=500, help=f"DDIM inversion steps, 1 to "
+                   f"{schedule.MAX_STEPS} (1000 would pass the end of the model's schedule; {schedule.MAX_STEPS} is "
+                   f"the finest grid, the paper's 1000; 50 is a fast preview). Rule: "
+                   f"{schedule.step_grid_rule('--steps', '--inversion-steps')}")
     p.add_argument("--batch-size", type=int, default=8, help="frames per batch; one keyframe per batch per step")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--pnp-attn-t", type=float, default=0.5, help="PnP: fraction of steps with attention injection")
@@ -98,9 +104,11 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"error: --video {args.video}: no such file or folder."
     if not args.prompt:
         return "error: no edit prompt given: pass --prompt 'what the video should become'."
-    if args.steps < 1 or args.inversion_steps < 1 or args.inversion_steps % args.steps:
-        return (f"error: --inversion-steps ({args.inversion_steps}) must be a positive multiple of --steps "
-                f"({args.steps}), e.g. --steps 50 --inversion-steps 500.")
+    try:
+        _schedule().check_inversion_covers(args.steps, args.inversion_steps, steps_name="--steps",
+                                           inversion_name="--inversion-steps")
+    except ValueError as e:
+        return f"error: {e}."
     if args.editor == "controlnet" and not args.controlnet:
         return ("error: --editor controlnet needs --controlnet /path/to/controlnet.safetensors "
                 "(e.g. a canny ControlNet).")
@@ -109,6 +117,17 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.width < 0 or args.height < 0:
         return "error: --width and --height must be >= 0."
     return None
+
+
+def _schedule() -> ModuleType:
+    """The pack's tokenflow_ops/schedule.py (pure torch), where the step-grid rule and its one check live."""
+    name = "_tokenflow_schedule"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tokenflow_ops" / "schedule.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def find_host(explicit: str | None) -> Path | None:

@@ -319,10 +319,10 @@ def _hint_mismatch(w):
 
 # (case id, call, words the message must contain: the input's name and the fix)
 BAD_INPUTS = [
-    ("inversion_steps-not-a-multiple", lambda w: _invert(w, inversion_steps=12),
-     ["inversion_steps", "multiple of steps", "try inversion_steps=10"]),
+    ("inversion_steps-off-the-grid", lambda w: _invert(w, inversion_steps=12),
+     ["steps (5)", "inversion_steps (12)", "Set inversion_steps to 10 or 20"]),
     ("sampler-steps-not-on-the-inversion-grid", lambda w: _edit(w, steps=3),
-     ["steps: 3", "use steps=5 or a divisor", "invert again"]),
+     ["steps (3)", "the inversion's steps (5)", "sampler steps 0 uses the inversion's count", "inverting again"]),
     ("latent-with-0-frames", lambda w: _invert(w, latent=_samples((0, 4, 8, 8))),
      ["latent", "0 frames", "frame_load_cap"]),
     ("latent-4x4-too-small", lambda w: _invert(w, latent=_samples((N, 4, 4, 4))),
