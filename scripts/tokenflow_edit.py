@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -183,11 +184,43 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, cont
     return prompt, "11"
 
 
+class _StopOnCtrlC:
+    """Ctrl-C (SIGINT) while the graph runs does what the server's /interrupt does: it sets ComfyUI's interrupt
+    flag, so the running node stops at its next step or batch and no further node starts. A second Ctrl-C
+    aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "_StopOnCtrlC":
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.reassert()
+        print("\ninterrupting: stopping at the next step (press Ctrl-C again to abort at once)", file=sys.stderr,
+              flush=True)
+
+    def reassert(self) -> None:
+        """Set ComfyUI's interrupt flag again if Ctrl-C was pressed (the executor clears it when a run starts)."""
+        if self.requested:
+            import comfy.model_management
+
+            comfy.model_management.interrupt_current_processing(True)
+
+
 class _Console:
     """What ComfyUI's server would send to the browser, printed instead."""
 
-    def __init__(self, prompt: dict, titles: dict[str, str]):
-        self.prompt, self.titles = prompt, titles
+    def __init__(self, prompt: dict, titles: dict[str, str], stop: _StopOnCtrlC):
+        self.prompt, self.titles, self.stop = prompt, titles, stop
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
@@ -207,6 +240,7 @@ class _Console:
         return f"{title}: {meta}" if meta else title
 
     def send_sync(self, event: str, data, sid=None) -> None:
+        self.stop.reassert()
         if event == "execution_cached":
             self._done += len(data.get("nodes", []))
         elif event == "executing" and isinstance(data, dict) and data.get("node") is not None:
@@ -220,8 +254,12 @@ class _Console:
         pass
 
     def progress(self, value, total, preview=None, prompt_id=None, node_id=None) -> None:
+        import comfy.model_management
         from comfy_execution.progress import get_progress_state
         from comfy_execution.utils import get_executing_context
+
+        # As ComfyUI's main.py hook: an interrupt stops the node at its next progress update.
+        comfy.model_management.throw_exception_if_processing_interrupted()
 
         context = get_executing_context()
         if node_id is None and context is not None:
@@ -330,13 +368,17 @@ def _run(args: argparse.Namespace, host: Path) -> int:
 
         titles = {name: getattr(nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}).get(name, name) for name in
                   {n["class_type"] for n in prompt.values()}}
-        console = _Console(prompt, titles)
-        comfy.utils.set_progress_bar_global_hook(console.progress)
-        executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
-        print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
-              f"(inversion {args.inversion_steps}), batch {args.batch_size}", flush=True)
-        executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
+        with _StopOnCtrlC() as stop:
+            console = _Console(prompt, titles, stop)
+            comfy.utils.set_progress_bar_global_hook(console.progress)
+            executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
+            print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
+                  f"(inversion {args.inversion_steps}), batch {args.batch_size}", flush=True)
+            executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
         console._end_line()
+        if stop.requested or any(event == "execution_interrupted" for event, _ in executor.status_messages):
+            print(f"interrupted: nothing was written to {args.output}", file=sys.stderr, flush=True)
+            return 130
         if not executor.success:
             for event, data in executor.status_messages:
                 if event == "execution_error":

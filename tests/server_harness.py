@@ -278,6 +278,29 @@ def write_test_clip(path: Path, frames: int = CLIP_FRAMES, size: int = CLIP_SIZE
             container.mux(packet)
 
 
+def write_tiny_model_files(models_dir: Path) -> dict:
+    """The tiny checkpoint and ControlNet FILES of ``tests/stand_in_nodes/tiny_files.py`` (see there), plus their
+    names (``checkpoint_name``, ``controlnet_name``); needs comfy importable (the test process has it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenflow_harness_tiny_files",
+                                                  REPO / "tests" / "stand_in_nodes" / "tiny_files.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    files = module.write_tiny_model_files(models_dir)
+    files.update(checkpoint_name=module.CHECKPOINT_NAME, controlnet_name=module.CONTROLNET_NAME)
+    return files
+
+
+def runner_env(**extra: str) -> dict:
+    """Environment for the headless runner as a subprocess: the test host, $TOKENFLOW_TEST_THREADS threads."""
+    env = dict(os.environ)
+    threads = env.get("TOKENFLOW_TEST_THREADS", "1")
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
+               COMFYUI_PATH=str(comfyui_path()), **extra)
+    return env
+
+
 def make_base_dir(base: Path, *, stand_ins: bool = True) -> Path:
     """A ComfyUI base directory whose custom_nodes/ links this repo (and the test stand-ins)."""
     custom = base / "custom_nodes"
