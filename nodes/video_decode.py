@@ -34,6 +34,8 @@ MEMORY_FRACTION = 0.75
 # Optional hard ceiling in bytes (lowers the limit, e.g. for tests); the env var wins if set.
 MAX_BYTES: int | None = None
 MAX_BYTES_ENV = "TOKENFLOW_VIDEO_MAX_BYTES"
+# width = height = 0 (keep the source size) warns above this side, in px.
+LARGE_SOURCE_SIDE = 1024
 # A folder of images carries no frame rate; this one is reported for it.
 FOLDER_FPS = 24.0
 
@@ -118,6 +120,14 @@ def compute_output_size(src_w: int, src_h: int, width: int, height: int, multipl
         raise ValueError(f"The output size {out_w}x{out_h} (source {src_w}x{src_h}, width={width}, "
                          f"height={height}) exceeds {MAX_SIZE} px: set a smaller width or height.")
     return out_w, out_h
+
+
+def warn_if_large_source_size(out_w: int, out_h: int, width: int, height: int, path: str) -> None:
+    """width = height = 0 keeps the source size: say so when that is far above what SD works at."""
+    if width == 0 and height == 0 and max(out_w, out_h) > LARGE_SOURCE_SIDE:
+        logger.warning("TokenFlow Load Video: width and height are 0, so '%s' keeps its source size %dx%d; Stable "
+                       "Diffusion works at 512-1024 px and larger frames cost much more memory and time: set width "
+                       "(e.g. 512) or height to resize.", path, out_w, out_h)
 
 
 def expected_kept(total: int, skip: int, nth: int, cap: int) -> int:
@@ -276,6 +286,7 @@ def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height
         stream.thread_type = "AUTO"
         src_w, src_h = stream.codec_context.width, stream.codec_context.height
         out_w, out_h = compute_output_size(src_w, src_h, width, height, multiple)
+        warn_if_large_source_size(out_w, out_h, width, height, path)
         total, from_metadata = _estimate_total(container, stream, path)
         kept_estimate = expected_kept(total, skip, nth, cap)
         check_memory(kept_estimate, out_w, out_h, max_bytes)
@@ -341,6 +352,7 @@ def _load_folder(folder: str, cap: int, skip: int, nth: int, width: int, height:
     except (OSError, ValueError) as e:
         raise ValueError(f"Cannot read image '{files[0]}' ({e}). Remove or replace that file.") from None
     out_w, out_h = compute_output_size(src_w, src_h, width, height, multiple)
+    warn_if_large_source_size(out_w, out_h, width, height, folder)
     selected = [f for _, f in _select(iter(files), skip, nth, cap)]
     if not selected:
         raise _no_frames_error(folder, len(files), skip, nth, None)

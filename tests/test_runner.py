@@ -4,6 +4,8 @@
   exit 130 within seconds, no later node (VAE Decode, Save Video) starts, no output video and no
   temporary folder is left.
 * The step-grid rule is checked before ComfyUI is even imported, with the script's option names.
+* Polish: ``--help`` shows only real defaults; a damaged checkpoint file gives one line naming the
+  file (the traceback only with ``--verbose``); the PyTorch thread count is set and printed.
 
 The tiny checkpoint FILE is the one the server tests use (``server_harness.write_tiny_model_files``).
 """
@@ -114,6 +116,7 @@ def test_ctrl_c_stops_the_sampler_at_once_and_leaves_nothing(tmp_path, tiny_file
     for later in ("VAE Decode", "Create Video", "Save Video", "wrote "):
         assert later not in stdout, f"{later!r} ran after Ctrl-C:\n{stdout}"
     assert "interrupted" in stderr
+    assert "PyTorch uses 1 CPU thread(s)" in stdout  # $OMP_NUM_THREADS=1 from runner_env
     assert not output.exists() and not output.parent.exists()
     assert list(temp.iterdir()) == [], f"left behind: {list(temp.iterdir())}"
 
@@ -130,3 +133,44 @@ def test_runner_refuses_steps_off_the_grid_before_loading_anything(tmp_path, cli
     for word in words:
         assert word in result.stderr, f"{word!r} missing from: {result.stderr}"
     assert "ComfyUI host" not in result.stdout  # refused before the host was imported
+
+
+def test_help_shows_real_defaults_only():
+    result = subprocess.run([sys.executable, str(RUNNER), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: )" not in text and "(default: False)" not in text
+    assert "(default: 50)" in text and "(default: 500)" in text and "(default: pnp)" in text
+    assert "1000 // --inversion-steps must divide 1000 // --steps" in text and "1 to 999" in text
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_damaged_safetensors_checkpoint_is_one_line_naming_the_file(tmp_path, clip):
+    bad = tmp_path / "half-downloaded.safetensors"
+    bad.write_bytes(b"\x00\xff" * 2000)
+    command = _command(clip, bad, tmp_path / "out.mp4", "--steps", "2", "--inversion-steps", "4")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=harness.runner_env())
+    assert result.returncode == 2, result.stderr
+    line = _one_line_error(result.stderr)
+    assert line.startswith(f"error: --checkpoint {bad}: not a readable .safetensors file") and "download it again" in line
+    verbose = subprocess.run(command + ["--verbose"], capture_output=True, text=True, timeout=180,
+                             env=harness.runner_env())
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and f"--checkpoint {bad}" in verbose.stderr
+
+
+def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, clip):
+    bad = tmp_path / "not-a-model.ckpt"
+    bad.write_bytes(b"this is not a pickled state dict\n" * 50)
+    output = tmp_path / "out.mp4"
+    command = _command(clip, bad, output, "--steps", "2", "--inversion-steps", "4", "--threads", "2")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=harness.runner_env())
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert line.startswith(f"error: --checkpoint {bad}: ComfyUI could not load it (") and "--verbose" in line, line
+    assert "PyTorch uses 2 CPU thread(s)" in result.stdout  # --threads wins over $OMP_NUM_THREADS
+    assert not output.exists()

@@ -5,6 +5,7 @@ the package ``comfyui_tokenflow``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -323,3 +324,19 @@ def test_fingerprint_changes_with_the_file(tmp_path, made):
         assert node.fingerprint_inputs(video="", path=made["folder"]) != folder_before
     finally:
         os.remove(extra)
+
+
+def test_keeping_a_large_source_size_warns(tmp_path, caplog):
+    folder = tmp_path / "large"
+    folder.mkdir()
+    Image.fromarray(np.zeros((64, 1088, 3), dtype=np.uint8)).save(folder / "frame_1.png")
+    with caplog.at_level(logging.WARNING, logger=video_decode.__name__):
+        assert video_decode.load_video(str(folder), width=0, height=0).images.shape == (1, 64, 1088, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("width and height are 0" in m and "source size 1088x64" in m and "set width (e.g. 512)" in m
+               for m in warnings), warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=video_decode.__name__):
+        video_decode.load_video(str(folder), width=512)  # a size was chosen: no warning
+        video_decode.load_video(WOLF, frame_load_cap=1)  # a 512 px source kept: no warning
+    assert not [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
