@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, FramePairing, keyframe_plan, pairing_for_step, spread_keyframe_groups
-from ..tokenflow_ops.schedule import editing_timesteps
+from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps
 from .editors import EDITORS, StepNeeds, get_editor
 from .model_support import ModelLayout
 from .products import TokenFlowCorrespondences, TokenFlowInversion
@@ -55,12 +55,9 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
     if settings.blend not in BLEND_MODES:
         raise ValueError(f"blend must be one of {BLEND_MODES}, got {settings.blend!r}")
     steps = settings.steps or inversion.steps
+    check_inversion_covers(steps, inversion.steps, inversion_name="the inversion's steps",
+                           fix="; sampler steps 0 uses the inversion's count (another count means inverting again)")
     full = editing_timesteps(steps)
-    missing = [t for t in full if t not in inversion.timesteps]
-    if missing:
-        raise ValueError(f"steps: {steps} editing steps need timesteps {missing[:4]}... that the inversion "
-                         f"({inversion.steps} steps) did not keep; use steps={inversion.steps} or a divisor of it, "
-                         "or invert again with this step count")
     timesteps = editor.timesteps(steps, settings)
     n = inversion.n_frames
     if correspondences is not None:

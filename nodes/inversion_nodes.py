@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
 from .inversion_runner import inverted_latent_output, run_inversion
 from .products import InversionType
 
@@ -26,10 +27,12 @@ class TokenFlowInvert(io.ComfyNode):
                 io.Conditioning.Input("conditioning", tooltip="The inversion prompt, describing the source video "
                                       "(e.g. 'a wolf'); an empty prompt also works. The source branch reuses it."),
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Editing steps the trajectory is kept for "
-                             "(the official default is 50). The sampler uses this count or a divisor of it."),
-                io.Int.Input("inversion_steps", default=500, min=1, max=1000, tooltip="DDIM inversion steps; must be a "
-                             "multiple of steps. More steps invert more exactly (official 500, paper 1000) but take "
-                             "longer; 50 is a fast preview."),
+                             f"(official 50; 1 to {MAX_STEPS}, 1000 is refused). The sampler's steps must fit this "
+                             "count the same way (its 0 uses it)."),
+                io.Int.Input("inversion_steps", default=500, min=1, max=1000, tooltip="DDIM inversion steps, 1 to "
+                             f"{MAX_STEPS}: 1000 would end its grid at t = 1000, past the model's schedule, and is "
+                             f"refused ({MAX_STEPS} is the finest grid, the paper's 1000). Rule: {step_grid_rule()}. "
+                             "More steps invert more exactly (official 500) but take longer; 50 is a fast preview."),
                 io.Int.Input("frame_batch", default=0, min=0, max=4096, optional=True, tooltip="Most frames per UNet "
                              "call during inversion; 0: as many as the device's memory allows (all frames in one "
                              "call when they fit). It does not change the result beyond float rounding."),

@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "TokenFlow"
 EXTENSION = ".safetensors"
-PATH_TOOLTIP = ("The file to load: a path relative to ComfyUI's output folder (as the Save node shows it, e.g. "
-                "'tokenflow/inversion_00001_.safetensors') or an absolute path.")
+
+
+def path_tooltip(kind: str) -> str:
+    """Tooltip of a Load node's path: which file it loads (``kind``: inversion / correspondences)."""
+    return (f"The TokenFlow {kind} file to load, as written by TokenFlow Save {kind.title()}: a path relative to "
+            f"ComfyUI's output folder (as the Save node shows it, e.g. 'tokenflow/{kind}_00001_.safetensors') or an "
+            "absolute path.")
 
 
 def output_path(filename_prefix: str) -> str:
@@ -114,7 +119,8 @@ class TokenFlowLoadInversion(io.ComfyNode):
             description="Loads an inversion written by TokenFlow Save Inversion. It is refused unless the connected "
                         "model and source latent are the ones it was made from (checked by fingerprint).",
             inputs=[
-                io.String.Input("path", default="tokenflow/inversion_00001_.safetensors", tooltip=PATH_TOOLTIP),
+                io.String.Input("path", default="tokenflow/inversion_00001_.safetensors",
+                                tooltip=path_tooltip("inversion")),
                 io.Model.Input("model", tooltip="The model the inversion was made with (LoRAs may differ: only the "
                                "base weights are compared)."),
                 io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode, exactly as they "
@@ -181,7 +187,8 @@ class TokenFlowLoadCorrespondences(io.ComfyNode):
             description="Loads correspondences written by TokenFlow Save Correspondences. They are refused unless "
                         "they were extracted from the connected inversion (same model, frames and step count).",
             inputs=[
-                io.String.Input("path", default="tokenflow/correspondences_00001_.safetensors", tooltip=PATH_TOOLTIP),
+                io.String.Input("path", default="tokenflow/correspondences_00001_.safetensors",
+                                tooltip=path_tooltip("correspondences")),
                 InversionType.Input("inversion", tooltip="The inversion the correspondences were extracted from "
                                     "(from TokenFlow DDIM Inversion or TokenFlow Load Inversion)."),
             ],

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 import latent_preview
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
+from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
 from .edit_plan import EDITORS, EditSettings
 from .products import CorrespondencesType, InversionType
 from .tokenflow_runner import run_edit
@@ -60,7 +61,8 @@ class TokenFlowSampler(io.ComfyNode):
                 io.Int.Input("max_keyframes", default=0, min=0, max=4096, optional=True, tooltip="Cap on keyframes per "
                              "step for long clips (0 = one per batch). Ignored with correspondences."),
                 io.Int.Input("steps", default=0, min=0, max=1000, optional=True, tooltip="Editing steps; 0 uses the "
-                             "inversion's count. Must divide it."),
+                             f"inversion's count (1 to {MAX_STEPS} otherwise). Other counts must fit the inversion's "
+                             "steps: " + step_grid_rule("steps", "the inversion's steps") + "."),
                 io.String.Input("pnp_attention_blocks", default="auto", optional=True, tooltip="PnP query/key injection "
                                 "blocks, e.g. 'output:4-11'. auto: all decoder transformer blocks but the first "
                                 "(SD1/SD2: output 4-11; SDXL: output 1-5). none disables."),

@@ -24,9 +24,12 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
         raise ValueError(f"{input_name}: the latent has {samples.shape[1]} channels but the model expects {channels}; "
                          "encode the frames with the VAE that belongs to this checkpoint")
     h, w = samples.shape[-2:]
-    if min(h, w) < MIN_LATENT_SIDE or max(h, w) > MAX_LATENT_SIDE:
-        raise ValueError(f"{input_name}: frames of {w * 8}x{h * 8} px are outside the sizes TokenFlow supports; use "
-                         f"sizes between {MIN_LATENT_SIDE * 8} and {MAX_LATENT_SIDE * 8} px (set width/height in "
+    lo, hi = MIN_LATENT_SIDE * 8, MAX_LATENT_SIDE * 8
+    sides = [f"the {side} ({px} px) is {'below' if px < lo else 'above'} {lo if px < lo else hi} px"
+             for side, px in (("width", w * 8), ("height", h * 8)) if not lo <= px <= hi]
+    if sides:
+        raise ValueError(f"{input_name}: frames of {w * 8}x{h * 8} px are outside the sizes TokenFlow supports "
+                         f"({'; '.join(sides)}); use sizes between {lo} and {hi} px (set width/height in "
                          "TokenFlow Load Video)")
     if not torch.isfinite(samples).all():
         raise ValueError(f"{input_name}: the latent contains NaN or infinite values; re-encode the frames "

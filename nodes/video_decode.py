@@ -34,6 +34,8 @@ MEMORY_FRACTION = 0.75
 # Optional hard ceiling in bytes (lowers the limit, e.g. for tests); the env var wins if set.
 MAX_BYTES: int | None = None
 MAX_BYTES_ENV = "TOKENFLOW_VIDEO_MAX_BYTES"
+# width = height = 0 (keep the source size) warns above this side, in px.
+LARGE_SOURCE_SIDE = 1024
 # A folder of images carries no frame rate; this one is reported for it.
 FOLDER_FPS = 24.0
 
@@ -118,6 +120,14 @@ def compute_output_size(src_w: int, src_h: int, width: int, height: int, multipl
         raise ValueError(f"The output size {out_w}x{out_h} (source {src_w}x{src_h}, width={width}, "
                          f"height={height}) exceeds {MAX_SIZE} px: set a smaller width or height.")
     return out_w, out_h
+
+
+def warn_if_large_source_size(out_w: int, out_h: int, width: int, height: int, path: str) -> None:
+    """width = height = 0 keeps the source size: say so when that is far above what SD works at."""
+    if width == 0 and height == 0 and max(out_w, out_h) > LARGE_SOURCE_SIDE:
+        logger.warning("TokenFlow Load Video: width and height are 0, so '%s' keeps its source size %dx%d; Stable "
+                       "Diffusion works at 512-1024 px and larger frames cost much more memory and time: set width "
+                       "(e.g. 512) or height to resize.", path, out_w, out_h)
 
 
 def expected_kept(total: int, skip: int, nth: int, cap: int) -> int:
@@ -235,6 +245,33 @@ def _estimate_total(container, stream, path: str) -> tuple[int, bool]:
         counter.close()
 
 
+def _truncation(container, stream, decoded: int, last_time: float | None, fps: float,
+                error: Exception | None) -> str | None:
+    """Why a fully decoded stream is known to be cut short, or None.
+
+    Evidence only, no guesses from frame-rate estimates: a decoder error, fewer frames than the
+    container's own frame count, or frames ending well before the video's own duration (a
+    video-only container's duration is the video's; with audio only the video stream's counts).
+    """
+    where = f"decoding fails at frame {decoded + 1} (frames 1-{decoded} decode" + (
+        f", up to {last_time:.2f} s)" if last_time is not None else ")")
+    if error is not None:
+        return f"{where}: {error}"
+    if stream.frames and decoded < stream.frames - 1:
+        return f"{where}, but the file announces {stream.frames} frames"
+    duration = None
+    if stream.duration and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration and len(container.streams) == 1:
+        duration = container.duration / av.time_base
+    if duration and last_time is not None:
+        interval = 1.0 / fps if fps else 0.0
+        missing = duration - (last_time + interval)
+        if missing > max(0.25, 3 * interval, 0.02 * duration):
+            return f"{where}, but the video lasts {duration:.2f} s"
+    return None
+
+
 def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height: int, multiple: int,
                     max_bytes: int | None, progress: ProgressFn | None) -> LoadedVideo:
     try:
@@ -249,6 +286,7 @@ def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height
         stream.thread_type = "AUTO"
         src_w, src_h = stream.codec_context.width, stream.codec_context.height
         out_w, out_h = compute_output_size(src_w, src_h, width, height, multiple)
+        warn_if_large_source_size(out_w, out_h, width, height, path)
         total, from_metadata = _estimate_total(container, stream, path)
         kept_estimate = expected_kept(total, skip, nth, cap)
         check_memory(kept_estimate, out_w, out_h, max_bytes)
@@ -258,12 +296,14 @@ def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height
 
         buffer = _FrameBuffer(kept_estimate or (cap or 16), out_w, out_h)
         decoded = 0
+        last_time: float | None = None
         error: Exception | None = None
 
         def counted() -> Iterator:
-            nonlocal decoded
+            nonlocal decoded, last_time
             for frame in container.decode(stream):
                 decoded += 1
+                last_time = frame.time
                 yield frame
 
         try:
@@ -276,13 +316,16 @@ def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height
         if buffer.count == 0:
             raise _no_frames_error(path, decoded, skip, nth, error)
         capped = cap > 0 and buffer.count >= cap
-        if error is not None:
-            logger.warning("TokenFlow Load Video: decoding '%s' stopped after %d frame(s) (%s); the file "
-                           "looks truncated or corrupt, returning the %d frame(s) decoded so far.",
-                           path, decoded, error, buffer.count)
-        elif not capped and from_metadata and decoded < total - 1:
-            logger.warning("TokenFlow Load Video: '%s' announces %d frames but only %d could be decoded; "
-                           "the file may be truncated.", path, total, decoded)
+        if not capped:
+            damage = _truncation(container, stream, decoded, last_time, source_fps, error)
+            if damage:
+                raise ValueError(
+                    f"'{path}' is truncated or corrupt: {damage}. The {buffer.count} selected frame(s) before the "
+                    f"damage are fine: set frame_load_cap={buffer.count} to load only them, or re-export / "
+                    "re-download the video.")
+            if from_metadata and decoded < total - 1:  # only an estimate (duration x fps), no evidence of damage
+                logger.warning("TokenFlow Load Video: '%s' was estimated at %d frames but %d were decoded; the file "
+                               "may be truncated (a variable frame rate also does this).", path, total, decoded)
         images = buffer.result()
         return LoadedVideo(images, images.shape[0], source_fps / nth, source_fps, (src_w, src_h))
     finally:
@@ -309,6 +352,7 @@ def _load_folder(folder: str, cap: int, skip: int, nth: int, width: int, height:
     except (OSError, ValueError) as e:
         raise ValueError(f"Cannot read image '{files[0]}' ({e}). Remove or replace that file.") from None
     out_w, out_h = compute_output_size(src_w, src_h, width, height, multiple)
+    warn_if_large_source_size(out_w, out_h, width, height, folder)
     selected = [f for _, f in _select(iter(files), skip, nth, cap)]
     if not selected:
         raise _no_frames_error(folder, len(files), skip, nth, None)

@@ -91,11 +91,13 @@ class TokenFlowLoadVideo(io.ComfyNode):
                 io.Int.Input(
                     "width", default=0, min=0, max=video_decode.MAX_SIZE, step=8,
                     tooltip="Output width in pixels; 0 derives it from height and the aspect ratio "
-                            "(both 0 keep the source size). Rounded to size_multiple."),
+                            "(both 0 keep the source size, with a warning above 1024 px; 512 is the paper's "
+                            "size). Rounded to size_multiple."),
                 io.Int.Input(
                     "height", default=0, min=0, max=video_decode.MAX_SIZE, step=8,
                     tooltip="Output height in pixels; 0 derives it from width and the aspect ratio "
-                            "(both 0 keep the source size). Rounded to size_multiple."),
+                            "(both 0 keep the source size, with a warning above 1024 px; 512 is the paper's "
+                            "size). Rounded to size_multiple."),
                 io.Int.Input(
                     "size_multiple", default=64, min=video_decode.MIN_MULTIPLE, max=video_decode.MAX_MULTIPLE,
                     step=8,

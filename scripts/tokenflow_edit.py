@@ -19,6 +19,7 @@ Exit codes: 0 done, 2 bad arguments (nothing run), 1 the edit failed, 130 interr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -27,6 +28,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import ModuleType
+
+import runner_support as support  # scripts/runner_support.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
@@ -48,9 +52,19 @@ Put it in ComfyUI/models/checkpoints/ or anywhere and pass its path. Example:
 """
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for real defaults (not None, "", False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, "", False, []) or action.default is argparse.SUPPRESS or \
+                "(default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tokenflow_edit.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="tokenflow_edit.py", formatter_class=_DefaultsFormatter,
         description="Edit a video with TokenFlow (ICLR 2024) through ComfyUI, headless.")
     p.add_argument("--video", help="source video file (mp4, webm, mov, gif...) or a folder of numbered images")
     p.add_argument("--prompt", help="edit prompt, e.g. 'a shiny silver robotic wolf'")
@@ -61,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "ComfyUI/models/checkpoints (required)")
     p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
     p.add_argument("--editor", choices=EDITORS, default="pnp", help="image editor combined with TokenFlow")
-    p.add_argument("--steps", type=int, default=50, help="editing (DDIM) steps")
-    p.add_argument("--inversion-steps", type=int, default=500, help="DDIM inversion steps (a multiple of --steps; "
-                   "the paper used 1000, 50 is a fast preview)")
+    schedule = _schedule()
+    p.add_argument("--steps", type=int, default=50, help=f"editing (DDIM) steps, 1 to {schedule.MAX_STEPS}; must "
+                   "fit --inversion-steps (see there)")
+    p.add_argument("--inversion-steps", type=int, default=500, help=f"DDIM inversion steps, 1 to "
+                   f"{schedule.MAX_STEPS} (1000 would pass the end of the model's schedule; {schedule.MAX_STEPS} is "
+                   f"the finest grid, the paper's 1000; 50 is a fast preview). Rule: "
+                   f"{schedule.step_grid_rule('--steps', '--inversion-steps')}")
     p.add_argument("--batch-size", type=int, default=8, help="frames per batch; one keyframe per batch per step")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--pnp-attn-t", type=float, default=0.5, help="PnP: fraction of steps with attention injection")
@@ -78,13 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=512, help="output width (0: from --height and the aspect ratio)")
     p.add_argument("--height", type=int, default=0, help="output height (0: from --width and the aspect ratio)")
     p.add_argument("--seed", type=int, default=1, help="seed of the keyframe choice (the official runs use 1)")
-    p.add_argument("--frame-batch", type=int, default=16, help="frames per UNet call during inversion (memory)")
+    p.add_argument("--frame-batch", type=int, default=0, help="most frames per UNet call during inversion; 0: as many as memory allows")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for tests and machines without a GPU)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: $OMP_NUM_THREADS if set, "
+                   "else the CPUs this process may use, at most PyTorch's own default)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI holding this pack, "
                    "~/comfy/ComfyUI)")
     p.add_argument("--extra-nodes", action="append", default=[], metavar="DIR",
                    help="also load this custom node pack (repeatable), e.g. one that adds model types")
-    p.add_argument("--verbose", action="store_true", help="show ComfyUI's log")
+    p.add_argument("--verbose", action="store_true", help="show ComfyUI's log and the traceback of errors")
     return p
 
 
@@ -98,9 +118,11 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"error: --video {args.video}: no such file or folder."
     if not args.prompt:
         return "error: no edit prompt given: pass --prompt 'what the video should become'."
-    if args.steps < 1 or args.inversion_steps < 1 or args.inversion_steps % args.steps:
-        return (f"error: --inversion-steps ({args.inversion_steps}) must be a positive multiple of --steps "
-                f"({args.steps}), e.g. --steps 50 --inversion-steps 500.")
+    try:
+        _schedule().check_inversion_covers(args.steps, args.inversion_steps, steps_name="--steps",
+                                           inversion_name="--inversion-steps")
+    except ValueError as e:
+        return f"error: {e}."
     if args.editor == "controlnet" and not args.controlnet:
         return ("error: --editor controlnet needs --controlnet /path/to/controlnet.safetensors "
                 "(e.g. a canny ControlNet).")
@@ -108,7 +130,20 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "error: --batch-size and --every-nth must be >= 1, --frames and --skip-frames >= 0."
     if args.width < 0 or args.height < 0:
         return "error: --width and --height must be >= 0."
+    if args.threads < 0:
+        return "error: --threads must be >= 0 (0: automatic)."
     return None
+
+
+def _schedule() -> ModuleType:
+    """The pack's tokenflow_ops/schedule.py (pure torch), where the step-grid rule and its one check live."""
+    name = "_tokenflow_schedule"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tokenflow_ops" / "schedule.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def find_host(explicit: str | None) -> Path | None:
@@ -164,68 +199,6 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, cont
     return prompt, "11"
 
 
-class _Console:
-    """What ComfyUI's server would send to the browser, printed instead."""
-
-    def __init__(self, prompt: dict, titles: dict[str, str]):
-        self.prompt, self.titles = prompt, titles
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata: dict = {}
-        self.started = time.monotonic()
-        self.node_started = self.started
-        self._last_fraction = -1.0
-        self._tty = sys.stdout.isatty()
-        self._done = 0
-        self._total = len(prompt)
-
-    def _name(self, node_id) -> str:
-        node = self.prompt.get(str(node_id), {})
-        class_type = node.get("class_type", "?")
-        title = self.titles.get(class_type, class_type)
-        meta = node.get("_meta", {}).get("title")
-        return f"{title}: {meta}" if meta else title
-
-    def send_sync(self, event: str, data, sid=None) -> None:
-        if event == "execution_cached":
-            self._done += len(data.get("nodes", []))
-        elif event == "executing" and isinstance(data, dict) and data.get("node") is not None:
-            self._end_line()
-            self._done += 1
-            self.node_started = time.monotonic()
-            self._last_fraction = -1.0
-            print(f"[{self._done}/{self._total}] {self._name(data['node'])}", flush=True)
-
-    def queue_updated(self) -> None:
-        pass
-
-    def progress(self, value, total, preview=None, prompt_id=None, node_id=None) -> None:
-        from comfy_execution.progress import get_progress_state
-        from comfy_execution.utils import get_executing_context
-
-        context = get_executing_context()
-        if node_id is None and context is not None:
-            node_id = context.node_id
-        try:
-            get_progress_state().update_progress(node_id, value, total, preview)
-        except Exception:  # noqa: BLE001 - progress display must never break the edit
-            pass
-        total = max(int(total or 1), 1)
-        fraction = min(value / total, 1.0)
-        elapsed = time.monotonic() - self.node_started
-        line = f"    {value}/{total} ({100 * fraction:3.0f}%, {elapsed:.0f} s)"
-        if self._tty:
-            print("\r" + line, end="" if value < total else "\n", flush=True)
-        elif fraction >= 1.0 or fraction - self._last_fraction >= 0.1:
-            print(line, flush=True)
-            self._last_fraction = fraction
-
-    def _end_line(self) -> None:
-        if self._tty and self._last_fraction >= 0:
-            print(flush=True)
-
-
 def _run(args: argparse.Namespace, host: Path) -> int:
     # Import the host exactly as ComfyUI's main.py would see it: its folder first on sys.path.
     script_dir = str(Path(__file__).resolve().parent)
@@ -233,9 +206,12 @@ def _run(args: argparse.Namespace, host: Path) -> int:
     sys.path.insert(0, str(host))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the executor logs each node error with its traceback; the runner prints it in one line
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(support.NoExecutorTracebacks())
     from comfy.cli_args import args as comfy_args
 
-    if not args.cpu and not _accelerator_available():
+    if not args.cpu and not support.accelerator_available():
         print("warning: no GPU found, running on the CPU (slow; pass --cpu to silence this).", file=sys.stderr)
         args.cpu = True
     if args.cpu:
@@ -256,16 +232,25 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         folder_paths.set_output_directory(str(work / "output"))
         folder_paths.set_temp_directory(str(work / "temp"))
 
-        ckpt_name = _register_model("checkpoints", args.checkpoint, folder_paths)
+        ckpt_name = support.register_model("checkpoints", args.checkpoint, folder_paths)
         if ckpt_name is None:
             print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in "
                   f"{', '.join(folder_paths.get_folder_paths('checkpoints'))}).\n{CHECKPOINT_HELP}", file=sys.stderr)
             return 2
+        damage = support.unreadable_safetensors(folder_paths.get_full_path("checkpoints", ckpt_name), args.verbose)
+        if damage:
+            print(f"error: --checkpoint {args.checkpoint}: {damage}", file=sys.stderr)
+            return 2
         controlnet_name = None
         if args.editor == "controlnet":
-            controlnet_name = _register_model("controlnet", args.controlnet, folder_paths)
+            controlnet_name = support.register_model("controlnet", args.controlnet, folder_paths)
             if controlnet_name is None:
                 print(f"error: --controlnet {args.controlnet}: no such file.", file=sys.stderr)
+                return 2
+            damage = support.unreadable_safetensors(folder_paths.get_full_path("controlnet", controlnet_name),
+                                                    args.verbose)
+            if damage:
+                print(f"error: --controlnet {args.controlnet}: {damage}", file=sys.stderr)
                 return 2
 
         video = Path(args.video).expanduser().resolve()
@@ -293,7 +278,9 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         import comfy.model_management
         import comfy.utils
 
-        print(f"device: {comfy.model_management.get_torch_device()}; nodes loaded in {time.monotonic() - t0:.1f} s",
+        threads, available = support.set_threads(args.threads)
+        print(f"device: {comfy.model_management.get_torch_device()}; PyTorch uses {threads} CPU thread(s) of "
+              f"{available} available (--threads to change); nodes loaded in {time.monotonic() - t0:.1f} s",
               flush=True)
 
         prefix = f"tokenflow_{uuid.uuid4().hex[:8]}"
@@ -311,18 +298,21 @@ def _run(args: argparse.Namespace, host: Path) -> int:
 
         titles = {name: getattr(nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}).get(name, name) for name in
                   {n["class_type"] for n in prompt.values()}}
-        console = _Console(prompt, titles)
-        comfy.utils.set_progress_bar_global_hook(console.progress)
-        executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
-        print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
-              f"(inversion {args.inversion_steps}), batch {args.batch_size}", flush=True)
-        executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
+        with support.StopOnCtrlC() as stop:
+            console = support.Console(prompt, titles, stop)
+            comfy.utils.set_progress_bar_global_hook(console.progress)
+            executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
+            print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
+                  f"(inversion {args.inversion_steps}), batch {args.batch_size}", flush=True)
+            executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
         console._end_line()
+        if stop.requested or any(event == "execution_interrupted" for event, _ in executor.status_messages):
+            print(f"interrupted: nothing was written to {args.output}", file=sys.stderr, flush=True)
+            return 130
         if not executor.success:
             for event, data in executor.status_messages:
                 if event == "execution_error":
-                    print(f"error in {data.get('node_type')}: {data.get('exception_type')}: "
-                          f"{data.get('exception_message')}", file=sys.stderr)
+                    print(_node_error(args, data), file=sys.stderr)
                     if args.verbose:
                         print("".join(data.get("traceback") or []), file=sys.stderr)
             return 1
@@ -335,47 +325,30 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         destination = Path(args.output).expanduser()
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), destination)
-        print(f"wrote {destination} ({_describe(destination)}) in {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"wrote {destination} ({support.describe(destination)}) in {time.monotonic() - t0:.0f} s", flush=True)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _accelerator_available() -> bool:
-    import torch
-
-    checks = (lambda: torch.cuda.is_available(), lambda: torch.backends.mps.is_available(),
-              lambda: torch.xpu.is_available())
-    for check in checks:
-        try:
-            if check():
-                return True
-        except Exception:  # noqa: BLE001 - a backend this torch build lacks
-            continue
-    return False
+# Graph nodes that load a file given on the command line: their errors name the option and the file.
+_FILE_NODES = {"1": "--checkpoint", "13": "--controlnet"}
 
 
-def _register_model(folder: str, given: str, folder_paths) -> str | None:
-    """The name ComfyUI's loader needs for ``given`` (a path, or a name inside the models folder)."""
-    path = Path(given).expanduser()
-    if path.is_file():
-        folder_paths.add_model_folder_path(folder, str(path.resolve().parent), is_default=True)
-        return path.name
-    if folder_paths.get_full_path(folder, given) is not None:
-        return given
-    return None
-
-
-def _describe(path: Path) -> str:
-    try:
-        import av
-
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            frames = sum(1 for _ in container.decode(stream))
-            return f"{frames} frames, {stream.width}x{stream.height}, {float(stream.average_rate):g} fps"
-    except Exception as e:  # noqa: BLE001 - only a description
-        return f"unreadable: {e}"
+def _node_error(args: argparse.Namespace, data: dict) -> str:
+    """One line for a node's error: a failed model load names the file, other errors their node."""
+    kind = str(data.get("exception_type") or "Error").rsplit(".", 1)[-1]
+    message = str(data.get("exception_message") or "").strip()
+    if not args.verbose:  # one line: the first line of the message, shortened
+        message = message.splitlines()[0] if message else ""
+        message = message if len(message) <= 160 else message[:157].rstrip() + "..."
+    option = _FILE_NODES.get(str(data.get("node_id")))
+    hint = "" if args.verbose else " (--verbose shows the traceback)"
+    if option is not None:
+        given = args.checkpoint if option == "--checkpoint" else args.controlnet
+        return (f"error: {option} {given}: ComfyUI could not load it ({kind}: {message}); the file is damaged, "
+                f"incomplete or not a model of that kind: download it again or pick another file{hint}.")
+    return f"error in {data.get('node_type')}: {kind}: {message}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:

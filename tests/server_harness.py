@@ -14,8 +14,9 @@
   inputs of nodes with an upload combo).
 * :func:`check_ui_workflow` / :func:`validate_api_prompt` check a workflow against ``/object_info``
   (node types, link types, input names, widget counts, numbers in range, combo values).
-* :func:`build_examples` produces ``example_workflows/*.json`` and their ``.jpg`` thumbnails
-  (the names the frontend's template browser fetches: ``/api/workflow_templates/<pack>/<name>.jpg``):
+* ``write-examples`` writes ``example_workflows/*.json`` and their ``.jpg`` thumbnails (the names the
+  frontend's template browser fetches: ``/api/workflow_templates/<pack>/<name>.jpg``) from the
+  specifications in ``tests/example_specs.py`` (rendered by ``tests/workflow_builder.py``):
 
       bash -c 'source scripts/host_env.sh && "$PYTHON" tests/server_harness.py write-examples'
 """
@@ -34,7 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -276,6 +277,29 @@ def write_test_clip(path: Path, frames: int = CLIP_FRAMES, size: int = CLIP_SIZE
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def write_tiny_model_files(models_dir: Path) -> dict:
+    """The tiny checkpoint and ControlNet FILES of ``tests/stand_in_nodes/tiny_files.py`` (see there), plus their
+    names (``checkpoint_name``, ``controlnet_name``); needs comfy importable (the test process has it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenflow_harness_tiny_files",
+                                                  REPO / "tests" / "stand_in_nodes" / "tiny_files.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    files = module.write_tiny_model_files(models_dir)
+    files.update(checkpoint_name=module.CHECKPOINT_NAME, controlnet_name=module.CONTROLNET_NAME)
+    return files
+
+
+def runner_env(**extra: str) -> dict:
+    """Environment for the headless runner as a subprocess: the test host, $TOKENFLOW_TEST_THREADS threads."""
+    env = dict(os.environ)
+    threads = env.get("TOKENFLOW_TEST_THREADS", "1")
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
+               COMFYUI_PATH=str(comfyui_path()), **extra)
+    return env
 
 
 def make_base_dir(base: Path, *, stand_ins: bool = True) -> Path:
@@ -534,442 +558,6 @@ def _value_problems(spec: InputSpec, value: Any) -> list[str]:
     return problems
 
 
-# --------------------------------------------------------------------------------------------
-# Example workflows: specification -> UI-format JSON (+ thumbnail)
-# --------------------------------------------------------------------------------------------
-
-SD21_BASE = "v2-1_512-ema-pruned.safetensors"
-SD21_BASE_URL = ("https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
-                 "v2-1_512-ema-pruned.safetensors")
-SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
-SD15_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
-            "v1-5-pruned-emaonly-fp16.safetensors")
-CANNY_CN = "control_v11p_sd15_canny_fp16.safetensors"
-CANNY_CN_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
-                "control_v11p_sd15_canny_fp16.safetensors")
-MODEL_LINKS = {SD21_BASE: (SD21_BASE_URL, "checkpoints"), SD15: (SD15_URL, "checkpoints"),
-               CANNY_CN: (CANNY_CN_URL, "controlnet")}
-
-EDIT_PROMPT = "a shiny silver robotic wolf"
-INVERSION_PROMPT = "a wolf"
-NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
-VIDEO = "wolf.mp4"
-PACK_CNR_ID = "comfyui-tokenflow"
-
-COLUMN_WIDTH = 400
-GAP = 40
-
-
-@dataclass
-class N:
-    """One node of an example: id, type, place (column, band), widget values by input name."""
-
-    id: int
-    type: str
-    col: int
-    band: int = 0
-    widgets: dict[str, Any] = field(default_factory=dict)
-    title: str | None = None
-    size: tuple[int, int] | None = None
-    text: str | None = None  # MarkdownNote text
-
-
-@dataclass
-class Example:
-    name: str
-    nodes: list[N]
-    links: list[tuple[int, str | int, int, str]]  # (from id, output name or index, to id, input name)
-    bands: list[str] = field(default_factory=list)  # group titles per band ("" = no group)
-    thumbnail: tuple[str, str] = ("", "")  # title, subtitle
-
-
-def _node_size(node: N, info: dict | None, n_sockets: int, n_outputs: int, n_widgets: int) -> list[int]:
-    if node.size:
-        return list(node.size)
-    if node.type == "CLIPTextEncode":
-        return [400, 160]
-    if node.type in ("PreviewImage", "SaveVideo"):
-        return [340, 480]  # room for the image/video preview shown after a run
-    height = 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets
-    if node.type == "TokenFlowLoadVideo":
-        height += 300  # the upload widget's video preview
-    return [320, height]
-
-
-def build_ui_workflow(example: Example, object_info: dict) -> dict:
-    nodes_by_id = {n.id: n for n in example.nodes}
-    infos = {n.id: object_info.get(n.type) for n in example.nodes}
-    # connections, resolved to slots later
-    incoming: dict[int, dict[str, tuple[int, int, int]]] = {}
-    link_rows = []
-    for link_id, (src, out, dst, in_name) in enumerate(example.links, start=1):
-        info = infos[src]
-        names = info.get("output_name", [])
-        out_index = out if isinstance(out, int) else names.index(out)
-        link_rows.append([link_id, src, out_index, dst, None, output_types(info)[out_index]])
-        incoming.setdefault(dst, {})[in_name] = (link_id, src, out_index)
-
-    ui_nodes = []
-    for node in example.nodes:
-        info = infos[node.id]
-        if node.type in FRONTEND_ONLY_NODES:
-            ui_nodes.append({"id": node.id, "type": node.type, "pos": [0, 0], "size": list(node.size or (400, 220)),
-                             "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [],
-                             "title": node.title or "Note", "properties": {}, "widgets_values": [node.text or ""],
-                             "color": "#432", "bgcolor": "#653"})
-            continue
-        if info is None:
-            raise KeyError(f"{example.name}: node type {node.type} is not in /object_info")
-        specs = input_specs(info)
-        unknown = set(node.widgets) - {s.name for s in specs if s.is_widget}
-        unknown |= set(incoming.get(node.id, {})) - {s.name for s in specs}
-        if unknown:
-            raise KeyError(f"{example.name}: node {node.id} ({node.type}) has no inputs {sorted(unknown)}")
-        links_in = incoming.get(node.id, {})
-        inputs = []
-        for spec in specs:  # sockets: all non-widget inputs, then the linked widget inputs
-            if not spec.is_widget:
-                slot = {"name": spec.name, "type": spec.type, "link": links_in.get(spec.name, (None,))[0]}
-                if spec.optional:
-                    slot["shape"] = 7
-                inputs.append(slot)
-        for spec in specs:
-            if spec.is_widget and spec.name in links_in:
-                inputs.append({"name": spec.name, "type": spec.type, "widget": {"name": spec.name},
-                               "link": links_in[spec.name][0]})
-        for index, slot in enumerate(inputs):
-            if slot["link"] is not None:
-                link_rows[slot["link"] - 1][4] = index
-        outputs = []
-        for index, (out_type, out_name) in enumerate(zip(output_types(info), info.get("output_name", []))):
-            ids = [row[0] for row in link_rows if row[1] == node.id and row[2] == index]
-            slot = {"name": out_name, "type": out_type, "links": ids}
-            if ids:
-                slot["slot_index"] = index
-            outputs.append(slot)
-        values = []
-        for name, kind in widget_slots(info):
-            if kind == "upload":
-                values.append("image")
-            elif kind == "control":
-                values.append("fixed")
-            else:
-                spec = next(s for s in specs if s.name == name)
-                values.append(node.widgets.get(name, default_value(spec)))
-        properties: dict[str, Any] = {"Node name for S&R": node.type}
-        module = info.get("python_module", "")
-        properties["cnr_id"] = "comfy-core" if module in ("nodes",) or module.startswith("comfy_extras") \
-            else PACK_CNR_ID
-        models = [values[0]] if node.type in ("CheckpointLoaderSimple", "ControlNetLoader") else []
-        if models and models[0] in MODEL_LINKS:
-            url, directory = MODEL_LINKS[models[0]]
-            properties["models"] = [{"name": models[0], "url": url, "directory": directory}]
-        entry = {"id": node.id, "type": node.type, "pos": [0, 0],
-                 "size": _node_size(node, info, len(inputs), len(outputs), len(values)),
-                 "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
-                 "properties": properties, "widgets_values": values}
-        if node.title:
-            entry["title"] = node.title
-        ui_nodes.append(entry)
-
-    _layout(example, ui_nodes)
-    _execution_order(ui_nodes, link_rows)
-    groups = _groups(example, ui_nodes)
-    return {
-        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tokenflow/{example.name}")),
-        "revision": 0,
-        "last_node_id": max(nodes_by_id),
-        "last_link_id": len(link_rows),
-        "nodes": ui_nodes,
-        "links": link_rows,
-        "groups": groups,
-        "config": {},
-        "extra": {"ds": {"scale": 0.55, "offset": [60, 60]}},
-        "version": 0.4,
-    }
-
-
-def _layout(example: Example, ui_nodes: list[dict]) -> None:
-    spec = {n.id: n for n in example.nodes}
-    bands = sorted({n.band for n in example.nodes})
-    columns = sorted({n.col for n in example.nodes})
-    col_width = {c: max(ui["size"][0] for ui in ui_nodes if spec[ui["id"]].col == c) + GAP for c in columns}
-    x_of, x = {}, 0
-    for c in columns:
-        x_of[c] = x
-        x += col_width[c]
-    y = 0
-    for band in bands:
-        top = y + (50 if example.bands and example.bands[band] else 0)
-        bottom = top
-        for c in columns:
-            yy = top
-            for ui in ui_nodes:
-                if spec[ui["id"]].col == c and spec[ui["id"]].band == band:
-                    ui["pos"] = [x_of[c], yy]
-                    yy += ui["size"][1] + GAP + 30  # 30: title bar
-            bottom = max(bottom, yy)
-        y = bottom + GAP
-
-
-def _execution_order(ui_nodes: list[dict], link_rows: list[list]) -> None:
-    deps = {n["id"]: {row[1] for row in link_rows if row[3] == n["id"]} for n in ui_nodes}
-    order, done = [], set()
-    while len(order) < len(ui_nodes):
-        ready = sorted(i for i in deps if i not in done and deps[i] <= done)
-        if not ready:
-            raise ValueError("the example graph has a cycle")
-        order += ready
-        done |= set(ready)
-    rank = {node_id: i for i, node_id in enumerate(order)}
-    for n in ui_nodes:
-        n["order"] = rank[n["id"]]
-
-
-def _groups(example: Example, ui_nodes: list[dict]) -> list[dict]:
-    spec = {n.id: n for n in example.nodes}
-    groups = []
-    for band, title in enumerate(example.bands):
-        members = [ui for ui in ui_nodes if spec[ui["id"]].band == band]
-        if not title or not members:
-            continue
-        x0 = min(m["pos"][0] for m in members) - 20
-        y0 = min(m["pos"][1] for m in members) - 80
-        x1 = max(m["pos"][0] + m["size"][0] for m in members) + 20
-        y1 = max(m["pos"][1] + m["size"][1] for m in members) + 20
-        groups.append({"id": len(groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
-                       "color": "#3f789e", "font_size": 24, "flags": {}})
-    return groups
-
-
-def _common_source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
-    """Checkpoint, video, VAE encode, prompts and inversion: nodes 1-9."""
-    nodes = [
-        N(1, "CheckpointLoaderSimple", 0, widgets={"ckpt_name": ckpt}),
-        N(2, "TokenFlowLoadVideo", 0, widgets={"video": VIDEO, "frame_load_cap": frames, "skip_first_frames": 0,
-                                               "select_every_nth": 1, "width": 512, "height": 512,
-                                               "size_multiple": 64, "path": ""}),
-        N(3, "VAEEncode", 1),
-        N(4, "CLIPTextEncode", 1, widgets={"text": INVERSION_PROMPT}, title="Inversion prompt (describes the source)"),
-        N(5, "CLIPTextEncode", 1, widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
-        N(6, "CLIPTextEncode", 1, widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt"),
-        N(7, "TokenFlowInvert", 2, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 16}),
-    ]
-    links = [
-        (2, 0, 3, "pixels"), (1, "VAE", 3, "vae"),
-        (1, "CLIP", 4, "clip"), (1, "CLIP", 5, "clip"), (1, "CLIP", 6, "clip"),
-        (1, "MODEL", 7, "model"), (3, 0, 7, "latent"), (4, 0, 7, "conditioning"),
-    ]
-    return nodes, links
-
-
-def _edit_tail(first_id: int, col: int, sampler_id: int, prefix: str, band: int = 0,
-               frames_from: int = 2, consistency: bool = True) -> tuple[list[N], list[tuple]]:
-    """VAE Decode -> Create Video (fps from the loader) -> Save Video (+ warp error)."""
-    decode, create, save, warp, plot = range(first_id, first_id + 5)
-    nodes = [N(decode, "VAEDecode", col, band), N(create, "CreateVideo", col, band, widgets={"fps": 20.0}),
-             N(save, "SaveVideo", col + 1, band,
-               widgets={"filename_prefix": prefix, "format": "auto", "codec": "auto"})]
-    links = [(sampler_id, 0, decode, "samples"), (1, "VAE", decode, "vae"),
-             (decode, 0, create, "images"), (frames_from, "fps", create, "fps"), (create, 0, save, "video")]
-    if consistency:
-        nodes += [N(warp, "TokenFlowTemporalConsistency", col, band, widgets={"flow_preset": "medium"}),
-                  N(plot, "PreviewImage", col + 1, band, title="Warp error per frame pair")]
-        links += [(decode, 0, warp, "edited_frames"), (frames_from, "IMAGE", warp, "source_frames"),
-                  (warp, "plot", plot, "images")]
-    return nodes, links
-
-
-def _sampler(node_id: int, col: int, editor: str, band: int = 0, **extra) -> N:
-    widgets = {"editor": editor, "cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "sdedit_start": 0.9,
-               "batch_size": 8, "keyframes": "random", "seed": 1, "blend": "official", "max_keyframes": 0,
-               "steps": 0, "pnp_attention_blocks": "auto", "pnp_residual_blocks": "auto"}
-    widgets.update(extra)
-    return N(node_id, "TokenFlowSampler", col, band, widgets=widgets)
-
-
-def _extract(node_id: int, col: int, band: int = 0) -> N:
-    return N(node_id, "TokenFlowExtractCorrespondences", col, band,
-             widgets={"batch_size": 8, "keyframes": "random", "seed": 1, "blend": "official", "max_keyframes": 0,
-                      "preview_frame": -1})
-
-
-NOTE_VIDEO = ("Put **wolf.mp4** (or your clip) in `ComfyUI/input/` or use *choose file to upload* on "
-              "**TokenFlow Load Video**. 40 frames at 512x512 and 500 inversion steps are the paper's setting; "
-              "for a quick look use `inversion_steps` 50 and fewer frames.")
-
-
-def example_specs() -> list[Example]:
-    examples = []
-
-    # -- PnP (the paper's main setting) ---------------------------------------------------
-    nodes, links = _common_source(SD21_BASE)
-    nodes += [_extract(8, 2), N(9, "PreviewImage", 3, title="Correspondence check (frame | rebuilt | keyframe)"),
-              _sampler(10, 3, "pnp")]
-    links += [(1, "MODEL", 8, "model"), (7, "inversion", 8, "inversion"), (2, "IMAGE", 8, "source_images"),
-              (8, "preview", 9, "images"),
-              (1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
-              (7, "inversion", 10, "inversion"), (8, "correspondences", 10, "correspondences")]
-    tail, tail_links = _edit_tail(11, 4, 10, "video/tokenflow_pnp")
-    nodes += tail + [N(20, "MarkdownNote", 0, text=(
-        "### TokenFlow + Plug-and-Play (the paper's setting)\n\n" + NOTE_VIDEO +
-        "\n\nSD 2.1-base (`" + SD21_BASE + "`) in `models/checkpoints/`. Leave *correspondences* unconnected "
-        "to compute them on the fly exactly as the official code does."), title="Read me", size=(400, 260))]
-    examples.append(Example("tokenflow_pnp", nodes, links + tail_links,
-                            thumbnail=("TokenFlow + PnP", EDIT_PROMPT)))
-
-    # -- SDEdit ---------------------------------------------------------------------------
-    nodes, links = _common_source(SD21_BASE)
-    nodes += [_extract(8, 2), _sampler(10, 3, "sdedit")]
-    links += [(1, "MODEL", 8, "model"), (7, "inversion", 8, "inversion"),
-              (1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
-              (7, "inversion", 10, "inversion"), (8, "correspondences", 10, "correspondences")]
-    tail, tail_links = _edit_tail(11, 4, 10, "video/tokenflow_sdedit")
-    nodes += tail + [N(20, "MarkdownNote", 0, text=(
-        "### TokenFlow + SDEdit\n\n" + NOTE_VIDEO + "\n\n`sdedit_start` sets how much noise the edit starts "
-        "from (0.9: 44 of 50 steps). Higher changes more, keeps less of the source."),
-        title="Read me", size=(400, 240))]
-    examples.append(Example("tokenflow_sdedit", nodes, links + tail_links,
-                            thumbnail=("TokenFlow + SDEdit", EDIT_PROMPT)))
-
-    # -- ControlNet (canny) ---------------------------------------------------------------
-    nodes, links = _common_source(SD15)
-    nodes += [N(21, "Canny", 1, widgets={"low_threshold": 0.4, "high_threshold": 0.8}),
-              N(22, "ControlNetLoader", 1, widgets={"control_net_name": CANNY_CN}),
-              N(23, "ControlNetApplyAdvanced", 2, widgets={"strength": 1.0, "start_percent": 0.0,
-                                                           "end_percent": 1.0}),
-              _extract(8, 2), _sampler(10, 3, "controlnet")]
-    links += [(2, "IMAGE", 21, "image"), (5, 0, 23, "positive"), (6, 0, 23, "negative"),
-              (22, 0, 23, "control_net"), (21, 0, 23, "image"),
-              (1, "MODEL", 8, "model"), (7, "inversion", 8, "inversion"),
-              (1, "MODEL", 10, "model"), (23, "positive", 10, "positive"), (23, "negative", 10, "negative"),
-              (7, "inversion", 10, "inversion"), (8, "correspondences", 10, "correspondences")]
-    tail, tail_links = _edit_tail(11, 4, 10, "video/tokenflow_controlnet")
-    nodes += tail + [N(20, "MarkdownNote", 0, text=(
-        "### TokenFlow + ControlNet (canny)\n\n" + NOTE_VIDEO + "\n\nSD 1.5 (`" + SD15 + "`) in "
-        "`models/checkpoints/`, `" + CANNY_CN + "` in `models/controlnet/`. Every frame gets its own canny "
-        "hint, also in the keyframe pass."), title="Read me", size=(400, 260))]
-    examples.append(Example("tokenflow_controlnet", nodes, links + tail_links,
-                            thumbnail=("TokenFlow + ControlNet", "canny edges per frame")))
-
-    # -- Baselines, side by side ----------------------------------------------------------
-    nodes, links = _common_source(SD21_BASE)
-    for n in nodes:
-        n.band = 0
-    # band 0 also holds TokenFlow (PnP)
-    nodes += [_extract(8, 2, band=0), _sampler(10, 3, "pnp", band=0)]
-    links += [(1, "MODEL", 8, "model"), (7, "inversion", 8, "inversion"),
-              (1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
-              (7, "inversion", 10, "inversion"), (8, "correspondences", 10, "correspondences")]
-    tail, tail_links = _edit_tail(11, 4, 10, "video/baseline_tokenflow", band=0)
-    nodes += tail
-    links += tail_links
-    # band 1: per-frame editing (each frame edited alone from its own inverted noise)
-    ksampler = {"add_noise": "disable", "noise_seed": 1, "steps": 50, "cfg": 7.5, "sampler_name": "ddim",
-                "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
-                "return_with_leftover_noise": "disable"}
-    nodes += [N(30, "KSamplerAdvanced", 3, band=1, widgets=dict(ksampler), title="Per-frame edit (no TokenFlow)")]
-    links += [(1, "MODEL", 30, "model"), (5, 0, 30, "positive"), (6, 0, 30, "negative"),
-              (7, "inverted_latent", 30, "latent_image")]
-    tail, tail_links = _edit_tail(31, 4, 30, "video/baseline_per_frame", band=1)
-    nodes += tail
-    links += tail_links
-    # band 2: joint edit of keyframes only (every 5th frame, no propagation)
-    nodes += [N(40, "TokenFlowLoadVideo", 0, band=2, title="Keyframes: every 5th frame",
-                widgets={"video": VIDEO, "frame_load_cap": 8, "skip_first_frames": 0, "select_every_nth": 5,
-                         "width": 512, "height": 512, "size_multiple": 64, "path": ""}),
-              N(41, "VAEEncode", 1, band=2),
-              N(42, "TokenFlowInvert", 2, band=2, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 16}),
-              N(43, "TokenFlowKeyframeJointEdit", 2, band=2),
-              N(44, "KSamplerAdvanced", 3, band=2, widgets=dict(ksampler), title="Joint edit of the keyframes")]
-    links += [(40, 0, 41, "pixels"), (1, "VAE", 41, "vae"),
-              (1, "MODEL", 42, "model"), (41, 0, 42, "latent"), (4, 0, 42, "conditioning"),
-              (1, "MODEL", 43, "model"),
-              (43, 0, 44, "model"), (5, 0, 44, "positive"), (6, 0, 44, "negative"),
-              (42, "inverted_latent", 44, "latent_image")]
-    tail, tail_links = _edit_tail(45, 4, 44, "video/baseline_keyframes_joint", band=2, frames_from=40)
-    nodes += tail
-    links += tail_links
-    nodes.append(N(20, "MarkdownNote", 0, band=0, text=(
-        "### Baselines, side by side\n\n" + NOTE_VIDEO + "\n\n1. **TokenFlow** (PnP).\n2. **Per-frame**: each "
-        "frame edited alone from its own inverted noise (flickers).\n3. **Keyframes only**: every 5th frame "
-        "edited jointly with extended attention (consistent, but only 8 frames; cost grows with the square of "
-        "the frame count).\n\nCompare the warp errors (lower = more consistent)."),
-        title="Read me", size=(400, 330)))
-    examples.append(Example("baselines", nodes, links,
-                            bands=["Source, inversion and TokenFlow (PnP)", "Per-frame editing",
-                                   "Keyframe joint edit only"],
-                            thumbnail=("Baselines", "TokenFlow | per-frame | keyframes only")))
-    return examples
-
-
-def build_examples(object_info: dict) -> dict[str, dict]:
-    return {ex.name: build_ui_workflow(ex, object_info) for ex in example_specs()}
-
-
-def write_thumbnail(path: Path, title: str, subtitle: str, video: str | None, kind: str = "") -> None:
-    """A 512x384 JPEG: a frame of the source clip (or a neutral card) with a label."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = 512, 384
-    canvas = Image.new("RGB", (width, height), (28, 30, 36))
-    frame = None
-    if video and os.path.exists(video):
-        import av
-
-        with av.open(video) as container:
-            for i, f in enumerate(container.decode(video=0)):
-                if i == 10:
-                    frame = f.to_image().convert("RGB")
-                    break
-    if frame is not None:
-        if kind == "controlnet":
-            import cv2
-
-            edges = cv2.Canny(np.asarray(frame.convert("L")), 80, 160)
-            half = frame.resize((256, 256))
-            canvas.paste(half, (0, 24))
-            canvas.paste(Image.fromarray(edges).convert("RGB").resize((256, 256)), (256, 24))
-        elif kind == "baselines":
-            third = frame.resize((170, 170))
-            for i, tint in enumerate(((1.0, 1.0, 1.0), (1.15, 0.9, 0.85), (0.85, 0.95, 1.15))):
-                arr = np.clip(np.asarray(third, dtype=np.float32) * np.array(tint), 0, 255).astype(np.uint8)
-                canvas.paste(Image.fromarray(arr), (1 + i * 171, 80))
-        elif kind == "sdedit":  # the source, then partly noised (where SDEdit starts from)
-            arr = np.asarray(frame.resize((384, 384)), dtype=np.float32)
-            noise = np.random.default_rng(0).normal(127.0, 70.0, arr.shape)
-            arr[:, 192:] = 0.55 * arr[:, 192:] + 0.45 * noise[:, 192:]
-            canvas.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), (64, 0))
-        else:
-            canvas.paste(frame.resize((384, 384)), (64, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle([(0, height - 96), (width, height)], fill=(14, 16, 22))
-    title_font = ImageFont.load_default(size=32)
-    sub_font = ImageFont.load_default(size=20)
-    draw.text((18, height - 88), title, fill=(255, 255, 255), font=title_font)
-    draw.text((18, height - 44), subtitle, fill=(190, 200, 215), font=sub_font)
-    canvas.save(path, "JPEG", quality=85, optimize=True)
-
-
-def write_examples(object_info: dict, out_dir: Path = EXAMPLES_DIR, video: str | None = None) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    video = video or os.path.join(os.environ.get("TOKENFLOW_TEST_VIDEOS", "/work/shared/videos"), "wolf.mp4")
-    workflows = build_examples(object_info)
-    for example in example_specs():
-        workflow = workflows[example.name]
-        problems = check_ui_workflow(workflow, object_info)
-        if problems:
-            raise ValueError(f"{example.name}: " + "; ".join(problems))
-        path = out_dir / f"{example.name}.json"
-        path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
-        kind = next((k for k in ("controlnet", "sdedit", "baselines") if k in example.name), "")
-        write_thumbnail(out_dir / f"{example.name}.jpg", *example.thumbnail, video=video, kind=kind)
-        written += [path, out_dir / f"{example.name}.jpg"]
-    return written
-
-
 def _main(argv: list[str]) -> int:
     if argv[:1] != ["write-examples"]:
         print("usage: python tests/server_harness.py write-examples   (starts a temporary ComfyUI to read "
@@ -979,6 +567,8 @@ def _main(argv: list[str]) -> int:
         server = ComfyServer(make_base_dir(Path(tmp), stand_ins=False))
         with server:
             object_info = server.object_info()
+    from example_specs import write_examples  # tests/example_specs.py (it imports this module)
+
     for path in write_examples(object_info):
         print(path)
     return 0

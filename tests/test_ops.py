@@ -18,7 +18,7 @@ def test_editing_timesteps_are_the_official_leading_grid():
 
 def test_inversion_steps_must_cover_editing_steps():
     schedule.check_inversion_covers(50, 500)
-    with pytest.raises(ValueError, match="multiple of steps"):
+    with pytest.raises(ValueError, match=r"steps \(50\) and inversion_steps \(120\) do not fit together"):
         schedule.check_inversion_covers(50, 120)
 
 

@@ -145,6 +145,11 @@ def test_every_input_and_output_has_a_tooltip():
         node.GET_NODE_INFO_V1()  # ComfyUI's own schema validation and /object_info entry
         for item in schema.inputs + schema.outputs:
             assert item.tooltip, f"{schema.node_id}: {item}"
+    for node, kind in ((product_io_nodes.TokenFlowLoadInversion, "inversion"),
+                       (product_io_nodes.TokenFlowLoadCorrespondences, "correspondences")):
+        path = next(i for i in node.define_schema().inputs if i.id == "path")
+        assert f"TokenFlow {kind} file to load" in path.tooltip and f"TokenFlow Save {kind.title()}" in path.tooltip
+        assert f"tokenflow/{kind}_00001_.safetensors" in path.tooltip and path.default in path.tooltip
 
 
 def test_loader_fingerprint_follows_the_file(products, output_dir):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 import av
 import pytest
 
+import example_specs
 import server_harness as harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,10 +231,47 @@ def test_example_workflow_loads_in_the_frontend_format(object_info, name):
         assert (s["cfg"], s["pnp_attn_t"], s["pnp_f_t"], s["batch_size"], s["sdedit_start"]) == (7.5, 0.5, 0.8, 8, 0.9)
         assert s["editor"] == {"tokenflow_sdedit": "sdedit", "tokenflow_controlnet": "controlnet"}.get(name, "pnp")
     assert all((i["steps"], i["inversion_steps"]) == (50, 500) for i in inversions)
-    assert {harness.EDIT_PROMPT, harness.NEGATIVE_PROMPT, harness.INVERSION_PROMPT} <= texts
+    assert {example_specs.EDIT_PROMPT, example_specs.NEGATIVE_PROMPT, example_specs.INVERSION_PROMPT} <= texts
     loaders = [n["inputs"] for n in prompt.values() if n["class_type"] == "TokenFlowLoadVideo"]
     assert all(loader["video"] == "wolf.mp4" for loader in loaders)
     assert expected_videos(prompt)  # every Save Video gets its fps from the loader
+
+
+def _frame_holds(group: dict, node: dict) -> bool:
+    x, y, w, h = group["bounding"]
+    (nx, ny), (nw, nh) = node["pos"], node["size"]
+    return x <= nx and nx + nw <= x + w and y <= ny - 30 and ny + nh <= y + h  # 30: the node's title bar
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a["bounding"], b["bounding"]
+    return ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_example_reads_in_groups_with_forward_wires_and_a_note_that_matches_it(name):
+    workflow = load_example(name)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    groups = workflow["groups"]
+    stages = [g["title"].split(":")[0].split(" (")[0] for g in groups]
+    assert set(stages) == {"Load", "Invert", "Edit", "Output"}, stages
+    for node in nodes.values():  # every node in exactly one group, the note outside them
+        frames = [g["title"] for g in groups if _frame_holds(g, node)]
+        assert len(frames) == (0 if node["type"] == "MarkdownNote" else 1), (node["id"], node["type"], frames)
+    assert not [(a["title"], b["title"]) for i, a in enumerate(groups) for b in groups[i + 1:] if _overlap(a, b)]
+    for link in workflow["links"]:  # wires run forward (left to right), never doubling back
+        src, dst = nodes[link[1]], nodes[link[3]]
+        assert src["pos"][0] + src["size"][0] < dst["pos"][0], (name, link)
+    note = " ".join(n["widgets_values"][0] for n in nodes.values() if n["type"] == "MarkdownNote")
+    sampler = next(n for n in nodes.values() if n["type"] == "TokenFlowSampler")
+    connected = any(i["name"] == "correspondences" and i["link"] is not None for i in sampler["inputs"])
+    if connected:
+        assert "**extracted**" in note and "connected to the sampler" in note and "on the fly**" not in note
+    else:  # the official setting
+        assert "on the fly" in note and "unconnected" in note and "**extracted**" not in note
+    assert connected == (name in ("tokenflow_sdedit", "tokenflow_controlnet"))
+    assert "500 inversion steps are the official code's" in note and "the paper used 1000" in note
+    assert "paper's setting" not in note and "github.com/omerbt/TokenFlow" in note
 
 
 @pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
@@ -272,11 +309,7 @@ RUNNER = REPO / "scripts" / "tokenflow_edit.py"
 
 
 def _runner_env() -> dict:
-    env = dict(os.environ)
-    threads = env.get("TOKENFLOW_TEST_THREADS", "1")
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
-               COMFYUI_PATH=str(harness.comfyui_path()))
-    return env
+    return harness.runner_env()
 
 
 def test_runner_without_checkpoint_says_what_to_pass(tmp_path):

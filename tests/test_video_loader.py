@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 
 import av
@@ -189,7 +190,7 @@ def test_unreadable_file(tmp_path, content):
         video_decode.load_video(str(bogus))
 
 
-def test_truncated_files(tmp_path, made, caplog):
+def test_truncated_files(tmp_path, made):
     # moov atom at the end: a cut file cannot even be opened
     with pytest.raises(ValueError, match="corrupt, truncated"):
         video_decode.load_video(_truncate(WOLF, str(tmp_path / "cut.mp4"), 0.5))
@@ -198,13 +199,33 @@ def test_truncated_files(tmp_path, made, caplog):
         with open(made["faststart"], "rb") as f:
             first_frame_at = f.read().index(b"mdat") + 4
         video_decode.load_video(_truncate(made["faststart"], str(tmp_path / "head.mp4"), keep=first_frame_at + 64))
-    # faststart mp4 cut in the middle: the decodable prefix is returned with a warning
+    # faststart mp4 cut in the middle: refused where the user sees it (the node's error), naming the frame where
+    # decoding fails and the frame_load_cap that loads the good part, which then gives exactly those frames
     full = video_decode.load_video(made["faststart"])
-    with caplog.at_level(logging.WARNING, logger=video_decode.__name__):
-        part = video_decode.load_video(_truncate(made["faststart"], str(tmp_path / "half.mp4"), 0.5))
-    assert 0 < part.frame_count < WOLF_FRAMES
-    assert torch.equal(part.images, full.images[: part.frame_count])
-    assert any("truncated" in r.getMessage() for r in caplog.records)
+    half = _truncate(made["faststart"], str(tmp_path / "half.mp4"), 0.5)
+    with pytest.raises(ValueError) as raised:
+        video_nodes.TokenFlowLoadVideo.execute(video="", path=half)
+    message = str(raised.value)
+    good = int(re.search(r"decoding fails at frame (\d+) \(frames 1-(\d+) decode", message).group(2))
+    assert 0 < good < WOLF_FRAMES and f"decoding fails at frame {good + 1}" in message, message
+    assert "half.mp4' is truncated or corrupt" in message and f"announces {WOLF_FRAMES} frames" in message, message
+    assert f"set frame_load_cap={good} to load only them" in message and "re-download" in message, message
+    part = video_nodes.TokenFlowLoadVideo.execute(video="", path=half, frame_load_cap=good).args
+    assert part[1] == good and torch.equal(part[0], full.images[:good])
+    # with a stride, the count of SELECTED frames before the damage is what the cap needs
+    with pytest.raises(ValueError, match=f"set frame_load_cap={len(range(0, good, 3))} to load only them"):
+        video_decode.load_video(half, select_every_nth=3)
+
+
+@pytest.mark.parametrize("fmt,codec,options", [("webm", "libvpx", None), ("mkv", "libx264", None)])
+def test_cut_containers_without_a_frame_count_are_refused(tmp_path, small_frames, fmt, codec, options):
+    """webm / mkv store no frame count: the frames ending well before the container's duration is the evidence."""
+    whole = str(tmp_path / f"whole.{fmt}")
+    _encode(whole, small_frames, codec, options=options)
+    assert video_decode.load_video(whole).frame_count == WOLF_FRAMES  # the intact file is not refused
+    with pytest.raises(ValueError, match=r"is truncated or corrupt: decoding fails at frame \d+ .* but the video "
+                                         r"lasts 2\.00 s.*set frame_load_cap="):
+        video_decode.load_video(_truncate(whole, str(tmp_path / f"cut.{fmt}"), 0.7))
 
 
 def test_nonexistent_path(tmp_path):
@@ -303,3 +324,19 @@ def test_fingerprint_changes_with_the_file(tmp_path, made):
         assert node.fingerprint_inputs(video="", path=made["folder"]) != folder_before
     finally:
         os.remove(extra)
+
+
+def test_keeping_a_large_source_size_warns(tmp_path, caplog):
+    folder = tmp_path / "large"
+    folder.mkdir()
+    Image.fromarray(np.zeros((64, 1088, 3), dtype=np.uint8)).save(folder / "frame_1.png")
+    with caplog.at_level(logging.WARNING, logger=video_decode.__name__):
+        assert video_decode.load_video(str(folder), width=0, height=0).images.shape == (1, 64, 1088, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("width and height are 0" in m and "source size 1088x64" in m and "set width (e.g. 512)" in m
+               for m in warnings), warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=video_decode.__name__):
+        video_decode.load_video(str(folder), width=512)  # a size was chosen: no warning
+        video_decode.load_video(WOLF, frame_load_cap=1)  # a 512 px source kept: no warning
+    assert not [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -9,6 +9,19 @@ from __future__ import annotations
 import torch
 
 TRAIN_TIMESTEPS = 1000
+# The largest step count whose leading grid k * (1000 // S) + 1 stays inside the schedule (t = 0..999):
+# 999 gives t = 1..999 (the finest grid); 1000 would end at t = 1000, one past the last entry (the
+# official diffusers scheduler indexes past its table there too). Only S = 1000 overshoots.
+MAX_STEPS = 999
+# The step-grid rule, as every message, tooltip, --help and the docs state it (see step_grid_rule).
+STEP_GRID_RULE = ("every editing timestep must lie on the inversion grid: 1000 // {inversion} must divide "
+                  "1000 // {steps}, and the inversion grid must reach the first editing timestep (for {steps} 50: "
+                  "{inversion} 50, 100, 200, 250, 500 or 999; {inversion} 12 with {steps} 4 does not fit)")
+
+
+def step_grid_rule(steps_name: str = "steps", inversion_name: str = "inversion_steps") -> str:
+    """The step-grid rule in words, with the inputs named as the reader sees them."""
+    return STEP_GRID_RULE.format(steps=steps_name, inversion=inversion_name)
 
 
 def leading_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
@@ -20,6 +33,10 @@ def leading_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS, offset
     if steps < 1 or steps > train_timesteps:
         raise ValueError(f"steps must be in 1..{train_timesteps}, got {steps}")
     ratio = train_timesteps // steps
+    last = (steps - 1) * ratio + offset
+    if last >= train_timesteps:  # only steps = 1000: t = 1000 is past the schedule's entries 0..999
+        raise ValueError(f"{steps} steps would reach timestep {last}, past the {train_timesteps}-entry schedule; "
+                         f"use at most {MAX_STEPS} steps")
     return [k * ratio + offset for k in range(steps)]
 
 
@@ -45,17 +62,67 @@ def sdedit_timesteps(steps: int, start: float) -> list[int]:
     return full[int(1 - start * len(full)):]
 
 
-def check_inversion_covers(steps: int, inversion_steps: int) -> None:
-    """Raise a clear error unless every editing timestep lies on the inversion grid."""
-    if inversion_steps < steps or inversion_steps % steps != 0:
+def check_step_count(value: int, name: str) -> None:
+    """Refuse a step count outside 1..MAX_STEPS, naming the input and the largest value that works."""
+    if value < 1:
+        raise ValueError(f"{name} ({value}) must be at least 1; the official values are steps 50 and "
+                         "inversion_steps 500")
+    if value > MAX_STEPS:
+        last = (value - 1) * (TRAIN_TIMESTEPS // value) + 1
         raise ValueError(
-            f"inversion_steps ({inversion_steps}) must be a multiple of steps ({steps}) so that every "
-            f"editing timestep is on the inversion grid; try inversion_steps={max(1, inversion_steps // steps) * steps}"
-        )
-    grid = set(inversion_timesteps(inversion_steps))
-    missing = [t for t in editing_timesteps(steps) if t not in grid]
-    if missing:  # cannot happen for multiples, kept as a guard for custom schedules
-        raise ValueError(f"editing timesteps {missing[:5]} are not on the inversion grid")
+            f"{name} ({value}) is too many: its DDIM grid k * (1000 // {value}) + 1 ends at timestep {last}, past the "
+            f"model's {TRAIN_TIMESTEPS}-step noise schedule (t = 0..{TRAIN_TIMESTEPS - 1}; the official scheduler "
+            f"fails there too). Use {name} = {MAX_STEPS} or less ({MAX_STEPS} is the finest grid, t = 1..{MAX_STEPS}, "
+            "the closest to the paper's 1000 inversion steps)")
+
+
+def grid_covers(steps: int, inversion_steps: int) -> bool:
+    """True iff every editing timestep of ``steps`` lies on the inversion grid of ``inversion_steps``.
+
+    Equivalent to: ``steps == 1``, or ``1000 // inversion_steps`` divides ``1000 // steps`` and the
+    inversion grid reaches the largest editing timestep. (Divisibility alone is not enough when the
+    inversion count does not divide 1000: 50 / 600 has ratio 1 | 20 but its grid stops at t = 600.)
+    """
+    return set(leading_timesteps(steps)) <= set(leading_timesteps(inversion_steps))
+
+
+def _nearest(candidates: list[int], value: int) -> list[int]:
+    """The nearest candidate below and above ``value`` (1 only when nothing else fits)."""
+    useful = [c for c in candidates if c != 1] or candidates
+    below = [c for c in useful if c < value]
+    above = [c for c in useful if c > value]
+    return sorted({*(below[-1:]), *(above[:1])}) or useful[:1]
+
+
+def _either(values: list[int]) -> str:
+    return " or ".join(str(v) for v in values)
+
+
+def check_inversion_covers(steps: int, inversion_steps: int, *, steps_name: str = "steps",
+                           inversion_name: str = "inversion_steps", fix: str = "") -> None:
+    """The one check of the step-grid rule (spec section 2), before any model call.
+
+    Raises a ValueError naming both inputs (``steps_name``/``inversion_name``: how the caller's user
+    sees them, e.g. ``--inversion-steps``) and the nearest values that fit; ``fix`` is appended.
+    """
+    check_step_count(steps, steps_name)
+    check_step_count(inversion_steps, inversion_name)
+    if grid_covers(steps, inversion_steps):
+        return
+    edit_ratio, inv_ratio = TRAIN_TIMESTEPS // steps, TRAIN_TIMESTEPS // inversion_steps
+    edit_ts, inv_ts = editing_timesteps(steps), inversion_timesteps(inversion_steps)
+    shown = ", ".join(str(t) for t in edit_ts[:3]) + (", ..." if len(edit_ts) > 3 else "")
+    good_inversion = _nearest([i for i in range(1, MAX_STEPS + 1) if grid_covers(steps, i)], inversion_steps)
+    good_steps = _nearest([s for s in range(1, MAX_STEPS + 1) if grid_covers(s, inversion_steps)], steps)
+    raise ValueError(
+        f"{steps_name} ({steps}) and {inversion_name} ({inversion_steps}) do not fit together: every editing timestep "
+        f"({shown}: one every {edit_ratio}) must be an inversion timestep (1, {1 + inv_ratio}, ... {inv_ts[-1]}: one "
+        f"every {inv_ratio}), which holds only when 1000 // {inversion_name} ({inv_ratio}) divides 1000 // "
+        f"{steps_name} ({edit_ratio}) and the inversion grid (up to t = {inv_ts[-1]}) reaches the first editing "
+        f"timestep (t = {edit_ts[0]}). Set {inversion_name} to {_either(good_inversion)} for {steps_name} = {steps}, "
+        f"or {steps_name} to {_either(good_steps)} for {inversion_name} = {inversion_steps} (official: 50 editing "
+        f"steps, 500 inversion steps){fix}"
+    )
 
 
 def alpha_bar_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor:

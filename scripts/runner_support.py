@@ -1,0 +1,189 @@
+"""Console, Ctrl-C handling and small host helpers of the headless runner (scripts/tokenflow_edit.py).
+
+Imported by the runner from its own folder before it puts the ComfyUI host first on ``sys.path``;
+ComfyUI modules are imported inside the functions, once the host is importable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+class StopOnCtrlC:
+    """Ctrl-C (SIGINT) while the graph runs does what the server's /interrupt does: it sets ComfyUI's interrupt
+    flag, so the running node stops at its next step or batch and no further node starts. A second Ctrl-C
+    aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "StopOnCtrlC":
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.reassert()
+        print("\ninterrupting: stopping at the next step (press Ctrl-C again to abort at once)", file=sys.stderr,
+              flush=True)
+
+    def reassert(self) -> None:
+        """Set ComfyUI's interrupt flag again if Ctrl-C was pressed (the executor clears it when a run starts)."""
+        if self.requested:
+            import comfy.model_management
+
+            comfy.model_management.interrupt_current_processing(True)
+
+
+class Console:
+    """What ComfyUI's server would send to the browser, printed instead."""
+
+    def __init__(self, prompt: dict, titles: dict[str, str], stop: StopOnCtrlC):
+        self.prompt, self.titles, self.stop = prompt, titles, stop
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.started = time.monotonic()
+        self.node_started = self.started
+        self._last_fraction = -1.0
+        self._tty = sys.stdout.isatty()
+        self._done = 0
+        self._total = len(prompt)
+
+    def _name(self, node_id) -> str:
+        node = self.prompt.get(str(node_id), {})
+        class_type = node.get("class_type", "?")
+        title = self.titles.get(class_type, class_type)
+        meta = node.get("_meta", {}).get("title")
+        return f"{title}: {meta}" if meta else title
+
+    def send_sync(self, event: str, data, sid=None) -> None:
+        self.stop.reassert()
+        if event == "execution_cached":
+            self._done += len(data.get("nodes", []))
+        elif event == "executing" and isinstance(data, dict) and data.get("node") is not None:
+            self._end_line()
+            self._done += 1
+            self.node_started = time.monotonic()
+            self._last_fraction = -1.0
+            print(f"[{self._done}/{self._total}] {self._name(data['node'])}", flush=True)
+
+    def queue_updated(self) -> None:
+        pass
+
+    def progress(self, value, total, preview=None, prompt_id=None, node_id=None) -> None:
+        import comfy.model_management
+        from comfy_execution.progress import get_progress_state
+        from comfy_execution.utils import get_executing_context
+
+        # As ComfyUI's main.py hook: an interrupt stops the node at its next progress update.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+        context = get_executing_context()
+        if node_id is None and context is not None:
+            node_id = context.node_id
+        try:
+            get_progress_state().update_progress(node_id, value, total, preview)
+        except Exception:  # noqa: BLE001 - progress display must never break the edit
+            pass
+        total = max(int(total or 1), 1)
+        fraction = min(value / total, 1.0)
+        elapsed = time.monotonic() - self.node_started
+        line = f"    {value}/{total} ({100 * fraction:3.0f}%, {elapsed:.0f} s)"
+        if self._tty:
+            print("\r" + line, end="" if value < total else "\n", flush=True)
+        elif fraction >= 1.0 or fraction - self._last_fraction >= 0.1:
+            print(line, flush=True)
+            self._last_fraction = fraction
+
+    def _end_line(self) -> None:
+        if self._tty and self._last_fraction >= 0:
+            print(flush=True)
+
+
+class NoExecutorTracebacks(logging.Filter):
+    """Drops the executor's own error records (message + traceback) of a failed node."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and Path(record.pathname).name == "execution.py")
+
+
+def unreadable_safetensors(path: str | None, verbose: bool) -> str | None:
+    """Why a .safetensors model file cannot be read (its header is checked; cheap), or None."""
+    if not path or not path.lower().endswith(".safetensors"):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - any failure to parse the header means a damaged file
+        if verbose:
+            logging.exception("reading %s", path)
+        return (f"not a readable .safetensors file ({type(e).__name__}: {e}); it is damaged or incomplete: "
+                "download it again.")
+    return None
+
+
+def set_threads(requested: int) -> tuple[int, int]:
+    """Set PyTorch's CPU thread count: --threads, else $OMP_NUM_THREADS, else the CPUs this process may use
+    (affinity / container limits), at most PyTorch's own default. Returns (threads, CPUs available)."""
+    import torch
+
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = requested or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else 0)
+    threads = threads or max(1, min(available, torch.get_num_threads()))
+    torch.set_num_threads(threads)
+    return threads, available
+
+
+def accelerator_available() -> bool:
+    import torch
+
+    checks = (lambda: torch.cuda.is_available(), lambda: torch.backends.mps.is_available(),
+              lambda: torch.xpu.is_available())
+    for check in checks:
+        try:
+            if check():
+                return True
+        except Exception:  # noqa: BLE001 - a backend this torch build lacks
+            continue
+    return False
+
+
+def register_model(folder: str, given: str, folder_paths) -> str | None:
+    """The name ComfyUI's loader needs for ``given`` (a path, or a name inside the models folder)."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        folder_paths.add_model_folder_path(folder, str(path.resolve().parent), is_default=True)
+        return path.name
+    if folder_paths.get_full_path(folder, given) is not None:
+        return given
+    return None
+
+
+def describe(path: Path) -> str:
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = sum(1 for _ in container.decode(stream))
+            return f"{frames} frames, {stream.width}x{stream.height}, {float(stream.average_rate):g} fps"
+    except Exception as e:  # noqa: BLE001 - only a description
+        return f"unreadable: {e}"

@@ -1,0 +1,239 @@
+"""The shipped example workflows (``example_workflows/*.json`` and ``*.jpg``), specified as nodes, links and notes.
+
+Each example reads left to right in the groups **Load**, **Invert**, **Edit**, **Output** (rendered
+by ``tests/workflow_builder.py``); every link runs forward, so wires stay short. The "Read me" note,
+left of the groups, says what the wiring does: ``tokenflow_pnp`` and the TokenFlow row of
+``baselines`` compute correspondences on the fly (the official setting: the sampler's
+``correspondences`` input is NOT connected); ``tokenflow_sdedit`` and ``tokenflow_controlnet``
+connect extracted ones. 500 inversion steps are the official code's value (the paper used 1000).
+
+    bash -c 'source scripts/host_env.sh && "$PYTHON" tests/server_harness.py write-examples'
+
+starts a temporary ComfyUI for ``/object_info`` and writes the files with :func:`write_examples`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from server_harness import VIDEO_DIR, check_ui_workflow
+from workflow_builder import Example, N, build_ui_workflow, write_thumbnail
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
+
+SD21_BASE = "v2-1_512-ema-pruned.safetensors"
+SD21_BASE_URL = ("https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
+                 "v2-1_512-ema-pruned.safetensors")
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SD15_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+            "v1-5-pruned-emaonly-fp16.safetensors")
+CANNY_CN = "control_v11p_sd15_canny_fp16.safetensors"
+CANNY_CN_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                "control_v11p_sd15_canny_fp16.safetensors")
+MODEL_LINKS = {SD21_BASE: (SD21_BASE_URL, "checkpoints"), SD15: (SD15_URL, "checkpoints"),
+               CANNY_CN: (CANNY_CN_URL, "controlnet")}
+WOLF_URL = "https://github.com/omerbt/TokenFlow/blob/master/data/wolf.mp4"
+
+EDIT_PROMPT = "a shiny silver robotic wolf"
+INVERSION_PROMPT = "a wolf"
+NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
+VIDEO = "wolf.mp4"
+
+
+def _source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
+    """Load (checkpoint 1, video 2), Invert (VAE Encode 3, inversion prompt 4, inversion 7), Edit prompts 5, 6."""
+    nodes = [
+        N(1, "CheckpointLoaderSimple", "Load", widgets={"ckpt_name": ckpt}),
+        N(2, "TokenFlowLoadVideo", "Load", widgets={"video": VIDEO, "frame_load_cap": frames, "skip_first_frames": 0,
+                                                    "select_every_nth": 1, "width": 512, "height": 512,
+                                                    "size_multiple": 64, "path": ""}),
+        N(3, "VAEEncode", "Invert"),
+        N(4, "CLIPTextEncode", "Invert", widgets={"text": INVERSION_PROMPT},
+          title="Inversion prompt (describes the source)"),
+        N(7, "TokenFlowInvert", "Invert", 1, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 16}),
+        N(5, "CLIPTextEncode", "Edit", widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
+        N(6, "CLIPTextEncode", "Edit", widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt"),
+    ]
+    links = [
+        (2, 0, 3, "pixels"), (1, "VAE", 3, "vae"),
+        (1, "CLIP", 4, "clip"), (1, "CLIP", 5, "clip"), (1, "CLIP", 6, "clip"),
+        (1, "MODEL", 7, "model"), (3, 0, 7, "latent"), (4, 0, 7, "conditioning"),
+    ]
+    return nodes, links
+
+
+def _output(first_id: int, sampler_id: int, prefix: str, band: int = 0, frames_from: int = 2,
+            consistency: bool = True) -> tuple[list[N], list[tuple]]:
+    """Output: VAE Decode -> Create Video (fps from the loader) -> Save Video (+ warp error and its plot)."""
+    decode, create, save, warp, plot = range(first_id, first_id + 5)
+    nodes = [N(decode, "VAEDecode", "Output", 0, band), N(create, "CreateVideo", "Output", 1, band,
+                                                          widgets={"fps": 20.0}),
+             N(save, "SaveVideo", "Output", 2, band, widgets={"filename_prefix": prefix, "format": "auto",
+                                                               "codec": "auto"})]
+    links = [(sampler_id, 0, decode, "samples"), (1, "VAE", decode, "vae"),
+             (decode, 0, create, "images"), (frames_from, "fps", create, "fps"), (create, 0, save, "video")]
+    if consistency:
+        nodes += [N(warp, "TokenFlowTemporalConsistency", "Output", 1, band, widgets={"flow_preset": "medium"}),
+                  N(plot, "PreviewImage", "Output", 2, band, title="Warp error per frame pair")]
+        links += [(decode, 0, warp, "edited_frames"), (frames_from, "IMAGE", warp, "source_frames"),
+                  (warp, "plot", plot, "images")]
+    return nodes, links
+
+
+def _sampler(node_id: int, editor: str, col: int = 1, band: int = 0, **extra) -> N:
+    widgets = {"editor": editor, "cfg": 7.5, "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "sdedit_start": 0.9,
+               "batch_size": 8, "keyframes": "random", "seed": 1, "blend": "official", "max_keyframes": 0,
+               "steps": 0, "pnp_attention_blocks": "auto", "pnp_residual_blocks": "auto"}
+    widgets.update(extra)
+    return N(node_id, "TokenFlowSampler", "Edit", col, band, widgets=widgets)
+
+
+def _extraction() -> tuple[list[N], list[tuple]]:
+    """Invert: Extract Correspondences (8) from the inversion, with its correspondence check (9)."""
+    nodes = [N(8, "TokenFlowExtractCorrespondences", "Invert", 2,
+               widgets={"batch_size": 8, "keyframes": "random", "seed": 1, "blend": "official", "max_keyframes": 0,
+                        "preview_frame": -1}),
+             N(9, "PreviewImage", "Invert", 3, title="Correspondence check (frame | rebuilt | keyframe)")]
+    links = [(1, "MODEL", 8, "model"), (7, "inversion", 8, "inversion"), (2, "IMAGE", 8, "source_images"),
+             (8, "preview", 9, "images")]
+    return nodes, links
+
+
+def _note(text: str, size: tuple[int, int]) -> N:
+    return N(20, "MarkdownNote", "", text=text, title="Read me", size=size)
+
+
+NOTE_VIDEO = (f"Put **wolf.mp4** (the paper's clip, from the `data/` folder of the official repository: {WOLF_URL}) "
+              "or your clip in `ComfyUI/input/`, or use *choose file to upload* on **TokenFlow Load Video**.\n\n"
+              "40 frames at 512x512, 50 steps and 500 inversion steps are the official code's settings (the paper "
+              "used 1000 inversion steps; the pack's largest, 999, is that grid without the t = 1000 past the "
+              "schedule's end). For a quick look use `inversion_steps` 50 and fewer frames.")
+NOTE_GROUPS = "The groups read left to right: **Load**, **Invert**, **Edit**, **Output**."
+ON_THE_FLY = ("Correspondences are computed **on the fly**, exactly as the official code does: the sampler's "
+              "*correspondences* input is left unconnected on purpose.")
+EXTRACTED = ("Correspondences are **extracted** once (TokenFlow Extract Correspondences, in *Invert*: the paper's "
+             "preprocessing product, reusable across prompts and editors) and connected to the sampler, which then "
+             "skips the source branch. The correspondence check rebuilds a frame from its keyframe through them "
+             "(paper fig. 2). Disconnect them for the official on-the-fly numbers.")
+
+
+def _pnp() -> Example:
+    nodes, links = _source(SD21_BASE)
+    nodes += [_sampler(10, "pnp")]
+    links += [(1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
+              (7, "inversion", 10, "inversion")]
+    out, out_links = _output(11, 10, "video/tokenflow_pnp")
+    nodes += out + [_note("### TokenFlow + Plug-and-Play (the official setting)\n\n" + NOTE_VIDEO + "\n\n"
+                          + ON_THE_FLY + "\n\nSD 2.1-base (`" + SD21_BASE + "`) in `models/checkpoints/`. "
+                          + NOTE_GROUPS, (420, 460))]
+    return Example("tokenflow_pnp", nodes, links + out_links, thumbnail=("TokenFlow + PnP", EDIT_PROMPT))
+
+
+def _sdedit() -> Example:
+    nodes, links = _source(SD21_BASE)
+    extraction, extraction_links = _extraction()
+    nodes += extraction + [_sampler(10, "sdedit")]
+    links += extraction_links + [(1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
+                                 (7, "inversion", 10, "inversion"), (8, "correspondences", 10, "correspondences")]
+    out, out_links = _output(11, 10, "video/tokenflow_sdedit")
+    nodes += out + [_note("### TokenFlow + SDEdit\n\n" + NOTE_VIDEO + "\n\n" + EXTRACTED + "\n\n`sdedit_start` sets "
+                          "how much noise the edit starts from (0.9: 44 of 50 steps). Higher changes more, keeps less "
+                          "of the source. " + NOTE_GROUPS, (420, 560))]
+    return Example("tokenflow_sdedit", nodes, links + out_links, thumbnail=("TokenFlow + SDEdit", EDIT_PROMPT))
+
+
+def _controlnet() -> Example:
+    nodes, links = _source(SD15)
+    extraction, extraction_links = _extraction()
+    nodes += extraction + [
+        N(21, "Canny", "Edit", widgets={"low_threshold": 0.4, "high_threshold": 0.8}),
+        N(22, "ControlNetLoader", "Edit", widgets={"control_net_name": CANNY_CN}),
+        N(23, "ControlNetApplyAdvanced", "Edit", 1, widgets={"strength": 1.0, "start_percent": 0.0,
+                                                             "end_percent": 1.0}),
+        _sampler(10, "controlnet", col=2)]
+    links += extraction_links + [
+        (2, "IMAGE", 21, "image"), (5, 0, 23, "positive"), (6, 0, 23, "negative"), (22, 0, 23, "control_net"),
+        (21, 0, 23, "image"),
+        (1, "MODEL", 10, "model"), (23, "positive", 10, "positive"), (23, "negative", 10, "negative"),
+        (7, "inversion", 10, "inversion"), (8, "correspondences", 10, "correspondences")]
+    out, out_links = _output(11, 10, "video/tokenflow_controlnet")
+    nodes += out + [_note("### TokenFlow + ControlNet (canny)\n\n" + NOTE_VIDEO + "\n\n" + EXTRACTED + "\n\nSD 1.5 (`"
+                          + SD15 + "`) in `models/checkpoints/`, `" + CANNY_CN + "` in `models/controlnet/`. Every "
+                          "frame gets its own canny hint, also in the keyframe pass. " + NOTE_GROUPS, (420, 580))]
+    return Example("tokenflow_controlnet", nodes, links + out_links,
+                   thumbnail=("TokenFlow + ControlNet", "canny edges per frame"))
+
+
+def _baselines() -> Example:
+    # band 0: TokenFlow (PnP, correspondences on the fly)
+    nodes, links = _source(SD21_BASE)
+    nodes += [_sampler(10, "pnp")]
+    links += [(1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
+              (7, "inversion", 10, "inversion")]
+    out, out_links = _output(11, 10, "video/baseline_tokenflow")
+    nodes += out
+    links += out_links
+    # band 1: per-frame editing (each frame edited alone from its own inverted noise)
+    ksampler = {"add_noise": "disable", "noise_seed": 1, "steps": 50, "cfg": 7.5, "sampler_name": "ddim",
+                "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
+                "return_with_leftover_noise": "disable"}
+    nodes += [N(30, "KSamplerAdvanced", "Edit", 1, band=1, widgets=dict(ksampler), title="Per-frame edit (no TokenFlow)")]
+    links += [(1, "MODEL", 30, "model"), (5, 0, 30, "positive"), (6, 0, 30, "negative"),
+              (7, "inverted_latent", 30, "latent_image")]
+    out, out_links = _output(31, 30, "video/baseline_per_frame", band=1)
+    nodes += out
+    links += out_links
+    # band 2: joint edit of keyframes only (every 5th frame, no propagation)
+    nodes += [N(40, "TokenFlowLoadVideo", "Load", band=2, title="Keyframes: every 5th frame",
+                widgets={"video": VIDEO, "frame_load_cap": 8, "skip_first_frames": 0, "select_every_nth": 5,
+                         "width": 512, "height": 512, "size_multiple": 64, "path": ""}),
+              N(41, "VAEEncode", "Invert", band=2),
+              N(42, "TokenFlowInvert", "Invert", 1, band=2, widgets={"steps": 50, "inversion_steps": 500,
+                                                                     "frame_batch": 16}),
+              N(43, "TokenFlowKeyframeJointEdit", "Edit", band=2),
+              N(44, "KSamplerAdvanced", "Edit", 1, band=2, widgets=dict(ksampler), title="Joint edit of the keyframes")]
+    links += [(40, 0, 41, "pixels"), (1, "VAE", 41, "vae"),
+              (1, "MODEL", 42, "model"), (41, 0, 42, "latent"), (4, 0, 42, "conditioning"),
+              (1, "MODEL", 43, "model"),
+              (43, 0, 44, "model"), (5, 0, 44, "positive"), (6, 0, 44, "negative"),
+              (42, "inverted_latent", 44, "latent_image")]
+    out, out_links = _output(45, 44, "video/baseline_keyframes_joint", band=2, frames_from=40)
+    nodes += out
+    links += out_links
+    nodes.append(_note(
+        "### Baselines, side by side\n\n" + NOTE_VIDEO + "\n\nOne row per method:\n\n1. **TokenFlow** (PnP; "
+        "correspondences on the fly, as the official code: the sampler's *correspondences* input is left "
+        "unconnected).\n2. **Per-frame editing**: each frame edited alone from its own inverted noise "
+        "(flickers).\n3. **Keyframes only**: every 5th frame edited jointly with extended attention (consistent, "
+        "but only 8 frames; cost grows with the square of the frame count).\n\nCompare the warp errors (lower = "
+        "more consistent). " + NOTE_GROUPS, (420, 640)))
+    return Example("baselines", nodes, links,
+                   bands=["TokenFlow (PnP)", "per-frame editing", "keyframe joint edit only"],
+                   titles={("Load", 0): "Load", ("Invert", 0): "Invert (used by the first two rows)"},
+                   thumbnail=("Baselines", "TokenFlow | per-frame | keyframes only"))
+
+
+def example_specs() -> list[Example]:
+    return [_pnp(), _sdedit(), _controlnet(), _baselines()]
+
+
+def build_examples(object_info: dict) -> dict[str, dict]:
+    return {ex.name: build_ui_workflow(ex, object_info, MODEL_LINKS) for ex in example_specs()}
+
+
+def write_examples(object_info: dict, out_dir: Path = EXAMPLES_DIR, video: str | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    video = video or str(VIDEO_DIR / "wolf.mp4")
+    workflows = build_examples(object_info)
+    for example in example_specs():
+        workflow = workflows[example.name]
+        problems = check_ui_workflow(workflow, object_info)
+        if problems:
+            raise ValueError(f"{example.name}: " + "; ".join(problems))
+        path = out_dir / f"{example.name}.json"
+        path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
+        kind = next((k for k in ("controlnet", "sdedit", "baselines") if k in example.name), "")
+        write_thumbnail(out_dir / f"{example.name}.jpg", *example.thumbnail, video=video, kind=kind)
+        written += [path, out_dir / f"{example.name}.jpg"]
+    return written

@@ -1,0 +1,176 @@
+"""The headless runner (scripts/tokenflow_edit.py) as a user meets it, run as a subprocess (issue 8).
+
+* Ctrl-C (SIGINT) while the sampler runs stops the graph at once, as the server's /interrupt does:
+  exit 130 within seconds, no later node (VAE Decode, Save Video) starts, no output video and no
+  temporary folder is left.
+* The step-grid rule is checked before ComfyUI is even imported, with the script's option names.
+* Polish: ``--help`` shows only real defaults; a damaged checkpoint file gives one line naming the
+  file (the traceback only with ``--verbose``); the PyTorch thread count is set and printed.
+
+The tiny checkpoint FILE is the one the server tests use (``server_harness.write_tiny_model_files``).
+"""
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import server_harness as harness
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "scripts" / "tokenflow_edit.py"
+STAND_INS = REPO / "tests" / "stand_in_nodes"
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict:
+    return harness.write_tiny_model_files(tmp_path_factory.mktemp("runner-models"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("runner-clip") / "clip.mp4"
+    harness.write_test_clip(path)
+    return path
+
+
+def _command(clip: Path, checkpoint: Path | str, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(RUNNER), "--video", str(clip), "--prompt", "a shiny silver robotic wolf",
+            "--inversion-prompt", "a wolf", "--checkpoint", str(checkpoint), "--output", str(output),
+            "--width", "64", "--height", "64", "--cpu", "--extra-nodes", str(STAND_INS), *extra]
+
+
+class LineReader:
+    """Lines of a subprocess's pipe, read on a thread, waited for with a deadline."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                return None
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return line
+        return None
+
+    def rest(self, timeout: float = 10.0) -> str:
+        self._thread.join(timeout)
+        while not self._queue.empty():
+            line = self._queue.get()
+            if line is not None:
+                self.lines.append(line)
+        return "".join(self.lines)
+
+
+def test_ctrl_c_stops_the_sampler_at_once_and_leaves_nothing(tmp_path, tiny_files, clip):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    output = tmp_path / "out" / "edited.mp4"
+    # 50 editing steps x 3 batches: the sampler alone runs for many seconds on the tiny model
+    command = _command(clip, tiny_files["checkpoint"], output, "--steps", "50", "--inversion-steps", "50",
+                       "--batch-size", "2", "--frames", "5")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=harness.runner_env(TMPDIR=str(temp)))
+    out, err = LineReader(process.stdout), LineReader(process.stderr)
+    try:
+        assert out.wait_for(r"TokenFlow Sampler", timeout=240), f"the sampler never started:\n{out.rest(1)}"
+        progress = out.wait_for(r"^\s+\d+/\d+ \(", timeout=120)
+        assert progress, f"no sampler progress:\n{out.rest(1)}"
+        done, total = map(int, re.match(r"\s+(\d+)/(\d+)", progress).groups())
+        assert done < total
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stdout, stderr = out.rest(), err.rest()
+    assert code == 130, f"exit {code}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+    assert elapsed < 6.0, f"took {elapsed:.1f} s to stop"
+    sampler_progress = [line for line in stdout.splitlines() if re.match(r"\s+\d+/\d+ \(", line)]
+    assert sampler_progress[-1].split()[0] != f"{total}/{total}", "the sampler ran to the end"
+    for later in ("VAE Decode", "Create Video", "Save Video", "wrote "):
+        assert later not in stdout, f"{later!r} ran after Ctrl-C:\n{stdout}"
+    assert "interrupted" in stderr
+    assert "PyTorch uses 1 CPU thread(s)" in stdout  # $OMP_NUM_THREADS=1 from runner_env
+    assert not output.exists() and not output.parent.exists()
+    assert list(temp.iterdir()) == [], f"left behind: {list(temp.iterdir())}"
+
+
+@pytest.mark.parametrize("steps,inversion_steps,words", [
+    ("4", "12", ["--steps (4)", "--inversion-steps (12)", "Set --inversion-steps to 8 or 20 for --steps = 4"]),
+    ("50", "1000", ["--inversion-steps (1000) is too many", "Use --inversion-steps = 999 or less"]),
+])
+def test_runner_refuses_steps_off_the_grid_before_loading_anything(tmp_path, clip, steps, inversion_steps, words):
+    result = subprocess.run(_command(clip, tmp_path / "none.safetensors", tmp_path / "out.mp4", "--steps", steps,
+                                     "--inversion-steps", inversion_steps),
+                            capture_output=True, text=True, timeout=120, env=harness.runner_env())
+    assert result.returncode == 2, result.stderr
+    for word in words:
+        assert word in result.stderr, f"{word!r} missing from: {result.stderr}"
+    assert "ComfyUI host" not in result.stdout  # refused before the host was imported
+
+
+def test_help_shows_real_defaults_only():
+    result = subprocess.run([sys.executable, str(RUNNER), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: )" not in text and "(default: False)" not in text
+    assert "(default: 50)" in text and "(default: 500)" in text and "(default: pnp)" in text
+    assert "1000 // --inversion-steps must divide 1000 // --steps" in text and "1 to 999" in text
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_damaged_safetensors_checkpoint_is_one_line_naming_the_file(tmp_path, clip):
+    bad = tmp_path / "half-downloaded.safetensors"
+    bad.write_bytes(b"\x00\xff" * 2000)
+    command = _command(clip, bad, tmp_path / "out.mp4", "--steps", "2", "--inversion-steps", "4")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=harness.runner_env())
+    assert result.returncode == 2, result.stderr
+    line = _one_line_error(result.stderr)
+    assert line.startswith(f"error: --checkpoint {bad}: not a readable .safetensors file") and "download it again" in line
+    verbose = subprocess.run(command + ["--verbose"], capture_output=True, text=True, timeout=180,
+                             env=harness.runner_env())
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and f"--checkpoint {bad}" in verbose.stderr
+
+
+def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, clip):
+    bad = tmp_path / "not-a-model.ckpt"
+    bad.write_bytes(b"this is not a pickled state dict\n" * 50)
+    output = tmp_path / "out.mp4"
+    command = _command(clip, bad, output, "--steps", "2", "--inversion-steps", "4", "--threads", "2")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=harness.runner_env())
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert line.startswith(f"error: --checkpoint {bad}: ComfyUI could not load it (") and "--verbose" in line, line
+    assert "PyTorch uses 2 CPU thread(s)" in result.stdout  # --threads wins over $OMP_NUM_THREADS
+    assert not output.exists()

@@ -1,0 +1,262 @@
+"""Renders example-workflow specifications (``tests/example_specs.py``) as UI-format JSON and thumbnails.
+
+Every example reads left to right in groups, one per stage: **Load**, **Invert**, **Edit** and
+**Output** (``GROUPS``). A node names its group, a sub-column inside it and a band (row);
+columns are laid out group after group, bands top to bottom, and each (group, band) gets one
+group frame titled with the stage (and the band's title when an example has several rows).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server_harness import FRONTEND_ONLY_NODES, default_value, input_specs, output_types, widget_slots
+
+PACK_CNR_ID = "comfyui-tokenflow"
+GROUPS = ("Load", "Invert", "Edit", "Output")  # left to right; "" = outside any group (the note)
+GROUP_COLORS = {"Load": "#3f789e", "Invert": "#8a6f3f", "Edit": "#3f8a5b", "Output": "#7a4f8a"}
+GAP = 40  # between columns of a group and between stacked nodes
+GROUP_GAP = 110  # between groups (their frames take 20 px on each side)
+BAND_GAP = 80
+GROUP_TITLE = 90  # room above a band's nodes for the group title
+TITLE_BAR = 30
+
+
+@dataclass
+class N:
+    """One node of an example: id, type, its group, sub-column in the group, band (row), widget values."""
+
+    id: int
+    type: str
+    group: str
+    col: int = 0
+    band: int = 0
+    widgets: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
+    size: tuple[int, int] | None = None
+    text: str | None = None  # MarkdownNote text
+
+
+@dataclass
+class Example:
+    name: str
+    nodes: list[N]
+    links: list[tuple[int, str | int, int, str]]  # (from id, output name or index, to id, input name)
+    bands: list[str] = field(default_factory=lambda: [""])  # suffix of the group titles per band
+    titles: dict[tuple[str, int], str] = field(default_factory=dict)  # (group, band) -> title, overriding
+    thumbnail: tuple[str, str] = ("", "")  # title, subtitle
+
+
+def group_title(group: str, band_title: str) -> str:
+    return f"{group}: {band_title}" if band_title else group
+
+
+# --------------------------------------------------------------------------------------------
+# specification -> UI-format JSON
+# --------------------------------------------------------------------------------------------
+
+def _node_size(node: N, n_sockets: int, n_outputs: int, n_widgets: int) -> list[int]:
+    if node.size:
+        return list(node.size)
+    if node.type == "CLIPTextEncode":
+        return [400, 160]
+    if node.type in ("PreviewImage", "SaveVideo"):
+        return [340, 480]  # room for the image/video preview shown after a run
+    height = 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets
+    if node.type == "TokenFlowLoadVideo":
+        height += 300  # the upload widget's video preview
+    return [320, height]
+
+
+def _ui_node(example: Example, node: N, info: dict | None, incoming: dict, link_rows: list,
+             model_links: dict[str, tuple[str, str]]) -> dict:
+    if node.type in FRONTEND_ONLY_NODES:
+        return {"id": node.id, "type": node.type, "pos": [0, 0], "size": list(node.size or (400, 220)), "flags": {},
+                "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": node.title or "Note", "properties": {},
+                "widgets_values": [node.text or ""], "color": "#432", "bgcolor": "#653"}
+    if info is None:
+        raise KeyError(f"{example.name}: node type {node.type} is not in /object_info")
+    specs = input_specs(info)
+    links_in = incoming.get(node.id, {})
+    unknown = (set(node.widgets) - {s.name for s in specs if s.is_widget}) | (set(links_in) - {s.name for s in specs})
+    if unknown:
+        raise KeyError(f"{example.name}: node {node.id} ({node.type}) has no inputs {sorted(unknown)}")
+    inputs = []
+    for spec in specs:  # sockets: all non-widget inputs, then the linked widget inputs
+        if not spec.is_widget:
+            slot = {"name": spec.name, "type": spec.type, "link": links_in.get(spec.name, (None,))[0]}
+            if spec.optional:
+                slot["shape"] = 7
+            inputs.append(slot)
+    for spec in specs:
+        if spec.is_widget and spec.name in links_in:
+            inputs.append({"name": spec.name, "type": spec.type, "widget": {"name": spec.name},
+                           "link": links_in[spec.name][0]})
+    for index, slot in enumerate(inputs):
+        if slot["link"] is not None:
+            link_rows[slot["link"] - 1][4] = index
+    outputs = []
+    for index, (out_type, out_name) in enumerate(zip(output_types(info), info.get("output_name", []))):
+        ids = [row[0] for row in link_rows if row[1] == node.id and row[2] == index]
+        slot = {"name": out_name, "type": out_type, "links": ids}
+        if ids:
+            slot["slot_index"] = index
+        outputs.append(slot)
+    values = []
+    for name, kind in widget_slots(info):
+        if kind == "upload":
+            values.append("image")
+        elif kind == "control":
+            values.append("fixed")
+        else:
+            values.append(node.widgets.get(name, default_value(next(s for s in specs if s.name == name))))
+    properties: dict[str, Any] = {"Node name for S&R": node.type}
+    module = info.get("python_module", "")
+    properties["cnr_id"] = "comfy-core" if module == "nodes" or module.startswith("comfy_extras") else PACK_CNR_ID
+    if node.type in ("CheckpointLoaderSimple", "ControlNetLoader") and values[0] in model_links:
+        url, directory = model_links[values[0]]
+        properties["models"] = [{"name": values[0], "url": url, "directory": directory}]
+    entry = {"id": node.id, "type": node.type, "pos": [0, 0], "size": _node_size(node, len(inputs), len(outputs),
+                                                                                     len(values)),
+             "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs, "properties": properties,
+             "widgets_values": values}
+    if node.title:
+        entry["title"] = node.title
+    return entry
+
+
+def build_ui_workflow(example: Example, object_info: dict, model_links: dict[str, tuple[str, str]]) -> dict:
+    """The UI-format workflow; ``model_links``: model file name -> (download URL, models folder), shown by the
+    frontend when the file is missing."""
+    infos = {n.id: object_info.get(n.type) for n in example.nodes}
+    incoming: dict[int, dict[str, tuple[int, int, int]]] = {}
+    link_rows = []
+    for link_id, (src, out, dst, in_name) in enumerate(example.links, start=1):
+        names = infos[src].get("output_name", [])
+        out_index = out if isinstance(out, int) else names.index(out)
+        link_rows.append([link_id, src, out_index, dst, None, output_types(infos[src])[out_index]])
+        incoming.setdefault(dst, {})[in_name] = (link_id, src, out_index)
+    ui_nodes = [_ui_node(example, node, infos[node.id], incoming, link_rows, model_links) for node in example.nodes]
+    _layout(example, ui_nodes)
+    _execution_order(ui_nodes, link_rows)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tokenflow/{example.name}")),
+        "revision": 0,
+        "last_node_id": max(n.id for n in example.nodes),
+        "last_link_id": len(link_rows),
+        "nodes": ui_nodes,
+        "links": link_rows,
+        "groups": _groups(example, ui_nodes),
+        "config": {},
+        "extra": {"ds": {"scale": 0.5, "offset": [60, 60]}},
+        "version": 0.4,
+    }
+
+
+def _column_key(node: N) -> tuple[int, int]:
+    return (GROUPS.index(node.group) + 1 if node.group else 0, node.col)
+
+
+def _layout(example: Example, ui_nodes: list[dict]) -> None:
+    """Columns: groups left to right, sub-columns inside; bands top to bottom; nodes stacked in a column."""
+    spec = {n.id: n for n in example.nodes}
+    columns = sorted({_column_key(n) for n in example.nodes})
+    x_of, x = {}, 0
+    for i, column in enumerate(columns):
+        if i and column[0] != columns[i - 1][0]:
+            x += GROUP_GAP - GAP
+        x_of[column] = x
+        x += max(ui["size"][0] for ui in ui_nodes if _column_key(spec[ui["id"]]) == column) + GAP
+    y = 0
+    for band in sorted({n.band for n in example.nodes}):
+        top, bottom = y + GROUP_TITLE, y + GROUP_TITLE
+        for column in columns:
+            yy = top
+            for ui in ui_nodes:
+                if _column_key(spec[ui["id"]]) == column and spec[ui["id"]].band == band:
+                    ui["pos"] = [x_of[column], yy]
+                    yy += ui["size"][1] + GAP + TITLE_BAR
+            bottom = max(bottom, yy)
+        y = bottom + BAND_GAP
+
+
+def _execution_order(ui_nodes: list[dict], link_rows: list[list]) -> None:
+    deps = {n["id"]: {row[1] for row in link_rows if row[3] == n["id"]} for n in ui_nodes}
+    order, done = [], set()
+    while len(order) < len(ui_nodes):
+        ready = sorted(i for i in deps if i not in done and deps[i] <= done)
+        if not ready:
+            raise ValueError("the example graph has a cycle")
+        order += ready
+        done |= set(ready)
+    rank = {node_id: i for i, node_id in enumerate(order)}
+    for n in ui_nodes:
+        n["order"] = rank[n["id"]]
+
+
+def _groups(example: Example, ui_nodes: list[dict]) -> list[dict]:
+    """One group per (stage, band), framing its nodes (title bars included)."""
+    spec = {n.id: n for n in example.nodes}
+    groups = []
+    for band, band_title in enumerate(example.bands):
+        for group in GROUPS:
+            members = [ui for ui in ui_nodes if spec[ui["id"]].group == group and spec[ui["id"]].band == band]
+            if not members:
+                continue
+            x0 = min(m["pos"][0] for m in members) - 20
+            y0 = min(m["pos"][1] for m in members) - TITLE_BAR - 50
+            x1 = max(m["pos"][0] + m["size"][0] for m in members) + 20
+            y1 = max(m["pos"][1] + m["size"][1] for m in members) + 20
+            title = example.titles.get((group, band), group_title(group, band_title))
+            groups.append({"id": len(groups) + 1, "title": title,
+                           "bounding": [x0, y0, x1 - x0, y1 - y0], "color": GROUP_COLORS[group], "font_size": 24,
+                           "flags": {}})
+    return groups
+
+
+def write_thumbnail(path: Path, title: str, subtitle: str, video: str | None, kind: str = "") -> None:
+    """A 512x384 JPEG: a frame of the source clip (or a neutral card) with a label."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = 512, 384
+    canvas = Image.new("RGB", (width, height), (28, 30, 36))
+    frame = None
+    if video and os.path.exists(video):
+        import av
+
+        with av.open(video) as container:
+            for i, f in enumerate(container.decode(video=0)):
+                if i == 10:
+                    frame = f.to_image().convert("RGB")
+                    break
+    if frame is not None:
+        if kind == "controlnet":
+            import cv2
+
+            edges = cv2.Canny(np.asarray(frame.convert("L")), 80, 160)
+            half = frame.resize((256, 256))
+            canvas.paste(half, (0, 24))
+            canvas.paste(Image.fromarray(edges).convert("RGB").resize((256, 256)), (256, 24))
+        elif kind == "baselines":
+            third = frame.resize((170, 170))
+            for i, tint in enumerate(((1.0, 1.0, 1.0), (1.15, 0.9, 0.85), (0.85, 0.95, 1.15))):
+                arr = np.clip(np.asarray(third, dtype=np.float32) * np.array(tint), 0, 255).astype(np.uint8)
+                canvas.paste(Image.fromarray(arr), (1 + i * 171, 80))
+        elif kind == "sdedit":  # the source, then partly noised (where SDEdit starts from)
+            arr = np.asarray(frame.resize((384, 384)), dtype=np.float32)
+            noise = np.random.default_rng(0).normal(127.0, 70.0, arr.shape)
+            arr[:, 192:] = 0.55 * arr[:, 192:] + 0.45 * noise[:, 192:]
+            canvas.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), (64, 0))
+        else:
+            canvas.paste(frame.resize((384, 384)), (64, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([(0, height - 96), (width, height)], fill=(14, 16, 22))
+    title_font = ImageFont.load_default(size=32)
+    sub_font = ImageFont.load_default(size=20)
+    draw.text((18, height - 88), title, fill=(255, 255, 255), font=title_font)
+    draw.text((18, height - 44), subtitle, fill=(190, 200, 215), font=sub_font)
+    canvas.save(path, "JPEG", quality=85, optimize=True)
