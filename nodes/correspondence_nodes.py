@@ -34,9 +34,11 @@ class TokenFlowExtractCorrespondences(io.ComfyNode):
                 io.Combo.Input("blend", options=list(BLEND_MODES), default="official", optional=True, tooltip="official: "
                                "a frame blends its batch's keyframe and the previous batch's with sigmoid weights (the "
                                "official code); paper: the nearest keyframes before and after, weighted by distance."),
-                io.Int.Input("max_keyframes", default=0, min=0, max=4096, optional=True, tooltip="Cap on keyframes per "
-                             "step (0 = one per batch). Extended attention costs grow with the square of the keyframe "
-                             "count; with a cap keyframes are spread evenly over long clips."),
+                io.Int.Input("max_keyframes", default=0, min=-1, max=4096, optional=True, tooltip="Cap on keyframes per "
+                             "step. 0 = automatic: none up to 64 frames (the official plan), 16 for longer clips; -1 = "
+                             "never (one per batch); N = at most N, spread evenly. Fewer keyframes bound memory and time "
+                             "(extended attention grows with the square of the count) but put frames farther from their "
+                             "keyframes."),
                 io.Int.Input("preview_frame", default=-1, min=-1, max=100000, optional=True, tooltip="Frame shown in the "
                              "preview image (-1: the middle frame)."),
                 io.Image.Input("source_images", optional=True, tooltip="The source frames, for a full-resolution preview; "

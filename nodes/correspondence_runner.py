@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 
@@ -17,35 +18,42 @@ import comfy.samplers
 import comfy.utils
 
 from ..tokenflow_ops.correspondence import field_dtype
+from ..tokenflow_ops.schedule import alpha_bar_from_sigma
 from ..tokenflow_ops.keyframes import keyframe_plan, spread_keyframe_groups
 from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
 from .call_sizing import even_chunks, frames_per_call
-from .frame_guider import FrameSubsetGuider
+from .frame_guider import FrameSubsetGuider, to_host
 from .model_support import check_supported, model_fingerprint
 from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
-from .validation import check_batch_size, check_inversion_model
+from .validation import check_frame_size_fits, check_inversion_model, check_not_joint_edit_model, clamp_batch_size
 
 log = logging.getLogger(__name__)
 
 
 class ExtractionGuider(FrameSubsetGuider):
-    def __init__(self, model_patcher, corr: TokenFlowCorrespondences, n_frames: int, sigmas: torch.Tensor) -> None:
+    def __init__(self, model_patcher, corr: TokenFlowCorrespondences, n_frames: int) -> None:
         super().__init__(model_patcher)
         self.corr = corr
         self.n_frames = n_frames
-        self.step_sigmas = sigmas.double()
         self.progress = comfy.utils.ProgressBar(len(corr.timesteps) * n_frames)
+        self._pending: list[tuple[int, Any, torch.Tensor, torch.Tensor]] = []  # fields still on their way to the host
 
     def _sink(self, step: int, block, frames: torch.Tensor, fields: torch.Tensor) -> None:
-        store = self.corr.fields.get(block)
-        if store is None:
-            tokens = fields.shape[-1]
-            store = torch.empty((len(self.corr.timesteps), self.n_frames, 2, tokens), dtype=field_dtype(tokens))
-            self.corr.fields[block] = store
-        store[step, frames] = fields.to(device="cpu", dtype=store.dtype)
+        tokens = fields.shape[-1]
+        self._pending.append((step, block, frames, to_host(fields, field_dtype(tokens))))
+
+    def store_fields(self) -> None:
+        """Move the collected fields into the product (after sampling, when every copy has landed)."""
+        for step, block, frames, fields in self._pending:
+            store = self.corr.fields.get(block)
+            if store is None:
+                store = torch.empty((len(self.corr.timesteps), self.n_frames, 2, fields.shape[-1]), dtype=fields.dtype)
+                self.corr.fields[block] = store
+            store[step, frames] = fields
+        self._pending.clear()
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        step = int((self.step_sigmas - float(timestep.flatten()[0])).abs().argmin())
+        step = self.current_step
         n = x.shape[0]
         keyframes = self.corr.keyframes[step]
         bank = StepBank()
@@ -66,13 +74,15 @@ class ExtractionGuider(FrameSubsetGuider):
         return x
 
 
-def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, source=None):
+def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, source=None,
+                        host_sigmas: list[float] | None = None, begin_step=None):
     """Evaluates the model on the stored source latents of every step; ``x`` is returned unchanged."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     for i, sigma in enumerate(sigmas):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        abar = 1.0 / (1.0 + float(sigma.double()) ** 2)
+        begin_step(i)
+        abar = float(alpha_bar_from_sigma(host_sigmas[i]))
         model(source[i].to(device=x.device, dtype=x.dtype) / abar ** 0.5, sigma * s_in, **extra_args)
     return x
 
@@ -81,10 +91,12 @@ def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
 def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
                    blend: str = "official", max_keyframes: int = 0) -> TokenFlowCorrespondences:
     layout = check_supported(model)
+    check_not_joint_edit_model(model)
     fingerprint = model_fingerprint(model)
     check_inversion_model(inversion, fingerprint)
+    check_frame_size_fits(model, inversion.latent_shape, "inversion")
     n = inversion.n_frames
-    check_batch_size(batch_size, n)
+    batch_size = clamp_batch_size(batch_size, n)
     group = spread_keyframe_groups(n, batch_size, max_keyframes)
     corr = TokenFlowCorrespondences(
         timesteps=list(inversion.timesteps), keyframes=keyframe_plan(n, group, inversion.steps, seed, keyframes),
@@ -93,12 +105,14 @@ def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyfra
     sigmas = inversion.sigmas[:-1].float()
     patched = model.clone()
     install_tokenflow_patches(patched, layout)
-    guider = ExtractionGuider(patched, corr, n, sigmas)
+    guider = ExtractionGuider(patched, corr, n)
     guider.inner_set_conds({"positive": inversion.conditioning})
     guider.set_cfg(1.0)
-    sampler = comfy.samplers.KSAMPLER(_extraction_sampler, extra_options={"source": inversion.trajectory})
+    sampler = comfy.samplers.KSAMPLER(_extraction_sampler, extra_options={
+        "source": inversion.trajectory, "host_sigmas": sigmas.double().tolist(), "begin_step": guider.begin_step})
     zeros = torch.zeros((n,) + inversion.latent_shape)
     log.info("TokenFlow: extracting correspondences for %d frames over %d steps", n, inversion.steps)
     guider.sample(zeros, zeros, sampler, sigmas, seed=seed, disable_pbar=True)
+    guider.store_fields()
     log.info("TokenFlow: correspondences hold %.1f MiB", corr.nbytes() / 2**20)
     return corr

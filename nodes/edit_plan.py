@@ -1,6 +1,7 @@
 """Which timesteps, keyframes and injections one TokenFlow edit uses (resolved before any heavy work)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,8 @@ from .model_support import ModelLayout
 from .products import TokenFlowCorrespondences, TokenFlowInversion
 
 __all__ = ["EDITORS", "EditPlan", "EditSettings", "make_plan"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,15 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
                              f"cover timestep {absent[0]}; extract them with the same steps as this edit")
         rows = [correspondences.timesteps.index(t) for t in timesteps]
         keyframes, group, blend = correspondences.keyframes[rows], correspondences.group_size, correspondences.blend
+        log.info("TokenFlow: keyframe plan from the correspondences: groups of %d frames, %d keyframes per step, "
+                 "blend %s (the sampler's batch_size, keyframes, seed, blend and max_keyframes are not used)",
+                 group, keyframes.shape[1], blend)
     else:
         group = spread_keyframe_groups(n, settings.batch_size, settings.max_keyframes)
         keyframes = keyframe_plan(n, group, len(timesteps), settings.seed, settings.keyframes)
         blend = settings.blend
+        log.info("TokenFlow: keyframe plan: groups of %d frames, %d keyframes per step, %s keyframes, seed %d, "
+                 "blend %s", group, keyframes.shape[1], settings.keyframes, settings.seed, blend)
     needs = editor.step_needs(full, settings, layout, unet)
     return EditPlan(
         timesteps=timesteps,

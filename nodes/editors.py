@@ -9,6 +9,7 @@ inputs, never inserted.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,6 +17,9 @@ import torch
 
 from ..tokenflow_ops.schedule import editing_timesteps, sdedit_timesteps
 from .model_support import BlockKey, ModelLayout, parse_block_list, parse_residual_list
+from .validation import has_controlnet
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .edit_plan import EditSettings
@@ -52,6 +56,9 @@ class Editor(Protocol):
                    unet: torch.nn.Module) -> dict[int, StepNeeds]:
         """What each timestep needs (``timesteps_full``: every editing timestep, largest first)."""
 
+    def check_conditioning(self, positive, negative) -> None:
+        """Refuse conditioning this editor cannot work with (before any model call)."""
+
 
 class PlugAndPlayEditor:
     name = "pnp"
@@ -61,6 +68,9 @@ class PlugAndPlayEditor:
 
     def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
         return editing_timesteps(steps)
+
+    def check_conditioning(self, positive, negative) -> None:
+        return None
 
     def step_needs(self, timesteps_full, settings, layout, unet) -> dict[int, StepNeeds]:
         attention = frozenset(parse_block_list(settings.pnp_attention_blocks, layout, layout.default_pnp_attention))
@@ -79,6 +89,9 @@ class SDEditEditor:
     def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
         return sdedit_timesteps(steps, settings.sdedit_start)
 
+    def check_conditioning(self, positive, negative) -> None:
+        return None
+
     def step_needs(self, timesteps_full, settings, layout, unet) -> dict[int, StepNeeds]:
         return {t: StepNeeds() for t in timesteps_full}
 
@@ -93,6 +106,14 @@ class ControlNetEditor:
 
     def step_needs(self, timesteps_full, settings, layout, unet) -> dict[int, StepNeeds]:
         return {t: StepNeeds() for t in timesteps_full}
+
+    def check_conditioning(self, positive, negative) -> None:
+        if not has_controlnet(positive) and not has_controlnet(negative):
+            # Not refused: TokenFlow without any injection is a legitimate ablation, but rarely what was meant.
+            log.warning("TokenFlow: editor 'controlnet' takes its structure from a ControlNet carried by the "
+                        "conditioning, but neither positive nor negative has one: the edit runs with no structure "
+                        "guidance. Apply a ControlNet to the prompts (Apply ControlNet, one hint per frame) or "
+                        "choose editor 'pnp' or 'sdedit'")
 
 
 EDITORS: dict[str, Editor] = {}

@@ -23,10 +23,31 @@ from .attention_patches import PASS_KEY, PassContext
 log = logging.getLogger(__name__)
 
 
+def to_host(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU copy that does not make the host wait for the device (pinned, non-blocking on CUDA).
+
+    Valid once the device has caught up: the next blocking copy or synchronisation (the end of
+    sampling) guarantees it. On the CPU it is an ordinary copy.
+    """
+    dtype = dtype or tensor.dtype
+    if tensor.device.type != "cuda":
+        return tensor.to(device="cpu", dtype=dtype, copy=True)
+    host = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+    host.copy_(tensor.to(dtype), non_blocking=True)
+    return host
+
+
 def _slice_frames(value: torch.Tensor, idx: torch.Tensor, n_frames: int) -> torch.Tensor:
     if n_frames > 1 and value.ndim > 0 and value.shape[0] == n_frames:
         return value[idx.to(value.device)]
     return value
+
+
+def frames_of(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``tensor[idx]``, as a view when ``idx`` (CPU) is a consecutive run of frames."""
+    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel() and bool((idx.diff() == 1).all()):
+        return tensor[int(idx[0]):int(idx[-1]) + 1]
+    return tensor[idx.to(tensor.device)]
 
 
 class FrameSubsetGuider(comfy.samplers.CFGGuider):
@@ -36,6 +57,10 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         super().__init__(model_patcher)
         self._subset_cache: dict[tuple[int, tuple[int, ...], int], list[dict]] = {}
         self._control_copies: list[Any] = []
+        self.current_step = 0  # set by the pack's samplers before each model call (no device read needed)
+
+    def begin_step(self, step: int) -> None:
+        self.current_step = step
 
     # -- lifecycle -------------------------------------------------------------------------
     def sample(self, *args, **kwargs):
@@ -128,5 +153,4 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
             options.setdefault("transformer_options", {})[PASS_KEY] = context
         memo: dict = {}
         conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
-        step_idx = idx.to(x.device)
-        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x[step_idx], timestep[step_idx], options)
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, frames_of(x, idx), frames_of(timestep, idx), options)

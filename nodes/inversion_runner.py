@@ -10,12 +10,13 @@ import comfy.samplers
 import comfy.utils
 
 from ..tokenflow_ops.inversion import ddim_inversion_step
-from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps, inversion_timesteps
+from ..tokenflow_ops.schedule import alpha_bar_from_sigma, check_inversion_covers, editing_timesteps, inversion_timesteps
 from .call_sizing import even_chunks, frames_per_call
-from .frame_guider import FrameSubsetGuider
+from .frame_guider import FrameSubsetGuider, to_host
 from .model_support import check_supported, model_fingerprint, tensor_fingerprint
 from .products import TokenFlowInversion
-from .validation import check_conditioning, check_control_hints, check_latent_frames
+from .validation import (check_conditioning, check_control_hints, check_frame_size_fits, check_latent_frames,
+                         check_no_area, check_not_joint_edit_model)
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,17 @@ class _Recorder:
 
 
 def _inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, recorder: _Recorder = None,
-                       abar_start: float = 1.0):
-    """KSAMPLER function: x starts as the clean latent; sigmas are the ASCENDING inversion levels."""
+                       abar_start: float = 1.0, host_sigmas: list[float] | None = None):
+    """KSAMPLER function: x starts as the clean latent; sigmas are the ASCENDING inversion levels.
+
+    ``host_sigmas`` are the same levels on the CPU, so no step reads a value back from the device.
+    """
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     abar_prev = abar_start
     for i, sigma in enumerate(sigmas):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        abar = float(1.0 / (1.0 + sigma.double() ** 2))
+        abar = float(alpha_bar_from_sigma(host_sigmas[i]))
         model_input = x / abar ** 0.5  # ComfyUI divides by sqrt(1 + sigma^2): the UNet sees x at timestep u_j
         denoised = model(model_input, sigma * s_in, **extra_args)
         eps = (model_input - denoised) / sigma
@@ -68,9 +72,9 @@ def _inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable
         abar_prev = abar
         t = recorder.timesteps[i]
         if t in recorder.keep:
-            recorder.saved[t] = x.float().cpu()
+            recorder.saved[t] = to_host(x, torch.float32)
         recorder.progress.update(1)
-    recorder.final = x.float().cpu()
+    recorder.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
     return x
 
 
@@ -80,7 +84,10 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
     layout = check_supported(model)
     check_inversion_covers(steps, inversion_steps)
     samples = check_latent_frames(latent, "latent", model.model.latent_format.latent_channels)
+    check_not_joint_edit_model(model)
     check_conditioning(conditioning, model, "conditioning")
+    check_no_area(conditioning, "conditioning", tuple(samples.shape[-2:]))
+    check_frame_size_fits(model, tuple(samples.shape[1:]), "latent")
     check_control_hints(conditioning, samples.shape[0], "conditioning")
     sampling = model.get_model_object("model_sampling")
     model_sigmas = sampling.sigmas.float().cpu()
@@ -91,7 +98,8 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
     guider.inner_set_conds({"positive": conditioning})
     guider.set_cfg(1.0)
     sampler = comfy.samplers.KSAMPLER(_inversion_sampler, extra_options={
-        "recorder": recorder, "abar_start": float(1.0 / (1.0 + model_sigmas[0].double() ** 2))})
+        "recorder": recorder, "abar_start": float(alpha_bar_from_sigma(model_sigmas[0].double())),
+        "host_sigmas": model_sigmas[inv_ts].double().tolist()})
     sigmas = model_sigmas[inv_ts]
     x0 = model.model.process_latent_in(samples.float()).cpu()
     log.info("TokenFlow: inverting %d frames with %d DDIM steps", samples.shape[0], inversion_steps)

@@ -45,9 +45,12 @@ class TokenFlowSampler(io.ComfyNode):
                                "steps with residual-block feature injection. Higher keeps more structure."),
                 io.Float.Input("sdedit_start", default=0.9, min=0.01, max=1.0, step=0.01, tooltip="SDEdit: how much "
                                "noise to start from (0.9 keeps 44 of 50 steps). Higher edits more, keeps less."),
-                io.Int.Input("batch_size", default=8, min=1, max=512, tooltip="Frames per propagation batch, with one "
-                             "keyframe drawn per batch (official 8). With correspondences connected the keyframes come "
-                             "from them and this only sets how many frames go through the UNet at once."),
+                io.Int.Input("batch_size", default=8, min=1, max=512, tooltip="B: one keyframe is drawn per batch of B "
+                             "frames and a frame blends its batch's keyframe with the previous batch's (official 8). "
+                             "It does not set how many frames share a UNet call (that follows the device's memory). "
+                             "A clip shorter than B is one batch. With correspondences connected the keyframe plan "
+                             "(batch_size, keyframes, seed, blend, max_keyframes) comes from the extraction and these "
+                             "are not used; the log says which plan ran."),
                 io.Combo.Input("keyframes", options=list(KEYFRAME_MODES), default="random", tooltip="random: new "
                                "keyframes every step (the paper); fixed: each batch's middle frame (ablation)."),
                 io.Int.Input("seed", default=1, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
@@ -58,8 +61,11 @@ class TokenFlowSampler(io.ComfyNode):
                                           "skip the source branch entirely."),
                 io.Combo.Input("blend", options=list(BLEND_MODES), default="official", optional=True, tooltip="How a frame "
                                "blends its two keyframes (see the README). Ignored with correspondences."),
-                io.Int.Input("max_keyframes", default=0, min=0, max=4096, optional=True, tooltip="Cap on keyframes per "
-                             "step for long clips (0 = one per batch). Ignored with correspondences."),
+                io.Int.Input("max_keyframes", default=0, min=-1, max=4096, optional=True, tooltip="Cap on keyframes per "
+                             "step. 0 = automatic: none up to 64 frames (the official plan), 16 for longer clips; -1 = "
+                             "never (one per batch); N = at most N, spread evenly. Fewer keyframes bound memory and time "
+                             "(extended attention grows with the square of the count) but put frames farther from their "
+                             "keyframes. Ignored with correspondences."),
                 io.Int.Input("steps", default=0, min=0, max=1000, optional=True, tooltip="Editing steps; 0 uses the "
                              f"inversion's count (1 to {MAX_STEPS} otherwise). Other counts must fit the inversion's "
                              "steps: " + step_grid_rule("steps", "the inversion's steps") + "."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 
@@ -22,11 +23,12 @@ from ..tokenflow_ops.schedule import alpha_bar_from_sigma
 from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
 from .call_sizing import even_chunks, fits, frames_per_call
 from .edit_plan import EditPlan, EditSettings, make_plan
-from .frame_guider import FrameSubsetGuider
+from .editors import get_editor
+from .frame_guider import FrameSubsetGuider, frames_of
 from .model_support import check_supported, model_fingerprint
 from .products import TokenFlowCorrespondences, TokenFlowInversion
-from .validation import (check_batch_size, check_conditioning, check_control_hints, check_correspondences,
-                         check_inversion_model)
+from .validation import (check_conditioning, check_control_hints, check_correspondences, check_frame_size_fits,
+                         check_inversion_model, check_no_area, check_not_joint_edit_model, clamp_batch_size)
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,6 @@ class TokenFlowGuider(FrameSubsetGuider):
         self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * inversion.n_frames)
         self.trace: list[tuple] | None = None  # set to [] to log (timestep, kind, where, phase) of PnP injections
         self.calls_per_step: list[list[int]] = []  # frames of each UNet pass (diagnostics and tests)
-
-    def _step_index(self, timestep: torch.Tensor) -> int:
-        return int((self.step_sigmas - float(timestep.flatten()[0])).abs().argmin())
 
     def _field_provider(self, step: int):
         corr = self.plan.correspondences
@@ -83,7 +82,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         return self.calc_on_frames([SOURCE] + edit_names, x, timestep, idx, model_options, ctx, n, cache=cache)[1:]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        step = self._step_index(timestep)
+        step = self.current_step
         t = self.plan.timesteps[step]
         needs = self.plan.needs[step]
         on_the_fly = self.plan.on_the_fly
@@ -125,7 +124,7 @@ class TokenFlowGuider(FrameSubsetGuider):
                 preds = self._run_pass(Phase.FRAMES, idx, x, frame_source, edit_names, timestep, model_options,
                                        common, n, separate_source=separate,
                                        stop_source_early=self.skip_unused_source and needs.source_stops_early(on_the_fly))
-                out[idx.to(x.device)] = self._combine(preds, x, timestep, idx, model_options)
+                out[frames.start:frames.stop] = self._combine(preds, x, timestep, idx, model_options)
                 calls.append(len(idx))
                 self.progress.update(len(idx))
         finally:
@@ -136,8 +135,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         return out
 
     def _combine(self, preds: list[torch.Tensor], x, timestep, idx, model_options) -> torch.Tensor:
-        dev_idx = idx.to(x.device)
-        x_b, t_b = x[dev_idx], timestep[dev_idx]
+        x_b, t_b = frames_of(x, idx), frames_of(timestep, idx)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             preds = fn({"conds": None, "conds_out": preds, "cond_scale": self.cfg, "timestep": t_b, "input": x_b,
                         "sigma": t_b, "model": self.inner_model, "model_options": model_options})
@@ -145,12 +143,13 @@ class TokenFlowGuider(FrameSubsetGuider):
         return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x_b, t_b, model_options)
 
 
-def _ddim_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def _ddim_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, begin_step=None):
     """Deterministic DDIM (eta 0) in ComfyUI's sigma space; the last sigma is the final level, not 0."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         comfy.model_management.throw_exception_if_processing_interrupted()
+        begin_step(i)  # the guider learns the step here, not by reading the sigma back from the device
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
@@ -166,15 +165,23 @@ def start_latent(inversion: TokenFlowInversion, sigmas_all: torch.Tensor, first_
     return add_noise(inversion.x0, noise, abar_0)
 
 
-def prepare_edit(model, inversion: TokenFlowInversion, settings: EditSettings,
+def prepare_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
                  correspondences: TokenFlowCorrespondences | None):
     """Validate everything and build the guider, sigmas and start latent before any heavy work."""
     layout = check_supported(model)
+    check_not_joint_edit_model(model)
     fingerprint = model_fingerprint(model)
     check_inversion_model(inversion, fingerprint)
-    check_batch_size(settings.batch_size, inversion.n_frames)
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        check_conditioning(conditioning, model, name)
+        check_no_area(conditioning, name, inversion.latent_shape[-2:])
+        check_control_hints(conditioning, inversion.n_frames, name)
+    get_editor(settings.editor).check_conditioning(positive, negative)
+    check_frame_size_fits(model, inversion.latent_shape, "inversion")
     if correspondences is not None:
         check_correspondences(correspondences, inversion, fingerprint)
+    else:
+        settings = replace(settings, batch_size=clamp_batch_size(settings.batch_size, inversion.n_frames))
     sigmas_all = model.get_model_object("model_sampling").sigmas.float().cpu()
     plan = make_plan(settings, inversion, layout, model.model.diffusion_model, correspondences)
     sigmas = torch.cat([sigmas_all[plan.timesteps], sigmas_all[:1]])
@@ -190,15 +197,12 @@ def prepare_edit(model, inversion: TokenFlowInversion, settings: EditSettings,
 def run_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
              correspondences: TokenFlowCorrespondences | None = None, callback=None, trace: list | None = None) -> dict:
     """Run the edit; ``trace`` (a list) receives (timestep, kind, where, phase) for every PnP injection."""
-    guider, sigmas, start = prepare_edit(model, inversion, settings, correspondences)
-    for name, conditioning in (("positive", positive), ("negative", negative)):
-        check_conditioning(conditioning, model, name)
-        check_control_hints(conditioning, inversion.n_frames, name)
+    guider, sigmas, start = prepare_edit(model, positive, negative, inversion, settings, correspondences)
     guider.trace = trace
     guider.inner_set_conds({"positive": positive, "negative": negative, SOURCE: inversion.conditioning})
     start_model_space = start / _abar(float(sigmas[0].double())) ** 0.5
     latent_image = model.model.process_latent_out(start_model_space)
-    sampler = comfy.samplers.KSAMPLER(_ddim_sampler)
+    sampler = comfy.samplers.KSAMPLER(_ddim_sampler, extra_options={"begin_step": guider.begin_step})
     log.info("TokenFlow: editing %d frames, %s editor, %d steps", inversion.n_frames, settings.editor, len(sigmas) - 1)
     samples = guider.sample(torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback,
                             seed=settings.seed, disable_pbar=True)

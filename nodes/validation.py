@@ -1,9 +1,13 @@
 """Input checks shared by the nodes: each raises a clear error naming the input and the fix."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
+
+log = logging.getLogger(__name__)
 
 MAX_LATENT_SIDE = 1024  # 8192 px
 MIN_LATENT_SIDE = 8  # 64 px: the UNet downsamples three times
@@ -40,10 +44,13 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
     return samples
 
 
-def check_batch_size(batch_size: int, n_frames: int) -> None:
+def clamp_batch_size(batch_size: int, n_frames: int) -> int:
+    """A batch_size larger than the clip means one batch: clamp it and say so."""
     if batch_size > n_frames:
-        raise ValueError(f"batch_size ({batch_size}) is larger than the clip ({n_frames} frames); "
-                         f"use batch_size <= {n_frames} (the default 8 suits clips of 8+ frames)")
+        log.warning("TokenFlow: batch_size %d is larger than the clip (%d frames); using %d (one batch, one keyframe "
+                    "per step)", batch_size, n_frames, n_frames)
+        return n_frames
+    return batch_size
 
 
 def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, model_fp: str) -> None:
@@ -81,6 +88,57 @@ def check_conditioning(conditioning, model, input_name: str) -> None:
         if not torch.isfinite(cond).all():
             raise ValueError(f"{input_name}: the conditioning contains NaN or infinite values; encode the prompt "
                              "again (a text encoder in fp16 can overflow: try --fp32-text-enc)")
+
+
+def _covers_frame(area, latent_hw: tuple[int, int]) -> bool:
+    if not isinstance(area, (list, tuple)) or len(area) != 4 or not all(isinstance(v, int) for v in area):
+        return False  # percentage areas and other forms: assume a crop
+    h, w, y, x = area
+    return y == 0 and x == 0 and h >= latent_hw[0] and w >= latent_hw[1]
+
+
+def check_no_area(conditioning, input_name: str, latent_hw: tuple[int, int]) -> None:
+    """Area conditioning crops the latent per cond: TokenFlow's token fields cover whole frames only.
+
+    An area that covers the whole frame changes nothing and is accepted.
+    """
+    for entry in conditioning or ():
+        options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else {}
+        if isinstance(options, dict) and options.get("area") is not None and not _covers_frame(options["area"], latent_hw):
+            raise ValueError(f"{input_name}: area conditioning (Conditioning Set Area) is not supported by TokenFlow: "
+                             "its correspondences and propagated attention cover whole frames. Remove the Set Area "
+                             "node (or combine full-frame prompts with Conditioning Combine)")
+
+
+def has_controlnet(conditioning) -> bool:
+    return any(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
+               and entry[1].get("control") is not None for entry in conditioning or ())
+
+
+def check_not_joint_edit_model(model, input_name: str = "model") -> None:
+    """The Keyframe Joint Edit output is for plain samplers; the TokenFlow stages patch attention themselves."""
+    from .attention_patches import JOINT_KEY  # local: validation stays importable without the patch layer
+
+    if model.model_options.get("transformer_options", {}).get(JOINT_KEY):
+        raise ValueError(f"{input_name}: this model comes from TokenFlow Keyframe Joint Edit, whose attention patch is "
+                         "for ordinary samplers (KSampler). Connect the model from Load Checkpoint (or your LoRA "
+                         "loaders) directly: TokenFlow Invert, Extract Correspondences and Sampler patch it themselves")
+
+
+def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
+    """Refuse frames so large that one UNet call on a single frame exceeds the device's memory."""
+    import comfy.model_management
+
+    from .call_sizing import call_bytes
+
+    device = comfy.model_management.get_torch_device()
+    need = call_bytes(model.model, 1, latent_shape) + model.model_size()
+    total = comfy.model_management.get_total_memory(device)
+    if need > total:
+        h, w = latent_shape[-2:]
+        raise ValueError(f"{input_name}: one UNet call on a single {w * 8}x{h * 8} px frame needs about "
+                         f"{need / 2**30:.1f} GiB, more than this device has ({total / 2**30:.1f} GiB); lower the "
+                         "resolution (TokenFlow Load Video's width/height, or scale the images before VAE Encode)")
 
 
 def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:

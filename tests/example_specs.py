@@ -50,7 +50,7 @@ def _source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
         N(3, "VAEEncode", "Invert"),
         N(4, "CLIPTextEncode", "Invert", widgets={"text": INVERSION_PROMPT},
           title="Inversion prompt (describes the source)"),
-        N(7, "TokenFlowInvert", "Invert", 1, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 16}),
+        N(7, "TokenFlowInvert", "Invert", 1, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 0}),
         N(5, "CLIPTextEncode", "Edit", widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
         N(6, "CLIPTextEncode", "Edit", widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt"),
     ]
@@ -189,7 +189,7 @@ def _baselines() -> Example:
                          "width": 512, "height": 512, "size_multiple": 64, "path": ""}),
               N(41, "VAEEncode", "Invert", band=2),
               N(42, "TokenFlowInvert", "Invert", 1, band=2, widgets={"steps": 50, "inversion_steps": 500,
-                                                                     "frame_batch": 16}),
+                                                                     "frame_batch": 0}),
               N(43, "TokenFlowKeyframeJointEdit", "Edit", band=2),
               N(44, "KSamplerAdvanced", "Edit", 1, band=2, widgets=dict(ksampler), title="Joint edit of the keyframes")]
     links += [(40, 0, 41, "pixels"), (1, "VAE", 41, "vae"),

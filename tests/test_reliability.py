@@ -297,6 +297,19 @@ def _edit(w, model=None, pos=None, neg=None, inversion=None, **settings):
     return edit(model or w["model"], pos or c["pos"], neg or c["neg"], inversion or c["inversion"], **settings)
 
 
+def _with_area(conditioning):
+    import node_helpers
+
+    return node_helpers.conditioning_set_values(conditioning, {"area": (4, 4, 0, 0), "strength": 1.0,
+                                                               "set_area_to_bounds": False})
+
+
+def _joint_edit(model):
+    from comfyui_tokenflow.nodes.joint_edit_nodes import TokenFlowKeyframeJointEdit
+
+    return TokenFlowKeyframeJointEdit.execute(model).result[0]
+
+
 def _samples(shape, fill=None, **extra):
     samples = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if fill is not None:
@@ -348,10 +361,18 @@ BAD_INPUTS = [
      ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
     ("model-flux-sampler", lambda w: _edit(w, model=w["flux"]),
      ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
-    ("sampler-batch_size-larger-than-clip", lambda w: _edit(w, batch_size=N + 1),
-     ["batch_size (4)", f"clip ({N} frames)", f"use batch_size <= {N}"]),
-    ("extraction-batch_size-larger-than-clip", lambda w: extract(w["model"], w["clip"]["inversion"], batch_size=8),
-     ["batch_size (8)", f"use batch_size <= {N}"]),
+    ("sampler-area-conditioning", lambda w: _edit(w, pos=_with_area(w["clip"]["pos"])),
+     ["positive", "Conditioning Set Area", "not supported", "Remove the Set Area node"]),
+    ("inversion-area-conditioning", lambda w: _invert(w, cond=_with_area(w["clip"]["src"])),
+     ["conditioning", "Conditioning Set Area", "Remove the Set Area node"]),
+    ("sampler-joint-edit-model", lambda w: _edit(w, model=_joint_edit(w["model"])),
+     ["model", "Keyframe Joint Edit", "Connect the model from Load Checkpoint"]),
+    ("inversion-joint-edit-model", lambda w: _invert(w, model=_joint_edit(w["model"])),
+     ["model", "Keyframe Joint Edit", "Connect the model from Load Checkpoint"]),
+    ("extraction-joint-edit-model", lambda w: extract(_joint_edit(w["model"]), w["clip"]["inversion"]),
+     ["model", "Keyframe Joint Edit", "patch it themselves"]),
+    ("latent-too-large-for-the-device", lambda w: _invert(w, latent=_samples((1, 4, 1024, 1024))),
+     ["latent", "8192x8192 px frame needs about", "more than this device has", "lower the resolution"]),
     ("sampler-correspondences-of-another-inversion", lambda w: _edit(w, correspondences=w["other_corr"]),
      ["correspondences", "different inversion", "connect the same TokenFlow Invert output"]),
     ("sampler-correspondences-of-another-model", lambda w: _edit(w, correspondences=w["other_model_corr"]),

@@ -53,15 +53,32 @@ def keyframe_plan(n_frames: int, batch_size: int, steps: int, seed: int, mode: s
     return torch.stack(rows)
 
 
-def spread_keyframe_groups(n_frames: int, batch_size: int, max_keyframes: int) -> int:
-    """Keyframe group size: ``batch_size`` (one keyframe per batch) unless that exceeds ``max_keyframes``.
+OFFICIAL_PLAN_FRAMES = 64  # clips up to this length always keep one keyframe per batch
+AUTO_MAX_KEYFRAMES = 16  # the automatic cap for longer clips
 
-    With a cap, groups grow to ``ceil(n / max_keyframes)`` frames so that at most ``max_keyframes``
-    keyframes are jointly edited per step, spread evenly over the clip.
+
+def auto_max_keyframes(n_frames: int) -> int:
+    """The automatic keyframe cap: none up to 64 frames (the official plan), 16 beyond.
+
+    It depends on the frame count only, never on the device, so a clip gives the same result on
+    every card. Extended attention over K keyframes costs K^2 (K keyframes x K*N keys) and the
+    keyframe bank grows with K; past 16 keyframes a step is dominated by it. The price of the cap:
+    groups grow to ceil(n / 16) frames, so a frame may be farther from its keyframes.
     """
-    if max_keyframes <= 0:
+    return 0 if n_frames <= OFFICIAL_PLAN_FRAMES else AUTO_MAX_KEYFRAMES
+
+
+def spread_keyframe_groups(n_frames: int, batch_size: int, max_keyframes: int) -> int:
+    """Keyframe group size: ``batch_size`` (one keyframe per batch) unless that exceeds the keyframe cap.
+
+    ``max_keyframes`` > 0 is the cap, 0 the automatic one (:func:`auto_max_keyframes`), < 0 none.
+    With a cap, groups grow to ``ceil(n / cap)`` frames so that at most that many keyframes are
+    jointly edited per step, spread evenly over the clip.
+    """
+    cap = auto_max_keyframes(n_frames) if max_keyframes == 0 else max_keyframes
+    if cap <= 0:
         return batch_size
-    return max(batch_size, -(-n_frames // max_keyframes))
+    return max(batch_size, -(-n_frames // cap))
 
 
 @dataclass(frozen=True)
