@@ -123,7 +123,7 @@ class PassContext:
         """The blend weights of this call's frames on ``device`` (copied once per call)."""
         key = ("weights", device)
         if key not in self._device_cache:
-            self._device_cache[key] = self.pairing.weights[self.frames].to(device)
+            self._device_cache[key] = self.pairing.weights[self.frames].to(device, non_blocking=True)
         return self._device_cache[key]
 
     def gather_rows(self, branch_rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -131,7 +131,7 @@ class PassContext:
         key = ("rows", branch_rows, device)
         if key not in self._device_cache:
             slots = self.pairing.slots[self.frames]
-            self._device_cache[key] = gather_base(torch.tensor(branch_rows), slots).to(device)
+            self._device_cache[key] = gather_base(torch.tensor(branch_rows), slots).to(device, non_blocking=True)
         return self._device_cache[key]
 
     def fields_for(self, block: BlockKey, device: torch.device) -> torch.Tensor:
@@ -139,7 +139,7 @@ class PassContext:
         if fields is None:
             if self.field_provider is None:
                 raise RuntimeError(f"TokenFlow: no correspondences for block {block}; the source branch did not run")
-            fields = self.bank.fields[block] = self.field_provider(block, self.frames).to(device)
+            fields = self.bank.fields[block] = self.field_provider(block, self.frames).to(device, non_blocking=True)
         return fields
 
 
@@ -176,7 +176,7 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
         return n, context, value
     if block not in ctx.bank.fields:
         if ctx.field_provider is not None:
-            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(n.device)
+            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(n.device, non_blocking=True)
         elif source_tokens is not None:
             ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.keyframe_tokens[block],
                                                   ctx.pairing, ctx.max_elements)

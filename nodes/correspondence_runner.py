@@ -83,7 +83,7 @@ def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
         comfy.model_management.throw_exception_if_processing_interrupted()
         begin_step(i)
         abar = float(alpha_bar_from_sigma(host_sigmas[i]))
-        model(source[i].to(device=x.device, dtype=x.dtype) / abar ** 0.5, sigma * s_in, **extra_args)
+        model(source[i].to(device=x.device, dtype=x.dtype, non_blocking=True) / abar ** 0.5, sigma * s_in, **extra_args)
     return x
 
 

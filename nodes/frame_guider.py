@@ -39,7 +39,7 @@ def to_host(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
 
 def _slice_frames(value: torch.Tensor, idx: torch.Tensor, n_frames: int) -> torch.Tensor:
     if n_frames > 1 and value.ndim > 0 and value.shape[0] == n_frames:
-        return value[idx.to(value.device)]
+        return value[idx.to(value.device, non_blocking=True)]
     return value
 
 
@@ -47,7 +47,7 @@ def frames_of(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``tensor[idx]``, as a view when ``idx`` (CPU) is a consecutive run of frames."""
     if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel() and bool((idx.diff() == 1).all()):
         return tensor[int(idx[0]):int(idx[-1]) + 1]
-    return tensor[idx.to(tensor.device)]
+    return tensor[idx.to(tensor.device, non_blocking=True)]
 
 
 class FrameSubsetGuider(comfy.samplers.CFGGuider):
@@ -123,7 +123,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
                 for name, item in value.items():
                     tensor = getattr(item, "cond", None)
                     if isinstance(tensor, torch.Tensor) and n_frames > 1 and tensor.shape[0] == n_frames:
-                        sliced[name] = item._copy_with(tensor[idx.to(tensor.device)])
+                        sliced[name] = item._copy_with(tensor[idx.to(tensor.device, non_blocking=True)])
                     else:
                         sliced[name] = item
                 out[key] = sliced

@@ -40,7 +40,7 @@ class FrameBatchGuider(FrameSubsetGuider):
         out = torch.empty_like(x)
         for frames in even_chunks(n, per_call):
             idx = torch.arange(frames.start, frames.stop)
-            (out[idx.to(x.device)],) = self.calc_on_frames(["positive"], x, timestep, idx, model_options, None, n)
+            (out[frames.start:frames.stop],) = self.calc_on_frames(["positive"], x, timestep, idx, model_options, None, n)
         return out
 
 

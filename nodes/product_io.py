@@ -49,6 +49,11 @@ class ProductFileError(ValueError):
     """A TokenFlow product file that cannot be used; the message names the file and the fix."""
 
 
+# ComfyUI's error dialog shows ``module.QualName`` of an exception type; a custom node's module path is the
+# pack's folder on disk. Shown as a builtin, the dialog reads "ProductFileError" instead.
+ProductFileError.__module__ = "builtins"
+
+
 # ------------------------------------------------------------------ helpers
 
 def _checksum(tensor: torch.Tensor) -> str:

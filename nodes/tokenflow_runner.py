@@ -78,7 +78,7 @@ class TokenFlowGuider(FrameSubsetGuider):
             return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
                                        PassContext(phase, frames=idx, **common), n, cache=cache)
         # Listed first, the source branch runs first should ComfyUI not batch it with the edit branches.
-        ctx = PassContext(phase, frames=idx, source_index=0, source_input=source[idx.to(source.device)], **common)
+        ctx = PassContext(phase, frames=idx, source_index=0, source_input=frames_of(source, idx), **common)
         return self.calc_on_frames([SOURCE] + edit_names, x, timestep, idx, model_options, ctx, n, cache=cache)[1:]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -99,7 +99,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         source = None
         if needs.source_in_keyframe_pass(on_the_fly):
             latents = self.inversion.trajectory[self.plan.trajectory_steps[step]]
-            source = (latents / _abar(float(self.step_sigmas[step])) ** 0.5).to(device=x.device, dtype=x.dtype)
+            source = (latents / _abar(float(self.step_sigmas[step])) ** 0.5).to(device=x.device, dtype=x.dtype, non_blocking=True)
         own_calls = source is not None and not self._source_shares_calls(edit_names)
         model = self.inner_model
         out = torch.empty_like(x)

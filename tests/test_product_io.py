@@ -275,3 +275,9 @@ def test_unstorable_conditioning_options_are_dropped_with_a_warning(products, tm
     path = product_io.save_inversion(inversion, tmp_path / "inv.safetensors")
     assert "control (object)" in caplog.text
     assert_same(product_io.load_inversion(path).conditioning, products["inversion"].conditioning)
+
+
+def test_ui_error_type_is_a_plain_name():
+    import execution
+
+    assert execution.full_type_name(ProductFileError) == "ProductFileError"

@@ -68,7 +68,8 @@ def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, 
     n, m = frame_units.shape[1], key_units.shape[1]
     device = frame_units.device
     out = torch.empty(pair_rows.shape[0], n, dtype=torch.long, device=device)
-    rows_dev, slots_dev = pair_rows.to(device), pair_slots.to(device)
+    # Host-built indices go over without a stream synchronisation (non_blocking).
+    rows_dev, slots_dev = pair_rows.to(device, non_blocking=True), pair_slots.to(device, non_blocking=True)
     keys_t = key_units.transpose(1, 2)  # (K, d, M)
     per_chunk = max_elements // max(1, n * m)
     if per_chunk >= 1:
@@ -95,4 +96,4 @@ def frame_fields(frame_tokens: torch.Tensor, frame_ids: torch.Tensor, keyframe_t
     """
     pair_rows, pair_slots, where = distinct_pairs(pairing.slots[frame_ids.cpu()])
     fields = pair_nearest_neighbours(_unit(frame_tokens), _unit(keyframe_tokens), pair_rows, pair_slots, max_elements)
-    return fields[where.to(fields.device)]
+    return fields[where.to(fields.device, non_blocking=True)]

@@ -27,5 +27,5 @@ def propagate(keyframe_values: torch.Tensor, fields: torch.Tensor, base: torch.T
     c, f = base.shape[:2]
     index = (base * m).unsqueeze(-1) + fields.unsqueeze(0)  # (C, F, 2, N)
     gathered = keyframe_values.reshape(rows * m, d).index_select(0, index.flatten()).view(c, f, 2, -1, d)
-    w = weights.to(device=keyframe_values.device, dtype=keyframe_values.dtype).view(1, f, 2, 1, 1)
+    w = weights.to(device=keyframe_values.device, dtype=keyframe_values.dtype, non_blocking=True).view(1, f, 2, 1, 1)
     return gathered[:, :, 0] * w[:, :, 0] + gathered[:, :, 1] * w[:, :, 1]
