@@ -30,6 +30,7 @@ PACKAGE = "comfyui_tokenflow"
 DEFAULT_COMFYUI = Path.home() / "comfy" / "ComfyUI"
 
 _DONE = False
+_CODE_AT_START: tuple[str, str] | None = None
 
 
 def comfyui_path() -> Path:
@@ -85,6 +86,8 @@ def bootstrap(device: str = "cpu", threads: int | None = None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
     _register_package()
+    global _CODE_AT_START
+    _CODE_AT_START = (git_commit(), code_fingerprint())  # the code this process imports, before anyone edits it
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
@@ -148,6 +151,31 @@ def git_commit() -> str:
         return "unknown"
 
 
+PACK_CODE = ("__init__.py", "nodes", "tokenflow_ops")  # what a benchmark measures (not tests/ or benchmarks/)
+
+
+def code_fingerprint() -> str:
+    """Short hash of the pack code's uncommitted changes (diff to HEAD + untracked files); "" when clean.
+
+    Identifies a measurement made on a dirty working tree: the same fingerprint, the same code.
+    """
+    import hashlib
+
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD", "--binary", "--", *PACK_CODE], cwd=REPO, capture_output=True,
+                              check=True).stdout
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", *PACK_CODE], cwd=REPO,
+                                   capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    if not diff and not untracked:
+        return ""
+    digest = hashlib.sha1(diff)
+    for name in sorted(untracked):
+        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def machine_lines(device) -> list[str]:
     import torch
 
@@ -161,5 +189,7 @@ def machine_lines(device) -> list[str]:
             if line.startswith("__version__"):
                 comfy_version = line.split("=", 1)[1].strip().strip('"')
     lines.append(f"- torch {torch.__version__}, ComfyUI {comfy_version}, python {platform.python_version()}")
-    lines.append(f"- git commit {git_commit()}")
+    commit, fingerprint = _CODE_AT_START or (git_commit(), code_fingerprint())
+    lines.append(f"- git commit {commit}" + (f" (uncommitted pack code: fingerprint {fingerprint} of the diff "
+                                                   f"and untracked files in {', '.join(PACK_CODE)})" if fingerprint else ""))
     return lines

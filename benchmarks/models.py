@@ -14,6 +14,9 @@ input 1,2,4,5,7,8, middle, output 3-11; channel_mult 1,2,2,2 for tiny as in the 
 
 On CUDA the weight dtype is ComfyUI's own choice (``model_management.unet_dtype``: fp16 on most GPUs,
 bf16/fp32 where fp16 is not supported) and the ModelPatcher loads to the GPU when sampling starts.
+``dtype`` (``bench_tokenflow.py --dtype``) forces one, also on a CPU, where it checks the reduced-
+precision code path (the ControlNet's ``dtype`` attribute must follow its weights, see
+:func:`make_controlnet`).
 """
 from __future__ import annotations
 
@@ -61,17 +64,35 @@ def load_device(device: str) -> torch.device:
     return torch.device("cpu") if device == "cpu" else comfy.model_management.get_torch_device()
 
 
-def make_unet(size: str, device: str = "cpu", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(size: str, device: str, dtype: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, ComfyUI's manual-cast compute dtype or None) for a model on ``device``.
+
+    ``auto``: float32 on a CPU, ComfyUI's own choice on CUDA (``model_management.unet_dtype``: fp16
+    on most GPUs). A named dtype is used as is (on a CPU without manual cast: a CPU check of the
+    fp16/bf16 code path), with ComfyUI's manual cast on CUDA where the device needs it.
+    """
+    load = load_device(device)
+    supported = comfy.supported_models.SD15.supported_inference_dtypes
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {tuple(DTYPES)}, got {dtype!r}")
+    if load.type == "cpu":
+        return (torch.float32 if dtype == "auto" else DTYPES[dtype]), None
+    if dtype == "auto":
+        weight = comfy.model_management.unet_dtype(model_params=APPROX_PARAMS[size], supported_dtypes=supported,
+                                                   device=load)
+    else:
+        weight = DTYPES[dtype]
+    return weight, comfy.model_management.unet_manual_cast(weight, load, supported)
+
+
+def make_unet(size: str, device: str = "cpu", seed: int = 0, dtype: str = "auto") -> comfy.model_patcher.ModelPatcher:
     """A random-weight SD1.5-layout eps model as a ModelPatcher (float32 on CPU, ComfyUI's dtype on CUDA)."""
     load = load_device(device)
-    if load.type == "cpu":
-        dtype, manual_cast = torch.float32, None
-    else:
-        supported = comfy.supported_models.SD15.supported_inference_dtypes
-        dtype = comfy.model_management.unet_dtype(model_params=APPROX_PARAMS[size], supported_dtypes=supported,
-                                                  device=load)
-        manual_cast = comfy.model_management.unet_manual_cast(dtype, load, supported)
-    model_config = _model_config(size, dtype, manual_cast)
+    weight_dtype, manual_cast = resolve_dtype(size, device, dtype)
+    model_config = _model_config(size, weight_dtype, manual_cast)
     model = model_config.get_model({}, device=torch.device("cpu"))
     tiny_models.init_weights(model.diffusion_model, seed)
     model.eval()
@@ -79,20 +100,31 @@ def make_unet(size: str, device: str = "cpu", seed: int = 0) -> comfy.model_patc
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
-def make_controlnet(size: str, device: str = "cpu", seed: int = 1) -> comfy.controlnet.ControlNet:
-    """A random-weight cldm ControlNet matching :func:`make_unet` (hint: IMAGE 8x the latent), non-zero zero-convs."""
+def make_controlnet(size: str, device: str = "cpu", seed: int = 1, dtype: str = "auto") -> comfy.controlnet.ControlNet:
+    """A random-weight cldm ControlNet matching :func:`make_unet` (hint: IMAGE 8x the latent), non-zero zero-convs.
+
+    Built as ``comfy.controlnet.load_controlnet`` builds one: the model's ``dtype`` attribute (which
+    ComfyUI casts the ControlNet's inputs to) is its weight dtype, its operations are ComfyUI's
+    choice for that dtype, and the manual-cast dtype goes to the ``ControlNet`` wrapper.
+    """
     load = load_device(device)
-    config = dict(_model_config(size, torch.float32, None).unet_config)
+    weight_dtype, manual_cast = resolve_dtype(size, device, dtype)
+    config = dict(_model_config(size, weight_dtype, manual_cast).unet_config)  # its "dtype" is weight_dtype
     config.pop("out_channels")
-    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, device=torch.device("cpu"))
+    operations = comfy.ops.pick_operations(weight_dtype, manual_cast, disable_fast_fp8=True)
+    config.update(hint_channels=3, operations=operations, device=torch.device("cpu"))
     control_model = comfy.cldm.cldm.ControlNet(**config)
     tiny_models.init_weights(control_model, seed)
     control_model.eval()
-    if load.type != "cpu":
-        dtype = comfy.model_management.unet_dtype(model_params=APPROX_PARAMS[size], device=load)
-        control_model = control_model.to(dtype)
-        return comfy.controlnet.ControlNet(control_model, load_device=load, manual_cast_dtype=None)
-    return comfy.controlnet.ControlNet(control_model, load_device=load)
+    check_controlnet_dtype(control_model)
+    return comfy.controlnet.ControlNet(control_model, load_device=load, manual_cast_dtype=manual_cast)
+
+
+def check_controlnet_dtype(control_model: torch.nn.Module) -> None:
+    """ComfyUI feeds a ControlNet inputs of its ``dtype`` attribute: it must be its weights' dtype."""
+    weights = {p.dtype for p in control_model.parameters()}
+    if weights != {control_model.dtype}:
+        raise RuntimeError(f"ControlNet dtype attribute {control_model.dtype} but weights {sorted(map(str, weights))}")
 
 
 def parameter_count(model: comfy.model_patcher.ModelPatcher) -> int:
