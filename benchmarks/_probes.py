@@ -163,7 +163,9 @@ def clock() -> float:
 def step_kind(guider, timestep) -> str:
     """Steps of one kind cost the same: TokenFlow steps differ only by which PnP injections they do."""
     if isinstance(guider, tokenflow_runner.TokenFlowGuider):
-        needs = guider.plan.needs[guider._step_index(timestep)]
+        # The pack's samplers set current_step before each model call (older engines: the step from the sigma).
+        step = guider.current_step if hasattr(guider, "current_step") else guider._step_index(timestep)
+        needs = guider.plan.needs[step]
         return ("attn+" if needs.attention_injection else "") + ("res" if needs.residual_injection else "plain")
     return "step"
 
