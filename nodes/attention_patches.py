@@ -32,9 +32,9 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 
 from ..tokenflow_ops.attention import extended_attention
-from ..tokenflow_ops.correspondence import DEFAULT_MAX_ELEMENTS, frame_fields
+from ..tokenflow_ops.correspondence import DEFAULT_MAX_ELEMENTS, PairPlan, frame_fields, pair_plan, unit_tokens
 from ..tokenflow_ops.keyframes import FramePairing
-from ..tokenflow_ops.propagation import gather_base, propagate
+from ..tokenflow_ops.propagation import blend_weights, gather_base, propagate
 from .model_support import BlockKey, ModelLayout
 
 log = logging.getLogger(__name__)
@@ -119,20 +119,24 @@ class PassContext:
             return None, list(range(len(order)))
         return order.index(self.source_index), [i for i, c in enumerate(order) if c != self.source_index]
 
-    def frame_weights(self, device: torch.device) -> torch.Tensor:
-        """The blend weights of this call's frames on ``device`` (copied once per call)."""
-        key = ("weights", device)
+    def _cached(self, key: tuple, make: Callable[[], torch.Tensor]):
         if key not in self._device_cache:
-            self._device_cache[key] = self.pairing.weights[self.frames].to(device, non_blocking=True)
+            self._device_cache[key] = make()
         return self._device_cache[key]
 
-    def gather_rows(self, branch_rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """(C, F, 2) keyframe rows for :func:`propagate` (built once per call and chunk layout)."""
-        key = ("rows", branch_rows, device)
-        if key not in self._device_cache:
-            slots = self.pairing.slots[self.frames]
-            self._device_cache[key] = gather_base(torch.tensor(branch_rows), slots).to(device, non_blocking=True)
-        return self._device_cache[key]
+    def frame_weights(self, values: torch.Tensor) -> torch.Tensor:
+        """This call's blend weights for :func:`propagate`, on the values' device and dtype (once per call)."""
+        return self._cached(("weights", values.device, values.dtype), lambda: blend_weights(
+            self.pairing.weights[self.frames], values.dtype).to(values.device, non_blocking=True))
+
+    def gather_rows(self, branch_rows: tuple[int, ...], tokens: int, device: torch.device) -> torch.Tensor:
+        """Flat keyframe rows for :func:`propagate` (once per call, chunk layout and token count)."""
+        return self._cached(("rows", branch_rows, tokens, device), lambda: gather_base(
+            torch.tensor(branch_rows), self.pairing.slots[self.frames], tokens).to(device, non_blocking=True))
+
+    def pair_plan(self, device: torch.device) -> PairPlan:
+        """Which (frame, keyframe) searches this call's frames need (once per call)."""
+        return self._cached(("pairs", device), lambda: pair_plan(self.pairing.slots[self.frames]).to(device))
 
     def fields_for(self, block: BlockKey, device: torch.device) -> torch.Tensor:
         fields = self.bank.fields.get(block)
@@ -171,15 +175,16 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
     src, _ = ctx.roles(extra)
     source_tokens = n.chunk(_chunk_count(extra))[src] if src is not None else None
     if ctx.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
-        if source_tokens is not None:
-            ctx.bank.keyframe_tokens[block] = source_tokens
+        if source_tokens is not None and ctx.field_provider is None:  # only the nearest-neighbour search reads them
+            ctx.bank.keyframe_tokens[block] = unit_tokens(source_tokens)
         return n, context, value
     if block not in ctx.bank.fields:
         if ctx.field_provider is not None:
             ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(n.device, non_blocking=True)
         elif source_tokens is not None:
             ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.keyframe_tokens[block],
-                                                  ctx.pairing, ctx.max_elements)
+                                                  ctx.pairing, ctx.max_elements, plan=ctx.pair_plan(n.device),
+                                                  keys_are_unit=True)
     if ctx.phase is Phase.EXTRACT_FRAMES:
         ctx.field_sink(block, ctx.frames, ctx.bank.fields[block])
         return n, context, value
@@ -242,7 +247,7 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     if values.shape[1] != fields.shape[-1]:
         raise RuntimeError(f"TokenFlow: token count changed between passes at block {block} "
                            f"({values.shape[1]} vs {fields.shape[-1]}); area conditioning is not supported")
-    out = propagate(values, fields, ctx.gather_rows(rows, values.device), ctx.frame_weights(values.device))
+    out = propagate(values, fields, ctx.gather_rows(rows, values.shape[1], values.device), ctx.frame_weights(values))
     return out.reshape(-1, *out.shape[2:])
 
 

@@ -22,7 +22,7 @@ from ..tokenflow_ops.schedule import alpha_bar_from_sigma
 from ..tokenflow_ops.keyframes import keyframe_plan, spread_keyframe_groups
 from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
 from .call_sizing import even_chunks, frames_per_call
-from .frame_guider import FrameSubsetGuider, to_host
+from .frame_guider import FrameSubsetGuider, frame_ids, to_host
 from .model_support import check_supported, model_fingerprint
 from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
 from .validation import check_frame_size_fits, check_inversion_model, check_not_joint_edit_model, clamp_batch_size
@@ -64,11 +64,10 @@ class ExtractionGuider(FrameSubsetGuider):
                                 PassContext(Phase.EXTRACT_KEYFRAMES, frames=keyframes, **common), n, cache=False)
             per_call = frames_per_call(self.inner_model, 1, tuple(x.shape[1:]), x.device, n)
             for frames in even_chunks(n, per_call):
-                idx = torch.arange(frames.start, frames.stop)
                 bank.fields.clear()
-                self.calc_on_frames(["positive"], x, timestep, idx, model_options,
-                                    PassContext(Phase.EXTRACT_FRAMES, frames=idx, **common), n)
-                self.progress.update(len(idx))
+                self.calc_on_frames(["positive"], x, timestep, frames, model_options,
+                                    PassContext(Phase.EXTRACT_FRAMES, frames=frame_ids(frames), **common), n)
+                self.progress.update(len(frames))
         finally:
             bank.clear()
         return x

@@ -37,17 +37,27 @@ def to_host(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return host
 
 
-def _slice_frames(value: torch.Tensor, idx: torch.Tensor, n_frames: int) -> torch.Tensor:
+Frames = "range | torch.Tensor"  # a consecutive run of frames, or any frame indices (CPU long)
+
+
+def frames_of(tensor: torch.Tensor, frames: range | torch.Tensor) -> torch.Tensor:
+    """``tensor[frames]``: the tensor itself or a view for a range, a gather for indices."""
+    if isinstance(frames, range):
+        if frames.start == 0 and frames.stop == tensor.shape[0]:
+            return tensor
+        return tensor[frames.start:frames.stop]
+    return tensor[frames.to(tensor.device, non_blocking=True)]
+
+
+def frame_ids(frames: range | torch.Tensor) -> torch.Tensor:
+    """The frames as a CPU index tensor."""
+    return torch.arange(frames.start, frames.stop) if isinstance(frames, range) else frames
+
+
+def _slice_frames(value: torch.Tensor, frames: range | torch.Tensor, n_frames: int) -> torch.Tensor:
     if n_frames > 1 and value.ndim > 0 and value.shape[0] == n_frames:
-        return value[idx.to(value.device, non_blocking=True)]
+        return frames_of(value, frames)
     return value
-
-
-def frames_of(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``tensor[idx]``, as a view when ``idx`` (CPU) is a consecutive run of frames."""
-    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel() and bool((idx.diff() == 1).all()):
-        return tensor[int(idx[0]):int(idx[-1]) + 1]
-    return tensor[idx.to(tensor.device, non_blocking=True)]
 
 
 class FrameSubsetGuider(comfy.samplers.CFGGuider):
@@ -123,7 +133,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
                 for name, item in value.items():
                     tensor = getattr(item, "cond", None)
                     if isinstance(tensor, torch.Tensor) and n_frames > 1 and tensor.shape[0] == n_frames:
-                        sliced[name] = item._copy_with(tensor[idx.to(tensor.device, non_blocking=True)])
+                        sliced[name] = item._copy_with(frames_of(tensor, idx))
                     else:
                         sliced[name] = item
                 out[key] = sliced
@@ -134,7 +144,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         conds = self.conds.get(name)
         if conds is None:
             return None
-        key = (id(conds), tuple(idx.tolist()), n_frames)
+        key = (id(conds), tuple(idx) if isinstance(idx, range) else tuple(idx.tolist()), n_frames)
         if key in self._subset_cache:
             return self._subset_cache[key]
         subset = [self._subset_cond(c, idx, n_frames, memo) for c in conds]
@@ -143,7 +153,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         return subset
 
     # -- model calls -----------------------------------------------------------------------
-    def calc_on_frames(self, names: list[str | None], x: torch.Tensor, timestep: torch.Tensor, idx: torch.Tensor,
+    def calc_on_frames(self, names: list[str | None], x: torch.Tensor, timestep: torch.Tensor, idx: range | torch.Tensor,
                        model_options: dict, context: PassContext | None, n_frames: int, cache: bool = True) -> list[torch.Tensor]:
         """Denoised predictions for conds ``names`` on frames ``idx`` of ``x`` (already subset by the caller or not)."""
         comfy.model_management.throw_exception_if_processing_interrupted()

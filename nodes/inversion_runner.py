@@ -35,12 +35,12 @@ class FrameBatchGuider(FrameSubsetGuider):
         n = x.shape[0]
         per_call = frames_per_call(self.inner_model, 1, tuple(x.shape[1:]), x.device, n, cap=self.frame_batch)
         if per_call >= n:
-            (out,) = self.calc_on_frames(["positive"], x, timestep, torch.arange(n), model_options, None, n)
+            (out,) = self.calc_on_frames(["positive"], x, timestep, range(n), model_options, None, n)
             return out
         out = torch.empty_like(x)
         for frames in even_chunks(n, per_call):
-            idx = torch.arange(frames.start, frames.stop)
-            (out[frames.start:frames.stop],) = self.calc_on_frames(["positive"], x, timestep, idx, model_options, None, n)
+            (out[frames.start:frames.stop],) = self.calc_on_frames(["positive"], x, timestep, frames, model_options,
+                                                                   None, n)
         return out
 
 

@@ -24,7 +24,7 @@ from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_p
 from .call_sizing import even_chunks, fits, frames_per_call
 from .edit_plan import EditPlan, EditSettings, make_plan
 from .editors import get_editor
-from .frame_guider import FrameSubsetGuider, frames_of
+from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
 from .model_support import check_supported, model_fingerprint
 from .products import TokenFlowCorrespondences, TokenFlowInversion
 from .validation import (check_conditioning, check_control_hints, check_correspondences, check_frame_size_fits,
@@ -64,21 +64,22 @@ class TokenFlowGuider(FrameSubsetGuider):
         names = [SOURCE] + [name for name in edit_names if name]
         return not any(c.get("control") is not None for name in names for c in self.conds.get(name) or [])
 
-    def _run_pass(self, phase: Phase, idx: torch.Tensor, x, source, edit_names, timestep, model_options, common,
-                  n: int, separate_source: bool, stop_source_early: bool = False) -> list[torch.Tensor]:
+    def _run_pass(self, phase: Phase, idx: range | torch.Tensor, x, source, edit_names, timestep, model_options,
+                  common, n: int, separate_source: bool, stop_source_early: bool = False) -> list[torch.Tensor]:
         """One pass over frames ``idx``: the source branch with the edit branches, or before them."""
+        ids = frame_ids(idx)
         cache = phase is Phase.FRAMES  # propagation subsets recur every step; keyframe subsets do not
         if source is None:
             return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
-                                       PassContext(phase, frames=idx, **common), n, cache=cache)
+                                       PassContext(phase, frames=ids, **common), n, cache=cache)
         if separate_source:
             self.calc_on_frames([SOURCE], source, timestep, idx, model_options,
-                                PassContext(phase, frames=idx, source_index=0, stop_after_residuals=stop_source_early,
+                                PassContext(phase, frames=ids, source_index=0, stop_after_residuals=stop_source_early,
                                             **common), n, cache=cache)
             return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
-                                       PassContext(phase, frames=idx, **common), n, cache=cache)
+                                       PassContext(phase, frames=ids, **common), n, cache=cache)
         # Listed first, the source branch runs first should ComfyUI not batch it with the edit branches.
-        ctx = PassContext(phase, frames=idx, source_index=0, source_input=frames_of(source, idx), **common)
+        ctx = PassContext(phase, frames=ids, source_index=0, source_input=frames_of(source, idx), **common)
         return self.calc_on_frames([SOURCE] + edit_names, x, timestep, idx, model_options, ctx, n, cache=cache)[1:]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -118,15 +119,14 @@ class TokenFlowGuider(FrameSubsetGuider):
             per_call = frames_per_call(model, branches + (frame_source is not None and not separate), latent_shape,
                                        x.device, n)
             for frames in even_chunks(n, per_call):
-                idx = torch.arange(frames.start, frames.stop)
                 bank.fields.clear()
                 bank.residuals.clear()
-                preds = self._run_pass(Phase.FRAMES, idx, x, frame_source, edit_names, timestep, model_options,
+                preds = self._run_pass(Phase.FRAMES, frames, x, frame_source, edit_names, timestep, model_options,
                                        common, n, separate_source=separate,
                                        stop_source_early=self.skip_unused_source and needs.source_stops_early(on_the_fly))
-                out[frames.start:frames.stop] = self._combine(preds, x, timestep, idx, model_options)
-                calls.append(len(idx))
-                self.progress.update(len(idx))
+                out[frames.start:frames.stop] = self._combine(preds, x, timestep, frames, model_options)
+                calls.append(len(frames))
+                self.progress.update(len(frames))
         finally:
             if self.trace is not None:
                 self.trace.extend((t, *event) for event in bank.trace)

@@ -94,8 +94,8 @@ def test_frame_fields_and_propagation_equal_brute_force():
     fields = correspondence.frame_fields(frames[ids], ids, key_tokens, pairing, max_elements=64)
     branches = 3  # e.g. source, uncond, cond: one gather for all of them
     values = torch.randn(branches * len(plan), tokens, 5, generator=g)
-    base = propagation.gather_base(torch.arange(branches) * len(plan), pairing.slots[ids])
-    out = propagation.propagate(values, fields, base, pairing.weights[ids])
+    base = propagation.gather_base(torch.arange(branches) * len(plan), pairing.slots[ids], tokens)
+    out = propagation.propagate(values, fields, base, propagation.blend_weights(pairing.weights[ids], values.dtype))
     assert out.shape == (branches, len(ids), tokens, 5)
     for row, i in enumerate(ids.tolist()):
         a, b = pairing.slots[i].tolist()
@@ -117,14 +117,17 @@ def test_frame_field_search_is_batched_within_the_budget(monkeypatch, budget):
     pairing = keyframes.official_pairing(n, 3)
     expected = correspondence.frame_fields(frames, torch.arange(n), frames[plan], pairing, max_elements=1 << 30)
     sizes = []
-    real_matmul = torch.Tensor.__matmul__
+    real_matmul, real_bmm = torch.Tensor.__matmul__, torch.bmm
 
-    def spy(a, b):
-        out = real_matmul(a, b)
-        sizes.append(out.numel())
-        return out
+    def spy(real):
+        def counted(a, b):
+            out = real(a, b)
+            sizes.append(out.numel())
+            return out
+        return counted
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy(real_matmul))
+    monkeypatch.setattr(torch, "bmm", spy(real_bmm))
     fields = correspondence.frame_fields(frames, torch.arange(n), frames[plan], pairing, max_elements=budget)
     assert torch.equal(fields, expected)
     pairs = n + int((pairing.slots[:, 0] != pairing.slots[:, 1]).sum())  # a frame with one keyframe: one search

@@ -7,6 +7,8 @@ whole clip is searched in a few large batched matmuls.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .keyframes import FramePairing
@@ -40,60 +42,81 @@ def field_dtype(tokens_per_frame: int) -> torch.dtype:
     return torch.int16 if tokens_per_frame <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def distinct_pairs(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (frame row, keyframe slot) pairs a set of frames needs, decided on the CPU.
+@dataclass(frozen=True)
+class PairPlan:
+    """The (frame row, keyframe slot) searches a set of frames needs, decided on the CPU.
 
-    slots: (F, 2) CPU long. A frame whose two slots are the same keyframe needs one search, not
-    two. Returns ``(pair_rows, pair_slots, where)``: the frame row and slot of each distinct pair
-    (P,), and for every (frame, column) the pair that answers it (F, 2).
+    A frame whose two slots are the same keyframe needs one search, not two. ``rows``/``slots``:
+    the frame row and keyframe slot of each distinct pair (P,); ``where``: for every (frame,
+    column) the pair that answers it (F, 2). Built once per call and moved to the device once.
     """
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    where: torch.Tensor
+
+    def to(self, device: torch.device) -> "PairPlan":
+        # Host-built indices go over without a stream synchronisation (non_blocking).
+        return PairPlan(*(t.to(device, non_blocking=True) for t in (self.rows, self.slots, self.where)))
+
+
+def pair_plan(slots: torch.Tensor) -> PairPlan:
+    """:class:`PairPlan` of frames whose keyframe slots are ``slots`` (F, 2)."""
     slots = slots.cpu().long()
     rows = torch.arange(slots.shape[0])
     second = slots[:, 1] != slots[:, 0]
-    pair_rows = torch.cat([rows, rows[second]])
-    pair_slots = torch.cat([slots[:, 0], slots[second, 1]])
     where = torch.stack([rows, rows.clone()], 1)
     where[second, 1] = slots.shape[0] + torch.arange(int(second.sum()))
-    return pair_rows, pair_slots, where
+    return PairPlan(torch.cat([rows, rows[second]]), torch.cat([slots[:, 0], slots[second, 1]]), where)
 
 
-def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, pair_rows: torch.Tensor,
-                            pair_slots: torch.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
-    """Nearest neighbours of every token of frame ``pair_rows[p]`` in keyframe ``pair_slots[p]``.
+def unit_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens scaled to unit length (cosine similarity becomes a dot product)."""
+    return _unit(tokens)
 
-    frame_units: (F, N, d) and key_units: (K, M, d), both unit-normalised; pair indices (P,) CPU.
-    Returns (P, N) long. Pairs are searched in batches of as many as fit in ``max_elements``
-    similarities; a single pair larger than that is split over its tokens.
+
+def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, plan: PairPlan,
+                            max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """Nearest neighbours of every token of frame ``plan.rows[p]`` in keyframe ``plan.slots[p]``.
+
+    frame_units: (F, N, d) and key_units: (K, M, d), both unit-normalised; ``plan`` on their
+    device. Returns (P, N) long. Pairs are searched in batches of as many as fit in
+    ``max_elements`` similarities; a single pair larger than that is split over its tokens.
     """
     n, m = frame_units.shape[1], key_units.shape[1]
-    device = frame_units.device
-    out = torch.empty(pair_rows.shape[0], n, dtype=torch.long, device=device)
-    # Host-built indices go over without a stream synchronisation (non_blocking).
-    rows_dev, slots_dev = pair_rows.to(device, non_blocking=True), pair_slots.to(device, non_blocking=True)
+    pairs = plan.rows.shape[0]
     keys_t = key_units.transpose(1, 2)  # (K, d, M)
     per_chunk = max_elements // max(1, n * m)
+    if per_chunk >= pairs:  # the common case: one batched matmul for the whole call
+        return torch.bmm(frame_units.index_select(0, plan.rows), keys_t.index_select(0, plan.slots)).argmax(dim=-1)
+    out = torch.empty(pairs, n, dtype=torch.long, device=frame_units.device)
     if per_chunk >= 1:
-        for start in range(0, pair_rows.shape[0], per_chunk):
+        for start in range(0, pairs, per_chunk):
             stop = start + per_chunk
-            queries = frame_units.index_select(0, rows_dev[start:stop])
-            out[start:stop] = (queries @ keys_t.index_select(0, slots_dev[start:stop])).argmax(dim=-1)
+            queries = frame_units.index_select(0, plan.rows[start:stop])
+            out[start:stop] = torch.bmm(queries, keys_t.index_select(0, plan.slots[start:stop])).argmax(dim=-1)
         return out
     tokens = max(1, max_elements // max(1, m))  # one pair does not fit: split its tokens
-    for p, (row, slot) in enumerate(zip(pair_rows.tolist(), pair_slots.tolist())):  # CPU lists: no device sync
+    for p in range(pairs):  # index_select with device indices: no host read
+        query = frame_units.index_select(0, plan.rows[p:p + 1])[0]
+        key = keys_t.index_select(0, plan.slots[p:p + 1])[0]
         for start in range(0, n, tokens):
-            out[p, start:start + tokens] = (frame_units[row, start:start + tokens] @ keys_t[slot]).argmax(dim=-1)
+            out[p, start:start + tokens] = (query[start:start + tokens] @ key).argmax(dim=-1)
     return out
 
 
 def frame_fields(frame_tokens: torch.Tensor, frame_ids: torch.Tensor, keyframe_tokens: torch.Tensor,
-                 pairing: FramePairing, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+                 pairing: FramePairing, max_elements: int = DEFAULT_MAX_ELEMENTS, plan: PairPlan | None = None,
+                 keys_are_unit: bool = False) -> torch.Tensor:
     """Nearest-neighbour fields of some frames against their paired keyframes.
 
     frame_tokens: (F, N, d) tokens of the frames ``frame_ids`` (global indices, CPU);
-    keyframe_tokens: (K, M, d) tokens of the step's keyframes (slot order).
-    Returns (F, 2, N) long: for each frame and each of its two slots, the matched token of that
-    slot's keyframe. A frame with a single keyframe gets the same field in both slots.
+    keyframe_tokens: (K, M, d) tokens of the step's keyframes (slot order), already unit length
+    when ``keys_are_unit``. ``plan``: the frames' :class:`PairPlan` on the tokens' device (built
+    here when not given). Returns (F, 2, N) long: for each frame and each of its two slots, the
+    matched token of that slot's keyframe; a frame with a single keyframe gets the same field twice.
     """
-    pair_rows, pair_slots, where = distinct_pairs(pairing.slots[frame_ids.cpu()])
-    fields = pair_nearest_neighbours(_unit(frame_tokens), _unit(keyframe_tokens), pair_rows, pair_slots, max_elements)
-    return fields[where.to(fields.device, non_blocking=True)]
+    if plan is None:
+        plan = pair_plan(pairing.slots[frame_ids.cpu()]).to(frame_tokens.device)
+    keys = keyframe_tokens if keys_are_unit else _unit(keyframe_tokens)
+    return pair_nearest_neighbours(_unit(frame_tokens), keys, plan, max_elements)[plan.where]
