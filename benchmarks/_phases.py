@@ -21,8 +21,8 @@ import tiny_models
 from _probes import (KEYFRAME_PASS, PROPAGATION, STEP, PeakTracker, Probe, instrument,  # noqa: F401
                      malloc_trim, memory_mode, set_clock, tensor_bytes, timing_mode)
 import _probes
-from comfyui_tokenflow.nodes import correspondence_runner, inversion_runner, tokenflow_runner
-from comfyui_tokenflow.nodes.edit_plan import EditSettings
+from comfyui_tokenflow.engine import correspondence_runner, inversion_runner, tokenflow_runner
+from comfyui_tokenflow.engine.edit_plan import EditSettings
 
 
 # -- the workload -------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ import torch
 import comfy.samplers
 
 import _host
-from comfyui_tokenflow.nodes import correspondence_runner, inversion_runner, tokenflow_runner
-from comfyui_tokenflow.nodes.attention_patches import Phase
-from comfyui_tokenflow.nodes.frame_guider import FrameSubsetGuider
+from comfyui_tokenflow.engine import correspondence_runner, inversion_runner, tokenflow_runner
+from comfyui_tokenflow.engine.attention_patches import Phase
+from comfyui_tokenflow.engine.frame_guider import FrameSubsetGuider
 
 KEYFRAME_PASS = "keyframe"
 PROPAGATION = "propagation"

@@ -57,7 +57,7 @@ def _origin(stack) -> str:
 
 
 def sync_check(torch, _phases, work, lines: list[str]) -> None:
-    from comfyui_tokenflow.nodes import tokenflow_runner
+    from comfyui_tokenflow.engine import tokenflow_runner
 
     lines += ["## Host-device synchronisations inside TokenFlow steps", "",
               "| phase | syncs per step | where (count) |", "|---|---:|---|"]

@@ -19,7 +19,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..tokenflow_ops import warp_error as we
-from . import flow_estimation
+from ..data import flow_estimation
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
-from .correspondence_preview import preview_image
-from .correspondence_runner import run_extraction
-from .products import CorrespondencesType, InversionType
+from ..data.correspondence_preview import preview_image
+from ..engine.correspondence_runner import run_extraction
+from ..data.products import CorrespondencesType, InversionType
 
 CATEGORY = "TokenFlow"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
-from .inversion_runner import inverted_latent_output, run_inversion
-from .products import InversionType
+from ..engine.inversion_runner import inverted_latent_output, run_inversion
+from ..data.products import InversionType
 
 CATEGORY = "TokenFlow"
 

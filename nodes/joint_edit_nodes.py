@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .attention_patches import JOINT_KEY, install_tokenflow_patches
-from .model_support import check_supported
+from ..engine.attention_patches import JOINT_KEY, install_tokenflow_patches
+from ..engine.model_support import check_supported
 
 CATEGORY = "TokenFlow"
 

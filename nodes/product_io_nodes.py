@@ -12,11 +12,11 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from . import product_io
-from .inversion_runner import inverted_latent_output
-from .model_support import check_supported, model_fingerprint, tensor_fingerprint
-from .products import CorrespondencesType, InversionType
-from .validation import check_latent_frames
+from ..data import product_io
+from ..engine.inversion_runner import inverted_latent_output
+from ..engine.model_support import check_supported, model_fingerprint, tensor_fingerprint
+from ..data.products import CorrespondencesType, InversionType
+from ..engine.validation import check_latent_frames
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,10 @@ import latent_preview
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
-from .edit_plan import EDITORS, EditSettings
-from .products import CorrespondencesType, InversionType
-from .tokenflow_runner import run_edit
+from ..engine.edit_plan import EDITORS, EditSettings
+from ..engine.editors import editor_inputs
+from ..data.products import CorrespondencesType, InversionType
+from ..engine.tokenflow_runner import run_edit
 
 CATEGORY = "TokenFlow"
 
@@ -75,6 +76,7 @@ class TokenFlowSampler(io.ComfyNode):
                 io.String.Input("pnp_residual_blocks", default="auto", optional=True, tooltip="PnP residual-feature "
                                 "injection ResBlocks, e.g. 'output_blocks.4.0' (auto: the decoder's second level, "
                                 "second block, for every family). none disables."),
+                *editor_inputs(),  # inputs registered editors declare: always appended, never inserted
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The edited frames; decode with VAE Decode.")],
         )
@@ -82,11 +84,12 @@ class TokenFlowSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, inversion, editor, cfg, pnp_attn_t, pnp_f_t, sdedit_start, batch_size,
                 keyframes, seed, correspondences=None, blend="official", max_keyframes=0, steps=0,
-                pnp_attention_blocks="auto", pnp_residual_blocks="auto") -> io.NodeOutput:
+                pnp_attention_blocks="auto", pnp_residual_blocks="auto", **editor_options) -> io.NodeOutput:
         settings = EditSettings(editor=editor, cfg=cfg, pnp_attn_t=pnp_attn_t, pnp_f_t=pnp_f_t,
                                 sdedit_start=sdedit_start, batch_size=batch_size, keyframes=keyframes, seed=seed,
                                 blend=blend, max_keyframes=max_keyframes, steps=steps,
-                                pnp_attention_blocks=pnp_attention_blocks, pnp_residual_blocks=pnp_residual_blocks)
+                                pnp_attention_blocks=pnp_attention_blocks, pnp_residual_blocks=pnp_residual_blocks,
+                                editor_options=editor_options)
         n_steps = len(inversion.timesteps) if not steps else steps
         callback = latent_preview.prepare_callback(model, n_steps)
         return io.NodeOutput(run_edit(model, positive, negative, inversion, settings, correspondences, callback))

@@ -8,7 +8,7 @@ import sys
 import folder_paths
 from comfy_api.latest import io
 
-from . import video_decode
+from ..data import video_decode
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from tokenflow_ops import warp_error as we  # noqa: E402
 
 def _load_flow_module():
     # nodes/__init__.py imports ComfyUI; load the ComfyUI-free flow module by path instead.
-    spec = importlib.util.spec_from_file_location("tokenflow_flow_estimation", ROOT / "nodes" / "flow_estimation.py")
+    spec = importlib.util.spec_from_file_location("tokenflow_flow_estimation", ROOT / "data" / "flow_estimation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

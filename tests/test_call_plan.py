@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_tokenflow.nodes import call_sizing, inversion_runner
+from comfyui_tokenflow.engine import call_sizing, inversion_runner
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, edit, extract, invert, random_latent
 
 FRAMES = 40  # the official clip length: 5 batches of B = 8, so 5 keyframes per step

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 import folder_paths
 import tiny_models
-from comfyui_tokenflow.nodes import product_io, product_io_nodes
-from comfyui_tokenflow.nodes.product_io import ProductFileError
-from comfyui_tokenflow.nodes.products import TokenFlowCorrespondences, TokenFlowInversion
+from comfyui_tokenflow.data import product_io
+from comfyui_tokenflow.nodes import product_io_nodes
+from comfyui_tokenflow.data.product_io import ProductFileError
+from comfyui_tokenflow.data.products import TokenFlowCorrespondences, TokenFlowInversion
 from tokenflow_helpers import conds, edit, extract, invert, random_latent
 
 N_FRAMES = 4

@@ -33,7 +33,9 @@ import folder_paths
 import nodes as comfy_nodes
 import tiny_models
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-from comfyui_tokenflow.nodes import attention_patches, inversion_runner, product_io, product_io_nodes, video_nodes
+from comfyui_tokenflow.engine import attention_patches, inversion_runner
+from comfyui_tokenflow.data import product_io
+from comfyui_tokenflow.nodes import product_io_nodes, video_nodes
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, edit, extract, random_latent
 
 REPO = Path(__file__).resolve().parents[1]

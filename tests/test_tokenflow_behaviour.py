@@ -8,7 +8,7 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-from comfyui_tokenflow.nodes import model_support
+from comfyui_tokenflow.engine import model_support
 from comfyui_tokenflow.tokenflow_ops import schedule
 from tokenflow_helpers import STEPS, conds, double, edit, extract, float64_copy, invert, random_latent
 
@@ -152,7 +152,7 @@ def test_frame_counts_that_are_not_a_multiple_of_the_batch(tiny_sd15, prompts, n
 
 
 def test_extracted_pnp_stops_the_source_pass_early_without_changing_the_result(tiny_sd15, prompts, monkeypatch):
-    from comfyui_tokenflow.nodes import tokenflow_runner
+    from comfyui_tokenflow.engine import tokenflow_runner
 
     src, pos, neg = prompts
     inversion = invert(tiny_sd15, random_latent(5, seed=9), src)

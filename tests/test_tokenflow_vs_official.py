@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_tokenflow.nodes import model_support
+from comfyui_tokenflow.engine import model_support
 from comfyui_tokenflow.tokenflow_ops import keyframes, schedule
 from official_reference import reference_edit, reference_inversion
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, double, edit, float64_copy, invert, random_latent

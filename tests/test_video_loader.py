@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_tokenflow.nodes import video_decode, video_nodes
+from comfyui_tokenflow.data import video_decode
+from comfyui_tokenflow.nodes import video_nodes
 from comfy_api.latest import io
 
 VIDEOS = "/work/shared/videos"

@@ -21,7 +21,8 @@ from comfyui_tokenflow.tokenflow_ops import warp_error as we
 av = pytest.importorskip("av")
 pytest.importorskip("cv2")
 
-from comfyui_tokenflow.nodes import consistency_nodes, flow_estimation  # noqa: E402
+from comfyui_tokenflow.data import flow_estimation  # noqa: E402
+from comfyui_tokenflow.nodes import consistency_nodes  # noqa: E402
 
 WOLF = Path("/work/shared/videos/wolf.mp4")
 SHUFFLE = [4, 0, 7, 3, 2, 5, 1, 6]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import tiny_models
-from comfyui_tokenflow.nodes import correspondence_runner, edit_plan, inversion_runner, tokenflow_runner
+from comfyui_tokenflow.engine import correspondence_runner, edit_plan, inversion_runner, tokenflow_runner
 
 STEPS, INVERSION_STEPS = 5, 10  # editing timesteps 801..1 on the inversion grid 1, 101, ..., 901
 

@@ -14,7 +14,7 @@ from ..tokenflow_ops.schedule import alpha_bar_from_sigma, check_inversion_cover
 from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider, to_host
 from .model_support import check_supported, model_fingerprint, tensor_fingerprint
-from .products import TokenFlowInversion
+from ..data.products import TokenFlowInversion
 from .validation import (check_conditioning, check_control_hints, check_frame_size_fits, check_latent_frames,
                          check_no_area, check_not_joint_edit_model)
 

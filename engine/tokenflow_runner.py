@@ -26,7 +26,7 @@ from .edit_plan import EditPlan, EditSettings, make_plan
 from .editors import get_editor
 from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
 from .model_support import check_supported, model_fingerprint
-from .products import TokenFlowCorrespondences, TokenFlowInversion
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
 from .validation import (check_conditioning, check_control_hints, check_correspondences, check_frame_size_fits,
                          check_inversion_model, check_no_area, check_not_joint_edit_model, clamp_batch_size)
 

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
 
 log = logging.getLogger(__name__)
 

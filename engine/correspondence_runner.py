@@ -24,7 +24,7 @@ from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_p
 from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider, frame_ids, to_host
 from .model_support import check_supported, model_fingerprint
-from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
 from .validation import check_frame_size_fits, check_inversion_model, check_not_joint_edit_model, clamp_batch_size
 
 log = logging.getLogger(__name__)

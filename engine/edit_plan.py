@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,7 +10,7 @@ from ..tokenflow_ops.keyframes import BLEND_MODES, FramePairing, keyframe_plan, 
 from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps
 from .editors import EDITORS, StepNeeds, get_editor
 from .model_support import ModelLayout
-from .products import TokenFlowCorrespondences, TokenFlowInversion
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
 
 __all__ = ["EDITORS", "EditPlan", "EditSettings", "make_plan"]
 
@@ -32,6 +32,7 @@ class EditSettings:
     steps: int = 0  # 0: the inversion's step count
     pnp_attention_blocks: str = "auto"
     pnp_residual_blocks: str = "auto"
+    editor_options: dict = field(default_factory=dict)  # values of the inputs registered editors declare
 
 
 @dataclass

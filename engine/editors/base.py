@@ -1,0 +1,51 @@
+"""What an editor declares: the timesteps it visits and what each step needs from the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from ..model_support import BlockKey, ModelLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..edit_plan import EditSettings
+
+
+@dataclass(frozen=True)
+class StepNeeds:
+    """What one editing step asks of the engine besides TokenFlow's own keyframe/propagation passes."""
+
+    attention_injection: frozenset[BlockKey] = frozenset()  # source q/k into the edit keyframes' self-attention
+    residual_injection: tuple[str, ...] = ()  # ResBlocks whose residual features the source hands the edit branches
+
+    def source_in_keyframe_pass(self, on_the_fly: bool) -> bool:
+        """The source branch runs on the keyframes: its tokens (on the fly), q/k or features are needed."""
+        return on_the_fly or bool(self.attention_injection) or bool(self.residual_injection)
+
+    def source_in_propagation(self, on_the_fly: bool) -> bool:
+        """The source branch runs on every frame: its tokens give the fields, or its features are injected."""
+        return on_the_fly or bool(self.residual_injection)
+
+    def source_stops_early(self, on_the_fly: bool) -> bool:
+        """With extracted fields the propagated source only feeds the residual injection: stop after it."""
+        return not on_the_fly and bool(self.residual_injection)
+
+
+class Editor(Protocol):
+    """An image editor. ``inputs`` (optional): extra optional ComfyUI inputs for the sampler, appended after
+    its own; their values reach the editor as ``settings.editor_options[name]``."""
+
+    name: str
+    description: str
+
+    def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
+        """The editing timesteps visited, largest first."""
+
+    def step_needs(self, timesteps_full: list[int], settings: "EditSettings", layout: ModelLayout,
+                   unet: torch.nn.Module) -> dict[int, StepNeeds]:
+        """What each timestep needs (``timesteps_full``: every editing timestep, largest first)."""
+
+    def check_conditioning(self, positive, negative) -> None:
+        """Refuse conditioning this editor cannot work with (before any model call)."""
+

@@ -1,0 +1,35 @@
+"""ControlNet as the image editor: the structure comes from hints carried by the conditioning."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import logging
+
+from ...tokenflow_ops.schedule import editing_timesteps
+from ..validation import has_controlnet
+from .base import StepNeeds
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..edit_plan import EditSettings
+
+log = logging.getLogger(__name__)
+
+
+class ControlNetEditor:
+    name = "controlnet"
+    description = ("No injection, full steps; the structure comes from ControlNet hints carried by the conditioning "
+                   "(Apply ControlNet).")
+
+    def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
+        return editing_timesteps(steps)
+
+    def step_needs(self, timesteps_full, settings, layout, unet) -> dict[int, StepNeeds]:
+        return {t: StepNeeds() for t in timesteps_full}
+
+    def check_conditioning(self, positive, negative) -> None:
+        if not has_controlnet(positive) and not has_controlnet(negative):
+            # Not refused: TokenFlow without any injection is a legitimate ablation, but rarely what was meant.
+            log.warning("TokenFlow: editor 'controlnet' takes its structure from a ControlNet carried by the "
+                        "conditioning, but neither positive nor negative has one: the edit runs with no structure "
+                        "guidance. Apply a ControlNet to the prompts (Apply ControlNet, one hint per frame) or "
+                        "choose editor 'pnp' or 'sdedit'")
