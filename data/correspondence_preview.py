@@ -30,7 +30,7 @@ def preview_image(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion,
     frame = frame if 0 <= frame < n else n // 2
     block = max(corr.fields, key=lambda b: (corr.fields[b].shape[-1], b[0] == "output", b[1], b[2]))
     step = len(corr.timesteps) - 1
-    pairing = corr.pairing(step, n)
+    pairing = corr.schedule.pairing(step, n)
     slot = int(pairing.slots[frame, 0])
     keyframe = int(corr.keyframes[step, slot])
     field = corr.fields[block][step, frame, 0].long()

@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DIS_PRESETS = {
     "ultrafast": "DISOPTICAL_FLOW_PRESET_ULTRAFAST",
@@ -183,5 +183,5 @@ def estimate_flows(frames: torch.Tensor, method: str | FlowEstimator = DEFAULT_M
         backward.append(bwd)
         if on_pair is not None:
             on_pair(i)
-    logger.debug("estimated %d flow pairs of %dx%d", len(forward), frames.shape[2], frames.shape[1])
+    log.debug("estimated %d flow pairs of %dx%d", len(forward), frames.shape[2], frames.shape[1])
     return torch.stack(forward), torch.stack(backward)

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
+from .products import TokenFlowCorrespondences, TokenFlowInversion, extracted_from, inversion_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def load_correspondences(path: str | os.PathLike, inversion: TokenFlowInversion 
     if inversion is not None:
         expected = inversion_fingerprint(inversion)
         saved = header.fields.get("inversion_fingerprint")
-        if saved != expected or header.fields.get("model_fingerprint") != inversion.model_fingerprint:
+        if not extracted_from(saved, header.fields.get("model_fingerprint"), inversion):
             raise ProductFileError(f"'{header.path}' holds correspondences extracted from a different inversion "
                                    f"({saved}; the connected inversion is {expected}: model, frames and steps must "
                                    "match). Connect the inversion they were extracted from, or extract them again.")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..tokenflow_ops.keyframes import FramePairing, pairing_for_step
+from ..tokenflow_ops.keyframes import KeyframeSchedule
 
 from comfy_api.latest import io
 
@@ -70,8 +70,9 @@ class TokenFlowCorrespondences:
     inversion_fingerprint: str = ""
     model_fingerprint: str = ""
 
-    def pairing(self, step: int, n_frames: int) -> FramePairing:
-        return pairing_for_step(self.keyframes[step], n_frames, self.group_size, self.blend)
+    @property
+    def schedule(self) -> KeyframeSchedule:
+        return KeyframeSchedule(self.keyframes, self.group_size, self.blend)
 
     def fields_at(self, step: int, block: tuple[str, int, int], frames: torch.Tensor) -> torch.Tensor:
         return self.fields[block][step, frames].long()
@@ -82,3 +83,8 @@ class TokenFlowCorrespondences:
 
 def inversion_fingerprint(inversion: TokenFlowInversion) -> str:
     return f"{inversion.model_fingerprint}:{inversion.frames_fingerprint}:{inversion.steps}"
+
+
+def extracted_from(inversion_fp: str | None, model_fp: str | None, inversion: TokenFlowInversion) -> bool:
+    """Whether correspondences with these fingerprints were extracted from ``inversion`` (same model, frames, steps)."""
+    return inversion_fp == inversion_fingerprint(inversion) and model_fp == inversion.model_fingerprint

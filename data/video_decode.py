@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
@@ -125,7 +125,7 @@ def compute_output_size(src_w: int, src_h: int, width: int, height: int, multipl
 def warn_if_large_source_size(out_w: int, out_h: int, width: int, height: int, path: str) -> None:
     """width = height = 0 keeps the source size: say so when that is far above what SD works at."""
     if width == 0 and height == 0 and max(out_w, out_h) > LARGE_SOURCE_SIDE:
-        logger.warning("TokenFlow Load Video: width and height are 0, so '%s' keeps its source size %dx%d; Stable "
+        log.warning("TokenFlow Load Video: width and height are 0, so '%s' keeps its source size %dx%d; Stable "
                        "Diffusion works at 512-1024 px and larger frames cost much more memory and time: set width "
                        "(e.g. 512) or height to resize.", path, out_w, out_h)
 
@@ -291,7 +291,7 @@ def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height
         kept_estimate = expected_kept(total, skip, nth, cap)
         check_memory(kept_estimate, out_w, out_h, max_bytes)
         source_fps = _stream_fps(stream)
-        logger.info("TokenFlow Load Video: '%s' %dx%d, ~%d frames at %.3f fps -> ~%d frames of %dx%d",
+        log.info("TokenFlow Load Video: '%s' %dx%d, ~%d frames at %.3f fps -> ~%d frames of %dx%d",
                     path, src_w, src_h, total, source_fps, kept_estimate, out_w, out_h)
 
         buffer = _FrameBuffer(kept_estimate or (cap or 16), out_w, out_h)
@@ -324,7 +324,7 @@ def _load_container(path: str, cap: int, skip: int, nth: int, width: int, height
                     f"damage are fine: set frame_load_cap={buffer.count} to load only them, or re-export / "
                     "re-download the video.")
             if from_metadata and decoded < total - 1:  # only an estimate (duration x fps), no evidence of damage
-                logger.warning("TokenFlow Load Video: '%s' was estimated at %d frames but %d were decoded; the file "
+                log.warning("TokenFlow Load Video: '%s' was estimated at %d frames but %d were decoded; the file "
                                "may be truncated (a variable frame rate also does this).", path, total, decoded)
         images = buffer.result()
         return LoadedVideo(images, images.shape[0], source_fps / nth, source_fps, (src_w, src_h))
@@ -357,7 +357,7 @@ def _load_folder(folder: str, cap: int, skip: int, nth: int, width: int, height:
     if not selected:
         raise _no_frames_error(folder, len(files), skip, nth, None)
     check_memory(len(selected), out_w, out_h, max_bytes)
-    logger.info("TokenFlow Load Video: folder '%s' with %d images of %dx%d -> %d frames of %dx%d",
+    log.info("TokenFlow Load Video: folder '%s' with %d images of %dx%d -> %d frames of %dx%d",
                 folder, len(files), src_w, src_h, len(selected), out_w, out_h)
     buffer = _FrameBuffer(len(selected), out_w, out_h)
     for f in selected:

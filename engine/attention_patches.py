@@ -21,7 +21,6 @@ cleared in ``finally``.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
@@ -37,7 +36,6 @@ from ..tokenflow_ops.keyframes import FramePairing
 from ..tokenflow_ops.propagation import blend_weights, gather_base, propagate
 from .model_support import BlockKey, ModelLayout
 
-log = logging.getLogger(__name__)
 
 PASS_KEY = "tokenflow_pass"
 JOINT_KEY = "tokenflow_joint_attention"

@@ -57,7 +57,7 @@ class ExtractionGuider(FrameSubsetGuider):
         n = x.shape[0]
         keyframes = self.corr.keyframes[step]
         bank = StepBank()
-        common = dict(bank=bank, pairing=self.corr.pairing(step, n), field_sink=functools.partial(self._sink, step),
+        common = dict(bank=bank, pairing=self.corr.schedule.pairing(step, n), field_sink=functools.partial(self._sink, step),
                       source_index=0, keyframes=len(keyframes))
         try:
             self.calc_on_frames(["positive"], x, timestep, keyframes, model_options,

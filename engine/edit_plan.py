@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..tokenflow_ops.keyframes import BLEND_MODES, FramePairing, keyframe_plan, pairing_for_step, spread_keyframe_groups
+from ..tokenflow_ops.keyframes import BLEND_MODES, KeyframeSchedule, keyframe_plan, spread_keyframe_groups
 from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps
 from .editors import EDITORS, StepNeeds, get_editor
 from .model_support import ModelLayout
@@ -39,9 +39,7 @@ class EditSettings:
 class EditPlan:
     timesteps: list[int]  # the timesteps this edit visits, largest first
     trajectory_steps: list[int]  # row of the inversion trajectory for each
-    keyframes: torch.Tensor  # (len(timesteps), n_keyframes)
-    group_size: int
-    blend: str
+    schedule: KeyframeSchedule  # keyframes of each visited step (len(timesteps), n_keyframes) and blending
     needs: list[StepNeeds]  # what the editor asks of each visited step
     correspondences: TokenFlowCorrespondences | None
 
@@ -49,8 +47,6 @@ class EditPlan:
     def on_the_fly(self) -> bool:
         return self.correspondences is None
 
-    def pairing(self, step: int, n_frames: int) -> FramePairing:
-        return pairing_for_step(self.keyframes[step], n_frames, self.group_size, self.blend)
 
 
 def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: ModelLayout, unet: torch.nn.Module,
@@ -84,7 +80,7 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
     return EditPlan(
         timesteps=timesteps,
         trajectory_steps=[inversion.step_of(t) for t in timesteps],
-        keyframes=keyframes, group_size=group, blend=blend,
+        schedule=KeyframeSchedule(keyframes, group, blend),
         needs=[needs[t] for t in timesteps],
         correspondences=correspondences,
     )

@@ -19,6 +19,7 @@ import comfy.model_patcher
 import comfy.samplers
 
 from .attention_patches import PASS_KEY, PassContext
+from .validation import check_hint_count
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
             copy.set_previous_controlnet(self._subset_control(control.previous_controlnet, idx, n_frames, memo))
         hint = getattr(control, "cond_hint_original", None)
         if isinstance(hint, torch.Tensor):
-            if hint.shape[0] not in (1, n_frames):
-                raise ValueError(
-                    f"A ControlNet in the conditioning has {hint.shape[0]} hint images but the video has {n_frames} frames. "
-                    "Feed the ControlNet one hint per frame (run the preprocessor on the same frames) or a single image."
-                )
+            check_hint_count(hint, n_frames, "conditioning")
             copy.cond_hint_original = _slice_frames(hint, idx, n_frames)
         copy.extra_concat_orig = [_slice_frames(c, idx, n_frames) for c in getattr(control, "extra_concat_orig", [])]
         sampling = self.inner_model.model_sampling

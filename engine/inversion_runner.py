@@ -13,7 +13,7 @@ from ..tokenflow_ops.inversion import ddim_inversion_step
 from ..tokenflow_ops.schedule import alpha_bar_from_sigma, check_inversion_covers, editing_timesteps, inversion_timesteps
 from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider, to_host
-from .model_support import check_supported, model_fingerprint, tensor_fingerprint
+from .model_support import check_supported, frames_fingerprint, model_fingerprint
 from ..data.products import TokenFlowInversion
 from .validation import (check_conditioning, check_control_hints, check_frame_size_fits, check_latent_frames,
                          check_no_area, check_not_joint_edit_model)
@@ -111,14 +111,14 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
         trajectory=trajectory, x0=x0, inverted=recorder.final, inverted_timestep=inv_ts[-1],
         conditioning=[[c[0].cpu(), {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c[1].items()}]
                       for c in conditioning],
-        model_fingerprint=model_fingerprint(model), frames_fingerprint=tensor_fingerprint(x0), family=layout.family,
+        model_fingerprint=model_fingerprint(model), frames_fingerprint=frames_fingerprint(model, samples), family=layout.family,
     )
 
 
 def inverted_latent_output(model, inversion: TokenFlowInversion) -> dict:
     """The fully inverted latent as a ComfyUI LATENT (sigma space, unscaled), like a KSampler's leftover noise."""
     sigma = inversion_sigma(model, inversion.inverted_timestep)
-    abar = 1.0 / (1.0 + sigma ** 2)
+    abar = float(alpha_bar_from_sigma(sigma))
     return {"samples": model.model.process_latent_out(inversion.inverted / abar ** 0.5)}
 
 

@@ -6,7 +6,6 @@ SD2.x (epsilon and v) and SDXL UNets work, and anything else is refused with a c
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,6 @@ import comfy.model_sampling
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 
-log = logging.getLogger(__name__)
 
 BlockKey = tuple[str, int, int]  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
 
@@ -173,6 +171,14 @@ def model_fingerprint(model_patcher) -> str:
         sample = torch.cat([flat[:64], flat[-64:]]) if flat.numel() > 128 else flat
         digest.update(sample.float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def frames_fingerprint(model_patcher, samples: torch.Tensor) -> str:
+    """The fingerprint of source frames: their latents as the model sees them (process_latent_in), hashed.
+
+    TokenFlow DDIM Inversion stores it and TokenFlow Load Inversion checks it: one recipe for both.
+    """
+    return tensor_fingerprint(model_patcher.model.process_latent_in(samples.float()).cpu())
 
 
 def tensor_fingerprint(tensor: torch.Tensor) -> str:

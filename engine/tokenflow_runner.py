@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 SOURCE = "tokenflow_source"
 
 
-def _abar(sigma: float) -> float:
-    return float(alpha_bar_from_sigma(sigma))
+def _abar(sigma: float | torch.Tensor) -> float:
+    return float(alpha_bar_from_sigma(sigma))  # the one sigma -> alpha_bar rule, as a Python float
 
 
 class TokenFlowGuider(FrameSubsetGuider):
@@ -88,9 +88,9 @@ class TokenFlowGuider(FrameSubsetGuider):
         needs = self.plan.needs[step]
         on_the_fly = self.plan.on_the_fly
         n, latent_shape = x.shape[0], tuple(x.shape[1:])
-        keyframes = self.plan.keyframes[step]
+        keyframes = self.plan.schedule.keyframes[step]
         bank = StepBank(trace=[] if self.trace is not None else None)
-        common = dict(bank=bank, pairing=self.plan.pairing(step, n), pnp_attention=needs.attention_injection,
+        common = dict(bank=bank, pairing=self.plan.schedule.pairing(step, n), pnp_attention=needs.attention_injection,
                       pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
                       keyframes=len(keyframes))
         edit_names = ["positive", "negative"]

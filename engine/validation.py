@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, extracted_from
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,10 @@ def clamp_batch_size(batch_size: int, n_frames: int) -> int:
 
 def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, model_fp: str) -> None:
     """Refuse correspondences that were extracted from another inversion or model."""
-    if corr.inversion_fingerprint != inversion_fingerprint(inversion):
+    if not extracted_from(corr.inversion_fingerprint, corr.model_fingerprint, inversion):
         raise ValueError("correspondences: they were extracted from a different inversion (another video, model or "
                          "step count) than the one connected to 'inversion'; connect the same TokenFlow Invert output "
                          "to TokenFlow Extract Correspondences and to this sampler")
-    if corr.model_fingerprint != model_fp:
-        raise ValueError("correspondences: they were extracted with a different model; use the same checkpoint")
 
 
 def check_inversion_model(inversion: TokenFlowInversion, model_fp: str, input_name: str = "inversion") -> None:
@@ -141,15 +139,19 @@ def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str)
                          "resolution (TokenFlow Load Video's width/height, or scale the images before VAE Encode)")
 
 
+def check_hint_count(hint, n_frames: int, input_name: str) -> None:
+    """A ControlNet needs one hint per frame or a single hint."""
+    if isinstance(hint, torch.Tensor) and hint.shape[0] not in (1, n_frames):
+        raise ValueError(f"{input_name}: a ControlNet applied to it has {hint.shape[0]} hint images but the video has "
+                         f"{n_frames} frames; feed the ControlNet one hint per frame (run the preprocessor on the same "
+                         "frames) or a single image")
+
+
 def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:
     """Every ControlNet in the conditioning needs one hint per frame or a single hint (checked before sampling)."""
     for entry in conditioning or ():
         options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else {}
         control = options.get("control") if isinstance(options, dict) else None
         while control is not None:
-            hint = getattr(control, "cond_hint_original", None)
-            if isinstance(hint, torch.Tensor) and hint.shape[0] not in (1, n_frames):
-                raise ValueError(f"{input_name}: a ControlNet applied to it has {hint.shape[0]} hint images but the "
-                                 f"video has {n_frames} frames; feed the ControlNet one hint per frame (run the "
-                                 "preprocessor on the same frames) or a single image")
+            check_hint_count(getattr(control, "cond_hint_original", None), n_frames, input_name)
             control = getattr(control, "previous_controlnet", None)

@@ -20,8 +20,9 @@ from comfy_api.latest import io, ui
 
 from ..tokenflow_ops import warp_error as we
 from ..data import flow_estimation
+from .common import CATEGORY
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 PLOT_WIDTH, PLOT_HEIGHT = 512, 256
 
@@ -174,7 +175,7 @@ class TokenFlowTemporalConsistency(io.ComfyNode):
         return io.Schema(
             node_id="TokenFlowTemporalConsistency",
             display_name="TokenFlow Temporal Consistency (warp error)",
-            category="TokenFlow",
+            category=CATEGORY,
             is_output_node=True,  # shows its result as text even when nothing is connected
             description=(
                 "Measures how temporally consistent an edited video is, as in the TokenFlow paper: optical flow is "
@@ -224,7 +225,7 @@ class TokenFlowTemporalConsistency(io.ComfyNode):
         plot = render_plot(per_pair, result.scaled, result.mean_excluded)
         text = (f"warp error {result.scaled:.3f} x1e-3 over {pairs} frame pairs "
                 f"({100 * result.mean_excluded:.1f}% of pixels masked, flow: {flow_preset})")
-        logger.info("TokenFlowTemporalConsistency: %s", text)
+        log.info("TokenFlowTemporalConsistency: %s", text)
         return io.NodeOutput(result.scaled, result.mean_excluded, plot, ui=ui.PreviewText(text))
 
 

@@ -7,8 +7,8 @@ from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..data.correspondence_preview import preview_image
 from ..engine.correspondence_runner import run_extraction
 from ..data.products import CorrespondencesType, InversionType
+from .common import CATEGORY
 
-CATEGORY = "TokenFlow"
 
 
 class TokenFlowExtractCorrespondences(io.ComfyNode):

@@ -6,8 +6,8 @@ from comfy_api.latest import io
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
 from ..engine.inversion_runner import inverted_latent_output, run_inversion
 from ..data.products import InversionType
+from .common import CATEGORY
 
-CATEGORY = "TokenFlow"
 
 
 class TokenFlowInvert(io.ComfyNode):

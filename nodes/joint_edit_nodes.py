@@ -5,8 +5,8 @@ from comfy_api.latest import io
 
 from ..engine.attention_patches import JOINT_KEY, install_tokenflow_patches
 from ..engine.model_support import check_supported
+from .common import CATEGORY
 
-CATEGORY = "TokenFlow"
 
 
 class TokenFlowKeyframeJointEdit(io.ComfyNode):

@@ -6,7 +6,6 @@ another inversion.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import folder_paths
@@ -14,13 +13,12 @@ from comfy_api.latest import io, ui
 
 from ..data import product_io
 from ..engine.inversion_runner import inverted_latent_output
-from ..engine.model_support import check_supported, model_fingerprint, tensor_fingerprint
+from ..engine.model_support import check_supported, frames_fingerprint, model_fingerprint
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.validation import check_latent_frames
+from .common import CATEGORY, clean_path
 
-log = logging.getLogger(__name__)
 
-CATEGORY = "TokenFlow"
 EXTENSION = ".safetensors"
 
 
@@ -41,11 +39,10 @@ def output_path(filename_prefix: str) -> str:
 
 def resolve_path(path: str) -> str:
     """``path`` as an absolute file name: relative paths are inside ComfyUI's output folder."""
-    raw = (path or "").strip().strip('"').strip("'").strip()
+    raw = clean_path(path)
     if not raw:
         raise ValueError("path: empty; enter the file written by the TokenFlow Save node (relative to the output "
                          "folder, e.g. 'tokenflow/inversion_00001_.safetensors', or absolute)")
-    raw = os.path.expanduser(raw)
     if not os.path.isabs(raw):
         raw = os.path.join(folder_paths.get_output_directory(), raw)
     return os.path.abspath(raw)
@@ -76,137 +73,157 @@ def validate_path(path: str | None) -> bool | str:
     return True
 
 
-def frames_fingerprint(model, latent: dict) -> str:
-    """The fingerprint TokenFlow DDIM Inversion gives these frames (same scaling, same hash)."""
-    samples = check_latent_frames(latent, "latent", model.model.latent_format.latent_channels)
-    return tensor_fingerprint(model.model.process_latent_in(samples.float()).cpu())
+def latent_fingerprint(model, latent: dict) -> str:
+    """The fingerprint TokenFlow DDIM Inversion gives these frames."""
+    return frames_fingerprint(model, check_latent_frames(latent, "latent", model.model.latent_format.latent_channels))
 
 
-class TokenFlowSaveInversion(io.ComfyNode):
+class _SaveProduct(io.ComfyNode):
+    """Save node of one product kind; subclasses set the class attributes."""
+
+    KIND = ""  # "inversion" | "correspondences": the input's name and the files' stem
+    TYPE: io.Custom
+    MADE_BY = ""  # the node whose output it saves
+    WHAT = ""  # what the file holds, for the description
+
+    @classmethod
+    def save(cls, product, path: str) -> str:
+        raise NotImplementedError
+
     @classmethod
     def define_schema(cls) -> io.Schema:
+        title = cls.KIND.title()
         return io.Schema(
-            node_id="TokenFlowSaveInversion",
-            display_name="TokenFlow Save Inversion",
+            node_id=f"TokenFlowSave{title}",
+            display_name=f"TokenFlow Save {title}",
             category=CATEGORY,
-            description="Saves a TokenFlow inversion (trajectory, schedule, inversion prompt and fingerprints) as a "
-                        "safetensors file in ComfyUI's output folder, so a later session can edit the video without "
-                        "inverting it again (TokenFlow Load Inversion).",
+            description=f"Saves {cls.WHAT} as a safetensors file in ComfyUI's output folder, so a later session can "
+                        f"reuse it (TokenFlow Load {title}).",
             is_output_node=True,
             inputs=[
-                InversionType.Input("inversion", tooltip="Output of TokenFlow DDIM Inversion."),
-                io.String.Input("filename_prefix", default="tokenflow/inversion", tooltip="File name prefix inside "
-                                "the output folder; may contain subfolders. A counter and .safetensors are appended "
-                                "(e.g. tokenflow/inversion_00001_.safetensors)."),
+                cls.TYPE.Input(cls.KIND, tooltip=f"Output of {cls.MADE_BY}."),
+                io.String.Input("filename_prefix", default=f"tokenflow/{cls.KIND}", tooltip="File name prefix "
+                                "inside the output folder; may contain subfolders. A counter and .safetensors are "
+                                f"appended (e.g. tokenflow/{cls.KIND}_00001_.safetensors)."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Absolute path of the written file (connect it to "
-                                      "TokenFlow Load Inversion's path, or copy it into a later workflow).")],
+                                      f"TokenFlow Load {title}'s path, or copy it into a later workflow).")],
         )
 
     @classmethod
-    def execute(cls, inversion, filename_prefix="tokenflow/inversion") -> io.NodeOutput:
-        path = product_io.save_inversion(inversion, output_path(filename_prefix))
+    def write(cls, product, filename_prefix: str) -> io.NodeOutput:
+        path = cls.save(product, output_path(filename_prefix or f"tokenflow/{cls.KIND}"))
         return io.NodeOutput(path, ui=ui.PreviewText(path))
 
 
-class TokenFlowLoadInversion(io.ComfyNode):
+class _LoadProduct(io.ComfyNode):
+    """Load node of one product kind: a path plus what the product must match; subclasses set the rest."""
+
+    KIND = ""
+    DESCRIPTION = ""
+
+    @classmethod
+    def match_inputs(cls) -> list:
+        raise NotImplementedError
+
+    @classmethod
+    def product_outputs(cls) -> list:
+        raise NotImplementedError
+
     @classmethod
     def define_schema(cls) -> io.Schema:
+        title = cls.KIND.title()
         return io.Schema(
-            node_id="TokenFlowLoadInversion",
-            display_name="TokenFlow Load Inversion",
+            node_id=f"TokenFlowLoad{title}",
+            display_name=f"TokenFlow Load {title}",
             category=CATEGORY,
-            description="Loads an inversion written by TokenFlow Save Inversion. It is refused unless the connected "
-                        "model and source latent are the ones it was made from (checked by fingerprint).",
-            inputs=[
-                io.String.Input("path", default="tokenflow/inversion_00001_.safetensors",
-                                tooltip=path_tooltip("inversion")),
-                io.Model.Input("model", tooltip="The model the inversion was made with (LoRAs may differ: only the "
+            description=cls.DESCRIPTION,
+            inputs=[io.String.Input("path", default=f"tokenflow/{cls.KIND}_00001_.safetensors",
+                                    tooltip=path_tooltip(cls.KIND)), *cls.match_inputs()],
+            outputs=cls.product_outputs(),
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, path=None, **kwargs) -> str:
+        return file_fingerprint(path)
+
+    @classmethod
+    def validate_inputs(cls, path=None) -> bool | str:
+        return validate_path(path)
+
+
+class TokenFlowSaveInversion(_SaveProduct):
+    KIND, TYPE, MADE_BY = "inversion", InversionType, "TokenFlow DDIM Inversion"
+    WHAT = ("a TokenFlow inversion (trajectory, schedule, inversion prompt and fingerprints); the video can then be "
+            "edited without inverting it again")
+
+    @classmethod
+    def save(cls, product, path: str) -> str:
+        return product_io.save_inversion(product, path)
+
+    @classmethod
+    def execute(cls, inversion, filename_prefix="tokenflow/inversion") -> io.NodeOutput:
+        return cls.write(inversion, filename_prefix)
+
+
+class TokenFlowLoadInversion(_LoadProduct):
+    KIND = "inversion"
+    DESCRIPTION = ("Loads an inversion written by TokenFlow Save Inversion. It is refused unless the connected model "
+                   "and source latent are the ones it was made from (checked by fingerprint).")
+
+    @classmethod
+    def match_inputs(cls) -> list:
+        return [io.Model.Input("model", tooltip="The model the inversion was made with (LoRAs may differ: only the "
                                "base weights are compared)."),
                 io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode, exactly as they "
-                                "were connected to TokenFlow DDIM Inversion (same frames, size and VAE)."),
-            ],
-            outputs=[
-                InversionType.Output(display_name="inversion", tooltip="The loaded inversion, as TokenFlow DDIM "
+                                "were connected to TokenFlow DDIM Inversion (same frames, size and VAE).")]
+
+    @classmethod
+    def product_outputs(cls) -> list:
+        return [InversionType.Output(display_name="inversion", tooltip="The loaded inversion, as TokenFlow DDIM "
                                      "Inversion outputs it."),
                 io.Latent.Output(display_name="inverted_latent", tooltip="The fully inverted latent x_T (with leftover "
-                                 "noise, as from KSampler Advanced)."),
-            ],
-        )
+                                 "noise, as from KSampler Advanced).")]
 
     @classmethod
     def execute(cls, path, model, latent) -> io.NodeOutput:
         check_supported(model)
         inversion = product_io.load_inversion(resolve_path(path), model_fingerprint(model),
-                                              frames_fingerprint(model, latent))
+                                              latent_fingerprint(model, latent))
         return io.NodeOutput(inversion, inverted_latent_output(model, inversion))
 
-    @classmethod
-    def fingerprint_inputs(cls, path=None, **kwargs) -> str:
-        return file_fingerprint(path)
+
+class TokenFlowSaveCorrespondences(_SaveProduct):
+    KIND, TYPE, MADE_BY = "correspondences", CorrespondencesType, "TokenFlow Extract Correspondences"
+    WHAT = "extracted TokenFlow correspondences (keyframe plan and nearest-neighbour fields of every block)"
 
     @classmethod
-    def validate_inputs(cls, path=None) -> bool | str:
-        return validate_path(path)
-
-
-class TokenFlowSaveCorrespondences(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TokenFlowSaveCorrespondences",
-            display_name="TokenFlow Save Correspondences",
-            category=CATEGORY,
-            description="Saves extracted TokenFlow correspondences (keyframe plan and nearest-neighbour fields of "
-                        "every block) as a safetensors file in ComfyUI's output folder, for TokenFlow Load "
-                        "Correspondences in a later session.",
-            is_output_node=True,
-            inputs=[
-                CorrespondencesType.Input("correspondences", tooltip="Output of TokenFlow Extract Correspondences."),
-                io.String.Input("filename_prefix", default="tokenflow/correspondences", tooltip="File name prefix "
-                                "inside the output folder; may contain subfolders. A counter and .safetensors are "
-                                "appended (e.g. tokenflow/correspondences_00001_.safetensors)."),
-            ],
-            outputs=[io.String.Output(display_name="path", tooltip="Absolute path of the written file (connect it to "
-                                      "TokenFlow Load Correspondences' path, or copy it into a later workflow).")],
-        )
+    def save(cls, product, path: str) -> str:
+        return product_io.save_correspondences(product, path)
 
     @classmethod
     def execute(cls, correspondences, filename_prefix="tokenflow/correspondences") -> io.NodeOutput:
-        path = product_io.save_correspondences(correspondences, output_path(filename_prefix))
-        return io.NodeOutput(path, ui=ui.PreviewText(path))
+        return cls.write(correspondences, filename_prefix)
 
 
-class TokenFlowLoadCorrespondences(io.ComfyNode):
+class TokenFlowLoadCorrespondences(_LoadProduct):
+    KIND = "correspondences"
+    DESCRIPTION = ("Loads correspondences written by TokenFlow Save Correspondences. They are refused unless they "
+                   "were extracted from the connected inversion (same model, frames and step count).")
+
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TokenFlowLoadCorrespondences",
-            display_name="TokenFlow Load Correspondences",
-            category=CATEGORY,
-            description="Loads correspondences written by TokenFlow Save Correspondences. They are refused unless "
-                        "they were extracted from the connected inversion (same model, frames and step count).",
-            inputs=[
-                io.String.Input("path", default="tokenflow/correspondences_00001_.safetensors",
-                                tooltip=path_tooltip("correspondences")),
-                InversionType.Input("inversion", tooltip="The inversion the correspondences were extracted from "
-                                    "(from TokenFlow DDIM Inversion or TokenFlow Load Inversion)."),
-            ],
-            outputs=[CorrespondencesType.Output(display_name="correspondences", tooltip="The loaded correspondences, "
-                                                "as TokenFlow Extract Correspondences outputs them.")],
-        )
+    def match_inputs(cls) -> list:
+        return [InversionType.Input("inversion", tooltip="The inversion the correspondences were extracted from "
+                                    "(from TokenFlow DDIM Inversion or TokenFlow Load Inversion).")]
+
+    @classmethod
+    def product_outputs(cls) -> list:
+        return [CorrespondencesType.Output(display_name="correspondences", tooltip="The loaded correspondences, as "
+                                           "TokenFlow Extract Correspondences outputs them.")]
 
     @classmethod
     def execute(cls, path, inversion) -> io.NodeOutput:
         return io.NodeOutput(product_io.load_correspondences(resolve_path(path), inversion))
-
-    @classmethod
-    def fingerprint_inputs(cls, path=None, **kwargs) -> str:
-        return file_fingerprint(path)
-
-    @classmethod
-    def validate_inputs(cls, path=None) -> bool | str:
-        return validate_path(path)
 
 
 NODES = [TokenFlowSaveInversion, TokenFlowLoadInversion, TokenFlowSaveCorrespondences, TokenFlowLoadCorrespondences]

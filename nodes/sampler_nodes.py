@@ -11,8 +11,8 @@ from ..engine.edit_plan import EDITORS, EditSettings
 from ..engine.editors import editor_inputs
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.tokenflow_runner import run_edit
+from .common import CATEGORY
 
-CATEGORY = "TokenFlow"
 
 
 class TokenFlowSampler(io.ComfyNode):

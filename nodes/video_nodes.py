@@ -9,8 +9,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..data import video_decode
+from .common import CATEGORY, clean_path
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def list_input_videos() -> list[str]:
@@ -27,9 +28,8 @@ def list_input_videos() -> list[str]:
 def resolve_source(video: str | None, path: str | None) -> str:
     """The file or folder to load: ``path`` when non-empty (relative paths may be inside the
     input folder), else the ``video`` chosen from the input folder."""
-    raw = (path or "").strip().strip('"').strip("'").strip()
-    if raw:
-        resolved = os.path.expanduser(raw)
+    resolved = clean_path(path)
+    if resolved:
         if not os.path.isabs(resolved) and not os.path.exists(resolved):
             candidate = os.path.join(folder_paths.get_input_directory(), resolved)
             if os.path.exists(candidate):
@@ -64,7 +64,7 @@ class TokenFlowLoadVideo(io.ComfyNode):
         return io.Schema(
             node_id="TokenFlowLoadVideo",
             display_name="TokenFlow Load Video",
-            category="TokenFlow",
+            category=CATEGORY,
             description=(
                 "Loads a video (mp4, webm, mov, gif...) or a folder of numbered images as an IMAGE batch for "
                 "TokenFlow. Frames are decoded one by one: only the selected frames are kept and resized "
@@ -126,7 +126,7 @@ class TokenFlowLoadVideo(io.ComfyNode):
             source, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
             select_every_nth=select_every_nth, width=width, height=height, size_multiple=size_multiple,
             progress=_comfy_hooks(expected))
-        logger.info("TokenFlow Load Video: loaded %d frames of %dx%d at %.3f fps from '%s'",
+        log.info("TokenFlow Load Video: loaded %d frames of %dx%d at %.3f fps from '%s'",
                     loaded.frame_count, loaded.images.shape[2], loaded.images.shape[1], loaded.fps, source)
         return io.NodeOutput(loaded.images, loaded.frame_count, loaded.fps)
 

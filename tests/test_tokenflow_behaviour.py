@@ -67,7 +67,7 @@ def test_extracted_correspondences_recover_translation(tiny_sd15, prompts):
     inversion = invert(tiny_sd15, {"samples": _translated_video(n, size)}, prompts[0])
     corr = extract(tiny_sd15, inversion, batch_size=3)
     step = len(corr.timesteps) - 1  # the cleanest source pass
-    pairing = corr.pairing(step, n)
+    pairing = corr.schedule.pairing(step, n)
     fine = [b for b, f in corr.fields.items() if f.shape[-1] == size * size]
     assert {b[0] for b in fine} == {"input", "output"}, "expected encoder and decoder blocks at latent resolution"
     ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")

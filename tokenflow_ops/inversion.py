@@ -2,8 +2,7 @@
 
 Latents here are in the diffusers/DDPM parameterisation ``x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps``
 (the space the official code stores its trajectory in). ComfyUI's samplers work in the
-"sigma space" ``x / sqrt(abar)``; the node layer converts with :func:`to_model_space` /
-:func:`from_model_space`.
+"sigma space" ``x / sqrt(abar)``; the engine divides by / multiplies with ``sqrt(abar)`` at its edges.
 """
 from __future__ import annotations
 
@@ -16,12 +15,6 @@ def ddim_inversion_step(x: torch.Tensor, eps: torch.Tensor, abar_prev: float, ab
     return abar_next ** 0.5 * x0 + (1.0 - abar_next) ** 0.5 * eps
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_prev: float) -> torch.Tensor:
-    """One deterministic DDIM denoising step (eta = 0): x at ``abar_t`` -> x at ``abar_prev``."""
-    x0 = (x - (1.0 - abar_t) ** 0.5 * eps) / abar_t ** 0.5
-    return abar_prev ** 0.5 * x0 + (1.0 - abar_prev) ** 0.5 * eps
-
-
 def ddim_noise(x_inverted: torch.Tensor, x0: torch.Tensor, abar_inverted: float) -> torch.Tensor:
     """The "DDIM noise" recovered from a fully inverted latent: (x_T - sqrt(abar_T) x0) / sqrt(1 - abar_T)."""
     return (x_inverted - abar_inverted ** 0.5 * x0) / (1.0 - abar_inverted) ** 0.5
@@ -30,13 +23,3 @@ def ddim_noise(x_inverted: torch.Tensor, x0: torch.Tensor, abar_inverted: float)
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: float) -> torch.Tensor:
     """sqrt(abar) x0 + sqrt(1 - abar) noise (diffusers' ``scheduler.add_noise``)."""
     return abar ** 0.5 * x0 + (1.0 - abar) ** 0.5 * noise
-
-
-def to_model_space(x: torch.Tensor, abar: float) -> torch.Tensor:
-    """DDPM-space latent -> ComfyUI sigma-space latent (divide by sqrt(abar))."""
-    return x / abar ** 0.5
-
-
-def from_model_space(x: torch.Tensor, abar: float) -> torch.Tensor:
-    """ComfyUI sigma-space latent -> DDPM-space latent (multiply by sqrt(abar))."""
-    return x * abar ** 0.5

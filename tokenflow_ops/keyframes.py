@@ -132,6 +132,18 @@ def paper_pairing(keyframes: torch.Tensor, n_frames: int) -> FramePairing:
     return FramePairing(slots, weights.float())
 
 
+@dataclass(frozen=True)
+class KeyframeSchedule:
+    """The keyframes of every step and how frames blend them: the one source of a step's pairing."""
+
+    keyframes: torch.Tensor  # (steps, n_keyframes) long
+    group_size: int
+    blend: str
+
+    def pairing(self, step: int, n_frames: int) -> "FramePairing":
+        return pairing_for_step(self.keyframes[step], n_frames, self.group_size, self.blend)
+
+
 def pairing_for_step(keyframes: torch.Tensor, n_frames: int, group_size: int, blend: str = "official") -> FramePairing:
     """The pairing used at one step given that step's keyframe indices."""
     if blend == "official":
