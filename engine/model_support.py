@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,8 +62,8 @@ def check_supported(model_patcher) -> ModelLayout:
     blocks = transformer_blocks(unet)
     if not blocks:
         raise _unsupported(model_patcher, "it has no spatial transformer blocks")
-    family = "sdxl" if getattr(unet, "adm_in_channels", None) == 2816 or unet.num_classes == "sequential" else "sd1/sd2"
-    return ModelLayout(family, prediction, blocks, default_pnp_attention(unet, blocks), (default_pnp_residual(unet),))
+    family = next(f for f in FAMILIES if f.matches(unet))
+    return ModelLayout(family.name, prediction, blocks, family.pnp_attention(unet, blocks), family.pnp_residual(unet))
 
 
 def _prediction_type(sampling) -> tuple[str | None, str]:
@@ -106,6 +107,29 @@ def default_pnp_residual(unet: torch.nn.Module) -> str:
     """Second ResBlock of the decoder's second resolution level (diffusers up_blocks[1].resnets[1])."""
     per_level = unet.num_res_blocks[-1] + 1 if isinstance(unet.num_res_blocks, (list, tuple)) else unet.num_res_blocks + 1
     return f"output_blocks.{per_level + 1}.0"
+
+
+@dataclass(frozen=True)
+class UNetFamily:
+    """A family of DDPM UNets: how to recognise one and where Plug-and-Play injects into it.
+
+    The transformer blocks and the prediction type are read off the model itself; a family only
+    decides the defaults that are a matter of choice. Another UNet family is one more adapter in
+    :data:`FAMILIES` (checked in order, the first match wins), not edits across the runners.
+    """
+
+    name: str
+    matches: Callable[[UNetModel], bool]
+    pnp_attention: Callable[[UNetModel, tuple[BlockKey, ...]], tuple[BlockKey, ...]] = default_pnp_attention
+    pnp_residual: Callable[[UNetModel], tuple[str, ...]] = lambda unet: (default_pnp_residual(unet),)
+
+
+FAMILIES: list[UNetFamily] = [
+    # SDXL: 2816-wide ADM input (or a sequential class embedding); PnP at the analogous decoder levels.
+    UNetFamily("sdxl", lambda unet: getattr(unet, "adm_in_channels", None) == 2816 or unet.num_classes == "sequential"),
+    # SD1.x / SD2.x (and any other UNetModel): the paper's layers, output 4-11 and output_blocks.4.0.
+    UNetFamily("sd1/sd2", lambda unet: True),
+]
 
 
 def parse_block_list(text: str, layout: ModelLayout, default: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:

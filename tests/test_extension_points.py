@@ -1,4 +1,4 @@
-"""An editor is one module plus one registration line: the engine plans its calls from what it declares."""
+"""Extension points: an editor is one module plus one registration line, a UNet family one adapter; the engine plans from what they declare."""
 from __future__ import annotations
 
 import pytest
@@ -34,3 +34,13 @@ def test_a_registered_editor_appears_in_the_sampler_after_its_stable_inputs(regi
     editor_widget = next(inp for inp in schema.inputs if inp.id == "editor")
     assert "pnp_attention_only" in editor_widget.options
     assert names[-1] == "attention_only_t" and names.index("pnp_residual_blocks") == len(names) - 2
+
+
+def test_a_unet_family_is_one_adapter(tiny_sd15, monkeypatch):
+    from comfyui_tokenflow.engine import model_support
+
+    custom = model_support.UNetFamily("custom", lambda unet: True, pnp_residual=lambda unet: ("output_blocks.5.0",))
+    monkeypatch.setattr(model_support, "FAMILIES", [custom, *model_support.FAMILIES])
+    layout = model_support.check_supported(tiny_sd15)
+    assert layout.family == "custom" and layout.default_pnp_residual == ("output_blocks.5.0",)
+    assert layout.default_pnp_attention == tuple(("output", i, 0) for i in range(4, 12))  # the shared default
