@@ -81,8 +81,9 @@ def _make_patches(state: _OfficialState):
         tokens, dim = q.shape[1], q.shape[2]
         if block in state.pnp_blocks and state.t in state.qk_steps:
             q, k = q.clone(), k.clone()
-            q[nf:2 * nf] = q[:nf]; k[nf:2 * nf] = k[:nf]
-            q[2 * nf:] = q[:nf]; k[2 * nf:] = k[:nf]
+            for t in (q, k):  # uncond and cond get the source's queries and keys
+                t[nf:2 * nf] = t[:nf]
+                t[2 * nf:] = t[:nf]
         dh = dim // heads
         scale = dh ** -0.5
 
