@@ -86,9 +86,7 @@ class _SaveProduct(io.ComfyNode):
     MADE_BY = ""  # the node whose output it saves
     WHAT = ""  # what the file holds, for the description
 
-    @classmethod
-    def save(cls, product, path: str) -> str:
-        raise NotImplementedError
+    SAVE: staticmethod  # product_io's writer for this kind: (product, path) -> path
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -112,7 +110,7 @@ class _SaveProduct(io.ComfyNode):
 
     @classmethod
     def write(cls, product, filename_prefix: str) -> io.NodeOutput:
-        path = cls.save(product, output_path(filename_prefix or f"tokenflow/{cls.KIND}"))
+        path = cls.SAVE(product, output_path(filename_prefix or f"tokenflow/{cls.KIND}"))
         return io.NodeOutput(path, ui=ui.PreviewText(path))
 
 
@@ -156,10 +154,7 @@ class TokenFlowSaveInversion(_SaveProduct):
     KIND, TYPE, MADE_BY = "inversion", InversionType, "TokenFlow DDIM Inversion"
     WHAT = ("a TokenFlow inversion (trajectory, schedule, inversion prompt and fingerprints); the video can then be "
             "edited without inverting it again")
-
-    @classmethod
-    def save(cls, product, path: str) -> str:
-        return product_io.save_inversion(product, path)
+    SAVE = staticmethod(product_io.save_inversion)
 
     @classmethod
     def execute(cls, inversion, filename_prefix="tokenflow/inversion") -> io.NodeOutput:
@@ -196,10 +191,7 @@ class TokenFlowLoadInversion(_LoadProduct):
 class TokenFlowSaveCorrespondences(_SaveProduct):
     KIND, TYPE, MADE_BY = "correspondences", CorrespondencesType, "TokenFlow Extract Correspondences"
     WHAT = "extracted TokenFlow correspondences (keyframe plan and nearest-neighbour fields of every block)"
-
-    @classmethod
-    def save(cls, product, path: str) -> str:
-        return product_io.save_correspondences(product, path)
+    SAVE = staticmethod(product_io.save_correspondences)
 
     @classmethod
     def execute(cls, correspondences, filename_prefix="tokenflow/correspondences") -> io.NodeOutput:
