@@ -1,4 +1,4 @@
-"""Optical flow of the SOURCE video for the warp-error metric (spec section 7).
+"""Optical flow of the SOURCE video for the warp-error metric the TokenFlow paper reports.
 
 The paper measures its warp error with RAFT flow. The default here is weight-free: OpenCV's
 DIS optical flow (Kroeger et al. 2016, ``cv2.DISOpticalFlow_create``) on grayscale uint8 frames

@@ -1,7 +1,7 @@
-"""Temporal consistency of an edited video: the warp error of spec section 7.
+"""Temporal consistency of an edited video: the warp error.
 
-This is the metric the TokenFlow paper reports (x1e-3: TokenFlow 3.0, per-frame PnP 11.3, VAE
-reconstruction alone 2.0), in the form of the usual warp-error code (Lai et al. 2018,
+This is the metric the TokenFlow paper (Geyer et al., ICLR 2024, arXiv 2307.10373) reports
+(x1e-3: TokenFlow 3.0, per-frame PnP 11.3, VAE reconstruction alone 2.0), in the form of the usual warp-error code (Lai et al. 2018,
 "Learning Blind Video Temporal Consistency"), given optical flows of the SOURCE video.
 
 For every pair of consecutive frames ``i, i+1`` with source flows ``F_fwd`` (frame i -> i+1,
