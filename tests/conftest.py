@@ -178,3 +178,23 @@ def test_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except OSError:
         path = tmp_path_factory.mktemp("test-artifacts")
     return path
+
+
+# -- the reliability tests (test_bad_inputs, test_interrupts, test_determinism, test_errors_in_pass) ------------
+
+@pytest.fixture(scope="module")
+def clip(tiny_sd15: Any, tiny_controlnet: Any) -> dict:
+    """The reliability tests' 3-frame clip, its inversion, correspondences and tracked ControlNet conditioning
+    (``tests/reliability_tools.py``); one per test module."""
+    import reliability_tools
+
+    return reliability_tools.make_clip(tiny_sd15, tiny_controlnet)
+
+
+@pytest.fixture(scope="module")
+def clean(tiny_sd15: Any, clip: dict) -> dict:
+    """Results of clean runs of the reliability stages on ``clip``: the reference for every rerun after an interrupt
+    or a failure."""
+    import reliability_tools
+
+    return reliability_tools.clean_results(tiny_sd15, clip)

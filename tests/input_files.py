@@ -2,6 +2,7 @@
 
 * :func:`write_test_clip`: the first frames of ``$TOKENFLOW_TEST_VIDEOS/wolf.mp4`` (default
   ``/work/shared/videos``) as a small H.264 mp4, or a synthetic clip when that file is missing;
+* :func:`write_frames` / :func:`write_mp4`: a folder of PNG frames and a small random mp4;
 * :func:`write_tiny_model_files`: the tiny checkpoint and ControlNet FILES of
   ``tests/stand_in_nodes/tiny_files.py``.
 """
@@ -58,3 +59,34 @@ def write_tiny_model_files(models_dir: Path) -> dict:
     files = module.write_tiny_model_files(models_dir)
     files.update(checkpoint_name=module.CHECKPOINT_NAME, controlnet_name=module.CONTROLNET_NAME)
     return files
+
+
+def write_frames(folder: Path, n: int, size: int = 64, seed: int = 0) -> Path:
+    """``n`` PNG frames of a random image panned one pixel per frame, in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size, size + n, 3), dtype=np.uint8)
+    for i in range(n):
+        Image.fromarray(np.ascontiguousarray(base[:, i:i + size])).save(folder / f"frame_{i:03d}.png")
+    return folder
+
+
+def write_mp4(path: Path, n: int = 8, size: int = 64) -> Path:
+    """A small H.264 mp4 with its index (moov) at the end, as most cameras and encoders write it."""
+    import av
+    import numpy as np
+
+    frames = np.random.default_rng(1).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=20)
+        stream.height = stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for a in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
