@@ -1,14 +1,9 @@
-"""Bootstrap a ComfyUI host for the benchmark scripts, the same way ``tests/conftest.py`` does it.
+"""Bootstrap a ComfyUI host for the benchmark scripts with the tests' recipe, ``tests/host_bootstrap.py``.
 
-Import this module FIRST (before torch-heavy or comfy imports) and call :func:`bootstrap`:
-
-1. ``$COMFYUI_PATH`` (default ``~/comfy/ComfyUI``) goes first on ``sys.path``; the repo root is
-   taken off it (ComfyUI has its own top-level ``nodes`` module, and so does this pack); ``tests/``
-   and ``benchmarks/`` are added (for ``tiny_models`` and the benchmark helpers).
-2. ``comfy.cli_args.args`` gets ``cpu = True`` (unless a CUDA run is asked for) and
-   ``use_pytorch_cross_attention = True`` BEFORE any other comfy module is imported.
-3. ``torch.set_num_threads(threads)`` when given.
-4. The repo is registered as the package ``comfyui_tokenflow`` WITHOUT running its ``__init__``.
+Import this module FIRST (before torch-heavy or comfy imports) and call :func:`bootstrap`: the host
+first on ``sys.path`` (then ``tests/`` and ``benchmarks/``), ``cpu`` (unless a CUDA run is asked for)
+and ``use_pytorch_cross_attention`` set before any other comfy import, ``torch.set_num_threads`` when
+given, the repo registered as ``comfyui_tokenflow`` without running its ``__init__``.
 
 It also has the small helpers every benchmark uses: peak-RSS reset/read through
 ``/proc/self/clear_refs`` and ``/proc/self/status`` (used by ``_phases.PeakTracker``), CUDA
@@ -16,77 +11,36 @@ synchronisation and the machine description.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
-PACKAGE = "comfyui_tokenflow"
-DEFAULT_COMFYUI = Path.home() / "comfy" / "ComfyUI"
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(1, str(REPO / "tests"))
+import host_bootstrap  # noqa: E402  (tests/host_bootstrap.py)
 
 _DONE = False
 _CODE_AT_START: tuple[str, str] | None = None
 
 
 def comfyui_path() -> Path:
-    root = Path(os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI).expanduser()
-    if not (root / "comfy" / "model_patcher.py").is_file():
-        raise SystemExit(
-            f"ComfyUI host not found at {root} (no comfy/model_patcher.py). Set COMFYUI_PATH to a ComfyUI "
-            ">= 0.3.64 checkout (bash scripts/host_env.sh finds or clones one)."
-        )
-    return root.resolve()
-
-
-def _put_host_first(root: Path) -> None:
-    def is_repo(entry: str) -> bool:
-        try:
-            return Path(entry or os.getcwd()).resolve() == REPO
-        except OSError:
-            return False
-
-    sys.path[:] = [p for p in sys.path if not is_repo(p) and p != str(root)]
-    sys.path.insert(0, str(root))
-    for extra in (REPO / "tests", BENCH_DIR):
-        if str(extra) not in sys.path:
-            sys.path.insert(1, str(extra))
-
-
-def _register_package() -> ModuleType:
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    assert spec is not None and spec.loader is not None
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = package
-    return package
+    try:
+        return host_bootstrap.comfyui_path()
+    except host_bootstrap.HostBootstrapError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def bootstrap(device: str = "cpu", threads: int | None = None) -> None:
     """Configure the host for ``device`` ("cpu" or "cuda"); idempotent, must precede comfy imports."""
-    global _DONE
+    global _DONE, _CODE_AT_START
     if _DONE:
         return
-    root = comfyui_path()
-    _put_host_first(root)
-    loaded = [m for m in sys.modules if m.startswith("comfy.") and m not in ("comfy.cli_args", "comfy.options")]
-    if loaded:
-        raise RuntimeError(f"comfy modules were imported before benchmarks/_host.py configured the device: {loaded[:5]}")
-    from comfy.cli_args import args
-
-    args.cpu = device == "cpu"
-    args.use_pytorch_cross_attention = True
-    import torch
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    _register_package()
-    global _CODE_AT_START
+    comfyui_path()  # a missing host exits with the message
+    host_bootstrap.bootstrap(cpu=device == "cpu", threads=threads, extra_paths=(BENCH_DIR,))
     _CODE_AT_START = (git_commit(), code_fingerprint())  # the code this process imports, before anyone edits it
     import logging
 

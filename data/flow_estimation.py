@@ -1,4 +1,4 @@
-"""Optical flow of the SOURCE video for the warp-error metric (spec section 7).
+"""Optical flow of the SOURCE video for the warp-error metric the TokenFlow paper reports.
 
 The paper measures its warp error with RAFT flow. The default here is weight-free: OpenCV's
 DIS optical flow (Kroeger et al. 2016, ``cv2.DISOpticalFlow_create``) on grayscale uint8 frames
@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
+from einops import rearrange
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class DISFlow:
             raise ValueError(f"frames of {gray_a.shape[1]}x{gray_a.shape[0]} are too small for DIS optical flow "
                              f"(need at least {MIN_DIS_SIZE} pixels per side)")
         out = self._dis.calc(gray_a, gray_b, None)
-        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous()
+        return rearrange(torch.from_numpy(np.ascontiguousarray(out)), "h w xy -> xy h w").contiguous()
 
     def pair(self, frame_a: torch.Tensor, frame_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gray_a, gray_b = to_gray_uint8(frame_a), to_gray_uint8(frame_b)
@@ -139,9 +140,9 @@ class RAFTFlow:
     @torch.no_grad()
     def pair(self, frame_a: torch.Tensor, frame_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = frame_a.shape[:2]
-        a = frame_a.to(self.device, torch.float32).permute(2, 0, 1)[:3] * 2.0 - 1.0
-        b = frame_b.to(self.device, torch.float32).permute(2, 0, 1)[:3] * 2.0 - 1.0
-        first, second = torch.stack((a, b)), torch.stack((b, a))
+        pair = rearrange([frame_a[..., :3], frame_b[..., :3]], "pair h w c -> pair c h w")
+        first = pair.to(self.device, torch.float32).contiguous() * 2.0 - 1.0  # (a, b): flow a -> b in row 0
+        second = first.flip(0)  # (b, a): flow b -> a in row 0
         pad_h = max(MIN_RAFT_SIZE, height + (-height) % 8) - height
         pad_w = max(MIN_RAFT_SIZE, width + (-width) % 8) - width
         if pad_h or pad_w:

@@ -1,4 +1,4 @@
-"""DDIM inversion of every frame through ComfyUI's sampling path (spec section 2)."""
+"""DDIM inversion of every frame through ComfyUI's sampling path (the official preprocess.py ``ddim_inversion``)."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""The TokenFlow editing loop inside ComfyUI's sampler (spec section 3).
+"""The TokenFlow editing loop inside ComfyUI's sampler (the official run_tokenflow_pnp.py / run_tokenflow_sdedit.py
+``batched_denoise_step``).
 
 ``TokenFlowGuider.predict_noise`` is called once per DDIM step with the whole clip and runs it
 as few, large UNet calls: the keyframe pass (source, uncond and cond branches of every keyframe

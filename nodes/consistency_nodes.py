@@ -1,4 +1,4 @@
-"""TokenFlowTemporalConsistency: the paper's warp error of an edited video (spec section 7).
+"""TokenFlowTemporalConsistency: the warp error of an edited video, as the TokenFlow paper reports it.
 
 Optical flow is estimated on the SOURCE frames (see :mod:`.flow_estimation`), the edited frame
 i+1 is warped back onto frame i, occluded and out-of-frame pixels are masked, and the masked

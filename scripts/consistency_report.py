@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Warp-error table (spec section 7) for several edits of one source video.
+"""Warp-error table (the TokenFlow paper's temporal-consistency metric) for several edits of one source video.
 
 Usage::
 

@@ -7,17 +7,21 @@ left of the groups, says what the wiring does: ``tokenflow_pnp`` and the TokenFl
 ``correspondences`` input is NOT connected); ``tokenflow_sdedit`` and ``tokenflow_controlnet``
 connect extracted ones. 500 inversion steps are the official code's value (the paper used 1000).
 
-    bash -c 'source scripts/host_env.sh && "$PYTHON" tests/server_harness.py write-examples'
+    bash -c 'source scripts/host_env.sh && "$PYTHON" tests/example_specs.py'
 
-starts a temporary ComfyUI for ``/object_info`` and writes the files with :func:`write_examples`.
+starts a temporary ComfyUI (``tests/server_harness.py``) for ``/object_info`` and writes the files
+with :func:`write_examples`.
 """
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 from pathlib import Path
 
-from server_harness import VIDEO_DIR, check_ui_workflow
+from input_files import VIDEO_DIR
 from workflow_builder import Example, N, build_ui_workflow, write_thumbnail
+from workflow_format import check_ui_workflow
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
 
@@ -237,3 +241,23 @@ def write_examples(object_info: dict, out_dir: Path = EXAMPLES_DIR, video: str |
         write_thumbnail(out_dir / f"{example.name}.jpg", *example.thumbnail, video=video, kind=kind)
         written += [path, out_dir / f"{example.name}.jpg"]
     return written
+
+
+def _main(argv: list[str]) -> int:
+    if argv:
+        print("usage: python tests/example_specs.py   (starts a temporary ComfyUI to read /object_info, then "
+              "writes example_workflows/*.json and *.jpg)", file=sys.stderr)
+        return 2
+    from server_harness import ComfyServer, make_base_dir
+
+    with tempfile.TemporaryDirectory(prefix="tokenflow-examples-") as tmp:
+        server = ComfyServer(make_base_dir(Path(tmp), stand_ins=False))
+        with server:
+            object_info = server.object_info()
+    for path in write_examples(object_info):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

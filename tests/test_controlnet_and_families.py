@@ -1,4 +1,4 @@
-"""Issue 4: core ControlNet conditioning with per-frame hints in every pass; SD2.x v-prediction and SDXL."""
+"""Core ControlNet conditioning with per-frame hints in every pass; SD2.x v-prediction and SDXL."""
 from __future__ import annotations
 
 import pytest

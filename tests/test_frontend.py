@@ -152,10 +152,10 @@ def _tiny_files_module() -> Any:
     return module
 
 
-def _harness() -> Any:
-    import server_harness
+def _input_files() -> Any:
+    import input_files
 
-    return server_harness
+    return input_files
 
 
 def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
@@ -184,7 +184,7 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
             if directory == "videos":
                 target = Path(server.input_dir) / name
                 if not target.exists():
-                    _harness().write_test_clip(target)
+                    _input_files().write_test_clip(target)
                 continue
             alias = stand_ins[directory].parent / name
             if not (alias.exists() or alias.is_symlink()):

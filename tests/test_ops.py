@@ -1,4 +1,5 @@
-"""Pure-torch TokenFlow ops against brute-force restatements (spec sections 1-3)."""
+"""Pure-torch TokenFlow ops (schedule, DDIM inversion, keyframes, correspondences, propagation, extended
+attention) against brute-force restatements."""
 from __future__ import annotations
 
 import pytest

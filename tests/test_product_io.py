@@ -1,4 +1,4 @@
-"""Issue 4: TokenFlow inversions and correspondences saved to / loaded from safetensors files.
+"""TokenFlow inversions and correspondences saved to / loaded from safetensors files.
 
 Round trips are exact (every field, dtype and order), an edit with loaded products is bit-identical
 to one with the in-memory products, and every way a file can be wrong is refused with a message

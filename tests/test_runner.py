@@ -7,7 +7,7 @@
 * Polish: ``--help`` shows only real defaults; a damaged checkpoint file gives one line naming the
   file (the traceback only with ``--verbose``); the PyTorch thread count is set and printed.
 
-The tiny checkpoint FILE is the one the server tests use (``server_harness.write_tiny_model_files``).
+The tiny checkpoint FILE is the one the server tests use (``input_files.write_tiny_model_files``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import input_files
 import server_harness as harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +32,13 @@ STAND_INS = REPO / "tests" / "stand_in_nodes"
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> dict:
-    return harness.write_tiny_model_files(tmp_path_factory.mktemp("runner-models"))
+    return input_files.write_tiny_model_files(tmp_path_factory.mktemp("runner-models"))
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("runner-clip") / "clip.mp4"
-    harness.write_test_clip(path)
+    input_files.write_test_clip(path)
     return path
 
 

@@ -31,7 +31,6 @@ videos are copied to ``test-artifacts/server_workflows/``.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -44,12 +43,15 @@ import av
 import pytest
 
 import example_specs
+import input_files
 import server_harness as harness
+import workflow_format
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 EXPECTED_EXAMPLES = ["baselines", "tokenflow_controlnet", "tokenflow_pnp", "tokenflow_sdedit"]
-VIDEO_DIR, CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = harness.VIDEO_DIR, harness.CLIP_FRAMES, harness.CLIP_SIZE, harness.CLIP_FPS
+VIDEO_DIR, CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = (input_files.VIDEO_DIR, input_files.CLIP_FRAMES, input_files.CLIP_SIZE,
+                                              input_files.CLIP_FPS)
 PROMPT_TIMEOUT = 300.0
 
 # The stable contract: node id -> (required inputs in order, optional inputs, output types).
@@ -76,27 +78,15 @@ CONTRACT = {
 # fixtures
 # --------------------------------------------------------------------------------------------
 
-def _tiny_files_module():
-    path = REPO / "tests" / "stand_in_nodes" / "tiny_files.py"
-    spec = importlib.util.spec_from_file_location("tokenflow_test_tiny_files", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def tiny_model_files(tmp_path_factory) -> dict:
-    tiny_files = _tiny_files_module()
-    files = tiny_files.write_tiny_model_files(tmp_path_factory.mktemp("tiny-models"))
-    files["checkpoint_name"] = tiny_files.CHECKPOINT_NAME
-    files["controlnet_name"] = tiny_files.CONTROLNET_NAME
-    return files
+    return input_files.write_tiny_model_files(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_model_files):
     base = harness.make_base_dir(tmp_path_factory.mktemp("comfy-base"))
-    harness.write_test_clip(base / "input" / "wolf.mp4")
+    input_files.write_test_clip(base / "input" / "wolf.mp4")
     server = harness.ComfyServer(base, extra_model_paths=tiny_model_files["extra_model_paths"], python=sys.executable)
     try:
         server.start(timeout=180)
@@ -219,10 +209,10 @@ def test_example_workflow_loads_in_the_frontend_format(object_info, name):
     from PIL import Image
 
     workflow = load_example(name)
-    assert harness.check_ui_workflow(workflow, object_info) == []
+    assert workflow_format.check_ui_workflow(workflow, object_info) == []
     with Image.open(REPO / "example_workflows" / f"{name}.jpg") as thumb:
         assert thumb.format == "JPEG" and 256 <= thumb.width <= 1024 and 192 <= thumb.height <= 1024
-    prompt = harness.ui_to_api(workflow, object_info)
+    prompt = workflow_format.ui_to_api(workflow, object_info)
     samplers = [n["inputs"] for n in prompt.values() if n["class_type"] == "TokenFlowSampler"]
     inversions = [n["inputs"] for n in prompt.values() if n["class_type"] == "TokenFlowInvert"]
     texts = {n["inputs"]["text"] for n in prompt.values() if n["class_type"] == "CLIPTextEncode"}
@@ -276,9 +266,9 @@ def test_example_reads_in_groups_with_forward_wires_and_a_note_that_matches_it(n
 
 @pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
 def test_example_workflow_runs_on_the_server(comfy_server, object_info, tiny_model_files, artifacts, name):
-    prompt = apply_test_overrides(harness.ui_to_api(load_example(name), object_info), tiny_model_files)
+    prompt = apply_test_overrides(workflow_format.ui_to_api(load_example(name), object_info), tiny_model_files)
     (artifacts / f"{name}.api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
-    assert harness.validate_api_prompt(prompt, object_info) == []
+    assert workflow_format.validate_api_prompt(prompt, object_info) == []
     expected = expected_videos(prompt)
 
     entry = comfy_server.run_prompt(prompt, timeout=PROMPT_TIMEOUT)
@@ -293,10 +283,10 @@ def test_example_workflow_runs_on_the_server(comfy_server, object_info, tiny_mod
 
 
 def test_server_refuses_an_out_of_range_widget(comfy_server, object_info, tiny_model_files):
-    prompt = apply_test_overrides(harness.ui_to_api(load_example("tokenflow_pnp"), object_info), tiny_model_files)
+    prompt = apply_test_overrides(workflow_format.ui_to_api(load_example("tokenflow_pnp"), object_info), tiny_model_files)
     invert = next(n for n in prompt.values() if n["class_type"] == "TokenFlowInvert")
     invert["inputs"]["inversion_steps"] = 5000
-    assert any("inversion_steps" in p for p in harness.validate_api_prompt(prompt, object_info))
+    assert any("inversion_steps" in p for p in workflow_format.validate_api_prompt(prompt, object_info))
     status, body = comfy_server.request("/prompt", {"prompt": prompt})
     assert status == 400 and b"inversion_steps" in body
 
@@ -326,7 +316,7 @@ def test_runner_without_checkpoint_says_what_to_pass(tmp_path):
 
 def test_runner_edits_a_clip_end_to_end(tmp_path, tiny_model_files, artifacts):
     clip = tmp_path / "clip.mp4"
-    harness.write_test_clip(clip)
+    input_files.write_test_clip(clip)
     output = tmp_path / "out" / "edited.mp4"
     command = [sys.executable, str(RUNNER), "--video", str(clip), "--prompt", "a shiny silver robotic wolf",
                "--inversion-prompt", "a wolf", "--checkpoint", str(tiny_model_files["checkpoint"]),

@@ -1,4 +1,4 @@
-"""Issue 8, items 1-2: the step-grid rule and the 1000-step limit, one check, through the real nodes.
+"""The step-grid rule and the 1000-step limit, one check, through the real nodes.
 
 Editing timesteps lie on the inversion grid iff ``1000 // inversion_steps`` divides ``1000 // steps``
 and the inversion grid reaches the first editing timestep; a count of 1000 would index t = 1000 of a

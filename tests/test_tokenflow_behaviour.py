@@ -1,4 +1,4 @@
-"""Issue 2, what must hold 4-8: static videos, translation, PnP layers, untouched input model, odd frame counts."""
+"""TokenFlow on known inputs: static videos, translation, PnP layers, untouched input model, odd frame counts."""
 from __future__ import annotations
 
 import copy

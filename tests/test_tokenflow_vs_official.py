@@ -1,4 +1,4 @@
-"""Issue 2: inversion and editing agree with an independent restatement of the official code.
+"""Inversion and editing agree with an independent restatement of the official code.
 
 Random-weight UNets amplify rounding from step to step, so "agree to precision" is measured
 against the model's own sensitivity: the reference is run a second time with its input perturbed

@@ -1,4 +1,4 @@
-"""Tests of the temporal-consistency metric (spec section 7): warp error, occlusion mask, DIS flow, node.
+"""The TokenFlow paper's temporal-consistency metric: warp error, occlusion mask, DIS flow, node.
 
 Everything runs on real data: a wolf.mp4 texture moved by known translations, real wolf.mp4
 frames, per-frame JPEG re-encoding as a codec-like (VAE-like) per-frame degradation, and a

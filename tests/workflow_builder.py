@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server_harness import FRONTEND_ONLY_NODES, default_value, input_specs, output_types, widget_slots
+from workflow_format import FRONTEND_ONLY_NODES, default_value, input_specs, output_types, widget_slots
 
 PACK_CNR_ID = "comfyui-tokenflow"
 GROUPS = ("Load", "Invert", "Edit", "Output")  # left to right; "" = outside any group (the note)

@@ -1,4 +1,7 @@
-"""Extended (joint keyframe) self-attention on top of a fused attention kernel (spec 3.2).
+"""Extended (joint keyframe) self-attention on top of a fused attention kernel.
+
+The joint keyframe editing of the TokenFlow paper (Geyer et al., ICLR 2024), as the official
+tokenflow_utils.py ``register_extended_attention`` / ``register_extended_attention_pnp`` do it.
 
 Every keyframe's queries attend to the keys/values of ALL keyframes of the same branch. Since
 all keyframes share one key set, the K keyframes are folded into a single sequence of K*N

@@ -1,4 +1,8 @@
-"""Nearest-neighbour fields between frame tokens and keyframe tokens (spec 3.3).
+"""Nearest-neighbour fields between frame tokens and keyframe tokens.
+
+The TokenFlow correspondences of the paper (Geyer et al., ICLR 2024); the official
+tokenflow_utils.py ``make_tokenflow_attention_block`` computes them with util.py
+``batch_cosine_sim`` and an argmax.
 
 ``gamma[p] = argmax_q cos(phi_frame[p], phi_key[q])``. The search is chunked so that no
 similarity block larger than ``max_elements`` entries ever exists, whatever the number of

@@ -1,4 +1,7 @@
-"""The DDIM update formulas of spec section 2 (inversion) and the deterministic DDIM step.
+"""The DDIM update formulas of inversion and of the edit's start latent.
+
+As the official TokenFlow code writes them: preprocess.py ``ddim_inversion`` (eps at the target
+timestep), run_tokenflow_pnp.py ``get_ddim_eps`` (the "DDIM noise") and diffusers' ``add_noise``.
 
 Latents here are in the diffusers/DDPM parameterisation ``x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps``
 (the space the official code stores its trajectory in). ComfyUI's samplers work in the

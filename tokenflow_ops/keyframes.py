@@ -1,4 +1,9 @@
-"""Keyframe plans and keyframe pairing (spec 3.1 and 3.3).
+"""Keyframe plans and keyframe pairing.
+
+The keyframe sampling of the TokenFlow paper (Geyer et al., ICLR 2024): the official
+run_tokenflow_pnp.py ``batched_denoise_step`` draws the keyframes, and tokenflow_utils.py
+``make_tokenflow_attention_block`` pairs each frame with its batch's keyframe and the previous
+batch's and blends the two.
 
 The keyframe plan is the one piece of randomness in TokenFlow. It is a pure function of
 ``(n_frames, batch_size, steps, seed, mode)`` so a run can be reproduced and compared with

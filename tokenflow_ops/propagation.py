@@ -1,4 +1,8 @@
-"""Giving every frame its keyframes' outputs through the nearest-neighbour fields (spec 3.3)."""
+"""Giving every frame its keyframes' outputs through the nearest-neighbour fields.
+
+The edit propagation of the TokenFlow paper (Geyer et al., ICLR 2024); the official
+tokenflow_utils.py ``make_tokenflow_attention_block`` does it with one ``gather`` per keyframe.
+"""
 from __future__ import annotations
 
 import torch

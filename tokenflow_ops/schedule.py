@@ -100,7 +100,10 @@ def _either(values: list[int]) -> str:
 
 def check_inversion_covers(steps: int, inversion_steps: int, *, steps_name: str = "steps",
                            inversion_name: str = "inversion_steps", fix: str = "") -> None:
-    """The one check of the step-grid rule (spec section 2), before any model call.
+    """The one check of the step-grid rule, before any model call.
+
+    The official run_tokenflow_pnp.py loads preprocess.py's saved ``noisy_latents_{t}.pt`` at every
+    editing timestep t, so every editing timestep must be an inversion timestep.
 
     Raises a ValueError naming both inputs (``steps_name``/``inversion_name``: how the caller's user
     sees them, e.g. ``--inversion-steps``) and the nearest values that fit; ``fix`` is appended.
