@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .products import TokenFlowCorrespondences, TokenFlowInversion
 
@@ -48,7 +49,8 @@ def preview_image(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion,
         raise ValueError(f"cannot lay out {tokens} tokens on the {lh}x{lw} latent grid")
     ph, pw = height // gh, width // gw
     crop = pixels[:, :, :gh * ph, :gw * pw]
-    patches = crop[keyframe].reshape(3, gh, ph, gw, pw).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, ph, pw)
-    rebuilt = patches[field].reshape(gh, gw, 3, ph, pw).permute(2, 0, 3, 1, 4).reshape(3, gh * ph, gw * pw)
+    # One patch per token (row-major over the token grid), then the keyframe patches each token matched.
+    patches = rearrange(crop[keyframe], "c (gh ph) (gw pw) -> (gh gw) c ph pw", gh=gh, gw=gw)
+    rebuilt = rearrange(patches[field], "(gh gw) c ph pw -> c (gh ph) (gw pw)", gh=gh, gw=gw)
     row = torch.cat([crop[frame], rebuilt, crop[keyframe]], dim=-1)
     return row.movedim(0, -1).unsqueeze(0).clamp(0, 1)

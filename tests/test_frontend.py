@@ -47,6 +47,8 @@ from typing import Any, Iterator
 
 import pytest
 
+import frontend_js
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
@@ -229,157 +231,6 @@ def server_url(server: Any) -> str:
 # Page
 # --------------------------------------------------------------------------------------------------
 
-# Installed once per page: a MutationObserver recording every toast and dialog the app shows, and an
-# extension whose afterConfigureGraph hook receives the app's own list of missing node types.
-_INSTRUMENT_JS = r"""
-() => {
-  if (window.__tf) return true;
-  const tf = window.__tf = {events: [], missing: null, loads: 0};
-  const severity = (el) => (String(el.className).match(/p-toast-message-(\w+)/) || [])[1] || 'unknown';
-  const record = (el) => {
-    if (!(el instanceof Element)) return;
-    const found = [];
-    if (el.matches('.p-toast-message')) found.push(el);
-    found.push(...el.querySelectorAll('.p-toast-message'));
-    for (const t of found) tf.events.push({kind: 'toast', severity: severity(t), text: t.innerText.slice(0, 500)});
-    const dialogs = [];
-    if (el.matches('.global-dialog')) dialogs.push(el);
-    dialogs.push(...el.querySelectorAll('.global-dialog'));
-    for (const d of dialogs) tf.events.push({kind: 'dialog', key: d.getAttribute('aria-labelledby'),
-                                             text: d.innerText.slice(0, 500)});
-  };
-  new MutationObserver((mutations) => {
-    for (const m of mutations) for (const n of m.addedNodes) record(n);
-  }).observe(document.body, {childList: true, subtree: true});
-  window.app.registerExtension({
-    name: 'TokenFlow.FrontendTest',
-    afterConfigureGraph(missingNodeTypes) { tf.missing = JSON.parse(JSON.stringify(missingNodeTypes || [])); },
-  });
-  return true;
-}
-"""
-
-_OPEN_DIALOGS_JS = r"""
-() => [...document.querySelectorAll('.global-dialog')]
-  .filter((d) => d.offsetParent !== null || d.getClientRects().length)
-  .map((d) => ({key: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 500)}))
-"""
-
-# Drop the workflow file on the canvas (the app's document-level drop handler takes it from there),
-# wait for the app's loadGraphData to finish, then report what the app made of it.
-_DROP_AND_INSPECT_JS = r"""
-async ({text, fileName, timeoutMs}) => {
-  const app = window.app, tf = window.__tf;
-  tf.missing = null;
-  const original = app.loadGraphData;
-  let settle;
-  const loaded = new Promise((resolve) => { settle = resolve; });
-  app.loadGraphData = async function (...args) {
-    try { return await original.apply(this, args); }
-    catch (error) { tf.loadError = String(error && error.stack || error); throw error; }
-    finally { app.loadGraphData = original; settle(true); }
-  };
-  try {
-    const transfer = new DataTransfer();
-    transfer.items.add(new File([text], fileName, {type: 'application/json'}));
-    const canvas = document.querySelector('#graph-canvas') || document.body;
-    canvas.dispatchEvent(new DragEvent('drop', {bubbles: true, cancelable: true, dataTransfer: transfer}));
-    const ok = await Promise.race([loaded, new Promise((r) => setTimeout(() => r(false), timeoutMs))]);
-    if (!ok) return {error: `the app did not load the dropped file within ${timeoutMs} ms`};
-  } finally {
-    app.loadGraphData = original;
-  }
-  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
-
-  const wf = JSON.parse(text);
-  const registered = (type) => type in LiteGraph.registered_node_types;
-  const savedNodes = [...(wf.nodes || [])];
-  for (const sg of (wf.definitions && wf.definitions.subgraphs) || []) savedNodes.push(...(sg.nodes || []));
-  const unregistered = [...new Set(savedNodes.map((n) => n.type).filter((t) => !registered(t)))];
-  const savedById = new Map((wf.nodes || []).map((n) => [String(n.id), n]));
-
-  const problems = [];
-  const nodes = [];
-  const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
-  for (const node of app.graph.nodes) {
-    const where = `node ${node.id} (${node.type}${node.title && node.title !== node.type ? ` "${node.title}"` : ''})`;
-    if (!registered(node.type)) problems.push(`${where}: type not registered in LiteGraph`);
-    if (node.has_errors) problems.push(`${where}: has_errors is set`);
-    const widgets = [];
-    for (const w of node.widgets || []) {
-      const o = w.options || {};
-      const entry = {name: w.name, type: w.type, value: w.value};
-      widgets.push(entry);
-      const bad = (why) => problems.push(`${where}: widget '${w.name}' = ${JSON.stringify(w.value)}: ${why}`);
-      if (w.type === 'combo') {
-        let values = o.values;
-        if (typeof values === 'function') values = values(w, node);
-        if (values && !Array.isArray(values) && typeof values === 'object') values = Object.keys(values);
-        entry.options = Array.isArray(values) ? values.slice(0, 50) : values;
-        if (!Array.isArray(values)) bad('combo without a list of options');
-        else if (!values.includes(w.value)) bad(`not among the options ${JSON.stringify(values.slice(0, 20))}`);
-      } else if (w.type === 'number' || w.type === 'slider') {
-        entry.min = o.min; entry.max = o.max;
-        if (typeof w.value !== 'number' || !Number.isFinite(w.value)) bad('not a finite number');
-        else if (o.min != null && w.value < o.min) bad(`below min ${o.min}`);
-        else if (o.max != null && w.value > o.max) bad(`above max ${o.max}`);
-      } else if (w.type === 'toggle' || w.type === 'boolean') {
-        if (typeof w.value !== 'boolean') bad('not a boolean');
-      } else if (w.type === 'text' || w.type === 'customtext' || w.type === 'string') {
-        if (typeof w.value !== 'string') bad('not a string');
-      }
-    }
-    const saved = savedById.get(String(node.id));
-    if (!saved) problems.push(`${where}: not in the workflow file`);
-    else if (saved.widgets_values !== undefined) {
-      const kept = node.serialize().widgets_values;
-      if (!same(kept, saved.widgets_values))
-        problems.push(`${where}: widgets_values changed on load: saved ${JSON.stringify(saved.widgets_values)}, ` +
-                      `frontend has ${JSON.stringify(kept)}`);
-    }
-    nodes.push({id: node.id, type: node.type, mode: node.mode, widgets});
-  }
-  if (app.graph.nodes.length !== (wf.nodes || []).length)
-    problems.push(`the graph has ${app.graph.nodes.length} nodes, the file ${(wf.nodes || []).length}`);
-  const links = app.graph.links instanceof Map ? app.graph.links.size : Object.keys(app.graph.links || {}).length;
-  return {missing: tf.missing, unregistered, problems, nodes, links, loadError: tf.loadError || null,
-          savedLinks: (wf.links || []).length};
-}
-"""
-
-
-# Test-time overrides, typed into the widgets after the checks (the files keep the official settings):
-# 64x64 frames, 5 of them (3 for strided loaders, stride at most 2), 2 editing / 4 inversion steps,
-# frame and propagation batches of 2, 2 KSampler steps. The same as tests/test_server_workflows.py.
-_TINY_OVERRIDES_JS = r"""
-() => {
-  const changed = [];
-  const set = (node, name, value) => {
-    const w = (node.widgets || []).find((w) => w.name === name);
-    if (!w) return;
-    const v = typeof value === 'function' ? value(w.value) : value;
-    if (w.value !== v) { changed.push(`${node.id}.${name}: ${w.value} -> ${v}`); w.value = v; }
-  };
-  for (const node of window.app.graph.nodes) {
-    switch (node.type) {
-      case 'TokenFlowLoadVideo': {
-        const nth = (node.widgets.find((w) => w.name === 'select_every_nth') || {}).value || 1;
-        set(node, 'width', 64); set(node, 'height', 64);
-        set(node, 'frame_load_cap', nth > 1 ? 3 : 5); set(node, 'select_every_nth', Math.min(nth, 2));
-        break;
-      }
-      case 'TokenFlowInvert':
-        set(node, 'steps', 2); set(node, 'inversion_steps', 4); set(node, 'frame_batch', 2); break;
-      case 'TokenFlowExtractCorrespondences': case 'TokenFlowSampler':
-        set(node, 'batch_size', 2); break;
-      case 'KSampler': case 'KSamplerAdvanced':
-        set(node, 'steps', 2); break;
-    }
-  }
-  window.app.graph.setDirtyCanvas(true, true);
-  return changed;
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +259,7 @@ def page(playwright_sync_api: Any, server_url: str, test_artifacts: Path) -> Ite
                 pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
                                      " && document.querySelector('[data-testid=\"queue-button\"]')", timeout=90_000)
                 pg.tf_startup_s = round(time.monotonic() - started, 2)
-                _eval(pg, _INSTRUMENT_JS)
+                _eval(pg, frontend_js.INSTRUMENT_JS)
             # Errors thrown while the app booted (host frontend noise, before any workflow is loaded)
             # go to the console log but are not held against the workflows.
             pg.tf_startup_errors = list(pg.tf_errors)
@@ -450,7 +301,7 @@ def _log_tail(server: Any) -> str:
 
 def _close_dialogs(pg: Any) -> None:
     for _ in range(3):
-        if not _eval(pg, _OPEN_DIALOGS_JS):
+        if not _eval(pg, frontend_js.OPEN_DIALOGS_JS):
             return
         pg.keyboard.press("Escape")
         pg.wait_for_timeout(300)
@@ -472,7 +323,6 @@ def test_frontend_is_the_pinned_one(page: Any, server_url: str) -> None:
     assert page.url.startswith(server_url)
 
 
-_EVENTS_JS = "() => window.__tf.events"
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
@@ -501,14 +351,14 @@ def test_frontend_loads_and_queues_workflow(workflow: Path, page: Any, server: A
 def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings: dict, artifacts: Path) -> None:
     # Drop the file on the canvas; the page waits (bounded) for the app's loadGraphData to finish.
     started = time.monotonic()
-    result = _eval(page, _DROP_AND_INSPECT_JS, {"text": text, "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
+    result = _eval(page, frontend_js.DROP_AND_INSPECT_JS, {"text": text, "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
                    timeout_ms=PAGE_TIMEOUT_MS + 5000)
     timings["load_s"] = round(time.monotonic() - started, 2)
     report["load"] = result
     _eval(page, "() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts / f"{workflow.stem}.loaded.png"))
-    events = _eval(page, _EVENTS_JS)
+    events = _eval(page, frontend_js.EVENTS_JS)
     report["load_events"] = events
 
     assert "error" not in result, result["error"]
@@ -516,7 +366,7 @@ def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings:
     assert result["missing"] is not None, "the app's afterConfigureGraph hook did not run (load aborted?)"
     assert result["missing"] == [], f"the app reports missing node types: {result['missing']}"
     assert not result["unregistered"], f"node types not registered in the frontend: {result['unregistered']}"
-    dialogs = _eval(page, _OPEN_DIALOGS_JS)
+    dialogs = _eval(page, frontend_js.OPEN_DIALOGS_JS)
     shown = [e for e in events if e["kind"] == "dialog"]
     assert not dialogs and not shown, f"the app showed dialogs while loading: {dialogs or shown}"
     toasts = [e for e in events if e["kind"] == "toast" and e["severity"] in ("error", "warn")]
@@ -528,7 +378,7 @@ def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings:
 
 def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings: dict, artifacts: Path) -> None:
     url = server.url
-    report["overrides"] = _eval(page, _TINY_OVERRIDES_JS)
+    report["overrides"] = _eval(page, frontend_js.TINY_OVERRIDES_JS)
 
     # Click Run, as a user would; the frontend builds the prompt and POSTs it.
     started = time.monotonic()
@@ -539,7 +389,7 @@ def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings
         response = response_info.value
     except Exception as exc:  # noqa: BLE001 (playwright's TimeoutError): say what the page showed instead
         pytest.fail(f"clicking Run sent no POST /api/prompt within {PAGE_TIMEOUT_MS} ms ({exc}); dialogs "
-                    f"{_eval(page, _OPEN_DIALOGS_JS)}, events {_eval(page, _EVENTS_JS)}, page errors {page.tf_errors}")
+                    f"{_eval(page, frontend_js.OPEN_DIALOGS_JS)}, events {_eval(page, frontend_js.EVENTS_JS)}, page errors {page.tf_errors}")
     body = response.json()
     report["queue_response"] = {"status": response.status, "body": body}
     assert response.status == 200, f"the server refused the prompt ({response.status}): {json.dumps(body)[:3000]}"
@@ -570,7 +420,7 @@ def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings
     page.wait_for_function("() => !window.app.runningNodeId", timeout=PAGE_TIMEOUT_MS)
     page.wait_for_timeout(1000)  # let the previews arrive and paint
     page.screenshot(path=str(artifacts / f"{workflow.stem}.queued.png"))
-    events = _eval(page, _EVENTS_JS)
+    events = _eval(page, frontend_js.EVENTS_JS)
     report["queue_events"] = events
     bad = [e for e in events if e["kind"] == "dialog" or (e["kind"] == "toast" and e["severity"] == "error")]
     assert not bad, f"the app showed errors after queueing: {bad}"

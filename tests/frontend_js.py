@@ -1,0 +1,155 @@
+"""The JavaScript the frontend test runs in the ComfyUI page (tests/test_frontend.py)."""
+
+# Installed once per page: a MutationObserver recording every toast and dialog the app shows, and an
+# extension whose afterConfigureGraph hook receives the app's own list of missing node types.
+INSTRUMENT_JS = r"""
+() => {
+  if (window.__tf) return true;
+  const tf = window.__tf = {events: [], missing: null, loads: 0};
+  const severity = (el) => (String(el.className).match(/p-toast-message-(\w+)/) || [])[1] || 'unknown';
+  const record = (el) => {
+    if (!(el instanceof Element)) return;
+    const found = [];
+    if (el.matches('.p-toast-message')) found.push(el);
+    found.push(...el.querySelectorAll('.p-toast-message'));
+    for (const t of found) tf.events.push({kind: 'toast', severity: severity(t), text: t.innerText.slice(0, 500)});
+    const dialogs = [];
+    if (el.matches('.global-dialog')) dialogs.push(el);
+    dialogs.push(...el.querySelectorAll('.global-dialog'));
+    for (const d of dialogs) tf.events.push({kind: 'dialog', key: d.getAttribute('aria-labelledby'),
+                                             text: d.innerText.slice(0, 500)});
+  };
+  new MutationObserver((mutations) => {
+    for (const m of mutations) for (const n of m.addedNodes) record(n);
+  }).observe(document.body, {childList: true, subtree: true});
+  window.app.registerExtension({
+    name: 'TokenFlow.FrontendTest',
+    afterConfigureGraph(missingNodeTypes) { tf.missing = JSON.parse(JSON.stringify(missingNodeTypes || [])); },
+  });
+  return true;
+}
+"""
+
+OPEN_DIALOGS_JS = r"""
+() => [...document.querySelectorAll('.global-dialog')]
+  .filter((d) => d.offsetParent !== null || d.getClientRects().length)
+  .map((d) => ({key: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 500)}))
+"""
+
+# Drop the workflow file on the canvas (the app's document-level drop handler takes it from there),
+# wait for the app's loadGraphData to finish, then report what the app made of it.
+DROP_AND_INSPECT_JS = r"""
+async ({text, fileName, timeoutMs}) => {
+  const app = window.app, tf = window.__tf;
+  tf.missing = null;
+  const original = app.loadGraphData;
+  let settle;
+  const loaded = new Promise((resolve) => { settle = resolve; });
+  app.loadGraphData = async function (...args) {
+    try { return await original.apply(this, args); }
+    catch (error) { tf.loadError = String(error && error.stack || error); throw error; }
+    finally { app.loadGraphData = original; settle(true); }
+  };
+  try {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([text], fileName, {type: 'application/json'}));
+    const canvas = document.querySelector('#graph-canvas') || document.body;
+    canvas.dispatchEvent(new DragEvent('drop', {bubbles: true, cancelable: true, dataTransfer: transfer}));
+    const ok = await Promise.race([loaded, new Promise((r) => setTimeout(() => r(false), timeoutMs))]);
+    if (!ok) return {error: `the app did not load the dropped file within ${timeoutMs} ms`};
+  } finally {
+    app.loadGraphData = original;
+  }
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+
+  const wf = JSON.parse(text);
+  const registered = (type) => type in LiteGraph.registered_node_types;
+  const savedNodes = [...(wf.nodes || [])];
+  for (const sg of (wf.definitions && wf.definitions.subgraphs) || []) savedNodes.push(...(sg.nodes || []));
+  const unregistered = [...new Set(savedNodes.map((n) => n.type).filter((t) => !registered(t)))];
+  const savedById = new Map((wf.nodes || []).map((n) => [String(n.id), n]));
+
+  const problems = [];
+  const nodes = [];
+  const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+  for (const node of app.graph.nodes) {
+    const where = `node ${node.id} (${node.type}${node.title && node.title !== node.type ? ` "${node.title}"` : ''})`;
+    if (!registered(node.type)) problems.push(`${where}: type not registered in LiteGraph`);
+    if (node.has_errors) problems.push(`${where}: has_errors is set`);
+    const widgets = [];
+    for (const w of node.widgets || []) {
+      const o = w.options || {};
+      const entry = {name: w.name, type: w.type, value: w.value};
+      widgets.push(entry);
+      const bad = (why) => problems.push(`${where}: widget '${w.name}' = ${JSON.stringify(w.value)}: ${why}`);
+      if (w.type === 'combo') {
+        let values = o.values;
+        if (typeof values === 'function') values = values(w, node);
+        if (values && !Array.isArray(values) && typeof values === 'object') values = Object.keys(values);
+        entry.options = Array.isArray(values) ? values.slice(0, 50) : values;
+        if (!Array.isArray(values)) bad('combo without a list of options');
+        else if (!values.includes(w.value)) bad(`not among the options ${JSON.stringify(values.slice(0, 20))}`);
+      } else if (w.type === 'number' || w.type === 'slider') {
+        entry.min = o.min; entry.max = o.max;
+        if (typeof w.value !== 'number' || !Number.isFinite(w.value)) bad('not a finite number');
+        else if (o.min != null && w.value < o.min) bad(`below min ${o.min}`);
+        else if (o.max != null && w.value > o.max) bad(`above max ${o.max}`);
+      } else if (w.type === 'toggle' || w.type === 'boolean') {
+        if (typeof w.value !== 'boolean') bad('not a boolean');
+      } else if (w.type === 'text' || w.type === 'customtext' || w.type === 'string') {
+        if (typeof w.value !== 'string') bad('not a string');
+      }
+    }
+    const saved = savedById.get(String(node.id));
+    if (!saved) problems.push(`${where}: not in the workflow file`);
+    else if (saved.widgets_values !== undefined) {
+      const kept = node.serialize().widgets_values;
+      if (!same(kept, saved.widgets_values))
+        problems.push(`${where}: widgets_values changed on load: saved ${JSON.stringify(saved.widgets_values)}, ` +
+                      `frontend has ${JSON.stringify(kept)}`);
+    }
+    nodes.push({id: node.id, type: node.type, mode: node.mode, widgets});
+  }
+  if (app.graph.nodes.length !== (wf.nodes || []).length)
+    problems.push(`the graph has ${app.graph.nodes.length} nodes, the file ${(wf.nodes || []).length}`);
+  const links = app.graph.links instanceof Map ? app.graph.links.size : Object.keys(app.graph.links || {}).length;
+  return {missing: tf.missing, unregistered, problems, nodes, links, loadError: tf.loadError || null,
+          savedLinks: (wf.links || []).length};
+}
+"""
+
+
+# Test-time overrides, typed into the widgets after the checks (the files keep the official settings):
+# 64x64 frames, 5 of them (3 for strided loaders, stride at most 2), 2 editing / 4 inversion steps,
+# frame and propagation batches of 2, 2 KSampler steps. The same as tests/test_server_workflows.py.
+TINY_OVERRIDES_JS = r"""
+() => {
+  const changed = [];
+  const set = (node, name, value) => {
+    const w = (node.widgets || []).find((w) => w.name === name);
+    if (!w) return;
+    const v = typeof value === 'function' ? value(w.value) : value;
+    if (w.value !== v) { changed.push(`${node.id}.${name}: ${w.value} -> ${v}`); w.value = v; }
+  };
+  for (const node of window.app.graph.nodes) {
+    switch (node.type) {
+      case 'TokenFlowLoadVideo': {
+        const nth = (node.widgets.find((w) => w.name === 'select_every_nth') || {}).value || 1;
+        set(node, 'width', 64); set(node, 'height', 64);
+        set(node, 'frame_load_cap', nth > 1 ? 3 : 5); set(node, 'select_every_nth', Math.min(nth, 2));
+        break;
+      }
+      case 'TokenFlowInvert':
+        set(node, 'steps', 2); set(node, 'inversion_steps', 4); set(node, 'frame_batch', 2); break;
+      case 'TokenFlowExtractCorrespondences': case 'TokenFlowSampler':
+        set(node, 'batch_size', 2); break;
+      case 'KSampler': case 'KSamplerAdvanced':
+        set(node, 'steps', 2); break;
+    }
+  }
+  window.app.graph.setDirtyCanvas(true, true);
+  return changed;
+}
+"""
+
+EVENTS_JS = "() => window.__tf.events"
