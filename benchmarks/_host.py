@@ -147,3 +147,10 @@ def machine_lines(device) -> list[str]:
     lines.append(f"- git commit {commit}" + (f" (uncommitted pack code: fingerprint {fingerprint} of the diff "
                                                    f"and untracked files in {', '.join(PACK_CODE)})" if fingerprint else ""))
     return lines
+
+
+def resolve_clock(clock: str, device: str, threads: int) -> str:
+    """``auto``: the process's CPU seconds on a CPU with one thread (robust on a shared machine), else wall time."""
+    if clock != "auto":
+        return clock
+    return "cpu" if device == "cpu" and threads == 1 else "wall"

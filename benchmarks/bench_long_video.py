@@ -15,7 +15,7 @@ frames, one fresh worker process per row measures:
 
 The claim checked: a step's peak does not grow with the frame count except for the frames' own
 latents (a few per-frame latent buffers: edit latents, source latents, output) and the keyframe
-bank, which grows with the number of keyframes (one per batch of B frames, or ``max_keyframes``).
+bank, which grows with the number of keyframes (one per batch of B frames; ``max_keyframes`` 0 = auto: none up to 64 frames, 16 beyond).
 
     python benchmarks/bench_long_video.py                          # default: 8,32,64,128,256 frames
     python benchmarks/bench_long_video.py --frames 8,64 --max-keyframes 0,8
@@ -75,9 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_clock(args: argparse.Namespace) -> str:
-    if args.clock != "auto":
-        return args.clock
-    return "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
+    return _host.resolve_clock(args.clock, args.device, args.threads)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -164,7 +162,7 @@ def report(args, scaling: list[tuple[int, dict]], capped: list[tuple[int, int, d
         for frames, cap, result in capped:
             pnp = result["phases"]["pnp"]
             group = result["info"].get("group_size", 0)
-            lines.append(f"| {frames} | {cap or '0 (one per batch)'} | {pnp['keyframes']} | {group} | "
+            lines.append(f"| {frames} | {cap or '0 (auto)'} | {pnp['keyframes']} | {group} | "
                          f"{result['info']['products']['latents_mib']:.2f} | "
                          f"{pnp['s_per_step']:.2f} | {pnp['keyframe_s_per_step']:.2f} | "
                          f"{pnp['propagation_s_per_step']:.2f} | {pnp['step_peak_mib']:.0f} | {pnp['bank_mib']:.1f} |")

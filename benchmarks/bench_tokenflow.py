@@ -132,9 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- worker: one config, some phases, in this process --------------------------------------------
 def resolve_clock(args: argparse.Namespace) -> str:
-    if args.clock != "auto":
-        return args.clock
-    return "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
+    return _host.resolve_clock(args.clock, args.device, args.threads)
 
 
 def run_worker(args: argparse.Namespace) -> None:
