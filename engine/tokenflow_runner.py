@@ -51,7 +51,6 @@ class TokenFlowGuider(FrameSubsetGuider):
         self.skip_unused_source = True  # a source-only call that just feeds the PnP residuals stops after them
         self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * inversion.n_frames)
         self.trace: list[tuple] | None = None  # set to [] to log (timestep, kind, where, phase) of PnP injections
-        self.calls_per_step: list[list[int]] = []  # frames of each UNet pass (diagnostics and tests)
 
     def _field_provider(self, step: int):
         corr = self.plan.correspondences
@@ -100,39 +99,35 @@ class TokenFlowGuider(FrameSubsetGuider):
         branches = sum(1 for name in edit_names if name)
         source = None
         if needs.source_in_keyframe_pass(on_the_fly):
-            latents = self.inversion.trajectory[self.plan.trajectory_steps[step]]
-            source = (latents / _abar(float(self.step_sigmas[step])) ** 0.5).to(device=x.device, dtype=x.dtype, non_blocking=True)
+            latents = self.inversion.trajectory[self.plan.trajectory_steps[step]] / _abar(self.step_sigmas[step]) ** 0.5
+            source = latents.to(device=x.device, dtype=x.dtype, non_blocking=True)
         own_calls = source is not None and not self._source_shares_calls(edit_names)
         model = self.inner_model
         out = torch.empty_like(x)
-        calls: list[int] = []
         try:
             # Keyframe pass: it cannot be split by frames (extended attention spans every keyframe).
             with_source = branches + (source is not None)
+            keyframes_fit = fits(model, with_source * len(keyframes), latent_shape, x.device)
             self._run_pass(Phase.KEYFRAMES, keyframes, x, source, edit_names, timestep, model_options, common, n,
-                           separate_source=own_calls or not fits(model, with_source * len(keyframes),
-                                                                          latent_shape, x.device))
-            calls.append(len(keyframes))
+                           separate_source=own_calls or not keyframes_fit)
             bank.pnp_qk.clear()  # only the keyframe pass computes (and injects into) self-attention
             # Propagation pass: every frame, as many per call as memory allows.
             frame_source = source if needs.source_in_propagation(on_the_fly) else None
             separate = frame_source is not None and (own_calls or needs.source_stops_early(on_the_fly))
             per_call = frames_per_call(model, branches + (frame_source is not None and not separate), latent_shape,
                                        x.device, n)
+            stop_early = self.skip_unused_source and needs.source_stops_early(on_the_fly)
             for frames in even_chunks(n, per_call):
                 bank.fields.clear()
                 bank.residuals.clear()
                 preds = self._run_pass(Phase.FRAMES, frames, x, frame_source, edit_names, timestep, model_options,
-                                       common, n, separate_source=separate,
-                                       stop_source_early=self.skip_unused_source and needs.source_stops_early(on_the_fly))
+                                       common, n, separate_source=separate, stop_source_early=stop_early)
                 out[frames.start:frames.stop] = self._combine(preds, x, timestep, frames, model_options)
-                calls.append(len(frames))
                 self.progress.update(len(frames))
         finally:
             if self.trace is not None:
                 self.trace.extend((t, *event) for event in bank.trace)
             bank.clear()
-        self.calls_per_step.append(calls)
         return out
 
     def _combine(self, preds: list[torch.Tensor], x, timestep, idx, model_options) -> torch.Tensor:
