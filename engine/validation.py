@@ -139,6 +139,18 @@ def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str)
                          "resolution (TokenFlow Load Video's width/height, or scale the images before VAE Encode)")
 
 
+def check_source_images(images, inversion: TokenFlowInversion, input_name: str = "source_images") -> None:
+    """Optional source frames (IMAGE) must be the inverted frames: same count and the latent's pixel size."""
+    if images is None:
+        return
+    c, h, w = inversion.latent_shape
+    if images.ndim != 4 or images.shape[0] != inversion.n_frames or tuple(images.shape[1:3]) != (h * 8, w * 8):
+        got = "x".join(str(v) for v in images.shape)
+        raise ValueError(f"{input_name}: {got} images do not match the inversion ({inversion.n_frames} frames of "
+                         f"{w * 8}x{h * 8} px); connect the frames that were encoded for TokenFlow DDIM Inversion "
+                         "(the Load Video output), or leave it unconnected for the latent preview")
+
+
 def check_hint_count(hint, n_frames: int, input_name: str) -> None:
     """A ControlNet needs one hint per frame or a single hint."""
     if isinstance(hint, torch.Tensor) and hint.shape[0] not in (1, n_frames):

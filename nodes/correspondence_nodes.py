@@ -7,6 +7,7 @@ from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..data.correspondence_preview import preview_image
 from ..engine.correspondence_runner import run_extraction
 from ..data.products import CorrespondencesType, InversionType
+from ..engine.validation import check_source_images
 from .common import CATEGORY
 
 
@@ -56,6 +57,7 @@ class TokenFlowExtractCorrespondences(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, batch_size, keyframes, seed, blend="official", max_keyframes=0,
                 preview_frame=-1, source_images=None) -> io.NodeOutput:
+        check_source_images(source_images, inversion)
         corr = run_extraction(model, inversion, batch_size, keyframes, seed, blend, max_keyframes)
         preview = preview_image(corr, inversion, model.model.latent_format, preview_frame, source_images)
         return io.NodeOutput(corr, preview)

@@ -85,6 +85,13 @@ def _joint_edit(model):
     return TokenFlowKeyframeJointEdit.execute(model).result[0]
 
 
+def _extract_node(w, images):
+    from comfyui_tokenflow.nodes.correspondence_nodes import TokenFlowExtractCorrespondences
+
+    return TokenFlowExtractCorrespondences.execute(w["model"], w["clip"]["inversion"], 2, "random", 1,
+                                                   source_images=images)
+
+
 def _samples(shape, fill=None, **extra):
     samples = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if fill is not None:
@@ -146,6 +153,11 @@ BAD_INPUTS = [
      ["model", "Keyframe Joint Edit", "Connect the model from Load Checkpoint"]),
     ("extraction-joint-edit-model", lambda w: extract(_joint_edit(w["model"]), w["clip"]["inversion"]),
      ["model", "Keyframe Joint Edit", "patch it themselves"]),
+    ("extraction-source_images-of-other-frames", lambda w: _extract_node(w, torch.rand(N - 1, 64, 64, 3)),
+     ["source_images", f"{N - 1}x64x64x3 images do not match the inversion ({N} frames of 64x64 px)",
+      "leave it unconnected"]),
+    ("extraction-source_images-of-another-size", lambda w: _extract_node(w, torch.rand(N, 128, 128, 3)),
+     ["source_images", "do not match the inversion", "connect the frames that were encoded"]),
     ("latent-too-large-for-the-device", lambda w: _invert(w, latent=_samples((1, 4, 1024, 1024))),
      ["latent", "8192x8192 px frame needs about", "more than this device has", "lower the resolution"]),
     ("sampler-correspondences-of-another-inversion", lambda w: _edit(w, correspondences=w["other_corr"]),
