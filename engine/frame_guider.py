@@ -38,9 +38,6 @@ def to_host(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return host
 
 
-Frames = "range | torch.Tensor"  # a consecutive run of frames, or any frame indices (CPU long)
-
-
 def frames_of(tensor: torch.Tensor, frames: range | torch.Tensor) -> torch.Tensor:
     """``tensor[frames]``: the tensor itself or a view for a range, a gather for indices."""
     if isinstance(frames, range):

@@ -20,25 +20,10 @@ from .keyframes import FramePairing
 DEFAULT_MAX_ELEMENTS = 1 << 26  # 64M similarities (128 MiB in fp16, 256 MiB in fp32) per chunk
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Tokens scaled to unit length (cosine similarity becomes a dot product)."""
     # Same normalisation as the official batch_cosine_sim (no epsilon clamp).
     return x / x.norm(dim=-1, keepdim=True)
-
-
-def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
-    """Index of the most cosine-similar key for every query row.
-
-    queries: (..., Q, d); keys: (M, d). Returns (..., Q) long. At most ``max_elements``
-    similarities are held at once.
-    """
-    shape = queries.shape[:-1]
-    q = _unit(queries.reshape(-1, queries.shape[-1]))
-    k_t = _unit(keys).transpose(0, 1)
-    rows = max(1, max_elements // max(1, keys.shape[0]))
-    out = torch.empty(q.shape[0], dtype=torch.long, device=queries.device)
-    for start in range(0, q.shape[0], rows):
-        out[start:start + rows] = (q[start:start + rows] @ k_t).argmax(dim=-1)
-    return out.reshape(shape)
 
 
 def field_dtype(tokens_per_frame: int) -> torch.dtype:
@@ -72,11 +57,6 @@ def pair_plan(slots: torch.Tensor) -> PairPlan:
     where = torch.stack([rows, rows.clone()], 1)
     where[second, 1] = slots.shape[0] + torch.arange(int(second.sum()))
     return PairPlan(torch.cat([rows, rows[second]]), torch.cat([slots[:, 0], slots[second, 1]]), where)
-
-
-def unit_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens scaled to unit length (cosine similarity becomes a dot product)."""
-    return _unit(tokens)
 
 
 def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, plan: PairPlan,
@@ -122,5 +102,5 @@ def frame_fields(frame_tokens: torch.Tensor, frame_ids: torch.Tensor, keyframe_t
     """
     if plan is None:
         plan = pair_plan(pairing.slots[frame_ids.cpu()]).to(frame_tokens.device)
-    keys = keyframe_tokens if keys_are_unit else _unit(keyframe_tokens)
-    return pair_nearest_neighbours(_unit(frame_tokens), keys, plan, max_elements)[plan.where]
+    keys = keyframe_tokens if keys_are_unit else unit_tokens(keyframe_tokens)
+    return pair_nearest_neighbours(unit_tokens(frame_tokens), keys, plan, max_elements)[plan.where]
