@@ -100,17 +100,21 @@ def check_no_area(conditioning, input_name: str, latent_hw: tuple[int, int]) -> 
 
     An area that covers the whole frame changes nothing and is accepted.
     """
-    for entry in conditioning or ():
-        options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else {}
-        if isinstance(options, dict) and options.get("area") is not None and not _covers_frame(options["area"], latent_hw):
+    for options in _options_of(conditioning):
+        if options.get("area") is not None and not _covers_frame(options["area"], latent_hw):
             raise ValueError(f"{input_name}: area conditioning (Conditioning Set Area) is not supported by TokenFlow: "
                              "its correspondences and propagated attention cover whole frames. Remove the Set Area "
                              "node (or combine full-frame prompts with Conditioning Combine)")
 
 
+def _options_of(conditioning) -> list[dict]:
+    """The options dict of every [cond, options] entry of a CONDITIONING (malformed entries give {})."""
+    return [entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict) else {}
+            for entry in conditioning or ()]
+
+
 def has_controlnet(conditioning) -> bool:
-    return any(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
-               and entry[1].get("control") is not None for entry in conditioning or ())
+    return any(options.get("control") is not None for options in _options_of(conditioning))
 
 
 def check_not_joint_edit_model(model, input_name: str = "model") -> None:
@@ -161,9 +165,8 @@ def check_hint_count(hint, n_frames: int, input_name: str) -> None:
 
 def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:
     """Every ControlNet in the conditioning needs one hint per frame or a single hint (checked before sampling)."""
-    for entry in conditioning or ():
-        options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else {}
-        control = options.get("control") if isinstance(options, dict) else None
+    for options in _options_of(conditioning):
+        control = options.get("control")
         while control is not None:
             check_hint_count(getattr(control, "cond_hint_original", None), n_frames, input_name)
             control = getattr(control, "previous_controlnet", None)
