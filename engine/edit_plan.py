@@ -8,31 +8,45 @@ import torch
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KeyframeSchedule, keyframe_plan, spread_keyframe_groups
 from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps
-from .editors import EDITORS, StepNeeds, get_editor
+from .editors import EDITORS, StepNeeds, editor_options, get_editor
+from .editors.settings import setting_name
 from .model_support import ModelLayout
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
 
-__all__ = ["EDITORS", "EditPlan", "EditSettings", "make_plan"]
+__all__ = ["EditPlan", "EditSettings", "make_plan"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EditSettings:
+    """The sampler's own settings (the one home of their defaults: the sampler node's widgets read them) and
+    the values of the inputs editors declare.
+
+    ``editor_options`` holds values of inputs the editors declare (``pnp_attn_t``, ``sdedit_start``, a
+    plug-in's ...); the chosen editor is handed only its own, its declared defaults filling the gaps.
+    """
+
     editor: str = "pnp"
     cfg: float = 7.5
-    pnp_attn_t: float = 0.5
-    pnp_f_t: float = 0.8
-    sdedit_start: float = 0.9
     batch_size: int = 8
     keyframes: str = "random"
     seed: int = 1
     blend: str = "official"
     max_keyframes: int = 0
     steps: int = 0  # 0: the inversion's step count
-    pnp_attention_blocks: str = "auto"
-    pnp_residual_blocks: str = "auto"
-    editor_options: dict = field(default_factory=dict)  # values of the inputs registered editors declare
+    editor_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, **values) -> "EditSettings":
+        """Settings from flat values: the sampler's own fields, every other name an editor option."""
+        own = {name: values.pop(name) for name in list(values) if name in cls.__dataclass_fields__}
+        options = {**own.pop("editor_options", {}), **values}
+        known = {setting_name(d) for editor in EDITORS.values() for d in getattr(editor, "inputs", ())}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"no registered editor declares {unknown}; the editors' inputs are {sorted(known)}")
+        return cls(**own, editor_options=options)
 
 
 @dataclass
@@ -58,7 +72,8 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
     check_inversion_covers(steps, inversion.steps, inversion_name="the inversion's steps",
                            fix="; sampler steps 0 uses the inversion's count (another count means inverting again)")
     full = editing_timesteps(steps)
-    timesteps = editor.timesteps(steps, settings)
+    options = editor_options(editor, settings.editor_options)
+    timesteps = editor.timesteps(steps, options)
     n = inversion.n_frames
     if correspondences is not None:
         absent = [t for t in timesteps if t not in correspondences.timesteps]
@@ -76,7 +91,7 @@ def make_plan(settings: EditSettings, inversion: TokenFlowInversion, layout: Mod
         blend = settings.blend
         log.info("TokenFlow: keyframe plan: groups of %d frames, %d keyframes per step, %s keyframes, seed %d, "
                  "blend %s", group, keyframes.shape[1], settings.keyframes, settings.seed, blend)
-    needs = editor.step_needs(full, settings, layout, unet)
+    needs = editor.step_needs(full, options, layout, unet)
     return EditPlan(
         timesteps=timesteps,
         trajectory_steps=[inversion.step_of(t) for t in timesteps],

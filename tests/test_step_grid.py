@@ -144,8 +144,10 @@ def inversion5(tiny_sd15, inputs):
 
 
 def _sample(model, inputs, inversion, steps):
-    return sampler_nodes.TokenFlowSampler.execute(model, inputs["pos"], inputs["neg"], inversion, "pnp", 7.5, 0.5, 0.8,
-                                                  0.9, 1, "random", 1, steps=steps)
+    return sampler_nodes.TokenFlowSampler.execute(model=model, positive=inputs["pos"], negative=inputs["neg"],
+                                                  inversion=inversion, editor="pnp", cfg=7.5, pnp_attn_t=0.5,
+                                                  pnp_f_t=0.8, sdedit_start=0.9, batch_size=1, keyframes="random",
+                                                  seed=1, steps=steps)
 
 
 @pytest.mark.parametrize("steps,words", [

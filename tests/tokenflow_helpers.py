@@ -43,8 +43,9 @@ def invert(model, latent, cond, steps=STEPS, inversion_steps=INVERSION_STEPS):
 
 
 def edit(model, pos, neg, inversion, correspondences=None, trace=None, **settings):
+    """One edit; ``settings`` are the sampler's own (``EditSettings``) and any editor's inputs (``pnp_attn_t``...)."""
     settings.setdefault("batch_size", 2)
-    return tokenflow_runner.run_edit(model, pos, neg, inversion, edit_plan.EditSettings(**settings),
+    return tokenflow_runner.run_edit(model, pos, neg, inversion, edit_plan.EditSettings.of(**settings),
                                      correspondences, trace=trace)["samples"]
 
 

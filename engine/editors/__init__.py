@@ -1,37 +1,52 @@
-"""The image editors TokenFlow combines with, each declaring what its steps need from the engine.
+"""The image editors TokenFlow combines with, each declaring its settings and what its steps need from the engine.
 
-An editor (one module here) says which timesteps it visits and, per step, which Plug-and-Play
-injections it wants (:class:`~.base.StepNeeds`). The engine plans its UNet calls from that alone:
-whether the source branch runs in the keyframe pass, in the propagation pass, and whether it can
-stop early; no engine code branches on an editor's name. Adding an editor is one new module plus
-one :func:`register_editor` line below (or in your own package); the sampler's ``editor`` widget
-lists the registered names in order, and inputs an editor declares (``inputs``) are appended to
-the sampler's, never inserted, so saved workflows keep their widget positions.
+An editor (one module here) declares its sampler inputs (``inputs``: :class:`~.settings.EditorSetting`
+values, or ComfyUI ``io`` inputs in a plug-in), says which timesteps it visits and, per step, which
+Plug-and-Play injections it wants (:class:`~.base.StepNeeds`). The engine plans its UNet calls from
+that alone: no engine code branches on an editor's name, and an editor is handed only the values of
+the inputs it declared (:func:`editor_options`). Adding an editor is one new module plus one
+:func:`register_editor` line (below, or in your own package).
+
+The registry is the one home of what the sampler shows: its ``editor`` combo lists the registered
+names in order with a tooltip made of their descriptions; required inputs (the pack's own editors
+only) stand between ``cfg`` and ``batch_size`` and optional ones are appended after the sampler's own,
+both in registration order, so saved workflows keep their widget positions.
+``scripts/tokenflow_edit.py`` reads the same registry for ``--editor`` and its settings' flags.
+Nothing here imports ComfyUI at import time.
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 from .base import Editor, StepNeeds
 from .controlnet import ControlNetEditor
 from .pnp import PlugAndPlayEditor
 from .sdedit import SDEditEditor
+from .settings import EditorSetting, resolve_options, setting_name, setting_required
 
-__all__ = ["EDITORS", "Editor", "StepNeeds", "editor_inputs", "get_editor", "register_editor", "unregister_editor"]
+__all__ = ["EDITORS", "Editor", "EditorSetting", "StepNeeds", "appended_inputs", "editor_options",
+           "editor_tooltip", "get_editor", "register_editor", "stable_inputs", "unregister_editor"]
 
 EDITORS: dict[str, Editor] = {}
 
 
-def register_editor(editor: Editor) -> None:
-    """Make an editor selectable by name."""
+def register_editor(editor: Editor, *, builtin: bool = False) -> None:
+    """Make an editor selectable by name. ``builtin`` (the pack's own editors only) allows required inputs."""
+    taken = {setting_name(d): other.name for other in EDITORS.values() if other.name != editor.name
+             for d in getattr(other, "inputs", ())}
+    for declared in getattr(editor, "inputs", ()):
+        name = setting_name(declared)
+        if name in taken:
+            raise ValueError(f"editor {editor.name!r}: input {name!r} is already declared by editor {taken[name]!r}; "
+                             "give it a name of its own (e.g. prefixed with the editor's name)")
+        if setting_required(declared) and not builtin:
+            raise ValueError(f"editor {editor.name!r}: input {name!r} must be optional: a required input would move "
+                             "the widget values of every saved TokenFlow Sampler")
     EDITORS[editor.name] = editor
 
 
 def unregister_editor(name: str) -> None:
     EDITORS.pop(name, None)
-
-
-def editor_inputs() -> list:
-    """The sampler inputs the registered editors declare (``Editor.inputs``), in registration order."""
-    return [inp for editor in EDITORS.values() for inp in getattr(editor, "inputs", ())]
 
 
 def get_editor(name: str) -> Editor:
@@ -40,6 +55,30 @@ def get_editor(name: str) -> Editor:
     return EDITORS[name]
 
 
-register_editor(PlugAndPlayEditor())
-register_editor(SDEditEditor())
-register_editor(ControlNetEditor())
+def _declared(required: bool) -> list[Any]:
+    return [d for editor in EDITORS.values() for d in getattr(editor, "inputs", ()) if setting_required(d) == required]
+
+
+def stable_inputs() -> list[Any]:
+    """The required inputs the registered editors declare, in registration order (between cfg and batch_size)."""
+    return _declared(True)
+
+
+def appended_inputs() -> list[Any]:
+    """The optional inputs the registered editors declare, in registration order (after the sampler's own)."""
+    return _declared(False)
+
+
+def editor_options(editor: Editor, values: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``editor`` is handed: the values of the inputs it declared, their defaults where ``values`` lacks one."""
+    return resolve_options(getattr(editor, "inputs", ()), values)
+
+
+def editor_tooltip() -> str:
+    """The sampler's ``editor`` tooltip: every registered editor's name and description."""
+    return " ".join(f"{editor.name}: {editor.description}" for editor in EDITORS.values())
+
+
+register_editor(PlugAndPlayEditor(), builtin=True)
+register_editor(SDEditEditor(), builtin=True)
+register_editor(ControlNetEditor(), builtin=True)

@@ -1,22 +1,20 @@
-"""What an editor declares: the timesteps it visits and what each step needs from the engine."""
+"""What an editor declares: its settings, the timesteps it visits and what each step needs from the engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover  (the declarations stay importable without ComfyUI: see settings.py)
+    import torch
 
-from ..model_support import BlockKey, ModelLayout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..edit_plan import EditSettings
+    from ..model_support import BlockKey, ModelLayout
 
 
 @dataclass(frozen=True)
 class StepNeeds:
     """What one editing step asks of the engine besides TokenFlow's own keyframe/propagation passes."""
 
-    attention_injection: frozenset[BlockKey] = frozenset()  # source q/k into the edit keyframes' self-attention
+    attention_injection: "frozenset[BlockKey]" = frozenset()  # source q/k into the edit keyframes' self-attention
     residual_injection: tuple[str, ...] = ()  # ResBlocks whose residual features the source hands the edit branches
 
     def source_in_keyframe_pass(self, on_the_fly: bool) -> bool:
@@ -33,19 +31,23 @@ class StepNeeds:
 
 
 class Editor(Protocol):
-    """An image editor. ``inputs`` (optional): extra optional ComfyUI inputs for the sampler, appended after
-    its own; their values reach the editor as ``settings.editor_options[name]``."""
+    """An image editor.
+
+    ``inputs``: the sampler inputs it declares (:class:`~.settings.EditorSetting`, or ComfyUI ``io``
+    inputs); a plug-in's must be optional (they are appended after the sampler's own). ``options``, in
+    every method, holds the values of exactly those inputs (their declared defaults where none is given).
+    """
 
     name: str
-    description: str
+    description: str  # one sentence; the sampler's ``editor`` tooltip is built from every editor's
+    inputs: Sequence[Any]
 
-    def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
+    def timesteps(self, steps: int, options: Mapping[str, Any]) -> list[int]:
         """The editing timesteps visited, largest first."""
 
-    def step_needs(self, timesteps_full: list[int], settings: "EditSettings", layout: ModelLayout,
-                   unet: torch.nn.Module) -> dict[int, StepNeeds]:
+    def step_needs(self, timesteps_full: list[int], options: Mapping[str, Any], layout: "ModelLayout",
+                   unet: "torch.nn.Module") -> dict[int, StepNeeds]:
         """What each timestep needs (``timesteps_full``: every editing timestep, largest first)."""
 
     def check_conditioning(self, positive, negative) -> None:
         """Refuse conditioning this editor cannot work with (before any model call)."""
-

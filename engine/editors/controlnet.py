@@ -1,16 +1,11 @@
 """ControlNet as the image editor: the structure comes from hints carried by the conditioning."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
+from typing import Any, Mapping
 
 from ...tokenflow_ops.schedule import editing_timesteps
-from ..validation import has_controlnet
 from .base import StepNeeds
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..edit_plan import EditSettings
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +14,18 @@ class ControlNetEditor:
     name = "controlnet"
     description = ("No injection, full steps; the structure comes from ControlNet hints carried by the conditioning "
                    "(Apply ControlNet).")
+    inputs = ()
 
-    def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
+    def timesteps(self, steps: int, options: Mapping[str, Any]) -> list[int]:
         return editing_timesteps(steps)
 
-    def step_needs(self, timesteps_full, settings, layout, unet) -> dict[int, StepNeeds]:
+    def step_needs(self, timesteps_full, options, layout, unet) -> dict[int, StepNeeds]:
         return {t: StepNeeds() for t in timesteps_full}
 
     def check_conditioning(self, positive, negative) -> None:
+        # Imported here: the declarations stay importable without ComfyUI (scripts/tokenflow_edit.py).
+        from ..validation import has_controlnet
+
         if not has_controlnet(positive) and not has_controlnet(negative):
             # Not refused: TokenFlow without any injection is a legitimate ablation, but rarely what was meant.
             log.warning("TokenFlow: editor 'controlnet' takes its structure from a ControlNet carried by the "

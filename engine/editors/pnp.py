@@ -1,14 +1,11 @@
 """Plug-and-Play (Tumanyan et al., CVPR 2023): the paper's default image editor."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Mapping
 
 from ...tokenflow_ops.schedule import editing_timesteps
-from ..model_support import parse_block_list, parse_residual_list
 from .base import StepNeeds
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..edit_plan import EditSettings
+from .settings import EditorSetting
 
 
 class PlugAndPlayEditor:
@@ -16,18 +13,36 @@ class PlugAndPlayEditor:
     description = ("Plug-and-Play feature injection from the source (the paper's default, best structure): source "
                    "self-attention queries/keys for the first pnp_attn_t of the steps and residual-block features "
                    "for the first pnp_f_t.")
+    inputs = (
+        EditorSetting("pnp_attn_t", float, 0.5, minimum=0.0, maximum=1.0, step=0.05, required=True,
+                      tooltip="PnP: fraction of the steps with self-attention query/key injection. Higher keeps more "
+                              "source layout, lower lets the prompt change more."),
+        EditorSetting("pnp_f_t", float, 0.8, minimum=0.0, maximum=1.0, step=0.05, required=True,
+                      tooltip="PnP: fraction of the steps with residual-block feature injection. Higher keeps more "
+                              "structure."),
+        EditorSetting("pnp_attention_blocks", str, "auto",
+                      tooltip="PnP query/key injection blocks, e.g. 'output:4-11'. auto: all decoder transformer "
+                              "blocks but the first (SD1/SD2: output 4-11; SDXL: output 1-5). none disables."),
+        EditorSetting("pnp_residual_blocks", str, "auto",
+                      tooltip="PnP residual-feature injection ResBlocks, e.g. 'output_blocks.4.0' (auto: the "
+                              "decoder's second level, second block, for every family). none disables."),
+    )
 
-    def timesteps(self, steps: int, settings: "EditSettings") -> list[int]:
+    def timesteps(self, steps: int, options: Mapping[str, Any]) -> list[int]:
         return editing_timesteps(steps)
 
     def check_conditioning(self, positive, negative) -> None:
         return None
 
-    def step_needs(self, timesteps_full, settings, layout, unet) -> dict[int, StepNeeds]:
-        attention = frozenset(parse_block_list(settings.pnp_attention_blocks, layout, layout.default_pnp_attention))
-        residual = parse_residual_list(settings.pnp_residual_blocks, unet, layout.default_pnp_residual)
+    def step_needs(self, timesteps_full, options, layout, unet) -> dict[int, StepNeeds]:
+        # Imported here: the declarations above stay importable without ComfyUI (scripts/tokenflow_edit.py).
+        from ..model_support import parse_block_list, parse_residual_list
+
+        attention = frozenset(parse_block_list(options["pnp_attention_blocks"], layout, layout.default_pnp_attention))
+        residual = parse_residual_list(options["pnp_residual_blocks"], unet, layout.default_pnp_residual)
         steps = len(timesteps_full)
-        attn_until = set(timesteps_full[:int(steps * settings.pnp_attn_t)]) if settings.pnp_attn_t >= 0 else set()
-        res_until = set(timesteps_full[:int(steps * settings.pnp_f_t)]) if settings.pnp_f_t >= 0 else set()
+        attn_t, f_t = options["pnp_attn_t"], options["pnp_f_t"]
+        attn_until = set(timesteps_full[:int(steps * attn_t)]) if attn_t >= 0 else set()
+        res_until = set(timesteps_full[:int(steps * f_t)]) if f_t >= 0 else set()
         return {t: StepNeeds(attention if t in attn_until else frozenset(), residual if t in res_until else ())
                 for t in timesteps_full}

@@ -14,14 +14,14 @@ class AttentionOnlyEditor:
     inputs = (io.Float.Input("attention_only_t", default=0.5, min=0.0, max=1.0, optional=True,
                              tooltip="pnp_attention_only: fraction of the steps with q/k injection."),)
 
-    def timesteps(self, steps, settings):
+    def timesteps(self, steps, options):
         return editing_timesteps(steps)
 
     def check_conditioning(self, positive, negative):
         return None
 
-    def step_needs(self, timesteps_full, settings, layout, unet):
+    def step_needs(self, timesteps_full, options, layout, unet):
         blocks = frozenset(parse_block_list("auto", layout, layout.default_pnp_attention))
-        fraction = settings.editor_options.get("attention_only_t", 0.5)
+        fraction = options["attention_only_t"]  # only what it declared, its default where the sampler gave none
         injected = set(timesteps_full[:int(len(timesteps_full) * fraction)])
         return {t: StepNeeds(attention_injection=blocks if t in injected else frozenset()) for t in timesteps_full}
