@@ -7,7 +7,7 @@ frames, prompts, products), runs each phase and summarizes timed, memory and cou
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -22,7 +22,10 @@ from _probes import (KEYFRAME_PASS, PROPAGATION, STEP, PeakTracker, Probe, instr
                      malloc_trim, memory_mode, set_clock, tensor_bytes, timing_mode)
 import _probes
 from comfyui_tokenflow.engine import correspondence_runner, inversion_runner, tokenflow_runner
-from comfyui_tokenflow.engine.edit_plan import EditSettings
+from comfyui_tokenflow.engine.edit_settings import EditSettings
+from comfyui_tokenflow.engine.editors import editor_options, get_editor
+
+DEFAULTS = EditSettings()  # the sampler's defaults; the editors' live in their declarations
 
 
 # -- the workload -------------------------------------------------------------------------------------
@@ -34,12 +37,11 @@ class Workload:
     latent: int
     steps: int
     inversion_steps: int
-    batch_size: int = 8
-    cfg: float = 7.5
-    max_keyframes: int = 0
-    seed: int = 0
-    pnp_attn_t: float = 0.5
-    pnp_f_t: float = 0.8
+    batch_size: int = DEFAULTS.batch_size
+    cfg: float = DEFAULTS.cfg
+    max_keyframes: int = DEFAULTS.max_keyframes
+    seed: int = 0  # of the model weights and frames (the keyframe plan uses the sampler's seed)
+    editor_options: dict = field(default_factory=dict)  # e.g. {"pnp_attn_t": 1.0}; the editors' defaults otherwise
     dtype: str = "auto"  # the UNet's (and ControlNet's) weight dtype, see models.resolve_dtype
     inversion_frame_batch: int = 0  # TokenFlowInvert's frame_batch: 0 = all frames per call when they fit
     share: "Workload | None" = None  # reuse this workload's model, frames, prompts and ControlNet
@@ -65,7 +67,7 @@ class Workload:
     def with_steps(self, steps: int, **changes) -> "Workload":
         """The same model, frames and prompts with another step count (its own products)."""
         fields = dict(batch_size=self.batch_size, cfg=self.cfg, max_keyframes=self.max_keyframes, seed=self.seed,
-                      pnp_attn_t=self.pnp_attn_t, pnp_f_t=self.pnp_f_t, dtype=self.dtype,
+                      editor_options=self.editor_options, dtype=self.dtype,
                       inversion_frame_batch=self.inversion_frame_batch)
         fields.update(changes)
         return Workload(self.model_size, self.device, self.frames, self.latent, steps, steps, share=self, **fields)
@@ -82,8 +84,8 @@ class Workload:
         return self._control
 
     def settings(self, editor: str) -> EditSettings:
-        return EditSettings(editor=editor, cfg=self.cfg, batch_size=self.batch_size, keyframes="random", seed=1,
-                            max_keyframes=self.max_keyframes, pnp_attn_t=self.pnp_attn_t, pnp_f_t=self.pnp_f_t)
+        return EditSettings.of(editor=editor, cfg=self.cfg, batch_size=self.batch_size, keyframes="random",
+                               seed=DEFAULTS.seed, max_keyframes=self.max_keyframes, **self.editor_options)
 
     def warm_up(self) -> None:
         """One plain step on the whole clip (loads the model, warms the kernels); not measured."""
@@ -200,13 +202,14 @@ def step_kinds(phase: str, steps: int, settings: EditSettings | None = None) -> 
         return ["step"] * steps
     settings = settings or EditSettings(editor=EDITORS[phase][0])
     editor = EDITORS[phase][0]
+    options = editor_options(get_editor(editor), settings.editor_options)
     if editor == "sdedit":
         from comfyui_tokenflow.tokenflow_ops.schedule import sdedit_timesteps
 
-        return ["plain"] * len(sdedit_timesteps(steps, settings.sdedit_start))
+        return ["plain"] * len(sdedit_timesteps(steps, options["sdedit_start"]))
     if editor != "pnp":
         return ["plain"] * steps
-    attn, res = int(steps * settings.pnp_attn_t), int(steps * settings.pnp_f_t)
+    attn, res = int(steps * options["pnp_attn_t"]), int(steps * options["pnp_f_t"])
     return [("attn+" if i < attn else "") + ("res" if i < res else "plain") for i in range(steps)]
 
 
@@ -283,7 +286,7 @@ def measure_memory(work: Workload, phases: list[str], steps: int = 1) -> dict[st
     residual injection); every step of the other phases is alike. The products (trajectory, fields)
     grow with the step count but are small next to the activations (see :func:`product_sizes`).
     """
-    mem_work = work.with_steps(steps, pnp_attn_t=1.0, pnp_f_t=1.0)
+    mem_work = work.with_steps(steps, editor_options={"pnp_attn_t": 1.0, "pnp_f_t": 1.0})
     out = {}
     for phase in phases:
         run = run_phase_once(mem_work, phase)

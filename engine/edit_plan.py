@@ -2,51 +2,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KeyframeSchedule, keyframe_plan, spread_keyframe_groups
 from ..tokenflow_ops.schedule import check_inversion_covers, editing_timesteps
-from .editors import EDITORS, StepNeeds, editor_options, get_editor
-from .editors.settings import setting_name
+from .edit_settings import EditSettings
+from .editors import StepNeeds, editor_options, get_editor
 from .model_support import ModelLayout
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
 
 __all__ = ["EditPlan", "EditSettings", "make_plan"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """The sampler's own settings (the one home of their defaults: the sampler node's widgets read them) and
-    the values of the inputs editors declare.
-
-    ``editor_options`` holds values of inputs the editors declare (``pnp_attn_t``, ``sdedit_start``, a
-    plug-in's ...); the chosen editor is handed only its own, its declared defaults filling the gaps.
-    """
-
-    editor: str = "pnp"
-    cfg: float = 7.5
-    batch_size: int = 8
-    keyframes: str = "random"
-    seed: int = 1
-    blend: str = "official"
-    max_keyframes: int = 0
-    steps: int = 0  # 0: the inversion's step count
-    editor_options: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, **values) -> "EditSettings":
-        """Settings from flat values: the sampler's own fields, every other name an editor option."""
-        own = {name: values.pop(name) for name in list(values) if name in cls.__dataclass_fields__}
-        options = {**own.pop("editor_options", {}), **values}
-        known = {setting_name(d) for editor in EDITORS.values() for d in getattr(editor, "inputs", ())}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"no registered editor declares {unknown}; the editors' inputs are {sorted(known)}")
-        return cls(**own, editor_options=options)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import runner_support as support  # scripts/runner_support.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
-EDITORS = ("pnp", "sdedit", "controlnet")
+PACK = "_tokenflow_pack"  # the repo as a private package, for its ComfyUI-free modules (see _pack_module)
 
 CHECKPOINT_HELP = """\
 Pass the Stable Diffusion checkpoint to edit with:
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="SD1.x/SD2.x/SDXL checkpoint: a .safetensors/.ckpt path, or a file name in "
                    "ComfyUI/models/checkpoints (required)")
     p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
-    p.add_argument("--editor", choices=EDITORS, default="pnp", help="image editor combined with TokenFlow")
+    editors, defaults = _pack_module("engine.editors"), _pack_module("engine.edit_settings").EditSettings()
+    p.add_argument("--editor", choices=list(editors.EDITORS), default=defaults.editor,
+                   help=_help("image editor combined with TokenFlow. " + editors.editor_tooltip()))
     schedule = _schedule()
     p.add_argument("--steps", type=int, default=50, help=f"editing (DDIM) steps, 1 to {schedule.MAX_STEPS}; must "
                    "fit --inversion-steps (see there)")
@@ -82,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{schedule.MAX_STEPS} (1000 would pass the end of the model's schedule; {schedule.MAX_STEPS} is "
                    f"the finest grid, the paper's 1000; 50 is a fast preview). Rule: "
                    f"{schedule.step_grid_rule('--steps', '--inversion-steps')}")
-    p.add_argument("--batch-size", type=int, default=8, help="frames per batch; one keyframe per batch per step")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--pnp-attn-t", type=float, default=0.5, help="PnP: fraction of steps with attention injection")
-    p.add_argument("--pnp-f-t", type=float, default=0.8, help="PnP: fraction of steps with residual injection")
-    p.add_argument("--sdedit-start", type=float, default=0.9, help="SDEdit: noise level the edit starts from")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="frames per batch; one keyframe per batch per step")
+    p.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale")
+    for setting in editor_settings():  # --pnp-attn-t, --pnp-f-t, --sdedit-start, ...: the editors' declarations
+        p.add_argument(setting.flag, type=setting.kind, default=setting.default, help=_help(setting.tooltip))
     p.add_argument("--controlnet", help="ControlNet file (path or name in ComfyUI/models/controlnet) for "
                    "--editor controlnet; hints are canny edges of each frame")
     p.add_argument("--controlnet-strength", type=float, default=1.0, help="ControlNet strength")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-nth", type=int, default=1, help="keep one frame out of every n")
     p.add_argument("--width", type=int, default=512, help="output width (0: from --height and the aspect ratio)")
     p.add_argument("--height", type=int, default=0, help="output height (0: from --width and the aspect ratio)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the keyframe choice (the official runs use 1)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the keyframe choice (the official runs use 1)")
     p.add_argument("--frame-batch", type=int, default=0, help="most frames per UNet call during inversion; 0: as many as memory allows")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for tests and machines without a GPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: $OMP_NUM_THREADS if set, "
@@ -146,6 +148,25 @@ def _schedule() -> ModuleType:
     return sys.modules[name]
 
 
+def _pack_module(name: str) -> ModuleType:
+    """A ComfyUI-free module of the pack (``engine.editors``, ``engine.edit_settings``), imported before the host:
+    the repo registered as the private package :data:`PACK` without running its ``__init__``."""
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        sys.modules[PACK] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{PACK}.{name}")
+
+
+def editor_settings() -> list:
+    """The settings the registered editors declare (the pack's own: plug-ins load with the host, after parsing)."""
+    editors = _pack_module("engine.editors")
+    return [d for editor in editors.EDITORS.values() for d in editor.inputs if isinstance(d, editors.EditorSetting)]
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
 def find_host(explicit: str | None) -> Path | None:
     candidates = [explicit, os.environ.get("COMFYUI_PATH")]
     if REPO.parent.name == "custom_nodes":
@@ -175,9 +196,8 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, cont
             "inversion_steps": args.inversion_steps, "frame_batch": args.frame_batch}},
         "8": {"class_type": "TokenFlowSampler", "inputs": {
             "model": ["1", 0], "positive": ["5", 0], "negative": ["6", 0], "inversion": ["7", 0],
-            "editor": args.editor, "cfg": args.cfg, "pnp_attn_t": args.pnp_attn_t, "pnp_f_t": args.pnp_f_t,
-            "sdedit_start": args.sdedit_start, "batch_size": args.batch_size, "keyframes": "random",
-            "seed": args.seed}},
+            "editor": args.editor, "cfg": args.cfg, "batch_size": args.batch_size, "keyframes": "random",
+            "seed": args.seed, **{setting.name: getattr(args, setting.name) for setting in editor_settings()}}},
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
         "10": {"class_type": "CreateVideo", "inputs": {"images": ["9", 0], "fps": ["2", 2]}},
         "11": {"class_type": "SaveVideo", "inputs": {"video": ["10", 0], "filename_prefix": prefix,

@@ -24,10 +24,11 @@ from .pnp import PlugAndPlayEditor
 from .sdedit import SDEditEditor
 from .settings import EditorSetting, resolve_options, setting_name, setting_required
 
-__all__ = ["EDITORS", "Editor", "EditorSetting", "StepNeeds", "appended_inputs", "editor_options",
+__all__ = ["DEFAULT_EDITOR", "EDITORS", "Editor", "EditorSetting", "StepNeeds", "appended_inputs", "editor_options",
            "editor_tooltip", "get_editor", "register_editor", "stable_inputs", "unregister_editor"]
 
 EDITORS: dict[str, Editor] = {}
+DEFAULT_EDITOR = "pnp"  # the sampler's and the runner's default (EditSettings.editor)
 
 
 def register_editor(editor: Editor, *, builtin: bool = False) -> None:
