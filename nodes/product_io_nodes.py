@@ -78,6 +78,13 @@ def latent_fingerprint(model, latent: dict) -> str:
     return frames_fingerprint(model, check_latent_frames(latent, "latent", model.model.latent_format.latent_channels))
 
 
+def product_schema(kind: str, verb: str, description: str, inputs: list, outputs: list, **extra) -> io.Schema:
+    """The schema of TokenFlow {verb} {Kind} (``verb``: Save / Load)."""
+    title = kind.title()
+    return io.Schema(node_id=f"TokenFlow{verb}{title}", display_name=f"TokenFlow {verb} {title}", category=CATEGORY,
+                     description=description, inputs=inputs, outputs=outputs, **extra)
+
+
 class _SaveProduct(io.ComfyNode):
     """Save node of one product kind; subclasses set the class attributes."""
 
@@ -91,26 +98,22 @@ class _SaveProduct(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         title = cls.KIND.title()
-        return io.Schema(
-            node_id=f"TokenFlowSave{title}",
-            display_name=f"TokenFlow Save {title}",
-            category=CATEGORY,
-            description=f"Saves {cls.WHAT} as a safetensors file in ComfyUI's output folder, so a later session can "
-                        f"reuse it (TokenFlow Load {title}).",
-            is_output_node=True,
-            inputs=[
-                cls.TYPE.Input(cls.KIND, tooltip=f"Output of {cls.MADE_BY}."),
-                io.String.Input("filename_prefix", default=f"tokenflow/{cls.KIND}", tooltip="File name prefix "
-                                "inside the output folder; may contain subfolders. A counter and .safetensors are "
-                                f"appended (e.g. tokenflow/{cls.KIND}_00001_.safetensors)."),
-            ],
-            outputs=[io.String.Output(display_name="path", tooltip="Absolute path of the written file (connect it to "
-                                      f"TokenFlow Load {title}'s path, or copy it into a later workflow).")],
-        )
+        return product_schema(
+            cls.KIND, "Save",
+            f"Saves {cls.WHAT} as a safetensors file in ComfyUI's output folder, so a later session can reuse it "
+            f"(TokenFlow Load {title}).",
+            [cls.TYPE.Input(cls.KIND, tooltip=f"Output of {cls.MADE_BY}."),
+             io.String.Input("filename_prefix", default=f"tokenflow/{cls.KIND}", tooltip="File name prefix inside the "
+                             "output folder; may contain subfolders. A counter and .safetensors are appended (e.g. "
+                             f"tokenflow/{cls.KIND}_00001_.safetensors).")],
+            [io.String.Output(display_name="path", tooltip="Absolute path of the written file (connect it to "
+                              f"TokenFlow Load {title}'s path, or copy it into a later workflow).")],
+            is_output_node=True)
 
     @classmethod
-    def write(cls, product, filename_prefix: str) -> io.NodeOutput:
-        path = cls.SAVE(product, output_path(filename_prefix or f"tokenflow/{cls.KIND}"))
+    def execute(cls, filename_prefix: str = "", **product) -> io.NodeOutput:
+        """``product``: the one product input, named after :attr:`KIND`."""
+        path = cls.SAVE(product[cls.KIND], output_path(filename_prefix or f"tokenflow/{cls.KIND}"))
         return io.NodeOutput(path, ui=ui.PreviewText(path))
 
 
@@ -119,27 +122,14 @@ class _LoadProduct(io.ComfyNode):
 
     KIND = ""
     DESCRIPTION = ""
-
-    @classmethod
-    def match_inputs(cls) -> list:
-        raise NotImplementedError
-
-    @classmethod
-    def product_outputs(cls) -> list:
-        raise NotImplementedError
+    MATCH: tuple = ()  # the inputs the loaded product must match (beside the path)
+    OUTPUTS: tuple = ()
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        title = cls.KIND.title()
-        return io.Schema(
-            node_id=f"TokenFlowLoad{title}",
-            display_name=f"TokenFlow Load {title}",
-            category=CATEGORY,
-            description=cls.DESCRIPTION,
-            inputs=[io.String.Input("path", default=f"tokenflow/{cls.KIND}_00001_.safetensors",
-                                    tooltip=path_tooltip(cls.KIND)), *cls.match_inputs()],
-            outputs=cls.product_outputs(),
-        )
+        path = io.String.Input("path", default=f"tokenflow/{cls.KIND}_00001_.safetensors",
+                               tooltip=path_tooltip(cls.KIND))
+        return product_schema(cls.KIND, "Load", cls.DESCRIPTION, [path, *cls.MATCH], list(cls.OUTPUTS))
 
     @classmethod
     def fingerprint_inputs(cls, path=None, **kwargs) -> str:
@@ -156,29 +146,20 @@ class TokenFlowSaveInversion(_SaveProduct):
             "edited without inverting it again")
     SAVE = staticmethod(product_io.save_inversion)
 
-    @classmethod
-    def execute(cls, inversion, filename_prefix="tokenflow/inversion") -> io.NodeOutput:
-        return cls.write(inversion, filename_prefix)
-
 
 class TokenFlowLoadInversion(_LoadProduct):
     KIND = "inversion"
     DESCRIPTION = ("Loads an inversion written by TokenFlow Save Inversion. It is refused unless the connected model "
                    "and source latent are the ones it was made from (checked by fingerprint).")
 
-    @classmethod
-    def match_inputs(cls) -> list:
-        return [io.Model.Input("model", tooltip="The model the inversion was made with (LoRAs may differ: only the "
-                               "base weights are compared)."),
-                io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode, exactly as they "
-                                "were connected to TokenFlow DDIM Inversion (same frames, size and VAE).")]
-
-    @classmethod
-    def product_outputs(cls) -> list:
-        return [InversionType.Output(display_name="inversion", tooltip="The loaded inversion, as TokenFlow DDIM "
-                                     "Inversion outputs it."),
-                io.Latent.Output(display_name="inverted_latent", tooltip="The fully inverted latent x_T (with leftover "
-                                 "noise, as from KSampler Advanced).")]
+    MATCH = (io.Model.Input("model", tooltip="The model the inversion was made with (LoRAs may differ: only the base "
+                            "weights are compared)."),
+             io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode, exactly as they were "
+                             "connected to TokenFlow DDIM Inversion (same frames, size and VAE)."))
+    OUTPUTS = (InversionType.Output(display_name="inversion", tooltip="The loaded inversion, as TokenFlow DDIM "
+                                    "Inversion outputs it."),
+               io.Latent.Output(display_name="inverted_latent", tooltip="The fully inverted latent x_T (with leftover "
+                                "noise, as from KSampler Advanced)."))
 
     @classmethod
     def execute(cls, path, model, latent) -> io.NodeOutput:
@@ -193,25 +174,16 @@ class TokenFlowSaveCorrespondences(_SaveProduct):
     WHAT = "extracted TokenFlow correspondences (keyframe plan and nearest-neighbour fields of every block)"
     SAVE = staticmethod(product_io.save_correspondences)
 
-    @classmethod
-    def execute(cls, correspondences, filename_prefix="tokenflow/correspondences") -> io.NodeOutput:
-        return cls.write(correspondences, filename_prefix)
-
 
 class TokenFlowLoadCorrespondences(_LoadProduct):
     KIND = "correspondences"
     DESCRIPTION = ("Loads correspondences written by TokenFlow Save Correspondences. They are refused unless they "
                    "were extracted from the connected inversion (same model, frames and step count).")
 
-    @classmethod
-    def match_inputs(cls) -> list:
-        return [InversionType.Input("inversion", tooltip="The inversion the correspondences were extracted from "
-                                    "(from TokenFlow DDIM Inversion or TokenFlow Load Inversion).")]
-
-    @classmethod
-    def product_outputs(cls) -> list:
-        return [CorrespondencesType.Output(display_name="correspondences", tooltip="The loaded correspondences, as "
-                                           "TokenFlow Extract Correspondences outputs them.")]
+    MATCH = (InversionType.Input("inversion", tooltip="The inversion the correspondences were extracted from (from "
+                                 "TokenFlow DDIM Inversion or TokenFlow Load Inversion)."),)
+    OUTPUTS = (CorrespondencesType.Output(display_name="correspondences", tooltip="The loaded correspondences, as "
+                                          "TokenFlow Extract Correspondences outputs them."),)
 
     @classmethod
     def execute(cls, path, inversion) -> io.NodeOutput:

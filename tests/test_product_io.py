@@ -119,17 +119,17 @@ def test_edit_with_loaded_products_is_bit_identical(products, saved):
 
 def test_nodes_save_under_the_output_folder_and_load_back(products, output_dir):
     model, latent = products["model"], products["latent"]
-    first = product_io_nodes.TokenFlowSaveInversion.execute(products["inversion"], "tf/inv")
+    first = product_io_nodes.TokenFlowSaveInversion.execute(inversion=products["inversion"], filename_prefix="tf/inv")
     (path,) = first.args
     assert path == str(output_dir / "tf" / "inv_00001_.safetensors") and os.path.isfile(path)
     assert first.ui.as_dict() == {"text": (path,)}
-    second = product_io_nodes.TokenFlowSaveInversion.execute(products["inversion"], "tf/inv").args[0]
+    second = product_io_nodes.TokenFlowSaveInversion.execute(inversion=products["inversion"], filename_prefix="tf/inv").args[0]
     assert second.endswith("inv_00002_.safetensors")
     inversion, inverted_latent = product_io_nodes.TokenFlowLoadInversion.execute(
         "tf/inv_00001_.safetensors", model, latent).args
     assert_same_product(products["inversion"], inversion)
     assert inverted_latent["samples"].shape == latent["samples"].shape
-    corr_path = product_io_nodes.TokenFlowSaveCorrespondences.execute(products["corr"]).args[0]
+    corr_path = product_io_nodes.TokenFlowSaveCorrespondences.execute(correspondences=products["corr"]).args[0]
     assert corr_path == str(output_dir / "tokenflow" / "correspondences_00001_.safetensors")
     (corr,) = product_io_nodes.TokenFlowLoadCorrespondences.execute(corr_path, inversion).args
     assert_same_product(products["corr"], corr)
@@ -155,7 +155,7 @@ def test_every_input_and_output_has_a_tooltip():
 
 def test_loader_fingerprint_follows_the_file(products, output_dir):
     node = product_io_nodes.TokenFlowLoadCorrespondences
-    path = product_io_nodes.TokenFlowSaveCorrespondences.execute(products["corr"], "fp").args[0]
+    path = product_io_nodes.TokenFlowSaveCorrespondences.execute(correspondences=products["corr"], filename_prefix="fp").args[0]
     before = node.fingerprint_inputs(path="fp_00001_.safetensors")
     assert before == node.fingerprint_inputs(path=path)  # relative and absolute name the same file
     os.utime(path, ns=(1, 1))
