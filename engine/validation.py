@@ -13,6 +13,12 @@ MAX_LATENT_SIDE = 1024  # 8192 px
 MIN_LATENT_SIDE = 8  # 64 px: the UNet downsamples three times
 
 
+def check_finite(values: torch.Tensor, what: str, fix: str) -> None:
+    """Refuse NaN or infinite values: ``what`` names the input ("latent: the latent"), ``fix`` says what to do."""
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{what} contains NaN or infinite values; {fix}")
+
+
 def check_latent_frames(latent: dict, input_name: str = "latent", channels: int | None = None) -> torch.Tensor:
     """Validate a LATENT holding a video (one frame per batch item) and return its samples."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
@@ -35,9 +41,8 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
         raise ValueError(f"{input_name}: frames of {w * 8}x{h * 8} px are outside the sizes TokenFlow supports "
                          f"({'; '.join(sides)}); use sizes between {lo} and {hi} px (set width/height in "
                          "TokenFlow Load Video)")
-    if not torch.isfinite(samples).all():
-        raise ValueError(f"{input_name}: the latent contains NaN or infinite values; re-encode the frames "
-                         "(a VAE in fp16 can overflow: try --fp32-vae)")
+    check_finite(samples, f"{input_name}: the latent", "re-encode the frames (a VAE in fp16 can overflow: try "
+                 "--fp32-vae)")
     if latent.get("noise_mask") is not None:
         raise ValueError(f"{input_name}: masked latents (Set Latent Noise Mask) are not supported by TokenFlow; "
                          "connect the VAE Encode output directly (remove the mask node)")
@@ -83,9 +88,8 @@ def check_conditioning(conditioning, model, input_name: str) -> None:
             raise ValueError(f"{input_name}: the conditioning has width {cond.shape[-1]} but this model expects "
                              f"{expected}; encode the prompt with the CLIP of the same checkpoint (an SDXL prompt "
                              "cannot drive an SD1.x model and vice versa)")
-        if not torch.isfinite(cond).all():
-            raise ValueError(f"{input_name}: the conditioning contains NaN or infinite values; encode the prompt "
-                             "again (a text encoder in fp16 can overflow: try --fp32-text-enc)")
+        check_finite(cond, f"{input_name}: the conditioning", "encode the prompt again (a text encoder in fp16 can "
+                     "overflow: try --fp32-text-enc)")
 
 
 def _covers_frame(area, latent_hw: tuple[int, int]) -> bool:
