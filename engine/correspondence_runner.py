@@ -19,13 +19,13 @@ import comfy.utils
 
 from ..tokenflow_ops.correspondence import field_dtype
 from ..tokenflow_ops.schedule import alpha_bar_from_sigma
-from ..tokenflow_ops.keyframes import keyframe_plan, spread_keyframe_groups
-from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
+from .attention_patches import PassContext, Phase, StepBank
 from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider, frame_ids, to_host
-from .model_support import check_supported, model_fingerprint
+from .edit_plan import keyframe_schedule
+from .patched_model import patched_clone
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
-from .validation import check_frame_size_fits, check_inversion_model, check_not_joint_edit_model, clamp_batch_size
+from .validation import check_run_on_inversion
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +89,14 @@ def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
 @torch.no_grad()
 def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
                    blend: str = "official", max_keyframes: int = 0) -> TokenFlowCorrespondences:
-    layout = check_supported(model)
-    check_not_joint_edit_model(model)
-    fingerprint = model_fingerprint(model)
-    check_inversion_model(inversion, fingerprint)
-    check_frame_size_fits(model, inversion.latent_shape, "inversion")
+    layout, fingerprint = check_run_on_inversion(model, inversion)
     n = inversion.n_frames
-    batch_size = clamp_batch_size(batch_size, n)
-    group = spread_keyframe_groups(n, batch_size, max_keyframes)
+    schedule = keyframe_schedule(n, inversion.steps, batch_size, max_keyframes, seed, keyframes, blend)
     corr = TokenFlowCorrespondences(
-        timesteps=list(inversion.timesteps), keyframes=keyframe_plan(n, group, inversion.steps, seed, keyframes),
-        group_size=group, blend=blend, inversion_fingerprint=inversion_fingerprint(inversion),
-        model_fingerprint=fingerprint)
+        timesteps=list(inversion.timesteps), keyframes=schedule.keyframes, group_size=schedule.group_size,
+        blend=schedule.blend, inversion_fingerprint=inversion_fingerprint(inversion), model_fingerprint=fingerprint)
     sigmas = inversion.sigmas[:-1].float()
-    patched = model.clone()
-    install_tokenflow_patches(patched, layout)
-    guider = ExtractionGuider(patched, corr, n)
+    guider = ExtractionGuider(patched_clone(model, layout), corr, n)
     guider.inner_set_conds({"positive": inversion.conditioning})
     guider.set_cfg(1.0)
     sampler = comfy.samplers.KSAMPLER(_extraction_sampler, extra_options={

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 
 import torch
 
@@ -21,15 +20,14 @@ import comfy.utils
 
 from ..tokenflow_ops.inversion import add_noise, ddim_noise
 from ..tokenflow_ops.schedule import alpha_bar_from_sigma
-from .attention_patches import PassContext, Phase, StepBank, install_tokenflow_patches
+from .attention_patches import PassContext, Phase, StepBank
 from .call_sizing import even_chunks, fits, frames_per_call
 from .edit_plan import EditPlan, EditSettings, make_plan
 from .editors import get_editor
 from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
-from .model_support import check_supported, model_fingerprint
+from .patched_model import patched_clone
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
-from .validation import (check_conditioning, check_control_hints, check_correspondences, check_frame_size_fits,
-                         check_inversion_model, check_no_area, check_not_joint_edit_model, clamp_batch_size)
+from .validation import check_correspondences, check_prompt, check_run_on_inversion
 
 log = logging.getLogger(__name__)
 
@@ -164,26 +162,16 @@ def start_latent(inversion: TokenFlowInversion, sigmas_all: torch.Tensor, first_
 def prepare_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
                  correspondences: TokenFlowCorrespondences | None):
     """Validate everything and build the guider, sigmas and start latent before any heavy work."""
-    layout = check_supported(model)
-    check_not_joint_edit_model(model)
-    fingerprint = model_fingerprint(model)
-    check_inversion_model(inversion, fingerprint)
+    layout, fingerprint = check_run_on_inversion(model, inversion)
     for name, conditioning in (("positive", positive), ("negative", negative)):
-        check_conditioning(conditioning, model, name)
-        check_no_area(conditioning, name, inversion.latent_shape[-2:])
-        check_control_hints(conditioning, inversion.n_frames, name)
+        check_prompt(conditioning, model, name, inversion.latent_shape[-2:], inversion.n_frames)
     get_editor(settings.editor).check_conditioning(positive, negative)
-    check_frame_size_fits(model, inversion.latent_shape, "inversion")
     if correspondences is not None:
         check_correspondences(correspondences, inversion, fingerprint)
-    else:
-        settings = replace(settings, batch_size=clamp_batch_size(settings.batch_size, inversion.n_frames))
     sigmas_all = model.get_model_object("model_sampling").sigmas.float().cpu()
     plan = make_plan(settings, inversion, layout, model.model.diffusion_model, correspondences)
     sigmas = torch.cat([sigmas_all[plan.timesteps], sigmas_all[:1]])
-    patched = model.clone()
-    install_tokenflow_patches(patched, layout)
-    guider = TokenFlowGuider(patched, inversion, plan, sigmas)
+    guider = TokenFlowGuider(patched_clone(model, layout), inversion, plan, sigmas)
     guider.set_cfg(settings.cfg)
     start = start_latent(inversion, sigmas_all, plan.timesteps[0])
     return guider, sigmas, start

@@ -1,11 +1,15 @@
-"""Input checks shared by the nodes: each raises a clear error naming the input and the fix."""
+"""The refusals of the TokenFlow stages' inputs, before any model call: each raises a clear error naming the
+input and the fix. :func:`check_run_on_inversion` is the opening every run on an inversion shares (extraction,
+edit); :func:`check_prompt` the checks of one prompt."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
+from ..tokenflow_ops.keyframes import BLEND_MODES
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, extracted_from
+from .model_support import ModelLayout, check_supported, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,37 @@ def clamp_batch_size(batch_size: int, n_frames: int) -> int:
                     "per step)", batch_size, n_frames, n_frames)
         return n_frames
     return batch_size
+
+
+def check_run_on_inversion(model, inversion: TokenFlowInversion) -> tuple[ModelLayout, str]:
+    """The start of every run on an inversion: a supported UNet that is not the Joint Edit's, the inversion's own model,
+    frames that fit the device. Returns the model's layout and fingerprint."""
+    layout = check_supported(model)
+    check_not_joint_edit_model(model)
+    fingerprint = model_fingerprint(model)
+    check_inversion_model(inversion, fingerprint)
+    check_frame_size_fits(model, inversion.latent_shape, "inversion")
+    return layout, fingerprint
+
+
+def check_prompt(conditioning, model, input_name: str, latent_hw: tuple[int, int], n_frames: int) -> None:
+    """One prompt of a run: a CONDITIONING this UNet can use, no area crop, one ControlNet hint per frame."""
+    check_conditioning(conditioning, model, input_name)
+    check_no_area(conditioning, input_name, latent_hw)
+    check_control_hints(conditioning, n_frames, input_name)
+
+
+def check_blend(blend: str) -> None:
+    if blend not in BLEND_MODES:
+        raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+
+
+def check_correspondences_cover(corr: TokenFlowCorrespondences, timesteps: list[int]) -> None:
+    """The correspondences hold every timestep the edit visits."""
+    absent = [t for t in timesteps if t not in corr.timesteps]
+    if absent:
+        raise ValueError(f"correspondences: extracted for {len(corr.timesteps)} steps, which do not cover timestep "
+                         f"{absent[0]}; extract them with the same steps as this edit")
 
 
 def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, model_fp: str) -> None:

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..engine.attention_patches import JOINT_KEY, install_tokenflow_patches
-from ..engine.model_support import check_supported
+from ..engine.patched_model import joint_edit_model
 from .common import CATEGORY
 
 
@@ -30,11 +29,7 @@ class TokenFlowKeyframeJointEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        layout = check_supported(model)
-        patched = model.clone()
-        install_tokenflow_patches(patched, layout)
-        patched.model_options.setdefault("transformer_options", {})[JOINT_KEY] = True
-        return io.NodeOutput(patched)
+        return io.NodeOutput(joint_edit_model(model))
 
 
 NODES = [TokenFlowKeyframeJointEdit]
