@@ -6,10 +6,11 @@ Usage::
     python scripts/consistency_report.py --source wolf.mp4 \\
         per-frame=out/pnp_per_frame.mp4 joint=out/joint_only/ tokenflow=out/tokenflow.mp4
 
-Each edited video is an mp4 (decoded with PyAV) or a folder of frames (png/jpg/webp, natural
-sort), optionally prefixed with ``label=``. Optical flow (OpenCV DIS, ``--flow``) is computed on
-the source video, resized to each edit's resolution when they differ, and the source is cut to
-the edit's frame count. The table is printed as Markdown: warp error x1e-3 (lower = more
+Each edited video is a video file or a folder of frames, optionally prefixed with ``label=``; both
+are read by the pack's decoder (``data/video_decode.py``, as TokenFlow Load Video reads them: a
+folder's images in the order of the last number in their names, sides rounded to a multiple of 8).
+Optical flow (OpenCV DIS, ``--flow``) is computed on the source video, resized to each edit's
+resolution when they differ, and the source is cut to the edit's frame count. The table is printed as Markdown: warp error x1e-3 (lower = more
 consistent; the paper reports TokenFlow 3.0, per-frame 11.3, VAE round trip 2.0 with RAFT flow)
 and the fraction of pixels masked as occluded / leaving the frame. The ``source`` row is the
 source scored against itself: the floor set by the flow estimator.
@@ -19,59 +20,42 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tokenflow_ops import warp_error as we  # noqa: E402
 
 
-def _load_flow_module():
-    # nodes/__init__.py imports ComfyUI; load the ComfyUI-free flow module by path instead.
-    spec = importlib.util.spec_from_file_location("tokenflow_flow_estimation", ROOT / "data" / "flow_estimation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load(relative: str) -> ModuleType:
+    """A ComfyUI-free module of the pack, loaded by path (the packages' __init__ files import ComfyUI)."""
+    name = "tokenflow_" + Path(relative).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-flow_estimation = _load_flow_module()
+we = _load("metric/warp_error.py")
+flow_estimation = _load("metric/flow_estimation.py")
+video_decode = _load("data/video_decode.py")
 logger = logging.getLogger("consistency_report")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+SIZE_MULTIPLE = 8  # the decoder's finest rounding: TokenFlow's frames are multiples of 8 already
 
 
 def load_video(path: Path, max_frames: int | None = None, start: int = 0, step: int = 1) -> torch.Tensor:
-    """(N, H, W, 3) float frames in [0, 1] from a video file or a folder of images."""
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-        images = (Image.open(p).convert("RGB") for p in files[start::step])
-    else:
-        import av
-
-        def decode():
-            with av.open(str(path)) as container:
-                for index, frame in enumerate(container.decode(video=0)):
-                    if index >= start and (index - start) % step == 0:
-                        yield frame.to_image()
-
-        images = decode()
-    frames = []
-    for image in images:
-        frames.append(np.asarray(image, dtype=np.uint8))
-        if max_frames is not None and len(frames) >= max_frames:
-            break
-    if not frames:
-        raise SystemExit(f"no frames found in {path}")
-    return torch.from_numpy(np.stack(frames)).float() / 255.0
+    """(N, H, W, 3) float frames in [0, 1] from a video file or a folder of images, read as TokenFlow Load Video does."""
+    try:
+        return video_decode.load_video(str(path), frame_load_cap=max_frames or 0, skip_first_frames=start,
+                                       select_every_nth=step, size_multiple=SIZE_MULTIPLE).images
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{path}: {e}") from None
 
 
 def resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comfyui_tokenflow.tokenflow_ops import warp_error as we
+from comfyui_tokenflow.metric import warp_error as we
 
 av = pytest.importorskip("av")
 pytest.importorskip("cv2")
 
-from comfyui_tokenflow.data import flow_estimation  # noqa: E402
+from comfyui_tokenflow.metric import consistency, flow_estimation  # noqa: E402
 from comfyui_tokenflow.nodes import consistency_nodes  # noqa: E402
 
 WOLF = Path("/work/shared/videos/wolf.mp4")
@@ -255,7 +255,7 @@ def test_node_execute_outputs_and_plot(texture: torch.Tensor, test_artifacts: Pa
     warp_err, occluded, plot = out.args
     assert isinstance(warp_err, float) and 0.0 <= warp_err < 0.1
     assert isinstance(occluded, float) and 0.0 < occluded < 0.2
-    assert plot.shape == (1, consistency_nodes.PLOT_HEIGHT, consistency_nodes.PLOT_WIDTH, 3)
+    assert plot.shape == (1, consistency.PLOT_HEIGHT, consistency.PLOT_WIDTH, 3)
     assert plot.dtype == torch.float32 and 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
     assert float(plot.std()) > 0.05  # something was drawn
     Image.fromarray((plot[0].numpy() * 255).round().astype(np.uint8)).save(test_artifacts / "warp_error_plot.png")
@@ -289,5 +289,5 @@ def test_node_errors(edited: torch.Tensor, source: torch.Tensor, message: str) -
 def test_render_plot_handles_long_videos_and_nan() -> None:
     values = [float(v) for v in np.linspace(0.5, 4.0, 39)]
     values[5] = float("nan")
-    plot = consistency_nodes.render_plot(values, 2.0, 0.05)
-    assert plot.shape == (1, consistency_nodes.PLOT_HEIGHT, consistency_nodes.PLOT_WIDTH, 3)
+    plot = consistency.render_plot(values, 2.0, 0.05)
+    assert plot.shape == (1, consistency.PLOT_HEIGHT, consistency.PLOT_WIDTH, 3)
