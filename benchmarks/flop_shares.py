@@ -68,11 +68,11 @@ def shares(size: str, latent: int) -> dict[str, float]:
 
 
 def step_kinds(editor: str, steps: int) -> list[tuple[bool, bool]]:
-    """(q/k injection, residual injection) for every step of an edit (official fractions 0.5 / 0.8)."""
-    if editor != "pnp":
-        count = len(range(steps)[int(1 - 0.9 * steps):]) if editor == "sdedit" else steps
-        return [(False, False)] * count
-    return [(i < int(steps * 0.5), i < int(steps * 0.8)) for i in range(steps)]
+    """(q/k injection, residual injection) for every step of an edit with the editor's declared defaults (the
+    official 0.5 / 0.8 for PnP, sdedit_start 0.9): ``_phases.step_kinds``, read as flags."""
+    import _phases  # after _host.bootstrap (it imports ComfyUI)
+
+    return [(kind.startswith("attn+"), kind.endswith("res")) for kind in _phases.step_kinds(editor, steps)]
 
 
 def projected_ratio(s: dict[str, float], editor: str, on_the_fly: bool, n: int, batch: int, steps: int,
