@@ -54,29 +54,32 @@ class TokenFlowSampler(io.ComfyNode):
                 # expect them.
                 *(editor_input(d) for d in stable_inputs()),
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=512, tooltip="B: one keyframe is "
-                             "drawn per batch of B frames and a frame blends its batch's keyframe with the previous batch's (official 8). "
-                             "It does not set how many frames share a UNet call (that follows the device's memory). "
-                             "A clip shorter than B is one batch. With correspondences connected the keyframe plan "
-                             "(batch_size, keyframes, seed, blend, max_keyframes) comes from the extraction and these "
-                             "are not used; the log says which plan ran."),
-                io.Combo.Input("keyframes", options=list(KEYFRAME_MODES), default=DEFAULTS.keyframes, tooltip="random: new "
-                               "keyframes every step (the paper); fixed: each batch's middle frame (ablation)."),
+                             "drawn per batch of B frames and a frame blends its batch's keyframe with the previous "
+                             "batch's (official 8). It does not set how many frames share a UNet call (that follows "
+                             "the device's memory). A clip shorter than B is one batch. With correspondences connected "
+                             "the keyframe plan (batch_size, keyframes, seed, blend, max_keyframes) comes from the "
+                             "extraction and these are not used; the log says which plan ran."),
+                io.Combo.Input("keyframes", options=list(KEYFRAME_MODES), default=DEFAULTS.keyframes,
+                               tooltip="random: new keyframes every step (the paper); fixed: each batch's middle frame "
+                               "(ablation)."),
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the keyframe plan (the official runs use 1)."),
                 CorrespondencesType.Input("correspondences", optional=True, tooltip="Optional extracted correspondences "
                                           "(TokenFlow Extract Correspondences). Without them they are computed on the "
                                           "fly exactly as the official code does; with them SDEdit/ControlNet edits "
                                           "skip the source branch entirely."),
-                io.Combo.Input("blend", options=list(BLEND_MODES), default=DEFAULTS.blend, optional=True, tooltip="How a frame "
-                               "blends its two keyframes (see the README). Ignored with correspondences."),
-                io.Int.Input("max_keyframes", default=DEFAULTS.max_keyframes, min=-1, max=4096, optional=True, tooltip="Cap on keyframes per "
-                             "step. 0 = automatic: none up to 64 frames (the official plan), 16 for longer clips; -1 = "
-                             "never (one per batch); N = at most N, spread evenly. Fewer keyframes bound memory and time "
-                             "(extended attention grows with the square of the count) but put frames farther from their "
-                             "keyframes. Ignored with correspondences."),
-                io.Int.Input("steps", default=DEFAULTS.steps, min=0, max=1000, optional=True, tooltip="Editing steps; 0 uses the "
-                             f"inversion's count (1 to {MAX_STEPS} otherwise). Other counts must fit the inversion's "
-                             "steps: " + step_grid_rule("steps", "the inversion's steps") + "."),
+                io.Combo.Input("blend", options=list(BLEND_MODES), default=DEFAULTS.blend, optional=True,
+                               tooltip="How a frame blends its two keyframes (see the README). Ignored with "
+                               "correspondences."),
+                io.Int.Input("max_keyframes", default=DEFAULTS.max_keyframes, min=-1, max=4096, optional=True,
+                             tooltip="Cap on keyframes per step. 0 = automatic: none up to 64 frames (the official "
+                             "plan), 16 for longer clips; -1 = never (one per batch); N = at most N, spread evenly. "
+                             "Fewer keyframes bound memory and time (extended attention grows with the square of the "
+                             "count) but put frames farther from their keyframes. Ignored with correspondences."),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=0, max=1000, optional=True,
+                             tooltip=f"Editing steps; 0 uses the inversion's count (1 to {MAX_STEPS} otherwise). "
+                             "Other counts must fit the inversion's steps: "
+                             + step_grid_rule("steps", "the inversion's steps") + "."),
                 # Optional inputs of the registered editors (PnP's block lists, then plug-ins'): appended, never
                 # inserted.
                 *(editor_input(d) for d in appended_inputs()),

@@ -10,7 +10,7 @@ from .settings import EditorSetting
 
 class SDEditEditor:
     name = "sdedit"
-    description = "SDEdit: start from the partly noised source (sdedit_start), no injection."
+    description = "Start from the partly noised source (sdedit_start), no injection."
     inputs = (
         EditorSetting("sdedit_start", float, 0.9, minimum=0.01, maximum=1.0, step=0.01, required=True,
                       tooltip="SDEdit: how much noise to start from (0.9 keeps 44 of 50 steps). Higher edits more, "
