@@ -51,6 +51,11 @@ def flow_start_latent(inversion: TokenFlowInversion, sigma_0: float, sigma_inv: 
     return ((1.0 - sigma_0) * x0 + sigma_0 * eps).float()
 
 
+def _example_blocks(layout) -> str:
+    kinds = dict.fromkeys(b[0] for b in layout.transformer_blocks)
+    return ", ".join(f"'{kind}:0'" for kind in kinds)
+
+
 def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings):
     """Validate everything (before any model call) and build the guider, sigmas and start latent."""
     layout = check_supported(model, sampling=FLOW)
@@ -62,6 +67,10 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
         check_no_area(conditioning, name, inversion.latent_shape[-2:])
         check_control_hints(conditioning, inversion.n_frames, name)
     get_editor(settings.editor).check_conditioning(positive, negative)
+    if settings.pnp_residual_blocks.strip().lower() not in ("", "auto", "none"):
+        raise ValueError(f"pnp_residual_blocks: a {layout.family} model is a transformer without ResBlocks; set it "
+                         "to auto (PnP on it injects attention features, chosen by pnp_attention_blocks, e.g. "
+                         f"{_example_blocks(layout)})")
     settings = replace(settings, batch_size=clamp_batch_size(settings.batch_size, inversion.n_frames))
     plan = make_plan(settings, inversion, layout, model.model.diffusion_model, None)
     by_timestep = dict(zip(inversion.timesteps, inversion.sigmas.double().tolist()))
@@ -78,8 +87,11 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
 
 @torch.no_grad()
 def run_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
-                  trace: list | None = None) -> dict:
-    """Run the TokenFlow edit on a Flux / SD3.x model; returns a LATENT."""
+                  correspondences=None, callback=None, trace: list | None = None) -> dict:
+    """Run the TokenFlow edit on a Flux / SD3.x model; returns a LATENT (``run_edit``'s signature)."""
+    if correspondences is not None:
+        raise ValueError("correspondences: extracted correspondences are not supported on Flux / SD3 models yet; "
+                         "disconnect the input (the sampler then matches tokens on the fly)")
     guider, levels, start = prepare_flow_edit(model, positive, negative, inversion, settings)
     guider.trace = trace
     guider.inner_set_conds({"positive": positive, "negative": negative, SOURCE: inversion.conditioning})
@@ -88,5 +100,5 @@ def run_flow_edit(model, positive, negative, inversion: TokenFlowInversion, sett
     log.info("TokenFlow: editing %d frames on a %s model, %s editor, %d steps", inversion.n_frames,
              inversion.family, settings.editor, len(levels) - 1)
     samples = guider.sample(torch.zeros_like(latent_image), latent_image, sampler, torch.tensor(levels),
-                            seed=settings.seed, disable_pbar=True)
+                            callback=callback, seed=settings.seed, disable_pbar=True)
     return {"samples": samples.cpu()}

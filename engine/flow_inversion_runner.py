@@ -109,3 +109,8 @@ def run_flow_inversion(model, latent: dict, conditioning: list, steps: int, inve
         model_fingerprint=model_fingerprint(model), frames_fingerprint=frames_fingerprint(model, samples),
         family=layout.family,
     )
+
+
+def inverted_latent_output(model, inversion: TokenFlowInversion) -> dict:
+    """The fully inverted latent x_sigma as a ComfyUI LATENT (a flow model's x_sigma needs no rescaling)."""
+    return {"samples": model.model.process_latent_out(inversion.inverted)}
