@@ -16,6 +16,7 @@ from .families.base import DDPM, FLOW
 
 @dataclass(frozen=True)
 class SamplingPath:
+    sampling: str  # the rule (families.base.DDPM / FLOW), for check_supported(model, sampling=...)
     invert: Callable  # (model, latent, conditioning, steps, inversion_steps, frame_batch) -> TokenFlowInversion
     edit: Callable  # (model, positive, negative, inversion, settings, correspondences, callback) -> LATENT
     inverted_latent: Callable  # (model, inversion) -> LATENT
@@ -25,9 +26,9 @@ def _paths() -> dict[str, SamplingPath]:
     from . import flow_edit_runner, flow_inversion_runner, inversion_runner, tokenflow_runner
 
     return {
-        DDPM: SamplingPath(inversion_runner.run_inversion, tokenflow_runner.run_edit,
+        DDPM: SamplingPath(DDPM, inversion_runner.run_inversion, tokenflow_runner.run_edit,
                            inversion_runner.inverted_latent_output),
-        FLOW: SamplingPath(flow_inversion_runner.run_flow_inversion, flow_edit_runner.run_flow_edit,
+        FLOW: SamplingPath(FLOW, flow_inversion_runner.run_flow_inversion, flow_edit_runner.run_flow_edit,
                            flow_inversion_runner.inverted_latent_output),
     }
 

@@ -89,3 +89,16 @@ def test_a_flux_inversion_into_an_sd_sampler_is_refused(flux, tiny_sd15):
     with pytest.raises(ValueError, match="inversion"):
         tokenflow_runner.run_edit(tiny_sd15, flux["pos"], flux["neg"], flux["inversion"],
                                   tokenflow_runner.EditSettings())
+
+
+def test_a_flux_inversion_saves_and_loads_through_the_nodes(flux, tmp_path):
+    from comfyui_tokenflow.data import product_io
+    from comfyui_tokenflow.nodes import product_io_nodes
+
+    path = product_io.save_inversion(flux["inversion"], tmp_path / "flux.safetensors")
+    loaded, inverted = product_io_nodes.TokenFlowLoadInversion.execute(str(path), flux["model"], _frames()).args
+    assert loaded.family == "flux" and torch.equal(loaded.trajectory, flux["inversion"].trajectory)
+    assert torch.equal(inverted["samples"], flux["inverted"]["samples"])
+    a = _sample(flux["model"], flux["pos"], flux["neg"], loaded).args[0]["samples"]
+    b = _sample(flux["model"], flux["pos"], flux["neg"], flux["inversion"]).args[0]["samples"]
+    assert torch.equal(a, b)
