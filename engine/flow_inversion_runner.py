@@ -66,7 +66,10 @@ def check_flow_conditioning(conditioning: list, model, name: str) -> None:
     embed = getattr(dm, "context_embedder", None)
     if width is None and isinstance(embed, torch.nn.Linear):
         width = embed.in_features
-    for cond, _extra in conditioning:
+    for cond, extra in conditioning:
+        if isinstance(extra, dict) and extra.get("reference_latents") is not None:
+            raise ValueError(f"{name}: it carries reference latents (Flux Kontext / ReferenceLatent), whose tokens "
+                             "TokenFlow cannot tell from the frame's image tokens; remove the ReferenceLatent node")
         if width is not None and cond.shape[-1] != width:
             raise ValueError(f"{name}: its text embeddings are {cond.shape[-1]} wide but this model reads {width}-wide "
                              "ones; encode the prompt with the text encoders of this model (DualCLIPLoader / the "

@@ -102,3 +102,10 @@ def test_a_flux_inversion_saves_and_loads_through_the_nodes(flux, tmp_path):
     a = _sample(flux["model"], flux["pos"], flux["neg"], loaded).args[0]["samples"]
     b = _sample(flux["model"], flux["pos"], flux["neg"], flux["inversion"]).args[0]["samples"]
     assert torch.equal(a, b)
+
+
+def test_kontext_reference_latents_are_refused_before_any_model_call(flux):
+    pos = [[flux["pos"][0][0], {**flux["pos"][0][1], "reference_latents": [torch.zeros(1, 16, 8, 8)]}]]
+    with _Calls(flux["model"]) as calls, pytest.raises(ValueError, match="positive: it carries reference latents"):
+        _sample(flux["model"], pos, flux["neg"], flux["inversion"])
+    assert calls.count == 0
