@@ -125,3 +125,15 @@ def test_the_input_model_is_untouched(world):
     _edit(world, _invert(world, world["frames"][:2]), editor="pnp")
     assert (dict(model.model_options.get("transformer_options", {})), dict(model.patches)) == before
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
+
+
+def test_source_in_calls_of_its_own_gives_the_same_edit(world, monkeypatch):
+    """The call layout a ControlNet on the prompts forces (ComfyUI batches only conds with the same ControlNet):
+    the source branch runs first in calls of its own, the edit branches then read what it recorded."""
+    from comfyui_tokenflow.engine import flow_edit_runner
+
+    inversion = _invert(world, world["frames"])
+    shared = _edit(world, inversion, editor="pnp")
+    monkeypatch.setattr(flow_edit_runner.FlowTokenFlowGuider, "_source_shares_calls", lambda self, names: False)
+    separate = _edit(world, inversion, editor="pnp")
+    torch.testing.assert_close(separate, shared, rtol=0, atol=1e-6 * shared.abs().max())
