@@ -113,3 +113,18 @@ def sd3_conditioning(seed: int = 0, tokens: int = 8, dtype: torch.dtype = torch.
     g = torch.Generator().manual_seed(int(seed))
     return [[torch.randn(1, tokens, SD3_CONTEXT, generator=g).to(dtype),
              {"pooled_output": torch.randn(1, SD3_POOLED, generator=g).to(dtype)}]]
+
+
+def make_flux_controlnet(seed: int = 5, **overrides: Any):
+    """A tiny core Flux ControlNet (``comfy.ldm.flux.controlnet.ControlNetFlux``, the XLabs layout: pixel hints
+    through its conv hint block) matching :func:`make_flux_model`, as ``comfy.controlnet.ControlNet``."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in {**FLUX_CONFIG, **overrides}.items() if k != "image_model"}
+    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init,
+                                                             dtype=torch.float32, device=CPU, **config)
+    init_dit_weights(control_model, seed)
+    control_model.eval()
+    return comfy.controlnet.ControlNet(control_model, load_device=CPU, extra_conds=["y", "guidance"])
