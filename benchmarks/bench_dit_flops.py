@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+import comfy.samplers  # noqa: E402
 import tiny_dit_models  # noqa: E402
 from comfyui_tokenflow.engine.edit_plan import EditSettings  # noqa: E402
 from comfyui_tokenflow.engine.flow_edit_runner import prepare_flow_edit, run_flow_edit  # noqa: E402
@@ -44,16 +45,28 @@ class _Ops(TorchDispatchMode):
 
 
 def _measure(fn, model) -> tuple[int, int, float]:
+    """(model calls, aten ops, FLOPs) inside the guider's per-step calls only (set-up such as fingerprints and
+    cond processing excluded), for plain CFGGuider and TokenFlow guider alike."""
     calls = []
     handle = model.model.diffusion_model.register_forward_pre_hook(lambda *a: calls.append(1))
     ops = _Ops()
-    flops = FlopCounterMode(display=False)
+    flops = [0.0]
+    original = comfy.samplers.CFGGuider.outer_predict_noise
+
+    def counted(self, *args, **kwargs):
+        counter = FlopCounterMode(display=False)  # entering one resets it: one per call, summed
+        with counter, ops:
+            out = original(self, *args, **kwargs)
+        flops[0] += float(counter.get_total_flops())
+        return out
+
+    comfy.samplers.CFGGuider.outer_predict_noise = counted
     try:
-        with flops, ops:
-            fn()
+        fn()
     finally:
+        comfy.samplers.CFGGuider.outer_predict_noise = original
         handle.remove()
-    return len(calls), ops.count, float(flops.get_total_flops())
+    return len(calls), ops.count, flops[0]
 
 
 def main() -> None:
