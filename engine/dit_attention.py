@@ -35,7 +35,7 @@ import comfy.patcher_extension
 
 from ..tokenflow_ops.correspondence import frame_fields, unit_tokens
 from ..tokenflow_ops.propagation import propagate
-from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase, StepBank, source_input_wrapper
+from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase, source_input_wrapper
 from .model_support import BlockKey, ModelLayout
 
 log = logging.getLogger(__name__)
@@ -214,4 +214,4 @@ def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
         model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
 
 
-__all__ = ["StepBank", "install_dit_patches", "dit_attention_override", "DiTBlockReplace"]
+__all__ = ["install_dit_patches", "dit_attention_override", "DiTBlockReplace"]
