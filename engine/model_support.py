@@ -1,13 +1,15 @@
 """What the pack needs to know about a ComfyUI model: family, transformer blocks, PnP layers, identity.
 
-Everything is derived from the model object itself (no hard-coded SD1.5 shapes), so SD1.x,
-SD2.x (epsilon and v) and SDXL UNets work, and anything else is refused with a clear message.
+Everything is derived from the model object itself (no hard-coded SD1.5 shapes). :data:`FAMILIES`
+is the one registry of family adapters (see ``engine.families.base.FamilyAdapter``): the UNet
+families (SD1.x, SD2.x eps/v, SDXL) and the flow-matching DiT families (Flux, SD3.x, in
+``engine.families.dit``). Anything no adapter claims is refused with a message naming the fix.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -15,17 +17,9 @@ import comfy.model_sampling
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 
-
-BlockKey = tuple[str, int, int]  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    family: str  # "sd1/sd2" style or "sdxl" style UNet, for messages and defaults
-    prediction: str  # "eps" | "v"
-    transformer_blocks: tuple[BlockKey, ...]
-    default_pnp_attention: tuple[BlockKey, ...]
-    default_pnp_residual: tuple[str, ...]  # module paths of ResBlocks inside diffusion_model
+# UNet block keys: ("input" | "middle" | "output", block id, index inside the SpatialTransformer).
+from .families.base import DDPM, FLOW, BlockKey, ModelLayout  # noqa: F401  (re-exported)
+from .families.dit import DIT_FAMILIES, DiTFamily
 
 
 def diffusion_model_of(model_patcher) -> torch.nn.Module:
@@ -36,16 +30,37 @@ def _unsupported(model_patcher, why: str) -> ValueError:
     name = type(getattr(model_patcher.model, "diffusion_model", model_patcher.model)).__name__
     return ValueError(
         f"TokenFlow needs a Stable Diffusion UNet (SD1.x, SD2.x or SDXL) but the connected model is {name}: {why}. "
-        "Load an SD1.x/SD2.x/SDXL checkpoint with Load Checkpoint; DiT/flow models such as Flux, SD3 or video "
-        "models are not supported."
+        "Load an SD1.x/SD2.x/SDXL checkpoint with Load Checkpoint; video models (SVD, Wan, HunyuanVideo, ...) "
+        "have no TokenFlow family adapter."
     )
 
 
-def check_supported(model_patcher) -> ModelLayout:
-    """Validate the model family and describe its layout, or raise a clear error."""
-    unet = getattr(model_patcher.model, "diffusion_model", None)
-    if not isinstance(unet, UNetModel):
-        raise _unsupported(model_patcher, "it is not a UNet")
+def check_supported(model_patcher, sampling: str = DDPM) -> ModelLayout:
+    """The layout of the connected model from the first family adapter that claims it, or a clear error.
+
+    ``sampling`` is the sampling rule the caller implements (:data:`DDPM` for the DDIM nodes,
+    :data:`FLOW` for the flow path); a model of another rule is refused naming its family.
+    """
+    family = next((f for f in FAMILIES if f.claims(model_patcher)), None)
+    if family is None:
+        names = ", ".join(dict.fromkeys(f.name for f in FAMILIES))
+        raise _unsupported(model_patcher, f"no TokenFlow family adapter claims it (supported: {names})")
+    layout = family.describe(model_patcher)
+    if layout.sampling != sampling:
+        name = type(diffusion_model_of(model_patcher)).__name__
+        raise ValueError(
+            f"model: this TokenFlow step needs a Stable Diffusion UNet (SD1.x, SD2.x or SDXL) but the connected "
+            f"model is {name}, a {layout.sampling} DiT of family {layout.family!r}. TokenFlow DDIM Inversion, "
+            "TokenFlow Sampler and TokenFlow Load Inversion take it; correspondence extraction and the joint "
+            "keyframe edit do not yet (disconnect them, the sampler matches tokens on the fly), or Load an "
+            "SD1.x/SD2.x/SDXL checkpoint with Load Checkpoint." if sampling == DDPM else
+            f"model: this path needs a {sampling} model but the connected model ({name}, family "
+            f"{layout.family!r}) follows the {layout.sampling} rule; use the TokenFlow DDIM nodes for it")
+    return layout
+
+
+def _describe_unet(model_patcher, family: "UNetFamily") -> ModelLayout:
+    unet = model_patcher.model.diffusion_model
     sampling = model_patcher.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not hasattr(sampling, "sigmas"):
         raise _unsupported(model_patcher, "its noise schedule is not the discrete DDPM schedule")
@@ -62,8 +77,8 @@ def check_supported(model_patcher) -> ModelLayout:
     blocks = transformer_blocks(unet)
     if not blocks:
         raise _unsupported(model_patcher, "it has no spatial transformer blocks")
-    family = next(f for f in FAMILIES if f.matches(unet))
-    return ModelLayout(family.name, prediction, blocks, family.pnp_attention(unet, blocks), family.pnp_residual(unet))
+    return ModelLayout(family.name, prediction, blocks, family.pnp_attention(unet, blocks), family.pnp_residual(unet),
+                       sampling=DDPM, adapter=family)
 
 
 def _prediction_type(sampling) -> tuple[str | None, str]:
@@ -123,12 +138,23 @@ class UNetFamily:
     pnp_attention: Callable[[UNetModel, tuple[BlockKey, ...]], tuple[BlockKey, ...]] = default_pnp_attention
     pnp_residual: Callable[[UNetModel], tuple[str, ...]] = lambda unet: (default_pnp_residual(unet),)
 
+    def claims(self, model_patcher) -> bool:
+        unet = getattr(model_patcher.model, "diffusion_model", None)
+        return isinstance(unet, UNetModel) and bool(self.matches(unet))
 
-FAMILIES: list[UNetFamily] = [
+    def describe(self, model_patcher) -> ModelLayout:
+        return _describe_unet(model_patcher, self)
+
+
+FamilyEntry = Union[UNetFamily, DiTFamily]
+
+FAMILIES: list[FamilyEntry] = [
     # SDXL: 2816-wide ADM input (or a sequential class embedding); PnP at the analogous decoder levels.
     UNetFamily("sdxl", lambda unet: getattr(unet, "adm_in_channels", None) == 2816 or unet.num_classes == "sequential"),
     # SD1.x / SD2.x (and any other UNetModel): the paper's layers, output 4-11 and output_blocks.4.0.
     UNetFamily("sd1/sd2", lambda unet: True),
+    # Flux and SD3.x (flow matching, joint text-image attention).
+    *DIT_FAMILIES,
 ]
 
 

@@ -57,6 +57,10 @@ class TokenFlowGuider(FrameSubsetGuider):
         row = corr.timesteps.index(self.plan.timesteps[step])
         return lambda block, frames: corr.fields_at(row, block, frames)
 
+    def source_latents(self, step: int) -> torch.Tensor:
+        """The source branch's model input at ``step``: the inverted x_t in ComfyUI's sigma space."""
+        return self.inversion.trajectory[self.plan.trajectory_steps[step]] / _abar(self.step_sigmas[step]) ** 0.5
+
     def _source_shares_calls(self, edit_names: list[str | None]) -> bool:
         """ComfyUI batches conds only when they carry the same ControlNet: none, for the source branch."""
         names = [SOURCE] + [name for name in edit_names if name]
@@ -97,8 +101,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         branches = sum(1 for name in edit_names if name)
         source = None
         if needs.source_in_keyframe_pass(on_the_fly):
-            latents = self.inversion.trajectory[self.plan.trajectory_steps[step]] / _abar(self.step_sigmas[step]) ** 0.5
-            source = latents.to(device=x.device, dtype=x.dtype, non_blocking=True)
+            source = self.source_latents(step).to(device=x.device, dtype=x.dtype, non_blocking=True)
         own_calls = source is not None and not self._source_shares_calls(edit_names)
         model = self.inner_model
         out = torch.empty_like(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
-from ..engine.inversion_runner import inverted_latent_output, run_inversion
+from ..engine.sampling_paths import path_for
 from ..data.products import InversionType
 from .common import CATEGORY
 
@@ -47,8 +47,9 @@ class TokenFlowInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, conditioning, steps, inversion_steps, frame_batch=0) -> io.NodeOutput:
-        inversion = run_inversion(model, latent, conditioning, steps, inversion_steps, frame_batch)
-        return io.NodeOutput(inversion, inverted_latent_output(model, inversion))
+        path = path_for(model)  # DDIM for SD UNets, flow inversion for Flux / SD3.x
+        inversion = path.invert(model, latent, conditioning, steps, inversion_steps, frame_batch)
+        return io.NodeOutput(inversion, path.inverted_latent(model, inversion))
 
 
 NODES = [TokenFlowInvert]

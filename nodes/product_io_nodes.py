@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..data import product_io
-from ..engine.inversion_runner import inverted_latent_output
+from ..engine.sampling_paths import path_for
 from ..engine.model_support import check_supported, frames_fingerprint, model_fingerprint
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.validation import check_latent_frames
@@ -163,10 +163,11 @@ class TokenFlowLoadInversion(_LoadProduct):
 
     @classmethod
     def execute(cls, path, model, latent) -> io.NodeOutput:
-        check_supported(model)
+        sampling_path = path_for(model)  # SD UNets: DDIM; Flux / SD3.x: flow
+        check_supported(model, sampling=sampling_path.sampling)
         inversion = product_io.load_inversion(resolve_path(path), model_fingerprint(model),
                                               latent_fingerprint(model, latent))
-        return io.NodeOutput(inversion, inverted_latent_output(model, inversion))
+        return io.NodeOutput(inversion, sampling_path.inverted_latent(model, inversion))
 
 
 class TokenFlowSaveCorrespondences(_SaveProduct):

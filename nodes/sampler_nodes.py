@@ -10,7 +10,7 @@ from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
 from ..engine.edit_plan import EditSettings
 from ..engine.editors import EDITORS, EditorSetting, appended_inputs, editor_tooltip, stable_inputs
 from ..data.products import CorrespondencesType, InversionType
-from ..engine.tokenflow_runner import run_edit
+from ..engine.sampling_paths import path_for
 from .common import CATEGORY
 
 DEFAULTS = EditSettings()  # the sampler's own defaults; each editor's live in its declarations
@@ -95,7 +95,8 @@ class TokenFlowSampler(io.ComfyNode):
                                 blend=blend, max_keyframes=max_keyframes, steps=steps, editor_options=editor_options)
         n_steps = len(inversion.timesteps) if not steps else steps
         callback = latent_preview.prepare_callback(model, n_steps)
-        return io.NodeOutput(run_edit(model, positive, negative, inversion, settings, correspondences, callback))
+        edit = path_for(model).edit  # the DDIM edit for SD UNets, the flow edit for Flux / SD3.x
+        return io.NodeOutput(edit(model, positive, negative, inversion, settings, correspondences, callback))
 
 
 NODES = [TokenFlowSampler]

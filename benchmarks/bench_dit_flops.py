@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""TokenFlow on Flux / SD3 against plain sampling of the same frames: model calls, aten ops and FLOPs per step.
+
+Tiny random-weight ``comfy.model_base.Flux`` / ``SD3`` models (tests/tiny_dit_models.py) on the CPU,
+at a token layout chosen by ``--latent`` (image tokens = (latent / 2)^2) and ``--text-tokens``.
+Plain: deterministic Euler from the same start (Flux at cfg 1: one branch; SD3 at cfg 4: two).
+TokenFlow: the flow edit (PnP with injection in the first half of the steps, or SDEdit), on the fly.
+Counts are per step, device-independent; FLOPs by ``torch.utils.flop_counter``. The widths are tiny,
+so the attention / projection split (and with it the FLOP ratio) is not a real Flux's: this shows the
+structure (calls, branches, ops), not seconds.
+
+    python benchmarks/bench_dit_flops.py --frames 16 --batch-size 8 --latent 16 --steps 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _host  # noqa: E402
+
+_host.bootstrap("cpu")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import comfy.samplers  # noqa: E402
+import tiny_dit_models  # noqa: E402
+from comfyui_tokenflow.engine.edit_plan import EditSettings  # noqa: E402
+from comfyui_tokenflow.engine.flow_edit_runner import prepare_flow_edit, run_flow_edit  # noqa: E402
+from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion  # noqa: E402
+from comfyui_tokenflow.engine.flow_sampling import sample_flow  # noqa: E402
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _measure(fn, model) -> tuple[int, int, float]:
+    """(model calls, aten ops, FLOPs) inside the guider's per-step calls only (set-up such as fingerprints and
+    cond processing excluded), for plain CFGGuider and TokenFlow guider alike."""
+    calls = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ops = _Ops()
+    flops = [0.0]
+    original = comfy.samplers.CFGGuider.outer_predict_noise
+
+    def counted(self, *args, **kwargs):
+        counter = FlopCounterMode(display=False)  # entering one resets it: one per call, summed
+        with counter, ops:
+            out = original(self, *args, **kwargs)
+        flops[0] += float(counter.get_total_flops())
+        return out
+
+    comfy.samplers.CFGGuider.outer_predict_noise = counted
+    try:
+        fn()
+    finally:
+        comfy.samplers.CFGGuider.outer_predict_noise = original
+        handle.remove()
+    return len(calls), ops.count, flops[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    rows = []
+    for family, make, cond, cfg in (("flux", tiny_dit_models.make_flux_model, tiny_dit_models.flux_conditioning, 1.0),
+                                    ("sd3", tiny_dit_models.make_sd3_model, tiny_dit_models.sd3_conditioning, 4.0)):
+        model = make(seed=0)
+        src, pos, neg = (cond(seed=s, tokens=args.text_tokens) for s in (1, 2, 3))
+        frames = {"samples": torch.randn(args.frames, 16, args.latent, args.latent)}
+        inversion = run_flow_inversion(model, frames, src, args.steps, args.steps)
+        for editor in ("pnp", "sdedit"):
+            settings = EditSettings(editor=editor, cfg=cfg, batch_size=args.batch_size, pnp_attn_t=0.5)
+            _, levels, start = prepare_flow_edit(model, pos, neg, inversion, settings)
+            steps = len(levels) - 1
+            plain = _measure(lambda: sample_flow(model, pos, start, levels, neg, cfg), model)
+            ours = _measure(lambda: run_flow_edit(model, pos, neg, inversion, settings), model)
+            rows.append((family, editor, steps, plain, ours))
+    print(f"frames {args.frames}, batch_size {args.batch_size}, latent {args.latent} "
+          f"({(args.latent // 2) ** 2} image tokens), {args.text_tokens} text tokens; per step")
+    print("| family | editor | model calls plain / TokenFlow | aten ops × plain | FLOPs × plain |")
+    print("|---|---|---|---|---|")
+    for family, editor, steps, plain, ours in rows:
+        print(f"| {family} | {editor} | {plain[0] / steps:g} / {ours[0] / steps:g} | {ours[1] / plain[1]:.2f} | "
+              f"{ours[2] / plain[2]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""TokenFlow inside a flow-matching transformer (Flux, SD3.x) through the host's public patch points.
+
+A model clone gets (see :func:`install_dit_patches`):
+
+- a ``patches_replace["dit"]`` entry for every block the family adapter declares: it only tags the
+  block's ``transformer_options`` with the block and a counter of its attention calls, then runs
+  the original block;
+- ``transformer_options["optimized_attention_override"]``: every attention call of a tagged block
+  comes here with q, k, v. The image tokens are the last ``n_img`` tokens of each call (the
+  adapter's rule: text first in Flux and SD3 joint attention; SD3.5's second attention holds
+  image tokens only), so TokenFlow acts on image tokens alone:
+
+  * keyframe pass, source branch: ordinary attention; its image-token values are recorded for the
+    nearest-neighbour search (the DiT analogue of the UNet's ``norm1`` tokens: a linear map of the
+    block's normalised, modulated image tokens), and its image keys/values for PnP;
+  * keyframe pass, edit branches: each keyframe's IMAGE queries attend to its own text keys/values
+    (repeated once per keyframe, which keeps plain attention's text/image balance) plus the image
+    keys/values of ALL keyframes (extended attention); text queries attend as in plain sampling. PnP (``pnp_attention`` blocks): the source's image values (RF-Solver-Edit,
+    adapter ``pnp_injects="v"``) or keys and values (Stable Flow, ``"kv"``) replace the edit's;
+  * propagation pass, every branch: image-token outputs are the two-keyframe blend of keyframe
+    outputs gathered along the nearest neighbours of the source branch's image tokens, per block;
+    text queries attend as in plain sampling.
+- a keyed ``APPLY_MODEL`` wrapper that tells the override ``n_img`` (from the latent's size, by the
+  adapter) and the source-input wrapper the UNet path uses (the source chunk's own latents).
+
+The per-call instructions are the same :class:`PassContext` / :class:`StepBank` the UNet path uses.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.patcher_extension
+
+from ..tokenflow_ops.correspondence import frame_fields, unit_tokens
+from ..tokenflow_ops.propagation import propagate
+from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase, source_input_wrapper
+from .model_support import BlockKey, ModelLayout
+
+log = logging.getLogger(__name__)
+
+BLOCK_TAG = "tokenflow_dit_block"
+IMAGE_TOKENS = "tokenflow_dit_image_tokens"
+INJECTS = "tokenflow_dit_injects"
+DIT_WRAPPER_KEY = "tokenflow_dit"
+
+
+class DiTBlockReplace:
+    """``patches_replace["dit"][(kind, id)]``: tag the block's options, run the original block."""
+
+    def __init__(self, kind: str, block_id: int) -> None:
+        self.block = (kind, block_id)
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = args.get("transformer_options") or {}
+        if PASS_KEY not in options:
+            return extra["original_block"](args)
+        tagged = {**options, BLOCK_TAG: {"block": self.block, "calls": 0}}
+        return extra["original_block"]({**args, "transformer_options": tagged})
+
+
+def _to_heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    if skip_reshape:
+        return t  # (B, H, T, D)
+    b, n = t.shape[:2]  # (B, T, H*D), or (B, T, H, D) (SD3's values)
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+class _Kernel:
+    """The host's attention function for (B, H, T, D) inputs with the call's own options; (B, T, H*D) out."""
+
+    def __init__(self, func, heads: int, kwargs: dict) -> None:
+        self.func, self.heads = func, heads
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("skip_reshape", "mask")}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.func(q, k, v, self.heads, skip_reshape=True, **self.kwargs)
+
+
+def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
+    """``optimized_attention_override``: TokenFlow on the image tokens of tagged blocks, plain elsewhere."""
+    options = kwargs.get("transformer_options") or {}
+    tag, ctx = options.get(BLOCK_TAG), options.get(PASS_KEY)
+    if tag is None or ctx is None or args:
+        return func(q, k, v, heads, *args, **kwargs)
+    if kwargs.get("mask") is not None or kwargs.get("skip_output_reshape"):
+        raise RuntimeError("TokenFlow: attention masks (ConditioningSetMask / attention_mask) are not supported on "
+                           "DiT models; remove the mask from the conditioning")
+    block: BlockKey = (*tag["block"], tag["calls"])
+    tag["calls"] += 1
+    skip = bool(kwargs.get("skip_reshape", False))
+    qh, kh, vh = (_to_heads(t, heads, skip) for t in (q, k, v))
+    kernel = _Kernel(func, heads, kwargs)
+    n_img = int(options[IMAGE_TOKENS])
+    if ctx.phase in (Phase.EXTRACT_KEYFRAMES, Phase.EXTRACT_FRAMES):
+        raise RuntimeError("TokenFlow: extracted correspondences are not available for DiT models yet")
+    if ctx.phase is Phase.KEYFRAMES:
+        return _keyframe_attention(qh, kh, vh, kernel, options, ctx, block, n_img)
+    return _propagated_attention(qh, kh, vh, kernel, options, ctx, block, n_img)
+
+
+def _chunks(options: dict) -> int:
+    return len(options.get("cond_or_uncond", [0]))
+
+
+def _record_source(ctx: PassContext, block: BlockKey, k_img: torch.Tensor, v_img: torch.Tensor) -> None:
+    """Keyframe pass: the source's image values for the nearest-neighbour search, k/v for PnP."""
+    if ctx.field_provider is None:
+        ctx.bank.keyframe_tokens[block] = unit_tokens(_merge(v_img))
+    if block in ctx.pnp_attention:
+        ctx.bank.pnp_qk[block] = (k_img, v_img)
+
+
+def _keyframe_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
+                        n_img: int) -> torch.Tensor:
+    chunks = _chunks(options)
+    src, edit = ctx.roles(options)
+    qs, ks, vs = q.chunk(chunks), k.chunk(chunks), v.chunk(chunks)
+    outs: list[torch.Tensor | None] = [None] * chunks
+    if src is not None:
+        outs[src] = kernel(qs[src], ks[src], vs[src])
+        _record_source(ctx, block, ks[src][:, :, -n_img:], vs[src][:, :, -n_img:])
+    injects = options.get(INJECTS, "v") if block in ctx.pnp_attention else ""
+    for i in edit:
+        k_i, v_i = ks[i], vs[i]
+        k_img, v_img = k_i[:, :, -n_img:], v_i[:, :, -n_img:]
+        if injects:
+            src_k, src_v = ctx.bank.pnp_qk[block]
+            v_img = src_v
+            if "k" in injects:
+                k_img = src_k
+            if ctx.bank.trace is not None:
+                ctx.bank.trace.append(("attention", block, f"edit_{ctx.phase.value}"))
+        outs[i] = _extended(qs[i], k_i, v_i, k_img, v_img, kernel, n_img)
+    out = torch.cat(outs)
+    values = out[:, -n_img:]
+    ctx.bank.keyframe_outputs.setdefault(block, []).append((values, list(options.get("uuids", [None]))))
+    return out
+
+
+def _extended(q, k, v, k_img, v_img, kernel: _Kernel, n_img: int) -> torch.Tensor:
+    """K keyframes: image queries see own text + every keyframe's image tokens; text queries attend as usual.
+
+    The own text keys/values are repeated K times (one copy per keyframe's image tokens), so that
+    the text-to-image balance of the softmax is that of plain attention: K identical keyframes give
+    exactly the single-frame result (the UNet's extended attention has the same property).
+    """
+    frames, heads, tokens, dim = q.shape
+    n_txt = tokens - n_img
+
+    def joint(own: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        shared = img.transpose(0, 1).reshape(1, heads, frames * n_img, dim).expand(frames, -1, -1, -1)
+        return torch.cat([own[:, :, :n_txt].repeat(1, 1, frames, 1), shared], 2) if n_txt else shared
+
+    img_out = kernel(q[:, :, n_txt:], joint(k, k_img), joint(v, v_img))
+    if n_txt == 0:
+        return img_out
+    txt_out = kernel(q[:, :, :n_txt], k, v)
+    return torch.cat([txt_out, img_out], 1)
+
+
+def _propagated_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
+                          n_img: int) -> torch.Tensor:
+    chunks = _chunks(options)
+    src, _ = ctx.roles(options)
+    if block not in ctx.bank.fields:
+        if ctx.field_provider is not None:
+            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(q.device, non_blocking=True)
+        elif src is not None:
+            tokens = _merge(v.chunk(chunks)[src][:, :, -n_img:])
+            ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,
+                                                  ctx.max_elements, plan=ctx.pair_plan(q.device), keys_are_unit=True)
+    uuids = list(options.get("uuids", [None]))
+    values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)
+    fields = ctx.fields_for(block, values.device)
+    img = propagate(values, fields, ctx.gather_rows(rows, n_img, values.device), ctx.frame_weights(values))
+    img = img.reshape(-1, n_img, img.shape[-1])
+    n_txt = q.shape[2] - n_img
+    if n_txt == 0:
+        return img
+    return torch.cat([kernel(q[:, :, :n_txt], k, v), img], 1)
+
+
+def image_tokens_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                         **kwargs):
+    """APPLY_MODEL wrapper: tells the attention override how many image tokens this call's latents give."""
+    adapter = transformer_options.get("tokenflow_dit_adapter")
+    if adapter is not None and PASS_KEY in transformer_options:
+        dm = executor.class_obj.diffusion_model
+        transformer_options = {**transformer_options,
+                               IMAGE_TOKENS: adapter.image_tokens(dm, int(x.shape[-2]), int(x.shape[-1]))}
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
+    """Add TokenFlow's DiT patches to a model CLONE (idempotent)."""
+    adapter = layout.adapter
+    for kind, block_id in dict.fromkeys((b[0], b[1]) for b in layout.transformer_blocks):
+        model_patcher.set_model_patch_replace(DiTBlockReplace(kind, block_id), "dit", kind, block_id)
+    options = model_patcher.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = dit_attention_override
+    options["tokenflow_dit_adapter"] = adapter
+    options[INJECTS] = adapter.pnp_injects
+    wrappers = ((WRAPPER_KEY, source_input_wrapper), (DIT_WRAPPER_KEY, image_tokens_wrapper))
+    for key, wrapper in wrappers:
+        model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+
+
+__all__ = ["install_dit_patches", "dit_attention_override", "DiTBlockReplace"]

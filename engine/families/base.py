@@ -1,0 +1,40 @@
+"""What a model family adapter declares, shared by the UNet families and the DiT (flow) families.
+
+A family adapter recognises its models (``claims``) and describes them (``describe``) as a
+:class:`ModelLayout`: where TokenFlow's self-attention lives, where Plug-and-Play injects by
+default and which sampling rule the model follows. The engine reads only the layout; it never
+branches on a family's name. Adapters are the entries of ``engine.model_support.FAMILIES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+BlockKey = tuple[str, int, int]  # (block kind, block id, index inside the block)
+
+# The sampling rules a layout can declare (what the model's model_sampling is).
+DDPM = "ddpm"  # ModelSamplingDiscrete, 1000 steps, eps or v prediction: DDIM inversion
+FLOW = "flow"  # CONST (rectified flow): x_s = (1 - s) x0 + s eps, Euler inversion on the model's sigmas
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    family: str  # the adapter's name, for messages, products and defaults
+    prediction: str  # "eps" | "v" | "flow"
+    transformer_blocks: tuple[BlockKey, ...]  # every attention TokenFlow patches
+    default_pnp_attention: tuple[BlockKey, ...]
+    default_pnp_residual: tuple[str, ...]  # module paths of ResBlocks inside diffusion_model (UNets only)
+    sampling: str = DDPM
+    # The adapter that described the model; DiT patches ask it how tokens are laid out.
+    adapter: Any = field(default=None, compare=False, repr=False)
+
+
+class FamilyAdapter(Protocol):
+    """One model family. ``claims`` must be cheap and never raise; ``describe`` raises a ValueError
+    naming the input and the fix when a claimed model cannot be used."""
+
+    name: str
+
+    def claims(self, model_patcher) -> bool: ...
+
+    def describe(self, model_patcher) -> ModelLayout: ...

@@ -1,0 +1,59 @@
+"""Flux and SD3.x are adapters of the same family registry as the UNet families (tiny real host models)."""
+from __future__ import annotations
+
+import pytest
+
+import tiny_dit_models
+from comfyui_tokenflow.engine import model_support
+from comfyui_tokenflow.engine.families import FLOW
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_dit_models.make_flux_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_dit_models.make_sd3_model(seed=0)
+
+
+def test_flux_layout_declares_its_image_attention_and_rf_solver_blocks(flux):
+    layout = model_support.check_supported(flux, sampling=FLOW)
+    assert layout.family == "flux" and layout.sampling == FLOW and layout.prediction == "flow"
+    assert layout.transformer_blocks == (("double_block", 0, 0), ("double_block", 1, 0),
+                                         ("single_block", 0, 0), ("single_block", 1, 0))
+    assert layout.default_pnp_attention == (("single_block", 1, 0),)  # the last half of the single blocks
+    assert layout.default_pnp_residual == () and layout.adapter.pnp_injects == "v"
+    assert layout.adapter.image_token_count(flux, (16, 8, 10)) == 4 * 5
+
+
+def test_sd3_layout_includes_the_image_only_second_attention(sd3):
+    layout = model_support.check_supported(sd3, sampling=FLOW)
+    assert layout.family == "sd3"
+    assert layout.transformer_blocks == (("double_block", 0, 0), ("double_block", 0, 1), ("double_block", 1, 0))
+    assert layout.adapter.pnp_injects == "kv"
+
+
+@pytest.mark.parametrize("which", ["flux", "sd3"])
+def test_the_ddim_path_refuses_a_flow_family_naming_it(which, request):
+    model = request.getfixturevalue(which)
+    with pytest.raises(ValueError, match=rf"DiT of family '{which}'.*Load an SD1.x/SD2.x/SDXL checkpoint"):
+        model_support.check_supported(model)
+
+
+def test_the_flow_path_refuses_a_unet(tiny_sd15):
+    with pytest.raises(ValueError, match="follows the ddpm rule"):
+        model_support.check_supported(tiny_sd15, sampling=FLOW)
+
+
+def test_an_unclaimed_model_lists_the_supported_families(flux, monkeypatch):
+    monkeypatch.setattr(model_support, "FAMILIES", [f for f in model_support.FAMILIES if f.name != "flux"])
+    with pytest.raises(ValueError, match=r"supported: sdxl, sd1/sd2, sd3\)"):
+        model_support.check_supported(flux, sampling=FLOW)
+
+
+def test_the_registry_holds_unet_and_dit_families_alike():
+    names = [f.name for f in model_support.FAMILIES]
+    assert names == ["sdxl", "sd1/sd2", "flux", "sd3"]
+    assert all(callable(f.claims) and callable(f.describe) for f in model_support.FAMILIES)
