@@ -6,10 +6,19 @@ A model clone gets four things (see :func:`install_tokenflow_patches`):
   tokens and computes (or looks up) the nearest-neighbour fields of the frames being propagated;
 - an ``attn1_replace`` for every transformer block: ordinary, extended (joint keyframe) or
   propagated self-attention depending on the pass and the branch, with PnP query/key injection;
-- a keyed ``APPLY_MODEL`` wrapper that gives the source branch its own input (the inverted
-  source latents) when it shares a UNet call with the edit branches;
-- a keyed ``DIFFUSION_MODEL`` wrapper that, only for the duration of one UNet call, hooks the
-  residual branch of the PnP ResBlocks to record (source) or inject (edit) their features.
+- a keyed ``DIFFUSION_MODEL`` wrapper (:func:`call_key_wrapper`) that reads the call key inside the UNet;
+- a keyed ``APPLY_MODEL`` wrapper (:func:`tokenflow_call_wrapper`), outside ``diffusion_model``:
+  it gives the source branch its own input (the inverted source latents) when it shares a UNet
+  call with the edit branches, prepares the call's device tensors, hooks the residual branch of
+  the PnP ResBlocks for that one call (record on the source, inject into the edit branches) and
+  passes the call's branch key to the UNet.
+
+torch.compile (the host's ``TorchCompileModel`` compiles ``diffusion_model`` only): inside the UNet
+the patches do tensor work only, with no host read, hook registration or exception, so a
+compiled UNet has no graph break. What they branch on in Python (phase, branch roles, PnP blocks,
+sizes) is the same for every call with the same :meth:`PassContext.call_key`; that key reaches the
+UNet as a keyword argument outside ``transformer_options``, so a compiled UNet keeps one graph
+per key even under a ``guard_filter_fn`` that drops the guards on ``transformer_options``.
 
 One UNet call may hold several branches (ComfyUI's ``cond_or_uncond`` chunks): the source branch
 is the chunk whose cond index is ``PassContext.source_index``, every other chunk is an edit
@@ -74,6 +83,14 @@ class StepBank:
     def is_empty(self) -> bool:
         return not any((self.keyframe_tokens, self.keyframe_outputs, self.pnp_qk, self.fields, self.residuals))
 
+    def owner_rows(self, uuids: list, keyframes: int) -> tuple[int, ...]:
+        """First row of each of ``uuids`` in the recorded keyframe outputs (the same for every block); () if none."""
+        segments = next(iter(self.keyframe_outputs.values()), None)
+        if not segments:
+            return ()
+        owners = [u for s in segments for u in s[1]]
+        return tuple(owners.index(u) * keyframes if u in owners else -1 for u in uuids)
+
     def keyframe_values(self, block: BlockKey, uuids: list, keyframes: int) -> tuple[torch.Tensor, tuple[int, ...]]:
         """All recorded keyframe outputs of ``block`` and the first row of each of ``uuids`` in them."""
         segments = self.keyframe_outputs.get(block)
@@ -108,6 +125,8 @@ class PassContext:
     # last PnP ResBlock, so the rest of the UNet is skipped.
     stop_after_residuals: bool = False
     keyframes: int = 0  # keyframes of this step (rows per branch in the keyframe outputs)
+    field_blocks: tuple = ()  # the blocks whose extracted fields are prefetched per call (with field_provider)
+    key: str | None = None  # this call's call_key, set by tokenflow_call_wrapper
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def roles(self, extra: dict) -> tuple[int | None, list[int]]:
@@ -122,18 +141,40 @@ class PassContext:
             self._device_cache[key] = make()
         return self._device_cache[key]
 
+    def prepare(self, device: torch.device) -> None:
+        """Everything host-side this call's patches need, on ``device``, BEFORE the UNet runs.
+
+        Called by :func:`tokenflow_call_wrapper` outside the (possibly compiled) diffusion model:
+        pair plans (their size depends on the keyframe plan), frame weights and slots, extracted
+        fields. Inside the UNet only tensor ops on these remain, so torch.compile traces no host
+        read and keeps no per-step Python value.
+        """
+        if self.pairing is None or self.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
+            return
+        slots = self.pairing.slots[self.frames]
+        self._cached(("slots", device), lambda: slots.to(device, non_blocking=True))
+        self._cached(("weights", device), lambda: blend_weights(self.pairing.weights[self.frames], torch.float32)
+                     .to(device, non_blocking=True))
+        if self.field_provider is not None:
+            for block in self.field_blocks:
+                if block not in self.bank.fields:
+                    self.bank.fields[block] = self.field_provider(block, self.frames).to(device, non_blocking=True)
+        else:
+            self._cached(("pairs", device), lambda: pair_plan(slots).to(device))
+
     def frame_weights(self, values: torch.Tensor) -> torch.Tensor:
-        """This call's blend weights for :func:`propagate`, on the values' device and dtype (once per call)."""
-        return self._cached(("weights", values.device, values.dtype), lambda: blend_weights(
-            self.pairing.weights[self.frames], values.dtype).to(values.device, non_blocking=True))
+        """This call's blend weights for :func:`propagate`, in the values' dtype (prepared per call)."""
+        return self._cached(("weights", values.device), lambda: blend_weights(
+            self.pairing.weights[self.frames], torch.float32).to(values.device, non_blocking=True)).to(values.dtype)
 
     def gather_rows(self, branch_rows: tuple[int, ...], tokens: int, device: torch.device) -> torch.Tensor:
         """Flat keyframe rows for :func:`propagate` (once per call, chunk layout and token count)."""
+        slots = self._cached(("slots", device), lambda: self.pairing.slots[self.frames].to(device, non_blocking=True))
         return self._cached(("rows", branch_rows, tokens, device), lambda: gather_base(
-            torch.tensor(branch_rows), self.pairing.slots[self.frames], tokens).to(device, non_blocking=True))
+            torch.tensor(branch_rows, device=device), slots, tokens))
 
     def pair_plan(self, device: torch.device) -> PairPlan:
-        """Which (frame, keyframe) searches this call's frames need (once per call)."""
+        """Which (frame, keyframe) searches this call's frames need (prepared per call)."""
         return self._cached(("pairs", device), lambda: pair_plan(self.pairing.slots[self.frames]).to(device))
 
     def fields_for(self, block: BlockKey, device: torch.device) -> torch.Tensor:
@@ -143,6 +184,23 @@ class PassContext:
                 raise RuntimeError(f"TokenFlow: no correspondences for block {block}; the source branch did not run")
             fields = self.bank.fields[block] = self.field_provider(block, self.frames).to(device, non_blocking=True)
         return fields
+
+    def call_key(self, options: dict) -> str:
+        """Every Python value the patches branch on in this call, as one string.
+
+        Passed to the diffusion model as a keyword argument (outside ``transformer_options``), so
+        a compiled UNet guards on it even when the host's ``guard_filter_fn`` drops the guards on
+        ``transformer_options``: calls that take other branches never replay a stale graph. Per-step
+        data (frames, keyframe plan, weights, fields) are tensors and not part of it.
+        """
+        order = tuple(options.get("cond_or_uncond", [0]))
+        pairs = self._device_cache.get(next((k for k in self._device_cache if k[0] == "pairs"), None))
+        rows = self.bank.owner_rows(list(options.get("uuids", [None])), self.keyframes) \
+            if self.phase is Phase.FRAMES else ()
+        return "|".join(str(v) for v in (
+            self.phase.value, order, self.source_index, sorted(self.pnp_attention), self.pnp_residual,
+            self.stop_after_residuals, self.field_provider is not None, self.field_sink is not None, self.keyframes,
+            len(self.frames), None if pairs is None else pairs.rows.shape[0], rows, self.bank.trace is not None))
 
 
 def _block_key(extra: dict) -> BlockKey:
@@ -176,15 +234,12 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
         if source_tokens is not None and ctx.field_provider is None:  # only the nearest-neighbour search reads them
             ctx.bank.keyframe_tokens[block] = unit_tokens(source_tokens)
         return n, context, value
-    if block not in ctx.bank.fields:
-        if ctx.field_provider is not None:
-            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(n.device, non_blocking=True)
-        elif source_tokens is not None:
-            ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.keyframe_tokens[block],
-                                                  ctx.pairing, ctx.max_elements, plan=ctx.pair_plan(n.device),
-                                                  keys_are_unit=True)
-    if ctx.phase is Phase.EXTRACT_FRAMES:
-        ctx.field_sink(block, ctx.frames, ctx.bank.fields[block])
+    # Extracted fields were prefetched before the call (PassContext.prepare); here only tensor ops.
+    if block not in ctx.bank.fields and ctx.field_provider is None and source_tokens is not None:
+        ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.keyframe_tokens[block],
+                                              ctx.pairing, ctx.max_elements, plan=ctx.pair_plan(n.device),
+                                              keys_are_unit=True)
+    if ctx.phase is Phase.EXTRACT_FRAMES:  # handed to the sink after the call (tokenflow_call_wrapper)
         return n, context, value
     # Propagated frames never compute self-attention: hand the q/k/v projections a single token
     # each so that their cost vanishes too (the replacement below rebuilds the full token count).
@@ -258,7 +313,9 @@ def _residual_hook(module, inputs, output, *, ctx: PassContext, path: str, chunk
     if src is not None:
         ctx.bank.residuals[path] = output.chunk(chunks)[src]
         if source_only:
-            if ctx.stop_after_residuals and all(p in ctx.bank.residuals for p in ctx.pnp_residual):
+            # Eager only: a compiled UNet runs the (unused) rest; raising would break its graph.
+            if (ctx.stop_after_residuals and not torch.compiler.is_compiling()
+                    and all(p in ctx.bank.residuals for p in ctx.pnp_residual)):
                 raise _SourceFeaturesRecorded
             return None
     # Every edit chunk gets the source's features (the source chunk keeps its own, which are the same).
@@ -271,14 +328,10 @@ def _pass_of(options: dict | None) -> PassContext | None:
     return (options or {}).get(PASS_KEY)
 
 
-def residual_injection_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: hooks the PnP ResBlocks' residual branch for this one call only."""
-    # UNetModel.forward passes (x, timesteps, context, y, control, transformer_options) positionally.
-    options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
-    ctx = _pass_of(options)
-    if ctx is None or not ctx.pnp_residual or ctx.phase in EXTRACT_PHASES:
-        return executor(*args, **kwargs)
-    unet = executor.class_obj
+def _residual_hooks(unet: torch.nn.Module, ctx: PassContext, options: dict) -> list:
+    """Hooks on the residual branch of the PnP ResBlocks for one call (removed by the caller)."""
+    if not ctx.pnp_residual or ctx.phase in EXTRACT_PHASES:
+        return []
     order = list(options.get("cond_or_uncond", [0]))
     src, edit = ctx.roles(options)
     hook = functools.partial(_residual_hook, ctx=ctx, chunks=len(order), src=src, source_only=not edit)
@@ -287,26 +340,62 @@ def residual_injection_wrapper(executor, *args, **kwargs):
         for path in ctx.pnp_residual:
             last_layer = unet.get_submodule(path).out_layers[-1]  # after the second conv, before the skip add
             handles.append(last_layer.register_forward_hook(functools.partial(hook, path=path)))
-        try:
-            return executor(*args, **kwargs)
-        except _SourceFeaturesRecorded:
-            return torch.zeros_like(args[0])  # this source prediction is never used
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+CALL_KEY = "tokenflow_call"  # keyword argument of the diffusion model: see PassContext.call_key
+
+
+def call_key_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper (inside a compiled UNet): reads the call key, so the graph guards on it.
+
+    Dynamo guards only on what the traced code reads; comparing the keyword argument with the
+    key the call was prepared with makes the key part of every compiled graph's guards.
+    """
+    key = kwargs.pop(CALL_KEY, None)
+    options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None)
+    ctx = _pass_of(options)
+    if ctx is not None and key != ctx.key:
+        raise RuntimeError("TokenFlow: the UNet call was not prepared by the TokenFlow wrapper")
+    return executor(*args, **kwargs)
+
+
+def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                           **kwargs):
+    """APPLY_MODEL wrapper: everything per call that must stay outside the (possibly compiled) UNet.
+
+    Runs outside ``diffusion_model`` (the host's torch.compile wrapper compiles only that): it gives
+    the source chunk of a shared call the source latents, prepares the call's device tensors,
+    hooks the PnP ResBlocks, passes the call's branch key to the UNet, and hands extracted fields
+    to the sink after the call. Hooks and host reads never happen inside the traced region.
+    """
+    ctx = _pass_of(transformer_options)
+    if ctx is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    src, _ = ctx.roles(transformer_options)
+    if ctx.source_input is not None and src is not None:  # also when ComfyUI runs the source chunk alone
+        parts = list(x.chunk(len(transformer_options["cond_or_uncond"])))
+        parts[src] = ctx.source_input.to(device=x.device, dtype=x.dtype)
+        x = torch.cat(parts)
+    ctx.prepare(x.device)
+    ctx.key = kwargs[CALL_KEY] = ctx.call_key(transformer_options)
+    unet = executor.class_obj.diffusion_model
+    handles = _residual_hooks(getattr(unet, "_orig_mod", unet), ctx, transformer_options)  # compiled: its module
+    try:
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    except _SourceFeaturesRecorded:
+        return torch.zeros_like(x)  # this source prediction is never used
     finally:
         for handle in handles:
             handle.remove()
-
-
-def source_input_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                         **kwargs):
-    """APPLY_MODEL wrapper: the source chunk of a shared call gets the source latents as its input."""
-    ctx = _pass_of(transformer_options)
-    if ctx is not None and ctx.source_input is not None:
-        src, _ = ctx.roles(transformer_options)
-        if src is not None:  # also when ComfyUI runs the source chunk on its own (e.g. beside a ControlNet)
-            parts = list(x.chunk(len(transformer_options["cond_or_uncond"])))
-            parts[src] = ctx.source_input.to(device=x.device, dtype=x.dtype)
-            x = torch.cat(parts)
-    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if ctx.phase is Phase.EXTRACT_FRAMES and ctx.field_sink is not None:
+        for block, fields in ctx.bank.fields.items():
+            ctx.field_sink(block, ctx.frames, fields)
+    return out
 
 
 def install_tokenflow_patches(model_patcher, layout: ModelLayout) -> None:
@@ -316,7 +405,7 @@ def install_tokenflow_patches(model_patcher, layout: ModelLayout) -> None:
         model_patcher.set_model_attn1_patch(tokenflow_attn1_patch)
     for kind, block_id, index in layout.transformer_blocks:
         model_patcher.set_model_attn1_replace(tokenflow_attn1_replace, kind, block_id, index)
-    for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, residual_injection_wrapper),
-                                  (comfy.patcher_extension.WrappersMP.APPLY_MODEL, source_input_wrapper)):
+    for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, call_key_wrapper),
+                                  (comfy.patcher_extension.WrappersMP.APPLY_MODEL, tokenflow_call_wrapper)):
         model_patcher.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
         model_patcher.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)

@@ -35,7 +35,7 @@ import comfy.patcher_extension
 
 from ..tokenflow_ops.correspondence import frame_fields, unit_tokens
 from ..tokenflow_ops.propagation import propagate
-from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase, source_input_wrapper
+from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase, call_key_wrapper, tokenflow_call_wrapper
 from .model_support import BlockKey, ModelLayout
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,14 @@ def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
     options["optimized_attention_override"] = dit_attention_override
     options["tokenflow_dit_adapter"] = adapter
     options[INJECTS] = adapter.pnp_injects
-    wrappers = ((WRAPPER_KEY, source_input_wrapper), (DIT_WRAPPER_KEY, image_tokens_wrapper))
-    for key, wrapper in wrappers:
-        model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
-        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+    # The UNet's per-call wrappers (source input, device tensors prepared outside the model, the call key read
+    # inside it) and the image-token count of this family.
+    apply_model, diffusion_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    wrappers = ((apply_model, WRAPPER_KEY, tokenflow_call_wrapper), (diffusion_model, WRAPPER_KEY, call_key_wrapper),
+                (apply_model, DIT_WRAPPER_KEY, image_tokens_wrapper))
+    for wrapper_type, key, wrapper in wrappers:
+        model_patcher.remove_wrappers_with_key(wrapper_type, key)
+        model_patcher.add_wrapper_with_key(wrapper_type, key, wrapper)
 
 
 __all__ = ["install_dit_patches", "dit_attention_override", "DiTBlockReplace"]

@@ -94,6 +94,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         bank = StepBank(trace=[] if self.trace is not None else None)
         common = dict(bank=bank, pairing=self.plan.schedule.pairing(step, n), pnp_attention=needs.attention_injection,
                       pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
+                      field_blocks=tuple(self.plan.correspondences.fields) if not on_the_fly else (),
                       keyframes=len(keyframes))
         edit_names = ["positive", "negative"]
         if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
