@@ -67,7 +67,7 @@ class TokenFlowSampler(io.ComfyNode):
                              "never (one per batch); N = at most N, spread evenly. Fewer keyframes bound memory and time "
                              "(extended attention grows with the square of the count) but put frames farther from their "
                              "keyframes. Ignored with correspondences."),
-                io.Int.Input("steps", default=0, min=0, max=1000, optional=True, tooltip="Editing steps; 0 uses the "
+                io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, optional=True, tooltip="Editing steps; 0 uses the "
                              f"inversion's count (1 to {MAX_STEPS} otherwise). Other counts must fit the inversion's "
                              "steps: " + step_grid_rule("steps", "the inversion's steps") + "."),
                 io.String.Input("pnp_attention_blocks", default="auto", optional=True, tooltip="PnP query/key injection "
