@@ -6,8 +6,9 @@ Usage::
     python scripts/consistency_report.py --source wolf.mp4 \\
         per-frame=out/pnp_per_frame.mp4 joint=out/joint_only/ tokenflow=out/tokenflow.mp4
 
-Each edited video is an mp4 (decoded with PyAV) or a folder of frames (png/jpg/webp, natural
-sort), optionally prefixed with ``label=``. Optical flow (OpenCV DIS, ``--flow``) is computed on
+Each edited video is an mp4 (decoded with PyAV) or a folder of frames (png/jpg/jpeg/webp, in the
+order TokenFlow Load Video reads them: ``data/video_decode.list_image_files``), optionally prefixed
+with ``label=``. Optical flow (OpenCV DIS, ``--flow``) is computed on
 the source video, resized to each edit's resolution when they differ, and the source is cut to
 the edit's frame count. The table is printed as Markdown: warp error x1e-3 (lower = more
 consistent; the paper reports TokenFlow 3.0, per-frame 11.3, VAE round trip 2.0 with RAFT flow)
@@ -17,9 +18,7 @@ source scored against itself: the floor set by the flow estimator.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -27,32 +26,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tokenflow_ops import warp_error as we  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "devkit"))
+import pack_import  # noqa: E402  (devkit/pack_import.py: the pack as the package comfyui_tokenflow)
 
+pack_import.import_pack()
+from comfyui_tokenflow.data import flow_estimation, video_decode  # noqa: E402  (no ComfyUI needed)
+from comfyui_tokenflow.tokenflow_ops import warp_error as we  # noqa: E402
 
-def _load_flow_module():
-    # nodes/__init__.py imports ComfyUI; load the ComfyUI-free flow module by path instead.
-    spec = importlib.util.spec_from_file_location("tokenflow_flow_estimation", ROOT / "data" / "flow_estimation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-flow_estimation = _load_flow_module()
 logger = logging.getLogger("consistency_report")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def load_video(path: Path, max_frames: int | None = None, start: int = 0, step: int = 1) -> torch.Tensor:
     """(N, H, W, 3) float frames in [0, 1] from a video file or a folder of images."""
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+        files = video_decode.list_image_files(str(path))  # the loader's order (the last number in the name)
         images = (Image.open(p).convert("RGB") for p in files[start::step])
     else:
         import av
