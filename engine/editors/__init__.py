@@ -7,9 +7,13 @@ stop early; no engine code branches on an editor's name. Adding an editor is one
 one :func:`register_editor` line below (or in your own package); the sampler's ``editor`` widget
 lists the registered names in order, and inputs an editor declares (``inputs``) are appended to
 the sampler's, never inserted, so saved workflows keep their widget positions.
+
+The registry is the door's dict on the host (``engine/door.py``): another custom node pack adds an
+editor to it without importing this pack, before or after this pack loads.
 """
 from __future__ import annotations
 
+from .. import door as _door
 from .base import Editor, StepNeeds
 from .controlnet import ControlNetEditor
 from .pnp import PlugAndPlayEditor
@@ -17,7 +21,10 @@ from .sdedit import SDEditEditor
 
 __all__ = ["EDITORS", "Editor", "StepNeeds", "editor_inputs", "get_editor", "register_editor", "unregister_editor"]
 
-EDITORS: dict[str, Editor] = {}
+# Shared with other packs through the door; read at use time (the sampler's schema, get_editor).
+EDITORS: dict[str, Editor] = _door.editors()
+_registered_before_us = dict(EDITORS)  # by packs loaded earlier: kept, after the built-in editors
+EDITORS.clear()
 
 
 def register_editor(editor: Editor) -> None:
@@ -43,3 +50,5 @@ def get_editor(name: str) -> Editor:
 register_editor(PlugAndPlayEditor())
 register_editor(SDEditEditor())
 register_editor(ControlNetEditor())
+EDITORS.update({name: e for name, e in _registered_before_us.items() if name not in EDITORS})
+_door.publish_api()

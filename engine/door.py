@@ -1,0 +1,56 @@
+"""The door: how other custom node packs add TokenFlow editors without importing this pack.
+
+ComfyUI imports a folder pack under a name nobody can import (0.3.64: the folder's absolute path
+with "." -> "_x_"), and packs load in directory order. So the pack and its neighbours meet on a
+module of the HOST that both can always import, ``comfy.model_patcher``: one dict stored on it
+under :data:`ATTRIBUTE` (as AnimateDiff-Evolved and Advanced-ControlNet share theirs on
+``comfy.hooks``). Whoever comes first creates it (``vars(module).setdefault``)::
+
+    import comfy.model_patcher
+    door = vars(comfy.model_patcher).setdefault("tokenflow_door", {})
+
+Keys:
+
+``"editors"``  name -> editor object: THE editor registry (``engine.editors.EDITORS`` is this dict).
+               A pack adds ``door.setdefault("editors", {})[editor.name] = editor`` at import, before or
+               after TokenFlow loads; the sampler's ``editor`` widget and ``get_editor`` read the dict
+               when they are used, so load order does not matter. The built-in editors come first.
+``"api"``      set when TokenFlow loads (a ``SimpleNamespace``): ``version``, ``StepNeeds``, ``Editor``
+               (the protocol), ``register_editor``, ``unregister_editor``, ``editing_timesteps``,
+               ``sdedit_timesteps``, ``parse_block_list``, ``parse_residual_list``. An editor reads it
+               when its methods are called (TokenFlow is loaded by then), never at import.
+
+Only plain data and functions cross the door; nothing here imports ComfyUI beyond ``comfy.model_patcher``.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+ATTRIBUTE = "tokenflow_door"
+API_VERSION = 1
+
+
+def door() -> dict:
+    """The shared dict on ``comfy.model_patcher`` (created by whoever asks first)."""
+    import comfy.model_patcher
+
+    return vars(comfy.model_patcher).setdefault(ATTRIBUTE, {})
+
+
+def editors() -> dict:
+    """The editor registry other packs write into (name -> editor)."""
+    return door().setdefault("editors", {})
+
+
+def publish_api() -> SimpleNamespace:
+    """Put this pack's editor API on the door (``door()["api"]``); called when ``engine.editors`` is imported."""
+    from ..tokenflow_ops.schedule import editing_timesteps, sdedit_timesteps
+    from .editors import Editor, StepNeeds, register_editor, unregister_editor
+    from .model_support import parse_block_list, parse_residual_list
+
+    api = SimpleNamespace(version=API_VERSION, StepNeeds=StepNeeds, Editor=Editor, register_editor=register_editor,
+                          unregister_editor=unregister_editor, editing_timesteps=editing_timesteps,
+                          sdedit_timesteps=sdedit_timesteps, parse_block_list=parse_block_list,
+                          parse_residual_list=parse_residual_list)
+    door()["api"] = api
+    return api
