@@ -207,9 +207,16 @@ def unreadable_safetensors(path: str | None, verbose: bool) -> str | None:
     return None
 
 
+def default_threads(available: int, torch_default: int) -> int:
+    """Half the CPUs this process may use (at least 1, at most PyTorch's own default). Measured on a busy 2-core
+    machine (benchmarks/README.md, "Threads"): all cores ran the tiny edit 2-8x and a full-size SD1.5 step 4.6x
+    slower than one thread, because the OpenMP threads spin against the machine's other work; half leaves it room."""
+    return max(1, min(available // 2, torch_default))
+
+
 def set_threads(requested: int) -> tuple[int, int]:
-    """Set PyTorch's CPU thread count: --threads, else $OMP_NUM_THREADS, else the CPUs this process may use
-    (affinity / container limits), at most PyTorch's own default. Returns (threads, CPUs available)."""
+    """Set PyTorch's CPU thread count: --threads, else $OMP_NUM_THREADS, else :func:`default_threads` of the CPUs
+    this process may use (affinity / container limits). Returns (threads, CPUs available)."""
     import torch
 
     try:
@@ -218,7 +225,7 @@ def set_threads(requested: int) -> tuple[int, int]:
         available = os.cpu_count() or 1
     from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
     threads = requested or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else 0)
-    threads = threads or max(1, min(available, torch.get_num_threads()))
+    threads = threads or default_threads(available, torch.get_num_threads())
     torch.set_num_threads(threads)
     return threads, available
 

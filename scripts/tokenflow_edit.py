@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-batch", type=int, default=0, help="most frames per UNet call during inversion; 0: as many as memory allows")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for tests and machines without a GPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: $OMP_NUM_THREADS if set, "
-                   "else the CPUs this process may use, at most PyTorch's own default)")
+                   "else half the CPUs this process may use, at least 1: on a busy 2-core machine all cores ran "
+                   "the edit 2-8x slower than one thread, see benchmarks/README.md)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI holding this pack, "
                    "~/comfy/ComfyUI)")
     p.add_argument("--extra-nodes", action="append", default=[], metavar="DIR",
@@ -418,6 +419,7 @@ def _node_error(args: argparse.Namespace, data: dict, inputs: dict | None = None
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     if str(data.get("node_id")) == "2":
         message = _flag_words(message)
+    message = message.replace("(set width/height in TokenFlow Load Video)", "(set --width/--height)")
     option = _FILE_NODES.get(str(data.get("node_id")))
     hint = "" if args.verbose else " (--verbose shows the traceback)"
     if option is not None:

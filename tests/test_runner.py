@@ -273,9 +273,14 @@ def test_a_width_below_the_size_multiple_points_at_runner_options(tmp_path, tiny
     assert "--width 16 is smaller than --size-multiple 64" in line and "Use --width >= 64, 0, or a smaller " \
         "--size-multiple." in line, line
     result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "16", "--size-multiple", "16",
-                  "--height", "16")
+                  "--height", "16")  # the loader takes it; TokenFlow's own floor is 64 px, named by the option
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert "the width (16 px) is below 64 px" in line and "(set --width/--height)" in line, line
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "80", "--size-multiple", "16",
+                  "--height", "80")
     assert result.returncode == 0, result.stderr
-    assert "2 frames, 16x16" in result.stdout
+    assert "2 frames, 80x80" in result.stdout and "note:" not in result.stdout
 
 
 def test_verbose_shows_the_traceback_once_with_short_logger_names(tmp_path, tiny_files, clip):
@@ -305,3 +310,17 @@ def test_no_node_header_after_ctrl_c(capsys):
     console.send_sync("executing", {"node": "10"})
     out = capsys.readouterr().out
     assert "[1/2] VAE Decode" in out and "Create Video" not in out
+
+
+def test_default_thread_count_is_half_the_cpus():
+    """Measured (benchmarks/README.md, "Threads"): on a busy 2-core machine one thread ran the tiny edit and a
+    full-size SD1.5 step several times faster than both cores; the default is half the CPUs, at least 1."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import runner_support
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert [runner_support.default_threads(n, n) for n in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
+    assert runner_support.default_threads(16, 4) == 4  # never more than PyTorch's own default
+    result = subprocess.run([sys.executable, str(RUNNER), "--help"], capture_output=True, text=True, timeout=60)
+    assert "half the CPUs this process may use" in " ".join(result.stdout.split())
