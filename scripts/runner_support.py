@@ -209,8 +209,8 @@ def unreadable_safetensors(path: str | None, verbose: bool) -> str | None:
 
 def default_threads(available: int, torch_default: int) -> int:
     """Half the CPUs this process may use (at least 1, at most PyTorch's own default). Measured on a busy 2-core
-    machine (benchmarks/README.md, "Threads"): all cores ran the tiny edit 2-8x and a full-size SD1.5 step 4.6x
-    slower than one thread, because the OpenMP threads spin against the machine's other work; half leaves it room."""
+    machine (benchmarks/README.md, "Threads"): all cores ran the tiny edit 3.2x and a full-size SD1.5 PnP run 2.7x
+    slower than one thread (medians), because the OpenMP threads spin against the machine's other work; half leaves it room."""
     return max(1, min(available // 2, torch_default))
 
 

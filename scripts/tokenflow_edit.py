@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for tests and machines without a GPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: $OMP_NUM_THREADS if set, "
                    "else half the CPUs this process may use, at least 1: on a busy 2-core machine all cores ran "
-                   "the edit 2-8x slower than one thread, see benchmarks/README.md)")
+                   "the tiny and the full-size edit about 3x slower than one thread, see benchmarks/README.md)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI holding this pack, "
                    "~/comfy/ComfyUI)")
     p.add_argument("--extra-nodes", action="append", default=[], metavar="DIR",
