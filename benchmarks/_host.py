@@ -1,9 +1,10 @@
-"""Bootstrap a ComfyUI host for the benchmark scripts with the tests' recipe, ``tests/host_bootstrap.py``.
+"""Bootstrap a ComfyUI host for the benchmark scripts with the recipe the tests use, ``devkit/host_bootstrap.py``.
 
 Import this module FIRST (before torch-heavy or comfy imports) and call :func:`bootstrap`: the host
-first on ``sys.path`` (then ``tests/`` and ``benchmarks/``), ``cpu`` (unless a CUDA run is asked for)
+first on ``sys.path`` (then ``devkit/`` and ``benchmarks/``), ``cpu`` (unless a CUDA run is asked for)
 and ``use_pytorch_cross_attention`` set before any other comfy import, ``torch.set_num_threads`` when
-given, the repo registered as ``comfyui_tokenflow`` without running its ``__init__``.
+given, the repo imported as ``comfyui_tokenflow`` (``devkit/pack_import.py``). Nothing is imported
+from ``tests/``: the tiny model builders are ``devkit/tiny_models.py``.
 
 It also has the small helpers every benchmark uses: peak-RSS reset/read through
 ``/proc/self/clear_refs`` and ``/proc/self/status`` (used by ``_phases.PeakTracker``), CUDA
@@ -19,9 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(1, str(REPO / "tests"))
-import host_bootstrap  # noqa: E402  (tests/host_bootstrap.py)
+if str(REPO / "devkit") not in sys.path:
+    sys.path.insert(1, str(REPO / "devkit"))
+import host_bootstrap  # noqa: E402  (devkit/host_bootstrap.py)
 
 _DONE = False
 _CODE_AT_START: tuple[str, str] | None = None
@@ -105,7 +106,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-PACK_CODE = ("__init__.py", "nodes", "tokenflow_ops")  # what a benchmark measures (not tests/ or benchmarks/)
+PACK_CODE = ("__init__.py", "nodes", "engine", "data", "tokenflow_ops")  # what a benchmark measures (not tests/ or benchmarks/)
 
 
 def code_fingerprint() -> str:

@@ -1,6 +1,6 @@
 """Random-weight SD1.5-architecture models for the benchmarks (real ComfyUI classes, no checkpoints).
 
-Three sizes, all with the real SD1.x block layout (``tests/tiny_models.py``: transformer blocks at
+Three sizes, all with the real SD1.x block layout (``devkit/tiny_models.py``: transformer blocks at
 input 1,2,4,5,7,8, middle, output 3-11; channel_mult 1,2,2,2 for tiny as in the tests, the real
 1,2,4,4 for mid and full):
 

@@ -26,12 +26,12 @@ class TokenFlowInvert(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode (one latent per frame)."),
                 io.Conditioning.Input("conditioning", tooltip="The inversion prompt, describing the source video "
                                       "(e.g. 'a wolf'); an empty prompt also works. The source branch reuses it."),
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Editing steps the trajectory is kept for "
-                             f"(official 50; 1 to {MAX_STEPS}, 1000 is refused). The sampler's steps must fit this "
+                io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="Editing steps the trajectory is kept for "
+                             f"(official 50; 1 to {MAX_STEPS}). The sampler's steps must fit this "
                              "count the same way (its 0 uses it)."),
-                io.Int.Input("inversion_steps", default=500, min=1, max=1000, tooltip="DDIM inversion steps, 1 to "
-                             f"{MAX_STEPS}: 1000 would end its grid at t = 1000, past the model's schedule, and is "
-                             f"refused ({MAX_STEPS} is the finest grid, the paper's 1000). Rule: {step_grid_rule()}. "
+                io.Int.Input("inversion_steps", default=500, min=1, max=MAX_STEPS, tooltip="DDIM inversion steps, 1 to "
+                             f"{MAX_STEPS}: 1000 would end its grid at t = 1000, past the model's schedule "
+                             f"({MAX_STEPS} is the finest grid, the paper's 1000). Rule: {step_grid_rule()}. "
                              "More steps invert more exactly (official 500) but take longer; 50 is a fast preview."),
                 io.Int.Input("frame_batch", default=0, min=0, max=4096, optional=True, tooltip="Most frames per UNet "
                              "call during inversion; 0: as many as the device's memory allows (all frames in one "

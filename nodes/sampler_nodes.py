@@ -76,7 +76,7 @@ class TokenFlowSampler(io.ComfyNode):
                              "plan), 16 for longer clips; -1 = never (one per batch); N = at most N, spread evenly. "
                              "Fewer keyframes bound memory and time (extended attention grows with the square of the "
                              "count) but put frames farther from their keyframes. Ignored with correspondences."),
-                io.Int.Input("steps", default=DEFAULTS.steps, min=0, max=1000, optional=True,
+                io.Int.Input("steps", default=DEFAULTS.steps, min=0, max=MAX_STEPS, optional=True,
                              tooltip=f"Editing steps; 0 uses the inversion's count (1 to {MAX_STEPS} otherwise). "
                              "Other counts must fit the inversion's steps: "
                              + step_grid_rule("steps", "the inversion's steps") + "."),

@@ -18,33 +18,21 @@ source scored against itself: the floor set by the flow estimator.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "devkit"))
+import pack_import  # noqa: E402  (devkit/pack_import.py: the pack as the package comfyui_tokenflow)
 
+pack_import.import_pack()
+from comfyui_tokenflow.data import video_decode  # noqa: E402  (no ComfyUI needed)
+from comfyui_tokenflow.metric import flow_estimation, warp_error as we  # noqa: E402
 
-def _load(relative: str) -> ModuleType:
-    """A ComfyUI-free module of the pack, loaded by path (the packages' __init__ files import ComfyUI)."""
-    name = "tokenflow_" + Path(relative).stem
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / relative)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-we = _load("metric/warp_error.py")
-flow_estimation = _load("metric/flow_estimation.py")
-video_decode = _load("data/video_decode.py")
 logger = logging.getLogger("consistency_report")
 SIZE_MULTIPLE = 8  # the decoder's finest rounding: TokenFlow's frames are multiples of 8 already
 

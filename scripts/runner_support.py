@@ -73,6 +73,8 @@ class Console:
         if event == "execution_cached":
             self._done += len(data.get("nodes", []))
         elif event == "executing" and isinstance(data, dict) and data.get("node") is not None:
+            if self.stop.requested:  # after Ctrl-C the node is refused before it runs: no header for it
+                return
             self._end_line()
             self._done += 1
             self.node_started = time.monotonic()
@@ -119,6 +121,75 @@ class NoExecutorTracebacks(logging.Filter):
         return not (record.levelno >= logging.ERROR and Path(record.pathname).name == "execution.py")
 
 
+class OnlyPackRecords(logging.Filter):
+    """Without --verbose: drops ComfyUI's own records (its root logger: model detection's ``no match``, loader
+    warnings...) and the executor's error records; the runner reports failures itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root" and NoExecutorTracebacks.filter(self, record)
+
+
+def short_logger_name(name: str) -> str:
+    """A custom node pack's logger is named after its folder's absolute path (ComfyUI imports a folder pack as
+    ``/abs/path`` with "." -> "_x_"): keep the folder's name, ``ComfyUI-TokenFlow.engine.validation``."""
+    head, dot, tail = name.partition(".")
+    if "/" in head or "\\" in head:
+        head = head.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].replace("_x_", ".")
+    return head + dot + tail
+
+
+class RunnerFormatter(logging.Formatter):
+    """``warning: message`` (default) or ``WARNING ComfyUI-TokenFlow.engine.x: message`` (--verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            message = f"{message}\n{record.exc_text}"
+        if self.verbose:
+            return f"{record.levelname} {short_logger_name(record.name)}: {message}"
+        return f"{record.levelname.lower()}: {message}"
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO and every logger with --verbose; else the pack's (and other packs') warnings, as ``warning: ...``."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(RunnerFormatter(verbose))
+    if not verbose:
+        handler.addFilter(OnlyPackRecords())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def source_size(path: Path, video_decode) -> tuple[int, int] | None:
+    """(width, height) of a video file's first stream or of a folder's first image (as the loader reads them);
+    None when it cannot be read (the loader then says why)."""
+    try:
+        if path.is_dir():
+            from PIL import Image, ImageOps
+
+            files = video_decode.list_image_files(str(path))
+            if not files:
+                return None
+            with Image.open(files[0]) as first:
+                return ImageOps.exif_transpose(first).size
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return int(stream.width), int(stream.height)
+    except Exception:  # noqa: BLE001 - only a note
+        return None
+
+
 def unreadable_safetensors(path: str | None, verbose: bool) -> str | None:
     """Why a .safetensors model file cannot be read (its header is checked; cheap), or None."""
     if not path or not path.lower().endswith(".safetensors"):
@@ -136,9 +207,16 @@ def unreadable_safetensors(path: str | None, verbose: bool) -> str | None:
     return None
 
 
+def default_threads(available: int, torch_default: int) -> int:
+    """Half the CPUs this process may use (at least 1, at most PyTorch's own default). Measured on a busy 2-core
+    machine (benchmarks/README.md, "Threads"): all cores ran the tiny edit 3.2x and a full-size SD1.5 PnP run 2.7x
+    slower than one thread (medians), because the OpenMP threads spin against the machine's other work; half leaves it room."""
+    return max(1, min(available // 2, torch_default))
+
+
 def set_threads(requested: int) -> tuple[int, int]:
-    """Set PyTorch's CPU thread count: --threads, else $OMP_NUM_THREADS, else the CPUs this process may use
-    (affinity / container limits), at most PyTorch's own default. Returns (threads, CPUs available)."""
+    """Set PyTorch's CPU thread count: --threads, else $OMP_NUM_THREADS, else :func:`default_threads` of the CPUs
+    this process may use (affinity / container limits). Returns (threads, CPUs available)."""
     import torch
 
     try:
@@ -147,7 +225,7 @@ def set_threads(requested: int) -> tuple[int, int]:
         available = os.cpu_count() or 1
     from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
     threads = requested or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else 0)
-    threads = threads or max(1, min(available, torch.get_num_threads()))
+    threads = threads or default_threads(available, torch.get_num_threads())
     torch.set_num_threads(threads)
     return threads, available
 

@@ -19,9 +19,10 @@ Exit codes: 0 done, 2 bad arguments (nothing run), 1 the edit failed, 130 interr
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -33,8 +34,9 @@ from types import ModuleType
 import runner_support as support  # scripts/runner_support.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "devkit"))
+import pack_import  # noqa: E402  (devkit/pack_import.py: outside ComfyUI the pack is the package comfyui_tokenflow)
 OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
-PACK = "_tokenflow_pack"  # the repo as a private package, for its ComfyUI-free modules (see _pack_module)
 
 CHECKPOINT_HELP = """\
 Pass the Stable Diffusion checkpoint to edit with:
@@ -97,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-nth", type=int, default=1, help="keep one frame out of every n")
     p.add_argument("--width", type=int, default=512, help="output width (0: from --height and the aspect ratio)")
     p.add_argument("--height", type=int, default=0, help="output height (0: from --width and the aspect ratio)")
+    p.add_argument("--size-multiple", type=int, default=64, help="--width and --height are rounded to the nearest "
+                   "multiple of this (8 to 128, a multiple of 8; Stable Diffusion works best with 64)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the keyframe choice (the official runs use 1)")
     p.add_argument("--frame-batch", type=int, default=0, help="most frames per UNet call during inversion; 0: as many as memory allows")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for tests and machines without a GPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: $OMP_NUM_THREADS if set, "
-                   "else the CPUs this process may use, at most PyTorch's own default)")
+                   "else half the CPUs this process may use, at least 1: on a busy 2-core machine all cores ran "
+                   "the tiny and the full-size edit about 3x slower than one thread, see benchmarks/README.md)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI holding this pack, "
                    "~/comfy/ComfyUI)")
     p.add_argument("--extra-nodes", action="append", default=[], metavar="DIR",
@@ -138,23 +143,18 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 
 def _schedule() -> ModuleType:
-    """The pack's tokenflow_ops/schedule.py (pure torch), where the step-grid rule and its one check live."""
-    name = "_tokenflow_schedule"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tokenflow_ops" / "schedule.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
+    """The pack's tokenflow_ops.schedule (pure torch), where the step-grid rule and its one check live."""
+    pack_import.import_pack()
+    from comfyui_tokenflow.tokenflow_ops import schedule
+
+    return schedule
 
 
 def _pack_module(name: str) -> ModuleType:
-    """A ComfyUI-free module of the pack (``engine.editors``, ``engine.edit_settings``), imported before the host:
-    the repo registered as the private package :data:`PACK` without running its ``__init__``."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        sys.modules[PACK] = importlib.util.module_from_spec(spec)
-    return importlib.import_module(f"{PACK}.{name}")
+    """A ComfyUI-free module of the pack (``engine.editors``, ``engine.edit_settings``), imported before the host
+    through the one outside-ComfyUI name, ``comfyui_tokenflow`` (devkit/pack_import.py)."""
+    pack_import.import_pack()
+    return importlib.import_module(f"comfyui_tokenflow.{name}")
 
 
 def editor_settings() -> list:
@@ -185,7 +185,8 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, cont
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
         "2": {"class_type": "TokenFlowLoadVideo", "inputs": {
             "video": video_name, "frame_load_cap": args.frames, "skip_first_frames": args.skip_frames,
-            "select_every_nth": args.every_nth, "width": args.width, "height": args.height, "size_multiple": 64,
+            "select_every_nth": args.every_nth, "width": args.width, "height": args.height,
+            "size_multiple": args.size_multiple,
             "path": ""}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": args.inversion_prompt, "clip": ["1", 1]}},
@@ -224,11 +225,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
     script_dir = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p not in ("", script_dir, str(REPO))]
     sys.path.insert(0, str(host))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # the executor logs each node error with its traceback; the runner prints it in one line
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(support.NoExecutorTracebacks())
+    support.setup_logging(args.verbose)
     from comfy.cli_args import args as comfy_args
 
     if not args.cpu and not support.accelerator_available():
@@ -275,9 +272,13 @@ def _run(args: argparse.Namespace, host: Path) -> int:
 
         video = Path(args.video).expanduser().resolve()
         video_name = ""  # a folder of numbered images goes through the loader's path input
+        inputs = {}  # paths ComfyUI sees -> what the user passed, for the error messages
         if video.is_file():  # a video file: linked into the input folder, chosen like an upload
             video_name = "source" + video.suffix.lower()
             os.symlink(video, work / "input" / video_name)
+            inputs[str(work / "input" / video_name)] = args.video
+            inputs[os.path.realpath(work / "input" / video_name)] = args.video
+        inputs[str(video)] = args.video
 
         print(f"ComfyUI host: {host}", flush=True)
         t0 = time.monotonic()
@@ -310,11 +311,12 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         prompt_id = str(uuid.uuid4())
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid:
-            print(f"error: ComfyUI refused the graph: {error.get('message')}: {error.get('details')}", file=sys.stderr)
-            for node_id, info in (node_errors or {}).items():
-                for e in info.get("errors", []):
-                    print(f"  {info.get('class_type')}: {e.get('message')}: {e.get('details')}", file=sys.stderr)
+            for line in _validation_errors(error, node_errors):
+                print(line, file=sys.stderr)
             return 2
+        size_note = _size_note(args, video)
+        if size_note:
+            print(size_note, flush=True)
 
         titles = {name: getattr(nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}).get(name, name) for name in
                   {n["class_type"] for n in prompt.values()}}
@@ -331,10 +333,8 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             return 130
         if not executor.success:
             for event, data in executor.status_messages:
-                if event == "execution_error":
-                    print(_node_error(args, data), file=sys.stderr)
-                    if args.verbose:
-                        print("".join(data.get("traceback") or []), file=sys.stderr)
+                if event == "execution_error":  # with --verbose the executor has logged the traceback already
+                    print(_node_error(args, data, inputs), file=sys.stderr)
             return 1
         saved = [item for item in executor.history_result.get("outputs", {}).get(save_id, {}).get("images", [])
                  if isinstance(item, dict)]
@@ -353,15 +353,91 @@ def _run(args: argparse.Namespace, host: Path) -> int:
 
 # Graph nodes that load a file given on the command line: their errors name the option and the file.
 _FILE_NODES = {"1": "--checkpoint", "13": "--controlnet"}
+# (node id in build_prompt, input name) -> the runner's option that sets it.
+_FLAGS = {
+    ("1", "ckpt_name"): "--checkpoint",
+    ("2", "frame_load_cap"): "--frames", ("2", "skip_first_frames"): "--skip-frames",
+    ("2", "select_every_nth"): "--every-nth", ("2", "width"): "--width", ("2", "height"): "--height",
+    ("2", "size_multiple"): "--size-multiple", ("2", "video"): "--video", ("2", "path"): "--video",
+    ("4", "text"): "--inversion-prompt", ("5", "text"): "--prompt", ("6", "text"): "--negative",
+    ("7", "steps"): "--steps", ("7", "inversion_steps"): "--inversion-steps", ("7", "frame_batch"): "--frame-batch",
+    ("8", "editor"): "--editor", ("8", "cfg"): "--cfg", ("8", "pnp_attn_t"): "--pnp-attn-t", ("8", "pnp_f_t"): "--pnp-f-t",
+    ("8", "sdedit_start"): "--sdedit-start", ("8", "batch_size"): "--batch-size", ("8", "seed"): "--seed",
+    ("13", "control_net_name"): "--controlnet", ("14", "strength"): "--controlnet-strength",
+}
+# The loader's input names in its messages -> the runner's options (longest first).
+_LOADER_WORDS = (("frame_load_cap", "--frames"), ("skip_first_frames", "--skip-frames"),
+                 ("select_every_nth", "--every-nth"), ("size_multiple", "--size-multiple"),
+                 ("width/height", "--width/--height"), ("width", "--width"), ("height", "--height"))
 
 
-def _node_error(args: argparse.Namespace, data: dict) -> str:
-    """One line for a node's error: a failed model load names the file, other errors their node."""
+def _flag_words(message: str) -> str:
+    """The loader's advice in the runner's words: ``frame_load_cap=14`` -> ``--frames 14``, ``width`` -> ``--width``."""
+    for word, flag in _LOADER_WORDS:
+        message = re.sub(rf"(?<![\w-]){re.escape(word)}=", flag + " ", message)
+        message = re.sub(rf"(?<![\w/-]){re.escape(word)}(?![\w/])", flag, message)
+    return message
+
+
+def _validation_errors(error: dict, node_errors: dict | None) -> list[str]:
+    """ComfyUI's refusal of the graph, one line per input, named by the runner's option."""
+    lines = []
+    for node_id, info in (node_errors or {}).items():
+        for e in info.get("errors", []):
+            extra = e.get("extra_info") or {}
+            name = extra.get("input_name")
+            flag = _FLAGS.get((str(node_id), name))
+            if flag is None:
+                lines.append(f"error: {info.get('class_type')}: {e.get('message')}: {e.get('details')}")
+                continue
+            config = extra.get("input_config")
+            limits = config[1] if isinstance(config, (list, tuple)) and len(config) > 1 and \
+                isinstance(config[1], dict) else {}
+            value = extra.get("received_value")
+            if e.get("type") == "value_bigger_than_max":
+                lines.append(f"error: {flag} {value} is too large: the largest value is {limits.get('max')}.")
+            elif e.get("type") == "value_smaller_than_min":
+                lines.append(f"error: {flag} {value} is too small: the smallest value is {limits.get('min')}.")
+            else:
+                lines.append(f"error: {flag}: {e.get('message')} ({e.get('details')}).")
+    if not lines:
+        lines.append(f"error: ComfyUI refused the graph: {error.get('message')}: {error.get('details')}")
+    return lines
+
+
+def _size_note(args: argparse.Namespace, video: Path) -> str | None:
+    """Say so when --width / --height are rounded to other sizes (a multiple of --size-multiple)."""
+    if not args.width and not args.height:
+        return None
+    from comfyui_tokenflow.data import video_decode
+
+    size = support.source_size(video, video_decode)
+    if size is None:
+        return None
+    try:
+        out_w, out_h = video_decode.compute_output_size(*size, args.width, args.height, args.size_multiple)
+    except ValueError:
+        return None  # the loader refuses it with its own message
+    asked = [f"--{name} {value}" for name, value, got in (("width", args.width, out_w), ("height", args.height, out_h))
+             if value and value != got]
+    if not asked:
+        return None
+    return (f"note: {' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} rounded: the frames will be "
+            f"{out_w}x{out_h} (sizes are multiples of --size-multiple {args.size_multiple}).")
+
+
+def _node_error(args: argparse.Namespace, data: dict, inputs: dict | None = None) -> str:
+    """One line for a node's error, the whole message: a failed model load names the file, other errors their node,
+    with the user's --video path and option names instead of the temporary input file and the node's inputs."""
     kind = str(data.get("exception_type") or "Error").rsplit(".", 1)[-1]
     message = str(data.get("exception_message") or "").strip()
-    if not args.verbose:  # one line: the first line of the message, shortened
-        message = message.splitlines()[0] if message else ""
-        message = message if len(message) <= 160 else message[:157].rstrip() + "..."
+    for seen, given in sorted((inputs or {}).items(), key=lambda item: -len(item[0])):
+        message = message.replace(seen, given)
+    if not args.verbose:  # one line, nothing cut: the advice is at the end
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if str(data.get("node_id")) == "2":
+        message = _flag_words(message)
+    message = message.replace("(set width/height in TokenFlow Load Video)", "(set --width/--height)")
     option = _FILE_NODES.get(str(data.get("node_id")))
     hint = "" if args.verbose else " (--verbose shows the traceback)"
     if option is not None:

@@ -1,11 +1,13 @@
 """Test bootstrap: a real ComfyUI host on CPU, this repo as the package ``comfyui_tokenflow``, tiny models.
 
-:func:`pytest_configure` runs ``tests/host_bootstrap.py`` (the recipe the benchmarks share) before any
+:func:`pytest_configure` runs ``devkit/host_bootstrap.py`` (the recipe the benchmarks share) before any
 test module is imported: the host first on ``sys.path``, ``cpu`` and ``use_pytorch_cross_attention``
 set before any other comfy import, ``torch.set_num_threads($TOKENFLOW_TEST_THREADS, default 1)``, and
-the repo registered as ``comfyui_tokenflow`` WITHOUT running its ``__init__``: tests import what they
-use explicitly, e.g. ``from comfyui_tokenflow.nodes import sampler_nodes``. The fixture
-``tokenflow_package`` runs the real ``__init__`` when a test needs the full package.
+the repo imported as ``comfyui_tokenflow``, the pack's one name outside ComfyUI
+(``devkit/pack_import.py``; its ``__init__`` imports nothing): tests import what they use explicitly,
+e.g. ``from comfyui_tokenflow.nodes import sampler_nodes``. The fixture ``tokenflow_package`` also
+imports the node modules when a test needs the full package. ``devkit/`` is on ``sys.path`` for
+``tiny_models``.
 
 Model fixtures are session-scoped and shared: ``clone()`` a ModelPatcher before patching it.
 """
@@ -22,7 +24,10 @@ import pytest
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # pytest's default import mode puts it there already
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host_bootstrap  # noqa: E402  (tests/host_bootstrap.py)
+_DEVKIT = str(Path(__file__).resolve().parents[1] / "devkit")
+if _DEVKIT not in sys.path:
+    sys.path.insert(1, _DEVKIT)
+import host_bootstrap  # noqa: E402  (devkit/host_bootstrap.py)
 
 REPO = host_bootstrap.REPO
 
@@ -38,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tokenflow_package() -> ModuleType:
-    """The full ``comfyui_tokenflow`` package, its ``__init__`` (node modules, extension) executed."""
+    """The full ``comfyui_tokenflow`` package, its node modules (and the V3 extension) imported."""
     return host_bootstrap.load_package()
 
 

@@ -130,7 +130,7 @@ def _pnp() -> Example:
     nodes += out + [_note("### TokenFlow + Plug-and-Play (the official setting)\n\n" + NOTE_VIDEO + "\n\n"
                           + ON_THE_FLY + "\n\nSD 2.1-base (`" + SD21_BASE + "`) in `models/checkpoints/`. "
                           + NOTE_GROUPS, (420, 460))]
-    return Example("tokenflow_pnp", nodes, links + out_links, thumbnail=("TokenFlow + PnP", EDIT_PROMPT))
+    return Example("tokenflow_pnp", nodes, links + out_links, thumbnail=("TokenFlow + PnP", f"edit prompt: {EDIT_PROMPT}"))
 
 
 def _sdedit() -> Example:
@@ -143,7 +143,7 @@ def _sdedit() -> Example:
     nodes += out + [_note("### TokenFlow + SDEdit\n\n" + NOTE_VIDEO + "\n\n" + EXTRACTED + "\n\n`sdedit_start` sets "
                           "how much noise the edit starts from (0.9: 44 of 50 steps). Higher changes more, keeps less "
                           "of the source. " + NOTE_GROUPS, (420, 560))]
-    return Example("tokenflow_sdedit", nodes, links + out_links, thumbnail=("TokenFlow + SDEdit", EDIT_PROMPT))
+    return Example("tokenflow_sdedit", nodes, links + out_links, thumbnail=("TokenFlow + SDEdit", f"edit prompt: {EDIT_PROMPT}"))
 
 
 def _controlnet() -> Example:
@@ -165,7 +165,7 @@ def _controlnet() -> Example:
                           + SD15 + "`) in `models/checkpoints/`, `" + CANNY_CN + "` in `models/controlnet/`. Every "
                           "frame gets its own canny hint, also in the keyframe pass. " + NOTE_GROUPS, (420, 580))]
     return Example("tokenflow_controlnet", nodes, links + out_links,
-                   thumbnail=("TokenFlow + ControlNet", "canny edges per frame"))
+                   thumbnail=("TokenFlow + ControlNet", f"edit prompt: {EDIT_PROMPT}"))
 
 
 def _baselines() -> Example:

@@ -45,6 +45,10 @@ def executor_nodes(tiny_sd15, tiny_clip, tiny_vae, tmp_path):
     saved = {name: dict(getattr(comfy_nodes, name)) for name in
              ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "LOADED_MODULE_DIRS", "EXTENSION_WEB_DIRS")}
     modules_before = set(sys.modules)
+    import comfy.model_patcher  # the door (engine/door.py): the second copy of the pack loaded here registers there
+
+    door = vars(comfy.model_patcher).setdefault("tokenflow_door", {})
+    door_before = {key: dict(value) if isinstance(value, dict) else value for key, value in door.items()}
     input_dir = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(tmp_path / "input"))  # the video combo lists this (empty) folder
     collected: list[torch.Tensor] = []
@@ -90,6 +94,12 @@ def executor_nodes(tiny_sd15, tiny_clip, tiny_vae, tmp_path):
         for name in set(sys.modules) - modules_before:
             if name.startswith(str(REPO)):
                 del sys.modules[name]
+        for key, value in door_before.items():  # the first copy's editors and API again (the dict stays the same)
+            if isinstance(value, dict):
+                door[key].clear()
+                door[key].update(value)
+            else:
+                door[key] = value
 
 
 def workflow(frames: Path, prompt: str) -> dict:

@@ -46,6 +46,19 @@ def test_stable_input_contract(node_classes):
                                                "correspondences"}
 
 
+def test_step_widgets_stop_at_the_largest_count_that_works(node_classes):
+    """The UI cannot offer a step count the nodes then refuse: the widgets' max is schedule.MAX_STEPS (999)."""
+    from comfyui_tokenflow.tokenflow_ops.schedule import MAX_STEPS, check_step_count
+
+    check_step_count(MAX_STEPS, "steps")  # the max itself works
+    with pytest.raises(ValueError):
+        check_step_count(MAX_STEPS + 1, "steps")
+    invert = node_classes["TokenFlowInvert"].GET_NODE_INFO_V1()["input"]["required"]
+    sampler = node_classes["TokenFlowSampler"].GET_NODE_INFO_V1()["input"]["optional"]
+    for spec in (invert["steps"], invert["inversion_steps"], sampler["steps"]):
+        assert spec[1]["max"] == MAX_STEPS == 999, spec
+    assert sampler["steps"][1]["min"] == 0 and invert["steps"][1]["min"] == invert["inversion_steps"][1]["min"] == 1
+
 def _sample(model, pos, neg, latent, seed=3):
     # The same noise for every frame, so that identical frames stay comparable.
     noise = torch.randn((1,) + tuple(latent.shape[1:]), generator=torch.Generator().manual_seed(seed))

@@ -175,3 +175,152 @@ def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, cl
     assert line.startswith(f"error: --checkpoint {bad}: ComfyUI could not load it (") and "--verbose" in line, line
     assert "PyTorch uses 2 CPU thread(s)" in result.stdout  # --threads wins over $OMP_NUM_THREADS
     assert not output.exists()
+
+
+# -- bad inputs (issue 14, item 5) -------------------------------------------------------------------------------
+
+def _faststart_mp4(path: Path, frames: int = 14, size: int = 64) -> Path:
+    """An mp4 with its index (moov) first, as streaming encoders write it: cut mid-file, its first frames decode."""
+    import av
+    import numpy as np
+
+    images = np.random.default_rng(1).integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=20)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for image in images:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _bad_video(kind: str, folder: Path, clip: Path) -> Path:
+    if kind == "text renamed .mp4":
+        path = folder / "notes.mp4"
+        path.write_text("these are my notes, not a video\n" * 20)
+    elif kind == "truncated mp4":  # index at the end, cut off: nothing to read
+        whole = input_files.write_mp4(folder / "whole.mp4", n=8).read_bytes()
+        path = folder / "half-copied.mp4"
+        path.write_bytes(whole[:len(whole) // 2])
+    else:  # "cut mid-file": index first, frames missing from the middle on
+        whole = _faststart_mp4(folder / "whole-fast.mp4").read_bytes()
+        path = folder / "cut.mp4"
+        path.write_bytes(whole[:int(len(whole) * 0.6)])
+    return path
+
+
+def _run(clip: Path, tiny_files: dict, output: Path, *extra: str, env: dict | None = None, frames: str = "2",
+         timeout: float = 240) -> subprocess.CompletedProcess:
+    command = _command(clip, tiny_files["checkpoint"], output, "--steps", "2", "--inversion-steps", "4",
+                       "--batch-size", "2", "--frames", frames, *extra)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=harness.runner_env(**(env or {})))
+
+
+@pytest.mark.parametrize("kind,fix", [
+    ("text renamed .mp4", "Use an mp4/webm/mov/gif file or a folder of images."),
+    ("truncated mp4", "Use an mp4/webm/mov/gif file or a folder of images."),
+    ("cut mid-file", "set --frames 6 to load only them, or re-export / re-download the video."),
+])
+def test_a_bad_video_names_the_users_path_and_keeps_the_whole_fix(tmp_path, tiny_files, clip, kind, fix):
+    bad = _bad_video(kind, tmp_path, clip)
+    result = _run(bad, tiny_files, tmp_path / "out.mp4", frames="0")
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert line.startswith("error in TokenFlowLoadVideo: ValueError: ") and f"'{bad}'" in line, line
+    assert fix in line and "tokenflow-edit-" not in line and "source.mp4" not in line, line
+    assert "frame_load_cap" not in line and "..." not in line, line  # the runner's option names, nothing cut
+    assert line.endswith("(--verbose shows the traceback)"), line
+
+
+def test_a_video_too_large_for_ram_keeps_the_advice_in_the_runners_words(tmp_path, tiny_files, clip):
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", env={"TOKENFLOW_VIDEO_MAX_BYTES": "1000"})
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert "Load fewer or smaller frames: set --frames, raise --every-nth, or lower --width/--height." in line, line
+
+
+def test_a_value_out_of_range_names_the_option(tmp_path, tiny_files, clip):
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--pnp-attn-t", "1.5")
+    assert result.returncode == 2, result.stderr
+    assert _one_line_error(result.stderr) == "error: --pnp-attn-t 1.5 is too large: the largest value is 1.0."
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--cfg", "-1")
+    assert result.returncode == 2, result.stderr
+    assert _one_line_error(result.stderr) == "error: --cfg -1.0 is too small: the smallest value is 0.0."
+
+
+def test_a_rounded_width_is_said_and_the_log_is_the_runners(tmp_path, tiny_files, clip):
+    output = tmp_path / "out.mp4"
+    result = _run(clip, tiny_files, output, "--width", "100", "--height", "0")
+    assert result.returncode == 0, result.stderr
+    assert "note: --width 100 is rounded: the frames will be 128x128 (sizes are multiples of --size-multiple 64)." \
+        in result.stdout
+    assert "2 frames, 128x128" in result.stdout
+    # Without --verbose: none of ComfyUI's own log (its root logger: "no match {...}" of model detection, loader
+    # warnings), and the pack's warnings without logger names (ComfyUI names them after the folder's path).
+    for line in result.stderr.splitlines():
+        assert not re.match(r"(ERROR|WARNING|INFO) ", line) and " root:" not in line, line
+        assert line.startswith(("warning: ", "error: ")), line
+
+
+def test_a_width_below_the_size_multiple_points_at_runner_options(tmp_path, tiny_files, clip):
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "16")
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert "--width 16 is smaller than --size-multiple 64" in line and "Use --width >= 64, 0, or a smaller " \
+        "--size-multiple." in line, line
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "16", "--size-multiple", "16",
+                  "--height", "16")  # the loader takes it; TokenFlow's own floor is 64 px, named by the option
+    assert result.returncode == 1, result.stderr
+    line = _one_line_error(result.stderr)
+    assert "the width (16 px) is below 64 px" in line and "(set --width/--height)" in line, line
+    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "80", "--size-multiple", "16",
+                  "--height", "80")
+    assert result.returncode == 0, result.stderr
+    assert "2 frames, 80x80" in result.stdout and "note:" not in result.stdout
+
+
+def test_verbose_shows_the_traceback_once_with_short_logger_names(tmp_path, tiny_files, clip):
+    bad = _bad_video("text renamed .mp4", tmp_path, clip)
+    result = _run(bad, tiny_files, tmp_path / "out.mp4", "--verbose")
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr
+    assert f"error in TokenFlowLoadVideo: ValueError: Cannot read '{bad}'" in result.stderr
+    named = [line.split(":")[0] for line in result.stderr.splitlines() if re.match(r"(INFO|WARNING|ERROR) \S+:", line)]
+    assert named and not [n for n in named if "/" in n], named
+
+
+def test_no_node_header_after_ctrl_c(capsys):
+    """Ctrl-C during a node without progress steps (VAE Decode): the executor refuses the next node, so its header
+    is not printed either (checked on the console the runner uses; the tiny VAE decodes too fast to hit)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import runner_support
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    prompt = {"9": {"class_type": "VAEDecode"}, "10": {"class_type": "CreateVideo"}}
+    stop = runner_support.StopOnCtrlC()
+    stop.reassert = lambda: None  # not ComfyUI's interrupt flag of this (the test) process
+    console = runner_support.Console(prompt, {"VAEDecode": "VAE Decode", "CreateVideo": "Create Video"}, stop)
+    console.send_sync("executing", {"node": "9"})
+    stop.requested = True
+    console.send_sync("executing", {"node": "10"})
+    out = capsys.readouterr().out
+    assert "[1/2] VAE Decode" in out and "Create Video" not in out
+
+
+def test_default_thread_count_is_half_the_cpus():
+    """Measured (benchmarks/README.md, "Threads"): on a busy 2-core machine one thread ran the tiny edit and a
+    full-size SD1.5 step several times faster than both cores; the default is half the CPUs, at least 1."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import runner_support
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert [runner_support.default_threads(n, n) for n in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
+    assert runner_support.default_threads(16, 4) == 4  # never more than PyTorch's own default
+    result = subprocess.run([sys.executable, str(RUNNER), "--help"], capture_output=True, text=True, timeout=60)
+    assert "half the CPUs this process may use" in " ".join(result.stdout.split())

@@ -218,7 +218,8 @@ def _groups(example: Example, ui_nodes: list[dict]) -> list[dict]:
 
 
 def write_thumbnail(path: Path, title: str, subtitle: str, video: str | None, kind: str = "") -> None:
-    """A 512x384 JPEG: a frame of the source clip (or a neutral card) with a label."""
+    """A 512x384 JPEG: a frame of the SOURCE clip (or a neutral card), captioned as the source on the image, with a
+    label. No edited frame: without real model weights none can be made honestly, so the picture says what it is."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -254,6 +255,14 @@ def write_thumbnail(path: Path, title: str, subtitle: str, video: str | None, ki
         else:
             canvas.paste(frame.resize((384, 384)), (64, 0))
     draw = ImageDraw.Draw(canvas)
+    if frame is not None:  # what the picture shows: the input, not what the workflow produces
+        caption = {"controlnet": "source frame | its canny edges (the hint)",
+                   "sdedit": "source frame | partly noised (where SDEdit starts)",
+                   "baselines": "source frame, tinted (illustration only)"}.get(kind, "source frame (the input)")
+        caption_font = ImageFont.load_default(size=18)
+        box = draw.textbbox((0, 0), caption, font=caption_font)
+        draw.rectangle([(0, 0), (box[2] + 16, box[3] + 12)], fill=(14, 16, 22))
+        draw.text((8, 5), caption, fill=(255, 214, 90), font=caption_font)
     draw.rectangle([(0, height - 96), (width, height)], fill=(14, 16, 22))
     title_font = ImageFont.load_default(size=32)
     sub_font = ImageFont.load_default(size=20)

@@ -12,12 +12,15 @@ names in order with a tooltip made of their descriptions; required inputs (the p
 only) stand between ``cfg`` and ``batch_size`` and optional ones are appended after the sampler's own,
 both in registration order, so saved workflows keep their widget positions.
 ``scripts/tokenflow_edit.py`` reads the same registry for ``--editor`` and its settings' flags.
+The registry is the door's dict on the host (``engine/door.py``): another custom node pack adds an
+editor to it without importing this pack, before or after this pack loads.
 Nothing here imports ComfyUI at import time.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..door import editors as _door_editors, publish_api as _publish_api
 from .base import Editor, StepNeeds
 from .controlnet import ControlNetEditor
 from .pnp import PlugAndPlayEditor
@@ -27,7 +30,10 @@ from .settings import EditorSetting, resolve_options, setting_name, setting_requ
 __all__ = ["DEFAULT_EDITOR", "EDITORS", "Editor", "EditorSetting", "StepNeeds", "appended_inputs", "editor_options",
            "editor_tooltip", "get_editor", "register_editor", "stable_inputs", "unregister_editor"]
 
-EDITORS: dict[str, Editor] = {}
+# Shared with other packs through the door; read at use time (the sampler's schema, get_editor).
+EDITORS: dict[str, Editor] = _door_editors()
+_registered_before_us = dict(EDITORS)  # by packs loaded earlier: kept, after the built-in editors
+EDITORS.clear()
 DEFAULT_EDITOR = "pnp"  # the sampler's and the runner's default (EditSettings.editor)
 
 
@@ -83,3 +89,5 @@ def editor_tooltip() -> str:
 register_editor(PlugAndPlayEditor(), builtin=True)
 register_editor(SDEditEditor(), builtin=True)
 register_editor(ControlNetEditor(), builtin=True)
+EDITORS.update({name: e for name, e in _registered_before_us.items() if name not in EDITORS})
+_publish_api()

@@ -7,7 +7,7 @@ runner test loads it with ``scripts/tokenflow_edit.py --extra-nodes tests/stand_
 Why it exists: ComfyUI's ``CheckpointLoaderSimple`` detects the model family from the state dict
 and matches it against ``comfy.supported_models.models``, whose entries pin real widths
 (``SD15`` requires ``context_dim`` 768 and ``model_channels`` 320). A checkpoint with the tiny
-widths of ``tests/tiny_models.py`` therefore loads as "could not detect model type". Importing this
+widths of ``devkit/tiny_models.py`` therefore loads as "could not detect model type". Importing this
 pack registers :class:`TinySD15`, a ``supported_models.SD15`` subclass that matches only the tiny
 widths (``context_dim`` 32, ``model_channels`` 32) and builds a matching tiny CLIP text encoder.
 Nothing else is patched: the file is read, detected, built and loaded by ComfyUI's own code
@@ -26,9 +26,9 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.realpath(__file__))
-_TESTS = os.path.dirname(_HERE)
-if _TESTS not in sys.path:  # for `import tiny_models` (tests/tiny_models.py)
-    sys.path.append(_TESTS)
+_DEVKIT = os.path.join(os.path.dirname(os.path.dirname(_HERE)), "devkit")
+if _DEVKIT not in sys.path:  # for `import tiny_models` (devkit/tiny_models.py)
+    sys.path.append(_DEVKIT)
 
 import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402

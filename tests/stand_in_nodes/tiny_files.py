@@ -2,7 +2,7 @@
 
 * ``checkpoints/tokenflow_tiny_sd15.safetensors``: a full SD1.x-layout checkpoint in the original
   (LDM) key layout, written by ComfyUI's own ``comfy.sd.save_checkpoint``: the tiny sd15 UNet of
-  ``tests/tiny_models.py`` (``model.diffusion_model.*``), its tiny CLIP
+  ``devkit/tiny_models.py`` (``model.diffusion_model.*``), its tiny CLIP
   (``cond_stage_model.transformer.text_model.*``) and a random-weight TAESD as the VAE
   (``first_stage_model.taesd_*``, which ComfyUI's VAE detection recognises by its keys; the tiny
   AutoencoderKL would be detected with the full SD VAE widths). About 30 MB, float32.
@@ -27,12 +27,12 @@ CHECKPOINT_NAME = "tokenflow_tiny_sd15.safetensors"
 CONTROLNET_NAME = "tokenflow_tiny_controlnet.safetensors"
 EXTRA_PATHS_NAME = "extra_model_paths.yaml"
 
-_TESTS = Path(__file__).resolve().parents[1]
+_DEVKIT = Path(__file__).resolve().parents[2] / "devkit"
 
 
 def _ensure_importable() -> None:
-    if str(_TESTS) not in sys.path:
-        sys.path.append(str(_TESTS))
+    if str(_DEVKIT) not in sys.path:  # devkit/tiny_models.py
+        sys.path.append(str(_DEVKIT))
 
 
 def write_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -1,36 +1,38 @@
 """The one recipe that makes a real ComfyUI host importable in-process, for the tests and the benchmarks.
 
 ``tests/conftest.py`` (in ``pytest_configure``, before any test module is imported) and
-``benchmarks/_host.py`` (which puts ``tests/`` on ``sys.path`` to import this module) both call
+``benchmarks/_host.py`` (both put ``devkit/`` on ``sys.path`` to import this module) call
 :func:`bootstrap`. Order matters:
 
 1. ``$COMFYUI_PATH`` (default ``~/comfy/ComfyUI``) goes first on ``sys.path`` and the repo root is
    taken off it: ComfyUI has its own top-level ``nodes`` module, and so does this pack (``nodes/``).
-   ``tests/`` (for ``tiny_models``) and the caller's extra folders follow it.
+   ``devkit/`` (for ``tiny_models``) and the caller's extra folders follow it.
 2. ``comfy.cli_args.args`` gets ``cpu`` and ``use_pytorch_cross_attention = True`` BEFORE any other
    comfy module is imported, so ``comfy.model_management`` picks the device and attention runs
    through PyTorch SDPA.
 3. ``torch.set_num_threads(threads)`` when ``threads`` is given.
-4. The repo is registered as the package ``comfyui_tokenflow`` WITHOUT running its ``__init__``
-   (that imports every node module and the V3 extension): callers import what they use, e.g.
-   ``from comfyui_tokenflow.tokenflow_ops import schedule``. :func:`load_package` runs the real
-   ``__init__`` when the full package is needed.
+4. The repo is imported as the package ``comfyui_tokenflow``, the pack's one name outside ComfyUI
+   (``devkit/pack_import.py``; its ``__init__`` imports nothing): callers import what they use, e.g.
+   ``from comfyui_tokenflow.tokenflow_ops import schedule``. :func:`load_package` also imports the
+   node modules when the full package is needed.
 
 Failures raise :class:`HostBootstrapError` with a message saying what to do; pytest shows it as a
 usage error, the benchmarks exit with it.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Iterable
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS_DIR = REPO / "tests"
-PACKAGE = "comfyui_tokenflow"
+import pack_import  # devkit/pack_import.py, beside this file
+
+REPO = pack_import.REPO
+DEVKIT_DIR = REPO / "devkit"
+PACKAGE = pack_import.PACKAGE
 DEFAULT_COMFYUI = Path.home() / "comfy" / "ComfyUI"
 
 
@@ -52,7 +54,7 @@ def comfyui_path() -> Path:
 
 
 def put_host_first(root: Path, extra_paths: Iterable[Path] = ()) -> None:
-    """``root`` first on ``sys.path``, the repo root off it, ``tests/`` and ``extra_paths`` right after the host."""
+    """``root`` first on ``sys.path``, the repo root off it, ``devkit/`` and ``extra_paths`` right after the host."""
     def is_repo(entry: str) -> bool:
         try:
             return Path(entry or os.getcwd()).resolve() == REPO
@@ -61,7 +63,7 @@ def put_host_first(root: Path, extra_paths: Iterable[Path] = ()) -> None:
 
     sys.path[:] = [p for p in sys.path if not is_repo(p) and p != str(root)]
     sys.path.insert(0, str(root))
-    for extra in (TESTS_DIR, *extra_paths):
+    for extra in (DEVKIT_DIR, *extra_paths):
         if str(extra) not in sys.path:
             sys.path.insert(1, str(extra))
 
@@ -82,22 +84,14 @@ def configure_comfy(cpu: bool = True, threads: int | None = None) -> None:
 
 
 def register_package() -> ModuleType:
-    """``comfyui_tokenflow`` as a package object whose ``__path__`` is the repo; ``__init__`` not executed."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    assert spec is not None and spec.loader is not None
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = package
-    return package
+    """The package ``comfyui_tokenflow`` (:func:`pack_import.import_pack`; imports no node module)."""
+    return pack_import.import_pack()
 
 
 def load_package() -> ModuleType:
-    """Run the repo's real ``__init__`` on the registered package (imports every node module)."""
-    package = sys.modules[PACKAGE]
-    if not getattr(package, "_tokenflow_init_done", False):
-        package.__spec__.loader.exec_module(package)
-        package._tokenflow_init_done = True
+    """The package with every node module imported (``nodes/``, the V3 extension)."""
+    package = register_package()
+    importlib.import_module(f"{PACKAGE}.nodes")
     return package
 
 

@@ -1,0 +1,77 @@
+"""The door: how other custom node packs add TokenFlow editors without importing this pack.
+
+ComfyUI imports a folder pack under a name nobody can import (0.3.64: the folder's absolute path
+with "." -> "_x_"), and packs load in directory order. So the pack and its neighbours meet on a
+module of the HOST that both can always import, ``comfy.model_patcher``: one dict stored on it
+under :data:`ATTRIBUTE` (as AnimateDiff-Evolved and Advanced-ControlNet share theirs on
+``comfy.hooks``). Whoever comes first creates it (``vars(module).setdefault``)::
+
+    import comfy.model_patcher
+    door = vars(comfy.model_patcher).setdefault("tokenflow_door", {})
+
+Keys:
+
+``"editors"``  name -> editor object: THE editor registry (``engine.editors.EDITORS`` is this dict).
+               A pack adds ``door.setdefault("editors", {})[editor.name] = editor`` at import, before or
+               after TokenFlow loads; the sampler's ``editor`` widget and ``get_editor`` read the dict
+               when they are used, so load order does not matter. The built-in editors come first.
+``"api"``      set when TokenFlow loads (a ``SimpleNamespace``): ``version``, ``StepNeeds``, ``Editor``
+               (the protocol), ``register_editor``, ``unregister_editor``, ``editing_timesteps``,
+               ``sdedit_timesteps``, ``parse_block_list``, ``parse_residual_list``. An editor reads it
+               when its methods are called (TokenFlow is loaded by then), never at import.
+
+Only plain data and functions cross the door; nothing here imports ComfyUI beyond ``comfy.model_patcher``.
+"""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+ATTRIBUTE = "tokenflow_door"
+API_VERSION = 1
+
+
+_LOCAL: dict = {}  # the door while this process has not imported the host (see door())
+
+
+def _host_module():
+    """``comfy.model_patcher`` when this process uses the host, else None.
+
+    Importing ComfyUI is left to whoever sets it up (``comfy.cli_args`` first): the headless runner
+    reads the editor registry before it imports the host, and no other pack can be loaded then.
+    """
+    if "comfy" not in sys.modules:
+        return None
+    import comfy.model_patcher
+
+    return comfy.model_patcher
+
+
+def door() -> dict:
+    """The shared dict on ``comfy.model_patcher`` (created by whoever asks first); a local one without the host."""
+    host = _host_module()
+    return _LOCAL if host is None else vars(host).setdefault(ATTRIBUTE, _LOCAL)
+
+
+def editors() -> dict:
+    """The editor registry other packs write into (name -> editor)."""
+    return door().setdefault("editors", {})
+
+
+def publish_api() -> SimpleNamespace | None:
+    """Put this pack's editor API on the door (``door()["api"]``); called when ``engine.editors`` is imported.
+
+    Without the host in this process (the runner reading its flags) there is nobody to publish to.
+    """
+    if _host_module() is None:
+        return None
+    from ..tokenflow_ops.schedule import editing_timesteps, sdedit_timesteps
+    from .editors import Editor, StepNeeds, register_editor, unregister_editor
+    from .model_support import parse_block_list, parse_residual_list
+
+    api = SimpleNamespace(version=API_VERSION, StepNeeds=StepNeeds, Editor=Editor, register_editor=register_editor,
+                          unregister_editor=unregister_editor, editing_timesteps=editing_timesteps,
+                          sdedit_timesteps=sdedit_timesteps, parse_block_list=parse_block_list,
+                          parse_residual_list=parse_residual_list)
+    door()["api"] = api
+    return api
