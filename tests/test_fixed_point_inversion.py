@@ -250,3 +250,39 @@ def test_method_is_saved_and_older_files_load_as_ddim(tiny_sd15, tmp_path):
     assert (back.method, back.max_iterations, back.tolerance, back.evaluations) == ("ddim", 0, 0.0, [])
     assert inversion_fingerprint(back) == inversion_fingerprint(ddim) and ":ddim" not in inversion_fingerprint(back)
     assert dataclasses.replace(back, conditioning=None).describe() == dataclasses.replace(ddim, conditioning=None).describe()
+
+
+def _runner():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
+    spec = importlib.util.spec_from_file_location("_tokenflow_edit_script", scripts / "tokenflow_edit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--inversion-method", "fixed_point", "--max-iterations", "0"], "--max-iterations (0)"),
+    (["--inversion-method", "fixed_point", "--tolerance", "1.5"], "--tolerance (1.5)"),
+    (["--inversion-method", "fixed_point", "--steps", "1000"], "--steps (1000)"),
+    (["--steps", "50", "--inversion-steps", "600"], "--inversion-steps (600)"),
+    (["--inversion-method", "fixed_point", "--inversion-steps", "600"], None),  # not used: nothing to refuse
+])
+def test_runner_flags(tmp_path, flags, words):
+    runner = _runner()
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    args = runner.build_parser().parse_args(["--video", str(video), "--prompt", "p", "--checkpoint", "c.safetensors",
+                                             *flags])
+    message = runner.check_args(args)
+    if words is None:
+        assert message is None and "fixed point" in runner.inversion_words(args)
+    else:
+        assert message is not None and words in message and "\n" not in message, message
+    defaults = runner.build_parser().parse_args([])
+    assert (defaults.inversion_method, defaults.max_iterations, defaults.tolerance) == ("ddim", 3, 1e-3)

@@ -22,12 +22,9 @@ from typing import Callable
 import torch
 
 from .inversion import ddim_inversion_step
-
-METHODS = ("ddim", "fixed_point")
-DEFAULT_MAX_ITERATIONS = 3
-MAX_ITERATIONS_LIMIT = 20
-DEFAULT_TOLERANCE = 1e-3
-TOLERANCE_LIMIT = 1.0
+# The settings and their one check live with the other step-count rules (scripts load schedule.py on its own).
+from .schedule import (DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, INVERSION_METHODS as METHODS,  # noqa: F401
+                       MAX_ITERATIONS_LIMIT, TOLERANCE_LIMIT, check_fixed_point_settings)
 
 
 @dataclass
@@ -59,25 +56,6 @@ def anderson_mix(g: torch.Tensor, g_old: torch.Tensor, f: torch.Tensor, f_old: t
     df = (f - f_old).double()
     gamma = (df * f.double()).sum() / (df * df).sum().clamp_min(1e-300)
     return g - gamma.to(g.dtype) * (g - g_old)
-
-
-def check_fixed_point_settings(method: str, max_iterations: int, tolerance: float, *, method_name: str = "method",
-                               iterations_name: str = "max_iterations", tolerance_name: str = "tolerance") -> None:
-    """Refuse an unknown method, an iteration cap or tolerance out of range: one line naming the input and a value."""
-    if method not in METHODS:
-        raise ValueError(f"{method_name} ({method!r}) must be one of {', '.join(METHODS)}; 'ddim' is the official "
-                         f"code's inversion, 'fixed_point' the exact inversion on the editing grid")
-    if method != "fixed_point":
-        return
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or not (
-            1 <= max_iterations <= MAX_ITERATIONS_LIMIT):
-        raise ValueError(f"{iterations_name} ({max_iterations}) must be a whole number from 1 to "
-                         f"{MAX_ITERATIONS_LIMIT}; use {DEFAULT_MAX_ITERATIONS} (1 is plain DDIM inversion on the "
-                         "editing grid)")
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not (
-            0.0 <= float(tolerance) < TOLERANCE_LIMIT):
-        raise ValueError(f"{tolerance_name} ({tolerance}) must be at least 0 and below {TOLERANCE_LIMIT:g} (a relative "
-                         f"residual; 0 always runs {iterations_name}); use {DEFAULT_TOLERANCE:g}")
 
 
 def solve_inversion_step(eps_at: Callable[[torch.Tensor], torch.Tensor], x_prev: torch.Tensor, abar_prev: float,
