@@ -37,7 +37,7 @@ class TokenFlowInversion:
     method: str = "ddim"  # "ddim" (official, on the inversion_steps grid) or "fixed_point" (on the editing grid)
     max_iterations: int = 0  # fixed point: the cap on evaluations per step (0 for ddim)
     tolerance: float = 0.0  # fixed point: the residual that stops a step's iteration (0 for ddim)
-    evaluations: list[float] = field(default_factory=list)  # fixed point: evaluations per frame at each step
+    evaluations: list[float] = field(default_factory=list)  # fixed point: evaluations per frame, each step (t ascending)
     residuals: list = field(default_factory=list)  # fixed point: largest final residual at each step (None: 1 eval)
 
     @property

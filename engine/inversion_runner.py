@@ -232,7 +232,7 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
     guider.sample(torch.zeros_like(samples), samples.float(), sampler, sigmas, seed=0, disable_pbar=True)
     trajectory = torch.stack([recorder.saved[t] for t in edit_ts])
     if fixed_point:
-        _report_convergence(recorder, edit_ts, max_iterations, tolerance)
+        _report_convergence(recorder, inv_ts, max_iterations, tolerance)  # ascending, as the steps ran
     return TokenFlowInversion(
         steps=steps, inversion_steps=inversion_steps, timesteps=edit_ts,
         sigmas=torch.cat([model_sigmas[edit_ts], model_sigmas[:1]]),

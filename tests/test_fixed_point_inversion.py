@@ -294,3 +294,11 @@ def test_runner_flags(tmp_path, flags, words):
         assert message is not None and words in message and "\n" not in message, message
     defaults = runner.build_parser().parse_args([])
     assert (defaults.inversion_method, defaults.max_iterations, defaults.tolerance) == ("ddim", 3, 1e-3)
+
+
+def test_warning_names_the_slowest_step(sd15_64, clip64, caplog):
+    with caplog.at_level("WARNING"):
+        inv = _fp(sd15_64, clip64, steps=5, max_iterations=2, tolerance=1e-9)
+    worst = max(range(5), key=lambda i: inv.residuals[i])
+    t = inv.timesteps[::-1][worst]  # the residuals run with the steps, t ascending
+    assert f"at t = {t})" in caplog.text and "5 of 5 steps" in caplog.text, caplog.text
