@@ -11,7 +11,9 @@ File layout (format version 1). Tensors:
 Metadata (safetensors allows str -> str only; every value is JSON): ``tokenflow.format``,
 ``tokenflow.kind``, ``tokenflow.version``, ``tokenflow.checksums`` (sha256 of every tensor's bytes and of the metadata)
 and one key per scalar/list field of the dataclass (``steps``, ``timesteps``, ``model_fingerprint``...),
-plus ``conditioning`` (the non-tensor options of each entry) or ``fields`` (the block order).
+plus ``conditioning`` (the non-tensor options of each entry) or ``fields`` (the block order). An inversion
+records its ``method`` ("ddim" or "fixed_point") with ``max_iterations``, ``tolerance``, ``evaluations`` and
+``residuals``; a file written before these fields existed loads with the dataclass defaults (DDIM).
 
 Files are written to a temporary file next to the target and moved into place with ``os.replace``;
 nothing is left behind when writing fails. Loading checks the header first (format, kind, version,
