@@ -41,10 +41,16 @@ class StepSolution:
         return self.residuals[-1] if self.residuals else float("nan")
 
 
+def _accumulator(tensor: torch.Tensor) -> torch.dtype:
+    """float64 for the sums, except on Apple's MPS, which has no float64."""
+    return torch.float32 if tensor.device.type == "mps" else torch.float64
+
+
 def relative_residual(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``|new - old| / |new|`` over the whole tensor, as a 0-d float64 tensor (no host read)."""
-    diff = torch.linalg.vector_norm((new - old).double())
-    return diff / torch.linalg.vector_norm(new.double()).clamp_min(1e-30)
+    """``|new - old| / |new|`` over the whole tensor, as a 0-d tensor on the device (no host read)."""
+    acc = _accumulator(new)
+    diff = torch.linalg.vector_norm((new - old).to(acc))
+    return diff / torch.linalg.vector_norm(new.to(acc)).clamp_min(1e-30)
 
 
 def anderson_mix(g: torch.Tensor, g_old: torch.Tensor, f: torch.Tensor, f_old: torch.Tensor) -> torch.Tensor:
@@ -53,8 +59,9 @@ def anderson_mix(g: torch.Tensor, g_old: torch.Tensor, f: torch.Tensor, f_old: t
     ``g``/``g_old`` are the last two images g(x) of the iteration, ``f``/``f_old`` their residuals g(x) - x.
     gamma is one scalar per chunk, kept on the device (no host read).
     """
-    df = (f - f_old).double()
-    gamma = (df * f.double()).sum() / (df * df).sum().clamp_min(1e-300)
+    acc = _accumulator(f)
+    df = (f - f_old).to(acc)
+    gamma = (df * f.to(acc)).sum() / (df * df).sum().clamp_min(1e-30)
     return g - gamma.to(g.dtype) * (g - g_old)
 
 
