@@ -302,3 +302,15 @@ def test_warning_names_the_slowest_step(sd15_64, clip64, caplog):
     worst = max(range(5), key=lambda i: inv.residuals[i])
     t = inv.timesteps[::-1][worst]  # the residuals run with the steps, t ascending
     assert f"at t = {t})" in caplog.text and "5 of 5 steps" in caplog.text, caplog.text
+
+
+def test_chunks_get_their_own_frames_conditioning(sd15_64, clip64):
+    """A per-frame prompt (one cond per frame) follows the chunk: chunked = whole, and not frame 0's prompt twice."""
+    per_frame = dict(clip64, src=double(tiny_models.make_conditioning(sd15_64, seed=21, batch=2)))
+    whole = _fp(sd15_64, per_frame, steps=3, max_iterations=2, tolerance=0.0)
+    chunked = _fp(sd15_64, per_frame, steps=3, frame_batch=1, max_iterations=2, tolerance=0.0)
+    assert (chunked.trajectory - whole.trajectory).abs().max() < 1e-9 * whole.trajectory.abs().max()
+    first = [[per_frame["src"][0][0][:1].repeat(2, 1, 1), dict(per_frame["src"][0][1])]]
+    first[0][1]["pooled_output"] = first[0][1]["pooled_output"][:1].repeat(2, 1)
+    wrong = _fp(sd15_64, dict(per_frame, src=first), steps=3, max_iterations=2, tolerance=0.0)
+    assert (wrong.trajectory[:, 1] - whole.trajectory[:, 1]).abs().max() > 1e-3  # the check can fail
