@@ -257,7 +257,8 @@ def test_method_is_saved_and_older_files_load_as_ddim(tiny_sd15, tmp_path):
     back = product_io.load_inversion(old)
     assert (back.method, back.max_iterations, back.tolerance, back.evaluations) == ("ddim", 0, 0.0, [])
     assert inversion_fingerprint(back) == inversion_fingerprint(ddim) and ":ddim" not in inversion_fingerprint(back)
-    assert dataclasses.replace(back, conditioning=None).describe() == dataclasses.replace(ddim, conditioning=None).describe()
+    assert dataclasses.replace(back, conditioning=None).describe() == \
+        dataclasses.replace(ddim, conditioning=None).describe()
 
 
 def _runner():

@@ -6,7 +6,8 @@ sqrt(1 - abar_prev) eps(x_t)``. Its exact inverse is the IMPLICIT equation (eps 
     x_t = sqrt(abar_t) * (x_prev - sqrt(1 - abar_prev) eps(x_t)) / sqrt(abar_prev) + sqrt(1 - abar_t) eps(x_t)
 
 solved by the fixed-point iteration ``x^{k+1} = g(x^k)``, g the right-hand side (plain Picard; an
-Anderson variant of depth 1 is here too, measured no better on the tiny models at 2-5 evaluations), from ``x^0 = x_prev`` (fixed-point inversion, AIDI, ReNoise). One iteration from that start is the official DDIM
+Anderson variant of depth 1 is here too, measured no better on the tiny models at 2-5 evaluations), from
+``x^0 = x_prev`` (fixed-point inversion, AIDI, ReNoise). One iteration from that start is the official DDIM
 inversion step (eps at the TARGET timestep, evaluated at x_prev): k = 1 is plain DDIM inversion.
 
 Residual after iteration k >= 2: ``|x^k - x^{k-1}| / |x^k|`` (2-norms over the whole chunk), which is
@@ -73,7 +74,8 @@ def solve_inversion_step(eps_at: Callable[[torch.Tensor], torch.Tensor], x_prev:
     ``eps_at(x)`` is the model's eps at the TARGET timestep for the latent ``x`` (one model call for all
     frames of ``x``). One host read (the residual, a scalar) per iteration from the second on.
     ``anderson``: from the second iteration on, Anderson acceleration with one previous iterate
-    (:func:`anderson_mix`); False (the engine's choice) is the plain Picard iteration. The first iteration is the same either way.
+    (:func:`anderson_mix`); False (the engine's choice) is the plain Picard iteration. The first iteration
+    is the same either way.
     """
     x = x_prev
     residuals: list[float] = []
