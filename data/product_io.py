@@ -11,7 +11,9 @@ File layout (format version 1). Tensors:
 Metadata (safetensors allows str -> str only; every value is JSON): ``tokenflow.format``,
 ``tokenflow.kind``, ``tokenflow.version``, ``tokenflow.checksums`` (sha256 of every tensor's bytes and of the metadata)
 and one key per scalar/list field of the dataclass (``steps``, ``timesteps``, ``model_fingerprint``...),
-plus ``conditioning`` (the non-tensor options of each entry) or ``fields`` (the block order).
+plus ``conditioning`` (the non-tensor options of each entry) or ``fields`` (the block order). An inversion
+records its ``method`` ("ddim" or "fixed_point") with ``max_iterations``, ``tolerance``, ``evaluations`` and
+``residuals``; a file written before these fields existed loads with the dataclass defaults (DDIM).
 
 Files are written to a temporary file next to the target and moved into place with ``os.replace``;
 nothing is left behind when writing fails. Loading checks the header first (format, kind, version,
@@ -299,13 +301,19 @@ def _load_tensors(header: ProductHeader, expected: list[str]) -> dict[str, torch
     return tensors
 
 
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
 def _build(header: ProductHeader, cls: type, values: dict[str, Any]) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [name for name in names if name not in values and name not in header.fields]
+    """The dataclass from ``values`` and the header; a field with a default (added after files existed) may be absent."""
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in values and f.name not in header.fields and not _has_default(f)]
     if missing:
         raise _corrupt(header.path, header.kind, f"fields {missing} are missing")
     try:
-        return cls(**{name: values[name] if name in values else header.fields[name] for name in names})
+        return cls(**{f.name: values[f.name] if f.name in values else header.fields[f.name] for f in fields
+                      if f.name in values or f.name in header.fields})
     except (TypeError, ValueError) as e:
         raise _corrupt(header.path, header.kind, str(e)) from e
 
@@ -347,9 +355,11 @@ def load_inversion(path: str | os.PathLike, model_fingerprint: str | None = None
     steps, n = inversion.steps, inversion.x0.shape[0]
     _check(header, len(inversion.timesteps) == steps and inversion.sigmas.shape == (steps + 1,),
            "the schedule does not match the step count")
+    _check(header, inversion.method in ("ddim", "fixed_point"), f"unknown inversion method {inversion.method!r}")
     _check(header, inversion.trajectory.shape == (steps,) + tuple(inversion.x0.shape)
            and inversion.inverted.shape == inversion.x0.shape, "the latent shapes do not agree")
-    log.info("TokenFlow: loaded the inversion from '%s' (%d frames, %d steps)", header.path, n, steps)
+    log.info("TokenFlow: loaded the inversion from '%s' (%d frames, %d steps, method %s)", header.path, n, steps,
+             inversion.method)
     return inversion
 
 

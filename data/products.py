@@ -33,6 +33,12 @@ class TokenFlowInversion:
     model_fingerprint: str
     frames_fingerprint: str
     family: str
+    # How it was inverted (files saved before these fields existed load with the defaults: DDIM).
+    method: str = "ddim"  # "ddim" (official, on the inversion_steps grid) or "fixed_point" (on the editing grid)
+    max_iterations: int = 0  # fixed point: the cap on evaluations per step (0 for ddim)
+    tolerance: float = 0.0  # fixed point: the residual that stops a step's iteration (0 for ddim)
+    evaluations: list[float] = field(default_factory=list)  # fixed point: evaluations per frame, each step (t ascending)
+    residuals: list = field(default_factory=list)  # fixed point: largest final residual at each step (None: 1 eval)
 
     @property
     def n_frames(self) -> int:
@@ -50,8 +56,10 @@ class TokenFlowInversion:
 
     def describe(self) -> str:
         c, h, w = self.latent_shape
+        how = (f"fixed point on the editing grid, at most {self.max_iterations} evaluations per step"
+               if self.method == "fixed_point" else f"inverted with {self.inversion_steps} DDIM steps")
         return (f"{self.n_frames} frames, latent {c}x{h}x{w}, {self.steps} steps "
-                f"(inverted with {self.inversion_steps}), model {self.model_fingerprint}, frames {self.frames_fingerprint}")
+                f"({how}), model {self.model_fingerprint}, frames {self.frames_fingerprint}")
 
 
 @dataclass
@@ -82,7 +90,9 @@ class TokenFlowCorrespondences:
 
 
 def inversion_fingerprint(inversion: TokenFlowInversion) -> str:
-    return f"{inversion.model_fingerprint}:{inversion.frames_fingerprint}:{inversion.steps}"
+    """Model, frames and steps (and the method when it is not DDIM: fingerprints of DDIM inversions are unchanged)."""
+    method = "" if inversion.method == "ddim" else f":{inversion.method}"
+    return f"{inversion.model_fingerprint}:{inversion.frames_fingerprint}:{inversion.steps}{method}"
 
 
 def extracted_from(inversion_fp: str | None, model_fp: str | None, inversion: TokenFlowInversion) -> bool:

@@ -222,3 +222,31 @@ def make_controlnet(family: str = "sd15", seed: int = 0, model_channels: int = 3
     init_weights(control_model, seed)
     control_model.eval()
     return comfy.controlnet.ControlNet(control_model, load_device=CPU)
+
+
+def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> dict:
+    """A LATENT of ``n`` random frames (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(n, channels, size, size, generator=g)}
+
+
+def float64_copy(model_patcher):
+    """A float64 copy of a tiny UNet ModelPatcher (the original is untouched).
+
+    The tiny random UNets' 1x1-pixel GroupNorms amplify float32 rounding enormously, so results of
+    two call layouts (which frames and branches share a UNet call) differ visibly in float32
+    though the arithmetic is the same; in float64 they agree.
+    """
+    import copy
+
+    model = model_patcher.clone()
+    model.model = copy.deepcopy(model_patcher.model)
+    model.model.diffusion_model.to(torch.float64)
+    model.model.diffusion_model.dtype = torch.float64
+    return model
+
+
+def double(conditioning):
+    """A CONDITIONING with float64 tensors."""
+    return [[c.double(), extra] for c, extra in conditioning]
+

@@ -78,9 +78,16 @@ def check_flow_conditioning(conditioning: list, model, name: str) -> None:
 
 @torch.no_grad()
 def run_flow_inversion(model, latent: dict, conditioning: list, steps: int, inversion_steps: int,
-                       frame_batch: int = 0) -> TokenFlowInversion:
-    """Invert every frame of ``latent`` with ``inversion_steps`` Euler steps; keep x at the ``steps`` editing levels."""
+                       frame_batch: int = 0, method: str = "ddim", max_iterations: int = 0,
+                       tolerance: float = 0.0) -> TokenFlowInversion:
+    """Invert every frame of ``latent`` with ``inversion_steps`` Euler steps; keep x at the ``steps`` editing levels.
+
+    ``method`` must be "ddim" (the step-wise inversion: Euler here); ``max_iterations`` / ``tolerance`` belong to
+    the UNets' fixed-point method and are not used."""
     layout = check_supported(model, sampling=FLOW)
+    if method != "ddim":
+        raise ValueError(f"method: {method!r} inverts SD UNets (DDIM); a {layout.family} model is inverted by Euler "
+                         "steps on its own sigmas: set method to ddim (inversion_steps then sets the Euler steps)")
     check_inversion_covers(steps, inversion_steps)
     samples = check_latent_frames(latent, "latent", model.model.latent_format.latent_channels)
     check_not_joint_edit_model(model)

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{schedule.MAX_STEPS} (1000 would pass the end of the model's schedule; {schedule.MAX_STEPS} is "
                    f"the finest grid, the paper's 1000; 50 is a fast preview). Rule: "
                    f"{schedule.step_grid_rule('--steps', '--inversion-steps')}")
+    p.add_argument("--inversion-method", choices=schedule.INVERSION_METHODS, default="ddim", help="ddim: the "
+                   "official code's DDIM inversion on the grid of --inversion-steps; fixed_point: exact inversion on "
+                   "the editing grid of --steps (--inversion-steps is not used), each step solved by fixed-point "
+                   "iteration (see benchmarks/README.md for the measured cost and reconstruction)")
+    p.add_argument("--max-iterations", type=int, default=schedule.DEFAULT_MAX_ITERATIONS, help="fixed_point: most "
+                   f"model evaluations per editing step (1 to {schedule.MAX_ITERATIONS_LIMIT})")
+    p.add_argument("--tolerance", type=float, default=schedule.DEFAULT_TOLERANCE, help="fixed_point: relative "
+                   "residual that ends a step's iteration (0: always --max-iterations)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="frames per batch; one keyframe per batch per step")
     p.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale")
@@ -126,8 +134,15 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not args.prompt:
         return "error: no edit prompt given: pass --prompt 'what the video should become'."
     try:
-        _schedule().check_inversion_covers(args.steps, args.inversion_steps, steps_name="--steps",
-                                           inversion_name="--inversion-steps")
+        schedule = _schedule()
+        schedule.check_fixed_point_settings(args.inversion_method, args.max_iterations, args.tolerance,
+                                            method_name="--inversion-method", iterations_name="--max-iterations",
+                                            tolerance_name="--tolerance")
+        if args.inversion_method == "fixed_point":  # inverts on the editing grid: --inversion-steps is not used
+            schedule.check_step_count(args.steps, "--steps")
+        else:
+            schedule.check_inversion_covers(args.steps, args.inversion_steps, steps_name="--steps",
+                                            inversion_name="--inversion-steps")
     except ValueError as e:
         return f"error: {e}."
     if args.editor == "controlnet" and not args.controlnet:
@@ -140,6 +155,12 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.threads < 0:
         return "error: --threads must be >= 0 (0: automatic)."
     return None
+
+
+def inversion_words(args: argparse.Namespace) -> str:
+    if args.inversion_method == "fixed_point":
+        return f"fixed point on the editing grid, at most {args.max_iterations} evaluations per step"
+    return f"{args.inversion_steps} DDIM steps"
 
 
 def _schedule() -> ModuleType:
@@ -194,7 +215,8 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, cont
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": args.negative, "clip": ["1", 1]}},
         "7": {"class_type": "TokenFlowInvert", "inputs": {
             "model": ["1", 0], "latent": ["3", 0], "conditioning": ["4", 0], "steps": args.steps,
-            "inversion_steps": args.inversion_steps, "frame_batch": args.frame_batch}},
+            "inversion_steps": args.inversion_steps, "frame_batch": args.frame_batch,
+            "method": args.inversion_method, "max_iterations": args.max_iterations, "tolerance": args.tolerance}},
         "8": {"class_type": "TokenFlowSampler", "inputs": {
             "model": ["1", 0], "positive": ["5", 0], "negative": ["6", 0], "inversion": ["7", 0],
             "editor": args.editor, "cfg": args.cfg, "batch_size": args.batch_size, "keyframes": "random",
@@ -325,7 +347,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             comfy.utils.set_progress_bar_global_hook(console.progress)
             executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
             print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
-                  f"(inversion {args.inversion_steps}), batch {args.batch_size}", flush=True)
+                  f"(inversion {inversion_words(args)}), batch {args.batch_size}", flush=True)
             executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
         console._end_line()
         if stop.requested or any(event == "execution_interrupted" for event, _ in executor.status_messages):
@@ -361,10 +383,19 @@ _FLAGS = {
     ("2", "size_multiple"): "--size-multiple", ("2", "video"): "--video", ("2", "path"): "--video",
     ("4", "text"): "--inversion-prompt", ("5", "text"): "--prompt", ("6", "text"): "--negative",
     ("7", "steps"): "--steps", ("7", "inversion_steps"): "--inversion-steps", ("7", "frame_batch"): "--frame-batch",
-    ("8", "editor"): "--editor", ("8", "cfg"): "--cfg", ("8", "pnp_attn_t"): "--pnp-attn-t", ("8", "pnp_f_t"): "--pnp-f-t",
-    ("8", "sdedit_start"): "--sdedit-start", ("8", "batch_size"): "--batch-size", ("8", "seed"): "--seed",
+    ("7", "method"): "--inversion-method", ("7", "max_iterations"): "--max-iterations", ("7", "tolerance"): "--tolerance",
+    ("8", "editor"): "--editor", ("8", "cfg"): "--cfg", ("8", "batch_size"): "--batch-size", ("8", "seed"): "--seed",
     ("13", "control_net_name"): "--controlnet", ("14", "strength"): "--controlnet-strength",
-}
+}  # the editors' settings (--pnp-attn-t, ...) are added from their declarations by _flag_of
+
+
+def _flag_of(node_id: str, name: str) -> str | None:
+    """The runner's option that sets input ``name`` of graph node ``node_id``."""
+    if node_id == "8":
+        declared = {setting.name: setting.flag for setting in editor_settings()}
+        if name in declared:
+            return declared[name]
+    return _FLAGS.get((node_id, name))
 # The loader's input names in its messages -> the runner's options (longest first).
 _LOADER_WORDS = (("frame_load_cap", "--frames"), ("skip_first_frames", "--skip-frames"),
                  ("select_every_nth", "--every-nth"), ("size_multiple", "--size-multiple"),
@@ -386,7 +417,7 @@ def _validation_errors(error: dict, node_errors: dict | None) -> list[str]:
         for e in info.get("errors", []):
             extra = e.get("extra_info") or {}
             name = extra.get("input_name")
-            flag = _FLAGS.get((str(node_id), name))
+            flag = _flag_of(str(node_id), name)
             if flag is None:
                 lines.append(f"error: {info.get('class_type')}: {e.get('message')}: {e.get('details')}")
                 continue

@@ -1,37 +1,11 @@
 """Shared set-up for the TokenFlow integration tests: tiny clips and one-call runs of each stage."""
 from __future__ import annotations
 
-import torch
-
 import tiny_models
+from tiny_models import double, float64_copy, random_latent  # noqa: F401  (shared with the benchmarks)
 from comfyui_tokenflow.engine import correspondence_runner, edit_plan, inversion_runner, tokenflow_runner
 
 STEPS, INVERSION_STEPS = 5, 10  # editing timesteps 801..1 on the inversion grid 1, 101, ..., 901
-
-
-def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"samples": torch.randn(n, channels, size, size, generator=g)}
-
-
-def float64_copy(model_patcher):
-    """A float64 copy of a tiny UNet ModelPatcher (the original is untouched).
-
-    The tiny random UNets' 1x1-pixel GroupNorms amplify float32 rounding enormously, so results of
-    two call layouts (which frames and branches share a UNet call) differ visibly in float32
-    though the arithmetic is the same; in float64 they agree.
-    """
-    import copy
-
-    model = model_patcher.clone()
-    model.model = copy.deepcopy(model_patcher.model)
-    model.model.diffusion_model.to(torch.float64)
-    model.model.diffusion_model.dtype = torch.float64
-    return model
-
-
-def double(conditioning):
-    return [[c.double(), extra] for c, extra in conditioning]
 
 
 def conds(model, seeds=(11, 12, 13)):

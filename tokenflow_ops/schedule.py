@@ -19,6 +19,15 @@ STEP_GRID_RULE = ("every editing timestep must lie on the inversion grid: 1000 /
                   "{inversion} 50, 100, 200, 250, 500 or 999; {inversion} 12 with {steps} 4 does not fit)")
 
 
+# Inversion methods (TokenFlowInvert's ``method``): the official DDIM inversion on the grid of inversion_steps, and
+# the exact inversion on the editing grid (tokenflow_ops.fixed_point), with its cap and stopping tolerance.
+INVERSION_METHODS = ("ddim", "fixed_point")
+DEFAULT_MAX_ITERATIONS = 3
+MAX_ITERATIONS_LIMIT = 20
+DEFAULT_TOLERANCE = 1e-3
+TOLERANCE_LIMIT = 1.0
+
+
 def step_grid_rule(steps_name: str = "steps", inversion_name: str = "inversion_steps") -> str:
     """The step-grid rule in words, with the inputs named as the reader sees them."""
     return STEP_GRID_RULE.format(steps=steps_name, inversion=inversion_name)
@@ -126,6 +135,25 @@ def check_inversion_covers(steps: int, inversion_steps: int, *, steps_name: str 
         f"or {steps_name} to {_either(good_steps)} for {inversion_name} = {inversion_steps} (official: 50 editing "
         f"steps, 500 inversion steps){fix}"
     )
+
+
+def check_fixed_point_settings(method: str, max_iterations: int, tolerance: float, *, method_name: str = "method",
+                               iterations_name: str = "max_iterations", tolerance_name: str = "tolerance") -> None:
+    """Refuse an unknown method, an iteration cap or tolerance out of range: one line naming the input and a value."""
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"{method_name} ({method!r}) must be one of {', '.join(INVERSION_METHODS)}; 'ddim' is the "
+                         "official code's inversion, 'fixed_point' the exact inversion on the editing grid")
+    if method != "fixed_point":
+        return
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or not (
+            1 <= max_iterations <= MAX_ITERATIONS_LIMIT):
+        raise ValueError(f"{iterations_name} ({max_iterations}) must be a whole number from 1 to "
+                         f"{MAX_ITERATIONS_LIMIT}; use {DEFAULT_MAX_ITERATIONS} (1 is plain DDIM inversion on the "
+                         "editing grid)")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+            0.0 <= float(tolerance) < TOLERANCE_LIMIT):
+        raise ValueError(f"{tolerance_name} ({tolerance}) must be at least 0 and below {TOLERANCE_LIMIT:g} (a relative "
+                         f"residual; 0 always runs {iterations_name}); use {DEFAULT_TOLERANCE:g}")
 
 
 def alpha_bar_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor:
