@@ -19,7 +19,7 @@ What "agree" means, and why it holds on any CPU (tests/FP_THRESHOLDS.md lists ev
   rounds to float32 exactly where the host does). Their difference, the SPREAD, is what that
   float32 rounding does to this model and input, measured at test run time. The pack rounds at
   the same points with its own (slightly different) float64 values, so its distance from the
-  plain reference is of the same size (measured: 0.9-1.1x the spread); SLACK bounds that ratio.
+  plain reference is of the same size (measured: 0.9-1.3x the spread); SLACK bounds that ratio.
   A semantic difference (another field, a dropped injection block, other blend weights) is
   far larger: the mutation tests below prove the same check fails for each.
 - Nearest-neighbour decisions: both sides' similarities are recorded; the pack's fields must be
@@ -42,9 +42,9 @@ from official_reference import reference_edit, reference_inversion
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, double, edit, float64_copy, invert, random_latent
 
 # Bound on |ours - ref| / |ref32 - ref|: two realisations of the same float32 rounding (the pack's
-# and the reference twin's) at the same points. Measured 0.9-1.1 for the edits and up to ~3 for
+# and the reference twin's) at the same points. Measured 0.9-1.3 for the edits and up to ~3 for
 # the inversion (the pack also rounds its intermediate products there) over the CPU matrix of
-# tests/FP_THRESHOLDS.md; the mutations below are 1e2-1e5 x the spread.
+# tests/FP_THRESHOLDS.md; the mutations below are 2e6-7e6 x the spread.
 SLACK = 8.0
 # Smallest allowed (top-1 - top-2 similarity) / (max |similarity ours - reference|): a decision
 # with this margin cannot be flipped by rounding of that size. Measured: ~1e8.
@@ -227,18 +227,36 @@ def _rolled_fields(original):
     return frame_fields
 
 
+def _rolled_fields_in(original, block):
+    def tokenflow_attn1_patch(n, context, value, extra):
+        out = original(n, context, value, extra)
+        ctx = extra.get(attention_patches.PASS_KEY)
+        key = (extra["block"][0], int(extra["block"][1]), int(extra.get("block_index", 0)))
+        if ctx is not None and ctx.phase is attention_patches.Phase.FRAMES and key == block and block in ctx.bank.fields:
+            fields = ctx.bank.fields[block]
+            ctx.bank.fields[block] = (fields + 1) % fields.shape[-1]  # this block only
+        return out
+    return tokenflow_attn1_patch
+
+
 def _swapped_weights(original):
     def blend_weights(weights, dtype):
         return original(weights.flip(-1), dtype)  # w <-> 1 - w (frames with one keyframe keep theirs: same row twice)
     return blend_weights
 
 
-@pytest.mark.parametrize("mutation", ["propagation", "one PnP attention block", "blend weights"])
+@pytest.mark.parametrize("mutation", ["propagation", "propagation in the last block", "one PnP attention block",
+                                      "blend weights"])
 def test_parity_check_fails_on_a_semantic_error(setup, mutation, monkeypatch):
     """The unchanged tolerance function rejects the pack with one semantic change against the unchanged reference."""
     settings = {}
     if mutation == "propagation":
         monkeypatch.setattr(attention_patches, "frame_fields", _rolled_fields(attention_patches.frame_fields))
+    elif mutation == "propagation in the last block":
+        last = setup["layout"].transformer_blocks[-1]
+        assert last == ("output", 11, 0)
+        monkeypatch.setattr(attention_patches, "tokenflow_attn1_patch",
+                            _rolled_fields_in(attention_patches.tokenflow_attn1_patch, last))
     elif mutation == "blend weights":
         monkeypatch.setattr(attention_patches, "blend_weights", _swapped_weights(attention_patches.blend_weights))
     else:  # the default output:4-11 less its last block
