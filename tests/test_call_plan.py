@@ -92,7 +92,7 @@ def test_a_pass_split_for_memory_equals_the_unsplit_pass(tiny_sd15, monkeypatch,
         split = _one_step(tiny_sd15, pos, neg, inversion, editor=editor, batch_size=4)
     assert calls.batches == [9] + [12] * 3, "expected the keyframe call and three calls of 4 frames"
     # float32: other call batch sizes round differently (GEMM blocking); one step keeps that unamplified.
-    # Observed <= 0.03 of this bound over the CPU matrix (tests/FP_THRESHOLDS.md); a wrong split moves frames by O(1).
+    # Observed <= 0.03 of this bound (tests/FP_THRESHOLDS.md); a wrong split moves frames by O(1).
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
 
 
