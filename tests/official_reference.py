@@ -5,6 +5,14 @@ step by step, on a ComfyUI UNetModel called directly with the official three-bra
 [source, uncond, cond]: keys repeated per keyframe, full similarity matrices, attention outputs
 stored and gathered AFTER the output projection, PnP injection by copying the source slice.
 It shares no code with the pack (only ComfyUI's UNet and its public patch points).
+
+``host_dtype`` (the tests' float32 twin) rounds, at the points where ComfyUI's sampling path
+holds values in float32 whatever the UNet's dtype, to that dtype: every UNet output
+(``BaseModel._apply_model`` returns ``model_output.float()``), the inversion's state (the pack
+inverts float32 latents) and the edit's returned samples (``CFGGuider.sample`` returns
+``samples.to(torch.float32)``). The difference from the plain run measures what that rounding
+alone does to the result. ``record`` (a list) receives every nearest-neighbour decision's
+similarity rows, for the tests' margin checks.
 """
 from __future__ import annotations
 
@@ -18,7 +26,11 @@ def official_timesteps(steps: int) -> list[int]:
     return [k * ratio + 1 for k in range(steps)][::-1]
 
 
-def reference_inversion(unet, sigmas, x0, context, inversion_steps, keep):
+def _round(x, dtype):
+    return x if dtype is None else x.to(dtype).to(x.dtype)
+
+
+def reference_inversion(unet, sigmas, x0, context, inversion_steps, keep, host_dtype=None):
     """preprocess.py's ddim_inversion: eps at the TARGET timestep; returns {t: x_t} for t in keep, plus final."""
     ratio = 1000 // inversion_steps
     timesteps = [k * ratio + 1 for k in range(inversion_steps)]
@@ -27,9 +39,9 @@ def reference_inversion(unet, sigmas, x0, context, inversion_steps, keep):
     abar_prev = ABAR(sigmas, 0)
     for t in timesteps:
         abar = ABAR(sigmas, t)
-        eps = unet(x, torch.full((x.shape[0],), float(t)), context=context.repeat(x.shape[0], 1, 1))
+        eps = _round(unet(x, torch.full((x.shape[0],), float(t)), context=context.repeat(x.shape[0], 1, 1)), host_dtype)
         pred_x0 = (x - (1 - abar_prev) ** 0.5 * eps) / abar_prev ** 0.5
-        x = abar ** 0.5 * pred_x0 + (1 - abar) ** 0.5 * eps
+        x = _round(abar ** 0.5 * pred_x0 + (1 - abar) ** 0.5 * eps, host_dtype)
         abar_prev = abar
         if t in keep:
             saved[t] = x.clone()
@@ -47,6 +59,7 @@ class _OfficialState:
         self.idx = {}
         self.batch_size = 8
         self.n_batch_frames = 0
+        self.record = None  # a list: every nearest-neighbour decision is appended to it
 
 
 def _block(extra):
@@ -69,7 +82,11 @@ def _make_patches(state: _OfficialState):
                 sim1, sim2 = sim.chunk(2, dim=1)
                 state.idx[block] = (sim1.argmax(dim=-1), sim2.argmax(dim=-1), batch_idxs)
             else:
+                sim1, sim2 = sim, None
                 state.idx[block] = (sim.argmax(dim=-1), None, batch_idxs)
+            if state.record is not None:
+                state.record.append(dict(t=state.t, block=block, batch=state.batch_idx, frames=n3.shape[1],
+                                         sims=[s for s in (sim1, sim2) if s is not None]))
         return n, context, value
 
     def attn1_replace(q, k, v, extra):
@@ -130,7 +147,7 @@ def _make_patches(state: _OfficialState):
 
 def reference_edit(unet, sigmas, blocks, x0, saved, inverted, inverted_t, c_src, c_pos, c_neg, plan,
                    steps=50, editor="pnp", cfg=7.5, pnp_attn_t=0.5, pnp_f_t=0.8, start=0.9, batch_size=8,
-                   pnp_blocks=None, residual_path="output_blocks.4.0"):
+                   pnp_blocks=None, residual_path="output_blocks.4.0", record=None, host_dtype=None):
     """The official editing loop; returns the final latents (scaled, DDPM space)."""
     full = official_timesteps(steps)
     timesteps = full[int(1 - start * len(full)):] if editor == "sdedit" else full
@@ -139,6 +156,7 @@ def reference_edit(unet, sigmas, blocks, x0, saved, inverted, inverted_t, c_src,
     state = _OfficialState(pnp_blocks if pnp else set(), set(full[:int(steps * pnp_attn_t)]) if pnp else set(),
                            set(full[:int(steps * pnp_f_t)]) if pnp else set())
     state.batch_size = batch_size
+    state.record = record
     attn1_patch, attn1_replace, attn1_output_patch = _make_patches(state)
     options = {"patches": {"attn1_patch": [attn1_patch], "attn1_output_patch": [attn1_output_patch]},
                "patches_replace": {"attn1": {b: attn1_replace for b in blocks}}}
@@ -165,6 +183,7 @@ def reference_edit(unet, sigmas, blocks, x0, saved, inverted, inverted_t, c_src,
         ctx = torch.cat([c_src.repeat(nb, 1, 1), c_neg.repeat(nb, 1, 1), c_pos.repeat(nb, 1, 1)])
         opts = {k: dict(v) for k, v in options.items()}
         noise = unet(inp, torch.full((3 * nb,), float(t)), context=ctx, transformer_options=opts)
+        noise = _round(noise, host_dtype)
         _, unc, con = noise.chunk(3)
         e = unc + cfg * (con - unc)
         i = timesteps.index(t)
@@ -189,4 +208,4 @@ def reference_edit(unet, sigmas, blocks, x0, saved, inverted, inverted_t, c_src,
             x = torch.cat(outs)
     finally:
         handle.remove()
-    return x
+    return _round(x, host_dtype)

@@ -22,6 +22,7 @@ def _sample(model, positive, negative, latent: torch.Tensor, seed: int = 0, deno
 
 
 def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # sensitivity lower bound (a change must move the output by more than float32 rounding could), FP_THRESHOLDS.md
     return (a - b).abs().mean().item() > 1e-3 * max(1.0, b.abs().mean().item())
 
 
