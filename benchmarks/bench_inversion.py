@@ -10,7 +10,7 @@ Parts (``--parts``, comma-separated):
 - ``count``: a whole PnP edit (inversion + 50 editing steps, B = 8) counted in images at the UNet entry
   (a forward pre-hook on ``diffusion_model``), both methods, against the official code's count;
 - ``wall``: CPU wall time of the whole edit (pack: inversion + edit) against the official restatement
-  (``tests/official_reference.py``: 500-step inversion, the 500-step reconstruction pass its preprocess.py
+  (``devkit/official_reference.py``: 500-step inversion, the 500-step reconstruction pass its preprocess.py
   runs, the edit), in one process, as a ratio.
 
 Sizes (small for a shared 2-core machine): one frame, latent 8x8 for ``table``; ``--count-frames``
