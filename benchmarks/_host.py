@@ -155,3 +155,13 @@ def resolve_clock(clock: str, device: str, threads: int) -> str:
     if clock != "auto":
         return clock
     return "cpu" if device == "cpu" and threads == 1 else "wall"
+
+
+def start_worker(args) -> None:
+    """A benchmark worker's start: the host for ``args.device`` / ``args.threads``, then the clock of its timed
+    runs (``args.clock``, see :func:`resolve_clock`)."""
+    bootstrap(args.device, args.threads or None)
+    import _phases
+
+    _phases.set_clock(resolve_clock(args.clock, args.device, args.threads))
+

@@ -325,3 +325,27 @@ def product_sizes(work: Workload) -> dict[str, float]:
     if work.correspondences is not None:
         out["correspondences_mib"] = work.correspondences.nbytes() / 2**20
     return out
+
+
+def memory_first(device: str, memory_steps: int) -> bool:
+    """Whether a worker measures memory before timing (CPU with memory steps); if so, start a fresh heap now,
+    before anything is allocated (see :func:`memory_mode`)."""
+    first = device == "cpu" and memory_steps > 0
+    if first:
+        memory_mode()
+    return first
+
+
+def measure_memory_and_phases(work, phases: list[str], first: bool, memory_steps: int, repeats: int, log,
+                              **timing) -> dict:
+    """Memory peaks (when ``first``), then the timed phases: each phase's results with its peaks added."""
+    memory = {}
+    if first:
+        memory = measure_memory(work, phases, memory_steps)
+        timing_mode()
+        work.warm_up()  # grow the heap again, outside the timed runs
+    results = measure_phases(work, phases, repeats, log=log, **timing)
+    for phase, peaks in memory.items():
+        results[phase].update(peaks)
+    return results
+

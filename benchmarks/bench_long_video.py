@@ -74,36 +74,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_clock(args: argparse.Namespace) -> str:
-    return _host.resolve_clock(args.clock, args.device, args.threads)
-
-
 def run_worker(args: argparse.Namespace) -> None:
-    _host.bootstrap(args.device, args.threads or None)
+    _host.start_worker(args)
     import torch
 
     import _phases
     from comfyui_tokenflow.tokenflow_ops.keyframes import spread_keyframe_groups
 
-    _phases.set_clock(resolve_clock(args))
-    memory_first = args.device == "cpu" and args.memory_steps > 0
-    if memory_first:
-        _phases.memory_mode()  # before anything is allocated: a fresh heap (see _phases.memory_mode)
-
+    first = _phases.memory_first(args.device, args.memory_steps)
     work = _phases.Workload(args.model, args.device, args.worker_frames, args.latent, args.steps, args.steps,
                             batch_size=args.batch_size, max_keyframes=args.worker_max_keyframes)
     work.warm_up()
     phases = args.worker_phases.split(",")
-    memory = {}
-    if memory_first:
-        memory = _phases.measure_memory(work, phases, args.memory_steps)
-        _phases.timing_mode()
-        work.warm_up()  # grow the heap again, outside the timed runs
-    results = _phases.measure_phases(work, phases, args.repeats,
-                                     log=lambda m: print(f"[worker {args.worker_frames} frames] {m}", file=sys.stderr,
-                                                         flush=True))
-    for phase, peaks in memory.items():
-        results[phase].update(peaks)
+    results = _phases.measure_memory_and_phases(
+        work, phases, first, args.memory_steps, args.repeats,
+        lambda m: print(f"[worker {args.worker_frames} frames] {m}", file=sys.stderr, flush=True))
     info = {"machine": _host.machine_lines(work.torch_device), "threads": torch.get_num_threads(),
             "products": _phases.product_sizes(work),
             "group_size": spread_keyframe_groups(work.frames, work.batch_size, work.max_keyframes)}

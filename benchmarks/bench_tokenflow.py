@@ -131,24 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- worker: one config, some phases, in this process --------------------------------------------
-def resolve_clock(args: argparse.Namespace) -> str:
-    return _host.resolve_clock(args.clock, args.device, args.threads)
-
-
 def run_worker(args: argparse.Namespace) -> None:
-    _host.bootstrap(args.device, args.threads or None)
+    _host.start_worker(args)
     import torch
 
     import _phases
-
-    _phases.set_clock(resolve_clock(args))
     import models
 
     frames, latent = args.frames[0], args.latent[0]
     phases = args.phases.split(",")
-    memory_first = args.device == "cpu" and args.memory_steps > 0
-    if memory_first:
-        _phases.memory_mode()  # before anything is allocated: a fresh heap (see _phases.memory_mode)
+    first = _phases.memory_first(args.device, args.memory_steps)
     work = _phases.Workload(args.model, args.device, frames, latent, args.steps, args.inversion_steps or args.steps,
                             batch_size=args.batch_size, cfg=args.cfg, max_keyframes=args.max_keyframes,
                             dtype=args.dtype, inversion_frame_batch=args.inversion_frame_batch)
@@ -161,16 +153,9 @@ def run_worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     work.warm_up()
     warm_s = time.perf_counter() - start
-    memory = {}
-    if memory_first:
-        memory = _phases.measure_memory(work, phases, args.memory_steps)
-        _phases.timing_mode()
-        work.warm_up()  # grow the heap again, outside the timed runs
-    results = _phases.measure_phases(work, phases, args.repeats,
-                                     log=lambda m: print(f"[worker {frames}x{latent}] {m}", file=sys.stderr, flush=True),
-                                     mix_steps=args.mix_steps or args.steps)
-    for phase, peaks in memory.items():
-        results[phase].update(peaks)
+    results = _phases.measure_memory_and_phases(
+        work, phases, first, args.memory_steps, args.repeats,
+        lambda m: print(f"[worker {frames}x{latent}] {m}", file=sys.stderr, flush=True), mix_steps=args.mix_steps or args.steps)
     if not args.no_count:  # after the timed runs: the dispatch mode slows every op down
         for phase, counts in _phases.measure_counts(work, phases, args.count_steps).items():
             results[phase].update(counts)
@@ -307,7 +292,7 @@ def time_table(args: argparse.Namespace, configs: list[tuple[int, int, dict]]) -
 
 def report(args: argparse.Namespace, configs: list[tuple[int, int, dict]]) -> str:
     info = configs[0][2]["info"]
-    clock = resolve_clock(args)
+    clock = _host.resolve_clock(args.clock, args.device, args.threads)
     mix = args.mix_steps or args.steps
     memory = (f"separate {args.memory_steps}-step run with glibc's mmap threshold fixed at 4 KiB"
               if args.device == "cpu" and args.memory_steps else "the timed runs")

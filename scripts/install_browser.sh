@@ -24,10 +24,12 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 status=0
+chromium_runs() { [ -x "$chromium" ] && "$chromium" --version >/dev/null 2>&1; }
+chromium_version() { "$chromium" --version 2>/dev/null | head -n1; }
 
 # --- chromium -----------------------------------------------------------------------------------
-if [ -x "$chromium" ] && "$chromium" --version >/dev/null 2>&1; then
-    log "chromium: present ($("$chromium" --version 2>/dev/null | head -n1))"
+if chromium_runs; then
+    log "chromium: present ($(chromium_version))"
 else
     log "chromium: $chromium missing; installing Debian's chromium with apt-get"
     as_root=()
@@ -47,8 +49,8 @@ else
                 chromium fonts-dejavu-core >&2; }; then
         log "ERROR: apt-get install chromium failed"
         status=1
-    elif [ -x "$chromium" ] && "$chromium" --version >/dev/null 2>&1; then
-        log "chromium: installed ($("$chromium" --version 2>/dev/null | head -n1))"
+    elif chromium_runs; then
+        log "chromium: installed ($(chromium_version))"
     else
         log "ERROR: apt-get installed chromium but $chromium does not run"
         status=1

@@ -74,13 +74,15 @@ def write_frames(folder: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     return folder
 
 
-def write_mp4(path: Path, n: int = 8, size: int = 64) -> Path:
-    """A small H.264 mp4 with its index (moov) at the end, as most cameras and encoders write it."""
+def write_mp4(path: Path, n: int = 8, size: int = 64, faststart: bool = False) -> Path:
+    """A small H.264 mp4 with its index (moov) at the end, as most cameras and encoders write it; ``faststart``:
+    first, as streaming encoders write it (cut mid-file, its first frames still decode)."""
     import av
     import numpy as np
 
     frames = np.random.default_rng(1).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream("libx264", rate=20)
         stream.height = stream.width = size
         stream.pix_fmt = "yuv420p"

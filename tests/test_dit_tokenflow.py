@@ -17,19 +17,9 @@ from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
 from comfyui_tokenflow.engine.flow_sampling import sample_flow
 
 STEPS, INVERSION_STEPS = 4, 8
-FAMILIES = {
-    "flux": (tiny_dit_models.make_flux_model, tiny_dit_models.flux_conditioning, 1.0),
-    "sd3": (tiny_dit_models.make_sd3_model, tiny_dit_models.sd3_conditioning, 4.0),
-}
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(tiny_dit_models.DIT_FAMILIES))
 def world(request):
-    make, conditioning, cfg = FAMILIES[request.param]
-    model = tiny_dit_models.float64_dit(make(seed=0))
-    src, pos, neg = (conditioning(seed=s, dtype=torch.float64) for s in (1, 2, 3))
-    frames = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
-    return dict(family=request.param, model=model, src=src, pos=pos, neg=neg, cfg=cfg, frames=frames)
+    return tiny_dit_models.dit_world(request.param, 4)
 
 
 def _invert(world, samples):

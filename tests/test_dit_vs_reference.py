@@ -20,18 +20,10 @@ from dit_reference import reference_flow_edit
 
 STEPS, INVERSION_STEPS, N, GROUP = 4, 8, 5, 2
 SLACK = 20.0
-FAMILIES = {
-    "flux": (tiny_dit_models.make_flux_model, tiny_dit_models.flux_conditioning, 1.0),
-    "sd3": (tiny_dit_models.make_sd3_model, tiny_dit_models.sd3_conditioning, 4.0),
-}
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(tiny_dit_models.DIT_FAMILIES))
 def setup(request):
-    make, conditioning, cfg = FAMILIES[request.param]
-    model = tiny_dit_models.float64_dit(make(seed=0))
-    src, pos, neg = (conditioning(seed=s, dtype=torch.float64) for s in (1, 2, 3))
-    frames = torch.randn(N, 16, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    world = tiny_dit_models.dit_world(request.param, N)
+    model, src, pos, neg, cfg, frames = (world[k] for k in ("model", "src", "pos", "neg", "cfg", "frames"))
     inversion = run_flow_inversion(model, {"samples": frames}, src, STEPS, INVERSION_STEPS)
     layout = model_support.check_supported(model, sampling=model_support.FLOW)
     return dict(model=model, src=src, pos=pos, neg=neg, cfg=cfg, inversion=inversion, layout=layout)

@@ -181,20 +181,7 @@ def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, cl
 
 def _faststart_mp4(path: Path, frames: int = 14, size: int = 64) -> Path:
     """An mp4 with its index (moov) first, as streaming encoders write it: cut mid-file, its first frames decode."""
-    import av
-    import numpy as np
-
-    images = np.random.default_rng(1).integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=20)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for image in images:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return input_files.write_mp4(path, n=frames, size=size, faststart=True)
 
 
 def _bad_video(kind: str, folder: Path, clip: Path) -> Path:

@@ -128,3 +128,20 @@ def make_flux_controlnet(seed: int = 5, **overrides: Any):
     init_dit_weights(control_model, seed)
     control_model.eval()
     return comfy.controlnet.ControlNet(control_model, load_device=CPU, extra_conds=["y", "guidance"])
+
+
+# Each family's model builder, conditioning builder and cfg (Flux is guidance-distilled: cfg 1; SD3 uses cfg).
+DIT_FAMILIES = {
+    "flux": (make_flux_model, flux_conditioning, 1.0),
+    "sd3": (make_sd3_model, sd3_conditioning, 4.0),
+}
+
+
+def dit_world(family: str, n_frames: int) -> dict[str, Any]:
+    """A float64 tiny ``family`` model, source / positive / negative prompts, its cfg and ``n_frames`` latents."""
+    make, conditioning, cfg = DIT_FAMILIES[family]
+    model = float64_dit(make(seed=0))
+    src, pos, neg = (conditioning(seed=s, dtype=torch.float64) for s in (1, 2, 3))
+    frames = torch.randn(n_frames, 16, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    return dict(family=family, model=model, src=src, pos=pos, neg=neg, cfg=cfg, frames=frames)
+
