@@ -1,8 +1,8 @@
-"""Shared set-up for the TokenFlow integration tests: tiny clips and one-call runs of each stage."""
+"""Shared set-up for the TokenFlow integration tests and the benchmarks: tiny clips and one-call runs of each stage."""
 from __future__ import annotations
 
 import tiny_models
-from tiny_models import double, float64_copy, random_latent  # noqa: F401  (shared with the benchmarks)
+from tiny_models import double, float64_copy, random_latent  # noqa: F401  (re-exported for the tests)
 from comfyui_tokenflow.engine import correspondence_runner, edit_plan, inversion_runner, tokenflow_runner
 
 STEPS, INVERSION_STEPS = 5, 10  # editing timesteps 801..1 on the inversion grid 1, 101, ..., 901
