@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
+import runner_messages as messages  # scripts/runner_messages.py, beside this file
 import runner_support as support  # scripts/runner_support.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +183,11 @@ def editor_settings() -> list:
     return [d for editor in editors.EDITORS.values() for d in editor.inputs if isinstance(d, editors.EditorSetting)]
 
 
+def editor_flags() -> dict[str, str]:
+    """The sampler's editor inputs -> the runner's flags that set them (from the editors' declarations)."""
+    return {setting.name: setting.flag for setting in editor_settings()}
+
+
 def _help(text: str) -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
@@ -333,10 +337,10 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         prompt_id = str(uuid.uuid4())
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid:
-            for line in _validation_errors(error, node_errors):
+            for line in messages.validation_errors(error, node_errors, editor_flags()):
                 print(line, file=sys.stderr)
             return 2
-        size_note = _size_note(args, video)
+        size_note = messages.size_note(args, video)
         if size_note:
             print(size_note, flush=True)
 
@@ -356,7 +360,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         if not executor.success:
             for event, data in executor.status_messages:
                 if event == "execution_error":  # with --verbose the executor has logged the traceback already
-                    print(_node_error(args, data, inputs), file=sys.stderr)
+                    print(messages.node_error(args, data, inputs), file=sys.stderr)
             return 1
         saved = [item for item in executor.history_result.get("outputs", {}).get(save_id, {}).get("images", [])
                  if isinstance(item, dict)]
@@ -371,111 +375,6 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-# Graph nodes that load a file given on the command line: their errors name the option and the file.
-_FILE_NODES = {"1": "--checkpoint", "13": "--controlnet"}
-# (node id in build_prompt, input name) -> the runner's option that sets it.
-_FLAGS = {
-    ("1", "ckpt_name"): "--checkpoint",
-    ("2", "frame_load_cap"): "--frames", ("2", "skip_first_frames"): "--skip-frames",
-    ("2", "select_every_nth"): "--every-nth", ("2", "width"): "--width", ("2", "height"): "--height",
-    ("2", "size_multiple"): "--size-multiple", ("2", "video"): "--video", ("2", "path"): "--video",
-    ("4", "text"): "--inversion-prompt", ("5", "text"): "--prompt", ("6", "text"): "--negative",
-    ("7", "steps"): "--steps", ("7", "inversion_steps"): "--inversion-steps", ("7", "frame_batch"): "--frame-batch",
-    ("7", "method"): "--inversion-method", ("7", "max_iterations"): "--max-iterations", ("7", "tolerance"): "--tolerance",
-    ("8", "editor"): "--editor", ("8", "cfg"): "--cfg", ("8", "batch_size"): "--batch-size", ("8", "seed"): "--seed",
-    ("13", "control_net_name"): "--controlnet", ("14", "strength"): "--controlnet-strength",
-}  # the editors' settings (--pnp-attn-t, ...) are added from their declarations by _flag_of
-
-
-def _flag_of(node_id: str, name: str) -> str | None:
-    """The runner's option that sets input ``name`` of graph node ``node_id``."""
-    if node_id == "8":
-        declared = {setting.name: setting.flag for setting in editor_settings()}
-        if name in declared:
-            return declared[name]
-    return _FLAGS.get((node_id, name))
-# The loader's input names in its messages -> the runner's options (longest first).
-_LOADER_WORDS = (("frame_load_cap", "--frames"), ("skip_first_frames", "--skip-frames"),
-                 ("select_every_nth", "--every-nth"), ("size_multiple", "--size-multiple"),
-                 ("width/height", "--width/--height"), ("width", "--width"), ("height", "--height"))
-
-
-def _flag_words(message: str) -> str:
-    """The loader's advice in the runner's words: ``frame_load_cap=14`` -> ``--frames 14``, ``width`` -> ``--width``."""
-    for word, flag in _LOADER_WORDS:
-        message = re.sub(rf"(?<![\w-]){re.escape(word)}=", flag + " ", message)
-        message = re.sub(rf"(?<![\w/-]){re.escape(word)}(?![\w/])", flag, message)
-    return message
-
-
-def _validation_errors(error: dict, node_errors: dict | None) -> list[str]:
-    """ComfyUI's refusal of the graph, one line per input, named by the runner's option."""
-    lines = []
-    for node_id, info in (node_errors or {}).items():
-        for e in info.get("errors", []):
-            extra = e.get("extra_info") or {}
-            name = extra.get("input_name")
-            flag = _flag_of(str(node_id), name)
-            if flag is None:
-                lines.append(f"error: {info.get('class_type')}: {e.get('message')}: {e.get('details')}")
-                continue
-            config = extra.get("input_config")
-            limits = config[1] if isinstance(config, (list, tuple)) and len(config) > 1 and \
-                isinstance(config[1], dict) else {}
-            value = extra.get("received_value")
-            if e.get("type") == "value_bigger_than_max":
-                lines.append(f"error: {flag} {value} is too large: the largest value is {limits.get('max')}.")
-            elif e.get("type") == "value_smaller_than_min":
-                lines.append(f"error: {flag} {value} is too small: the smallest value is {limits.get('min')}.")
-            else:
-                lines.append(f"error: {flag}: {e.get('message')} ({e.get('details')}).")
-    if not lines:
-        lines.append(f"error: ComfyUI refused the graph: {error.get('message')}: {error.get('details')}")
-    return lines
-
-
-def _size_note(args: argparse.Namespace, video: Path) -> str | None:
-    """Say so when --width / --height are rounded to other sizes (a multiple of --size-multiple)."""
-    if not args.width and not args.height:
-        return None
-    from comfyui_tokenflow.data import video_decode
-
-    size = support.source_size(video, video_decode)
-    if size is None:
-        return None
-    try:
-        out_w, out_h = video_decode.compute_output_size(*size, args.width, args.height, args.size_multiple)
-    except ValueError:
-        return None  # the loader refuses it with its own message
-    asked = [f"--{name} {value}" for name, value, got in (("width", args.width, out_w), ("height", args.height, out_h))
-             if value and value != got]
-    if not asked:
-        return None
-    return (f"note: {' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} rounded: the frames will be "
-            f"{out_w}x{out_h} (sizes are multiples of --size-multiple {args.size_multiple}).")
-
-
-def _node_error(args: argparse.Namespace, data: dict, inputs: dict | None = None) -> str:
-    """One line for a node's error, the whole message: a failed model load names the file, other errors their node,
-    with the user's --video path and option names instead of the temporary input file and the node's inputs."""
-    kind = str(data.get("exception_type") or "Error").rsplit(".", 1)[-1]
-    message = str(data.get("exception_message") or "").strip()
-    for seen, given in sorted((inputs or {}).items(), key=lambda item: -len(item[0])):
-        message = message.replace(seen, given)
-    if not args.verbose:  # one line, nothing cut: the advice is at the end
-        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    if str(data.get("node_id")) == "2":
-        message = _flag_words(message)
-    message = message.replace("(set width/height in TokenFlow Load Video)", "(set --width/--height)")
-    option = _FILE_NODES.get(str(data.get("node_id")))
-    hint = "" if args.verbose else " (--verbose shows the traceback)"
-    if option is not None:
-        given = args.checkpoint if option == "--checkpoint" else args.controlnet
-        return (f"error: {option} {given}: ComfyUI could not load it ({kind}: {message}); the file is damaged, "
-                f"incomplete or not a model of that kind: download it again or pick another file{hint}.")
-    return f"error in {data.get('node_type')}: {kind}: {message}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
