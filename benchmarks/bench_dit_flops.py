@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TokenFlow on Flux / SD3 against plain sampling of the same frames: model calls, aten ops and FLOPs per step.
 
-Tiny random-weight ``comfy.model_base.Flux`` / ``SD3`` models (tests/tiny_dit_models.py) on the CPU,
+Tiny random-weight ``comfy.model_base.Flux`` / ``SD3`` models (devkit/tiny_dit_models.py) on the CPU,
 at a token layout chosen by ``--latent`` (image tokens = (latent / 2)^2) and ``--text-tokens``.
 Plain: deterministic Euler from the same start (Flux at cfg 1: one branch; SD3 at cfg 4: two).
 TokenFlow: the flow edit (PnP with injection in the first half of the steps, or SDEdit), on the fly.
@@ -85,7 +85,7 @@ def main() -> None:
         frames = {"samples": torch.randn(args.frames, 16, args.latent, args.latent)}
         inversion = run_flow_inversion(model, frames, src, args.steps, args.steps)
         for editor in ("pnp", "sdedit"):
-            settings = EditSettings(editor=editor, cfg=cfg, batch_size=args.batch_size, pnp_attn_t=0.5)
+            settings = EditSettings.of(editor=editor, cfg=cfg, batch_size=args.batch_size, pnp_attn_t=0.5)
             _, levels, start = prepare_flow_edit(model, pos, neg, inversion, settings)
             steps = len(levels) - 1
             plain = _measure(lambda: sample_flow(model, pos, start, levels, neg, cfg), model)
