@@ -62,9 +62,15 @@ class TokenFlowGuider(FrameSubsetGuider):
         return self.inversion.trajectory[self.plan.trajectory_steps[step]] / _abar(self.step_sigmas[step]) ** 0.5
 
     def _source_shares_calls(self, edit_names: list[str | None]) -> bool:
-        """ComfyUI batches conds only when they carry the same ControlNet: none, for the source branch."""
-        names = [SOURCE] + [name for name in edit_names if name]
-        return not any(c.get("control") is not None for name in names for c in self.conds.get(name) or [])
+        """Whether calc_cond_batch batches the source branch with the edit branches: only conds without
+        ControlNet (the source has none) or hooks, whose model inputs concatenate (text lengths whose
+        padding stays within ComfyUI's limit). Otherwise the source branch gets calls of its own, first."""
+        source = self.conds.get(SOURCE) or []
+        edits = [c for name in edit_names if name for c in self.conds.get(name) or []]
+        if any(c.get("control") is not None or c.get("hooks") is not None for c in source + edits):
+            return False
+        return all(comfy.samplers.cond_equal_size(s.get("model_conds", {}), e.get("model_conds", {}))
+                   for s in source for e in edits)
 
     def _run_pass(self, phase: Phase, idx: range | torch.Tensor, x, source, edit_names, timestep, model_options,
                   common, n: int, separate_source: bool, stop_source_early: bool = False) -> list[torch.Tensor]:
@@ -80,9 +86,12 @@ class TokenFlowGuider(FrameSubsetGuider):
                                             **common), n, cache=cache)
             return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
                                        PassContext(phase, frames=ids, **common), n, cache=cache)
-        # Listed first, the source branch runs first should ComfyUI not batch it with the edit branches.
-        ctx = PassContext(phase, frames=ids, source_index=0, source_input=frames_of(source, idx), **common)
-        return self.calc_on_frames([SOURCE] + edit_names, x, timestep, idx, model_options, ctx, n, cache=cache)[1:]
+        # Listed LAST: short of memory, calc_cond_batch runs a call's conds in parts, last listed first
+        # (it reverses the batchable list), so the source branch still runs before the edit branches.
+        names = edit_names + [SOURCE]
+        ctx = PassContext(phase, frames=ids, source_index=len(edit_names), source_input=frames_of(source, idx),
+                          **common)
+        return self.calc_on_frames(names, x, timestep, idx, model_options, ctx, n, cache=cache)[:-1]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = self.current_step

@@ -118,3 +118,41 @@ def test_calls_are_sized_from_the_budget_not_the_clip(tiny_sd15):
     assert [len(r) for r in call_sizing.even_chunks(40, 30)] == [20, 20]
     assert [len(r) for r in call_sizing.even_chunks(5, 2)] == [2, 2, 1]
     assert [len(r) for r in call_sizing.even_chunks(7, 3)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("editor", ["pnp", "sdedit"])
+def test_comfyui_splitting_a_call_by_conds_still_runs_the_source_branch_first(tiny_sd15, monkeypatch, editor):
+    """Short of memory, ComfyUI's calc_cond_batch runs a call's conds one by one, the LAST listed first.
+
+    The source branch must still run before the edit branches of the same frames (they read its tokens
+    and PnP features), whatever the split; the result is then that of the unsplit step.
+    """
+    import comfy.model_management
+
+    src, pos, neg = conds(tiny_sd15)
+    inversion = invert(tiny_sd15, random_latent(4, seed=4), src)
+    whole = _one_step(tiny_sd15, pos, neg, inversion, editor=editor, batch_size=4)
+    one_image = tiny_sd15.model.memory_required([1, *inversion.latent_shape])
+    # calc_cond_batch runs a batch if memory_required * 1.5 < free: one cond of one frame fits, two do not.
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: one_image * 1.6)
+    with UNetEntry(tiny_sd15) as calls:
+        split = _one_step(tiny_sd15, pos, neg, inversion, editor=editor, batch_size=4)
+    assert max(calls.batches) == 1 and len(calls.batches) == 1 + 2 + 4 * 3, calls.batches
+    # float32: other call batch sizes round differently (as in the frame-split test above); a source branch
+    # run after its edit branches fails the run or moves frames by O(1).
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+
+
+def test_a_source_prompt_comfyui_cannot_batch_with_the_edit_prompt_gets_its_own_calls_first(tiny_sd15):
+    """A 5 x 77-token edit prompt does not concatenate with the 77-token inversion prompt (calc_cond_batch
+    pads text only up to 4x): the source branch then runs in calls of its own, before the edit branches."""
+    import tiny_models
+
+    src, _, neg = conds(tiny_sd15)
+    long_positive = tiny_models.make_conditioning(tiny_sd15, seed=12, n_tokens=5 * 77)
+    inversion = invert(tiny_sd15, random_latent(4, seed=4), src)
+    with UNetEntry(tiny_sd15) as calls:
+        out = _one_step(tiny_sd15, long_positive, neg, inversion, editor="pnp", batch_size=4)
+    # Keyframe pass: source (1 keyframe), then the two edit prompts apart; propagation pass: the same for 4 frames.
+    assert calls.batches == [1, 1, 1, 4, 4, 4], calls.batches
+    assert torch.isfinite(out).all()
