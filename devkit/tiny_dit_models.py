@@ -145,3 +145,13 @@ def dit_world(family: str, n_frames: int) -> dict[str, Any]:
     frames = torch.randn(n_frames, 16, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
     return dict(family=family, model=model, src=src, pos=pos, neg=neg, cfg=cfg, frames=frames)
 
+
+
+WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 32, "ffn_dim": 64, "freq_dim": 32, "text_dim": 32,
+              "num_heads": 2, "num_layers": 1, "in_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2), "text_len": 8}
+
+
+def make_wan_model(seed: int = 0):
+    """A tiny Wan 2.1 text-to-video ``model_base.WAN21`` ModelPatcher (a VIDEO model: latents (B, C, T, H, W)),
+    for the refusals: TokenFlow edits with image models."""
+    return _patcher(comfy.supported_models.WAN21_T2V(dict(WAN_CONFIG)), seed, torch.float32)

@@ -26,12 +26,23 @@ def diffusion_model_of(model_patcher) -> torch.nn.Module:
     return model_patcher.model.diffusion_model
 
 
+def _is_video_model(model_patcher) -> bool:
+    """A video model's latents have a time axis (Wan, HunyuanVideo, LTXV, Mochi, Cosmos: latent_dimensions 3)."""
+    latent_format = getattr(model_patcher.model, "latent_format", None)
+    return getattr(latent_format, "latent_dimensions", 2) == 3
+
+
 def _unsupported(model_patcher, why: str) -> ValueError:
     name = type(getattr(model_patcher.model, "diffusion_model", model_patcher.model)).__name__
+    if _is_video_model(model_patcher):
+        return ValueError(
+            f"model: the connected model is {name}, a video model (its latents have a time axis); TokenFlow "
+            "edits a video with an IMAGE model: load an SD1.x/SD2.x/SDXL or SD3.x checkpoint with Load Checkpoint, "
+            "or a Flux model with Load Diffusion Model")
     return ValueError(
-        f"TokenFlow needs a Stable Diffusion UNet (SD1.x, SD2.x or SDXL) but the connected model is {name}: {why}. "
-        "Load an SD1.x/SD2.x/SDXL checkpoint with Load Checkpoint; video models (SVD, Wan, HunyuanVideo, ...) "
-        "have no TokenFlow family adapter."
+        f"model: TokenFlow cannot edit with the connected model {name}: {why}. Load an SD1.x/SD2.x/SDXL or SD3.x "
+        "checkpoint with Load Checkpoint, or a Flux model with Load Diffusion Model; video models (SVD, Wan, "
+        "HunyuanVideo, ...) are not image models."
     )
 
 

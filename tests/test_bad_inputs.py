@@ -11,9 +11,10 @@ import torch
 
 import comfy.model_patcher
 import comfy.supported_models
+import tiny_dit_models
 import tiny_models
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-from comfyui_tokenflow.engine import inversion_runner
+from comfyui_tokenflow.engine import inversion_runner, sampling_paths
 from comfyui_tokenflow.data import product_io
 from comfyui_tokenflow.nodes import product_io_nodes, video_nodes
 from input_files import write_frames, write_mp4
@@ -53,7 +54,7 @@ def world(tiny_sd15, tiny_controlnet, clip, tmp_path_factory):
     bogus = folder / "notes.mp4"
     bogus.write_bytes(b"this is not a video, just some text saved with the wrong extension\n" * 20)
     return dict(
-        model=tiny_sd15, other=other, flux=tiny_flux(), clip=clip, other_latent=other_latent,
+        model=tiny_sd15, other=other, flux=tiny_flux(), wan=tiny_dit_models.make_wan_model(), clip=clip, other_latent=other_latent,
         other_inversion=other_inversion, other_corr=other_corr, other_model_corr=other_model_corr, x0_model=x0_model,
         inversion_file=product_io.save_inversion(clip["inversion"], folder / "inversion.safetensors"),
         corr_file=product_io.save_correspondences(clip["corr"], folder / "corr.safetensors"),
@@ -143,6 +144,9 @@ BAD_INPUTS = [
      ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
     ("model-flux-sampler", lambda w: _edit(w, model=w["flux"]),
      ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
+    ("model-wan-video-model", lambda w: sampling_paths.path_for(w["wan"]).invert(
+        w["wan"], _samples((1, 16, 2, 8, 8)), [[torch.zeros(1, 8, 32), {}]], STEPS, INVERSION_STEPS, 2),
+     ["model", "WanModel, a video model", "an IMAGE model", "Load Checkpoint", "Load Diffusion Model"]),
     ("sampler-area-conditioning", lambda w: _edit(w, pos=_with_area(w["clip"]["pos"])),
      ["positive", "Conditioning Set Area", "not supported", "Remove the Set Area node"]),
     ("inversion-area-conditioning", lambda w: _invert(w, cond=_with_area(w["clip"]["src"])),
@@ -206,7 +210,7 @@ def test_bad_input_is_refused_before_any_unet_call(world, case, monkeypatch):
     _, call, words = case
     monkeypatch.setenv("TOKENFLOW_VIDEO_MAX_BYTES", str(64 * 2**20))  # the memory case must not depend on the RAM
     progress: list = []
-    with UNetCalls(world["model"], world["other"], world["flux"]) as calls, ProgressHook(
+    with UNetCalls(world["model"], world["other"], world["flux"], world["wan"]) as calls, ProgressHook(
             lambda *a, **k: progress.append(a)):
         with pytest.raises(ValueError) as raised:
             call(world)
