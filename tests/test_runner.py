@@ -111,9 +111,14 @@ def test_ctrl_c_stops_the_sampler_at_once_and_leaves_nothing(tmp_path, tiny_file
             process.wait()
     stdout, stderr = out.rest(), err.rest()
     assert code == 130, f"exit {code}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
-    assert elapsed < 6.0, f"took {elapsed:.1f} s to stop"
+    # "At once": the sampler stops within the step it was in (progress counts frames: 5 per step; one more
+    # step allowed for the pipe's lag behind the process). The wall-clock bound only catches a hang: on a
+    # loaded 2-core CI machine the process's own exit has taken over 6 s.
+    assert elapsed < 20.0, f"took {elapsed:.1f} s to stop"
     sampler_progress = [line for line in stdout.splitlines() if re.match(r"\s+\d+/\d+ \(", line)]
     assert sampler_progress[-1].split()[0] != f"{total}/{total}", "the sampler ran to the end"
+    last_done = int(sampler_progress[-1].split("/")[0])
+    assert last_done <= done + 2 * 5, f"the sampler went on from {done} to {last_done} of {total} after Ctrl-C"
     for later in ("VAE Decode", "Create Video", "Save Video", "wrote "):
         assert later not in stdout, f"{later!r} ran after Ctrl-C:\n{stdout}"
     assert "interrupted" in stderr
