@@ -1,0 +1,113 @@
+"""Extracted correspondences on tiny real Flux and SD3 models: the on-the-fly edit without its source branch.
+
+float64 copies of the tiny models (the nearest-neighbour search must not be decided by rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import tiny_dit_models
+from comfyui_tokenflow.engine import dit_attention
+from comfyui_tokenflow.engine.correspondence_runner import run_extraction
+from comfyui_tokenflow.engine.edit_plan import EditSettings
+from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
+from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
+
+STEPS, INVERSION_STEPS, FRAMES, BATCH = 4, 8, 5, 2
+# float64 edits that differ only by the batch layout of their model calls (the source chunk present or not):
+# measured max |extracted - on the fly| / max |on the fly| = 0 on both families (bit-identical here); the bound
+# is the float64 share the whole-edit parity tests use (tests/FP_THRESHOLDS.md, "DiT extracted vs on the fly").
+SAME_EDIT_SHARE = 1e-9
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module", params=list(tiny_dit_models.DIT_FAMILIES))
+def world(request):
+    world = tiny_dit_models.dit_world(request.param, FRAMES)
+    world["inversion"] = run_flow_inversion(world["model"], {"samples": world["frames"]}, world["src"], STEPS,
+                                            INVERSION_STEPS)
+    world["corr"] = run_extraction(world["model"], world["inversion"], BATCH, "random", 1)
+    return world
+
+
+def _edit(world, editor: str, correspondences=None, **settings):
+    settings = EditSettings.of(editor=editor, cfg=world["cfg"], batch_size=BATCH, seed=1, **settings)
+    return run_flow_edit(world["model"], world["pos"], world["neg"], world["inversion"], settings,
+                         correspondences=correspondences)["samples"]
+
+
+def test_the_product_covers_every_declared_block_and_step(world):
+    corr = world["corr"]
+    tokens = (8 // 2) ** 2  # 8x8 latents, 2x2 patches
+    assert all(f.shape == (STEPS, FRAMES, 2, tokens) for f in corr.fields.values())
+    assert all(not f.is_floating_point() for f in corr.fields.values())
+    expected = {("double_block", 0, 0), ("double_block", 1, 0)}
+    expected |= {("single_block", 0, 0), ("single_block", 1, 0)} if world["family"] == "flux" else \
+        {("double_block", 0, 1)}
+    assert set(corr.fields) == expected
+
+
+@pytest.fixture(scope="module")
+def fixed_corr(world):
+    return run_extraction(world["model"], world["inversion"], BATCH, "fixed", 1)
+
+
+# PnP visits every step: its on-the-fly keyframe plan (drawn for the visited steps) is the extraction's (drawn for
+# every step). SDEdit visits the last steps only, so a random on-the-fly plan is another draw: fixed keyframes.
+@pytest.mark.parametrize("editor, keyframes", [("pnp", "random"), ("sdedit", "fixed"), ("pnp", "fixed")])
+def test_extracted_edit_equals_the_on_the_fly_edit(world, fixed_corr, editor, keyframes):
+    corr = world["corr"] if keyframes == "random" else fixed_corr
+    on_the_fly = _edit(world, editor, keyframes=keyframes)
+    extracted = _edit(world, editor, corr, keyframes=keyframes)
+    scale = on_the_fly.abs().max()
+    log.info("%s %s: extracted vs on the fly %.3g", world["family"], editor,
+             float((extracted - on_the_fly).abs().max() / scale))
+    torch.testing.assert_close(extracted, on_the_fly, rtol=0, atol=SAME_EDIT_SHARE * scale)
+
+
+def test_other_fields_change_the_edit(world):
+    """The fields are read: reversing every frame's matches changes the result (the equality above can fail)."""
+    corr = world["corr"]
+    flipped = dataclasses.replace(corr, fields={b: f.flip(-1) for b, f in corr.fields.items()})
+    reference = _edit(world, "sdedit", corr)
+    changed = _edit(world, "sdedit", flipped)
+    assert (changed - reference).abs().max() > 1e-3 * reference.abs().max()
+
+
+def test_sdedit_extracted_never_runs_the_source_branch(world, monkeypatch):
+    seen: list[tuple] = []
+    original = dit_attention._keyframe_attention
+
+    def spy(q, k, v, kernel, options, ctx, block, n_img):
+        seen.append((ctx.phase, ctx.roles(options)[0]))
+        return original(q, k, v, kernel, options, ctx, block, n_img)
+
+    monkeypatch.setattr(dit_attention, "_keyframe_attention", spy)
+    _edit(world, "sdedit", world["corr"])
+    assert seen and all(src is None for _, src in seen)
+
+
+def test_correspondences_of_another_inversion_are_refused_before_any_model_call(world):
+    other = run_flow_inversion(world["model"], {"samples": world["frames"][:3]}, world["src"], STEPS,
+                               INVERSION_STEPS)
+    corr = run_extraction(world["model"], other, BATCH, "random", 1)
+    calls = []
+    handle = world["model"].model.diffusion_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="^correspondences: .*different inversion"):
+            _edit(world, "sdedit", corr)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_fewer_steps_are_refused(world):
+    short = run_flow_inversion(world["model"], {"samples": world["frames"]}, world["src"], 2, INVERSION_STEPS)
+    with pytest.raises(ValueError, match="^correspondences: .*different inversion"):
+        run_flow_edit(world["model"], world["pos"], world["neg"], short,
+                      EditSettings.of(editor="sdedit", cfg=world["cfg"]), correspondences=world["corr"])
