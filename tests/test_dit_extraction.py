@@ -111,3 +111,33 @@ def test_fewer_steps_are_refused(world):
     with pytest.raises(ValueError, match="^correspondences: .*different inversion"):
         run_flow_edit(world["model"], world["pos"], world["neg"], short,
                       EditSettings.of(editor="sdedit", cfg=world["cfg"]), correspondences=world["corr"])
+
+
+@pytest.fixture(scope="module")
+def unet_products(tiny_sd15):
+    from tokenflow_helpers import conds, extract, invert, random_latent
+
+    src, _, _ = conds(tiny_sd15)
+    inversion = invert(tiny_sd15, random_latent(3, seed=0), src, steps=STEPS, inversion_steps=INVERSION_STEPS)
+    return dict(model=tiny_sd15, inversion=inversion, corr=extract(tiny_sd15, inversion), cond=conds(tiny_sd15))
+
+
+def test_unet_correspondences_into_a_dit_edit_are_refused(world, unet_products):
+    with pytest.raises(ValueError, match="^correspondences: .*different inversion.*connect the same"):
+        _edit(world, "sdedit", unet_products["corr"])
+
+
+def test_dit_correspondences_into_a_unet_edit_are_refused(world, unet_products):
+    from tokenflow_helpers import edit
+
+    _, pos, neg = unet_products["cond"]
+    with pytest.raises(ValueError, match="^correspondences: .*different inversion"):
+        edit(unet_products["model"], pos, neg, unet_products["inversion"], world["corr"], editor="sdedit")
+
+
+def test_extraction_refuses_another_models_inversion(world, unet_products):
+    with pytest.raises(ValueError, match="^inversion: it was made with a different model"):
+        run_extraction(world["model"], dataclasses.replace(world["inversion"], model_fingerprint="other"), BATCH,
+                       "random", 1)
+    with pytest.raises(ValueError, match="^inversion: it was made with a different model"):  # a UNet, a DiT's
+        run_extraction(unet_products["model"], world["inversion"], BATCH, "random", 1)
