@@ -141,3 +141,38 @@ def test_extraction_refuses_another_models_inversion(world, unet_products):
                        "random", 1)
     with pytest.raises(ValueError, match="^inversion: it was made with a different model"):  # a UNet, a DiT's
         run_extraction(unet_products["model"], world["inversion"], BATCH, "random", 1)
+
+
+def _ksample(model, world, latent: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """The core KSampler (euler, simple, denoise 0.5: from sigma < 1, so the frames show) on ``latent``, the same
+    noise for every frame (batch_index 0 for all)."""
+    import nodes
+
+    batch = {"samples": latent.float(), "batch_index": [0] * latent.shape[0]}
+    (out,) = nodes.KSampler().sample(model, 7, steps, world["cfg"], "euler", "simple", world["pos"], world["neg"],
+                                     batch, denoise=0.5)
+    return out["samples"].double()
+
+
+def test_joint_edit_model_shares_every_frames_image_tokens(world):
+    from comfyui_tokenflow.nodes.joint_edit_nodes import TokenFlowKeyframeJointEdit
+
+    model = world["model"]
+    joint = TokenFlowKeyframeJointEdit.execute(model).result[0]
+    frame = world["frames"][:1]
+    alone = _ksample(model, world, frame)
+    scale = alone.abs().max()
+    # Identical frames: each image query sees K copies of every key (and K copies of its text): the single frame.
+    # float64 model, float32 sampler state: measured 0 on both families; bound: the float32 state's rounding (1e-5).
+    static = _ksample(joint, world, frame.repeat(3, 1, 1, 1))
+    log.info("%s joint: static vs single frame %.3g", world["family"], float((static - alone).abs().max() / scale))
+    for i in range(3):
+        torch.testing.assert_close(static[i], alone[0], rtol=0, atol=1e-5 * scale)
+    # Different frames: each frame now depends on the others, which it does not with the plain model.
+    video = world["frames"][:3]
+    plain, shared = _ksample(model, world, video), _ksample(joint, world, video)
+    torch.testing.assert_close(plain[0], alone[0], rtol=0, atol=1e-5 * scale)
+    log.info("%s joint: shared vs plain %.3g", world["family"], float((shared - plain).abs().max() / scale))
+    # sensitivity lower bound: measured 6.9e-3 (flux) / 4.2e-2 (sd3) x scale, 70x / 400x above it
+    assert (shared[0] - plain[0]).abs().max() > 1e-4 * scale
+    assert model.model_options.get("transformer_options", {}).get("optimized_attention_override") is None
