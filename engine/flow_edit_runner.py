@@ -66,6 +66,9 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
     fingerprint = model_fingerprint(model)
     check_inversion_model(inversion, fingerprint)
     if correspondences is not None:  # another model's, video's or step count's: refused by their fingerprints
+        if not isinstance(correspondences, TokenFlowCorrespondences):
+            raise ValueError("correspondences: expected the output of TokenFlow Extract Correspondences (or Load "
+                             f"Correspondences), got {type(correspondences).__name__}; connect that node's output")
         check_correspondences(correspondences, inversion, fingerprint)
     for name, conditioning in (("positive", positive), ("negative", negative)):
         check_conditioning(conditioning, model, name)
