@@ -176,3 +176,24 @@ def test_joint_edit_model_shares_every_frames_image_tokens(world):
     # sensitivity lower bound: measured 6.9e-3 (flux) / 4.2e-2 (sd3) x scale, 70x / 400x above it
     assert (shared[0] - plain[0]).abs().max() > 1e-4 * scale
     assert model.model_options.get("transformer_options", {}).get("optimized_attention_override") is None
+
+
+def test_extraction_node_into_the_sampler_node(world):
+    """The nodes in-process: Invert -> Extract Correspondences -> Sampler equals the sampler without them."""
+    from comfyui_tokenflow.nodes import correspondence_nodes, inversion_nodes, sampler_nodes
+
+    model = world["model"]
+    inversion, _ = inversion_nodes.TokenFlowInvert.execute(model, {"samples": world["frames"]}, world["src"], STEPS,
+                                                           INVERSION_STEPS).args
+    corr, preview = correspondence_nodes.TokenFlowExtractCorrespondences.execute(model, inversion, BATCH, "random",
+                                                                                 1).args
+    assert preview.shape == (1, 64, 3 * 64, 3) and torch.isfinite(preview).all()
+
+    def sample(**extra):
+        (latent,) = sampler_nodes.TokenFlowSampler.execute(model, world["pos"], world["neg"], inversion, "pnp",
+                                                           world["cfg"], BATCH, "random", 1, pnp_attn_t=0.5,
+                                                           **extra).args
+        return latent["samples"]
+
+    on_the_fly, extracted = sample(), sample(correspondences=corr)
+    torch.testing.assert_close(extracted, on_the_fly, rtol=0, atol=SAME_EDIT_SHARE * on_the_fly.abs().max())
