@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine import dit_attention
 from comfyui_tokenflow.engine.correspondence_runner import run_extraction
 from comfyui_tokenflow.engine.edit_plan import EditSettings
 from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
@@ -19,8 +18,9 @@ from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
 
 STEPS, INVERSION_STEPS, FRAMES, BATCH = 4, 8, 5, 2
 # float64 edits that differ only by the batch layout of their model calls (the source chunk present or not):
-# measured max |extracted - on the fly| / max |on the fly| = 0 on both families (bit-identical here); the bound
-# is the float64 share the whole-edit parity tests use (tests/FP_THRESHOLDS.md, "DiT extracted vs on the fly").
+# measured max |extracted - on the fly| / max |on the fly| = 0 on both families (bit-identical here). Bound: float64
+# rounding of other GEMM blockings over 4 steps stays orders below 1e-9, while one wrong field or source input moves
+# the result by >= 1e-2 (tests/FP_THRESHOLDS.md).
 SAME_EDIT_SHARE = 1e-9
 
 log = logging.getLogger(__name__)
@@ -77,19 +77,6 @@ def test_other_fields_change_the_edit(world):
     reference = _edit(world, "sdedit", corr)
     changed = _edit(world, "sdedit", flipped)
     assert (changed - reference).abs().max() > 1e-3 * reference.abs().max()
-
-
-def test_sdedit_extracted_never_runs_the_source_branch(world, monkeypatch):
-    seen: list[tuple] = []
-    original = dit_attention._keyframe_attention
-
-    def spy(q, k, v, kernel, options, ctx, block, n_img):
-        seen.append((ctx.phase, ctx.roles(options)[0]))
-        return original(q, k, v, kernel, options, ctx, block, n_img)
-
-    monkeypatch.setattr(dit_attention, "_keyframe_attention", spy)
-    _edit(world, "sdedit", world["corr"])
-    assert seen and all(src is None for _, src in seen)
 
 
 def test_correspondences_of_another_inversion_are_refused_before_any_model_call(world):
@@ -178,8 +165,10 @@ def test_joint_edit_model_shares_every_frames_image_tokens(world):
     assert model.model_options.get("transformer_options", {}).get("optimized_attention_override") is None
 
 
-def test_extraction_node_into_the_sampler_node(world):
-    """The nodes in-process: Invert -> Extract Correspondences -> Sampler equals the sampler without them."""
+def test_extraction_node_into_the_sampler_node(world, tmp_path):
+    """The nodes in-process: Invert -> Extract Correspondences (saved and loaded) -> Sampler equals the sampler
+    without them."""
+    from comfyui_tokenflow.data import product_io
     from comfyui_tokenflow.nodes import correspondence_nodes, inversion_nodes, sampler_nodes
 
     model = world["model"]
@@ -188,6 +177,8 @@ def test_extraction_node_into_the_sampler_node(world):
     corr, preview = correspondence_nodes.TokenFlowExtractCorrespondences.execute(model, inversion, BATCH, "random",
                                                                                  1).args
     assert preview.shape == (1, 64, 3 * 64, 3) and torch.isfinite(preview).all()
+    corr = product_io.load_correspondences(product_io.save_correspondences(corr, tmp_path / "corr.safetensors"),
+                                           inversion)
 
     def sample(**extra):
         (latent,) = sampler_nodes.TokenFlowSampler.execute(model, world["pos"], world["neg"], inversion, "pnp",
