@@ -74,6 +74,10 @@ def joint_image_tokens_wrapper(executor, x, t, c_concat=None, c_crossattn=None, 
     """APPLY_MODEL wrapper: the image-token count of this call's latents, for the override."""
     adapter = transformer_options.get(JOINT_ADAPTER)
     if adapter is not None and transformer_options.get(JOINT_KEY):
+        if kwargs.get("ref_latents") is not None:  # their tokens follow the image tokens: not the adapter's layout
+            raise ValueError("positive/negative: the conditioning carries reference latents (Flux Kontext / "
+                             "ReferenceLatent), whose tokens TokenFlow Keyframe Joint Edit cannot tell from the "
+                             "frames' image tokens; remove the ReferenceLatent node or sample with the plain model")
         dm = executor.class_obj.diffusion_model
         transformer_options = {**transformer_options,
                                JOINT_IMAGE_TOKENS: adapter.image_tokens(dm, int(x.shape[-2]), int(x.shape[-1]))}

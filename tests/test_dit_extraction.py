@@ -188,3 +188,20 @@ def test_extraction_node_into_the_sampler_node(world, tmp_path):
 
     on_the_fly, extracted = sample(), sample(correspondences=corr)
     torch.testing.assert_close(extracted, on_the_fly, rtol=0, atol=SAME_EDIT_SHARE * on_the_fly.abs().max())
+
+
+def test_joint_edit_refuses_reference_latents_before_the_diffusion_model_runs(world):
+    from comfyui_tokenflow.nodes.joint_edit_nodes import TokenFlowKeyframeJointEdit
+
+    if world["family"] != "flux":
+        pytest.skip("reference latents are a Flux (Kontext) conditioning")
+    joint = TokenFlowKeyframeJointEdit.execute(world["model"]).result[0]
+    pos = [[world["pos"][0][0], {**world["pos"][0][1], "reference_latents": [torch.zeros(1, 16, 8, 8)]}]]
+    calls = []
+    handle = world["model"].model.diffusion_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="reference latents .*remove the ReferenceLatent node"):
+            _ksample(joint, {**world, "pos": pos}, world["frames"][:2])
+    finally:
+        handle.remove()
+    assert not calls
