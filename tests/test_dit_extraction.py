@@ -205,3 +205,22 @@ def test_joint_edit_refuses_reference_latents_before_the_diffusion_model_runs(wo
     finally:
         handle.remove()
     assert not calls
+
+
+def test_extraction_split_for_memory_gives_the_same_fields(world, monkeypatch):
+    """Propagation calls of 2 frames (a small memory budget) instead of one call of all frames: the same product."""
+    from comfyui_tokenflow.engine import call_sizing
+
+    per_frame = call_sizing.call_bytes(world["model"].model, 1, world["inversion"].latent_shape)
+    monkeypatch.setattr(call_sizing, "CPU_BUDGET_BYTES", int(per_frame * 2.5))
+    batches: list[int] = []
+    handle = world["model"].model.diffusion_model.register_forward_pre_hook(
+        lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        split = run_extraction(world["model"], world["inversion"], BATCH, "random", 1)
+    finally:
+        handle.remove()
+    assert batches[:4] == [len(world["corr"].keyframes[0]), 2, 2, 1]  # the keyframe call, then 5 frames in 3 calls
+    assert set(split.fields) == set(world["corr"].fields)
+    for block, fields in world["corr"].fields.items():
+        assert torch.equal(split.fields[block], fields), block
