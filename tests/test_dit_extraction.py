@@ -224,3 +224,13 @@ def test_extraction_split_for_memory_gives_the_same_fields(world, monkeypatch):
     assert set(split.fields) == set(world["corr"].fields)
     for block, fields in world["corr"].fields.items():
         assert torch.equal(split.fields[block], fields), block
+
+
+def test_the_dit_joint_edit_model_is_refused_by_the_tokenflow_stages(world):
+    from comfyui_tokenflow.nodes.joint_edit_nodes import TokenFlowKeyframeJointEdit
+
+    joint = TokenFlowKeyframeJointEdit.execute(world["model"]).result[0]
+    with pytest.raises(ValueError, match="^model: this model comes from TokenFlow Keyframe Joint Edit"):
+        run_extraction(joint, world["inversion"], BATCH, "random", 1)
+    with pytest.raises(ValueError, match="^model: this model comes from TokenFlow Keyframe Joint Edit"):
+        run_flow_edit(joint, world["pos"], world["neg"], world["inversion"], EditSettings.of(cfg=world["cfg"]))
