@@ -4,7 +4,8 @@
 Tiny random-weight ``comfy.model_base.Flux`` / ``SD3`` models (devkit/tiny_dit_models.py) on the CPU,
 at a token layout chosen by ``--latent`` (image tokens = (latent / 2)^2) and ``--text-tokens``.
 Plain: deterministic Euler from the same start (Flux at cfg 1: one branch; SD3 at cfg 4: two).
-TokenFlow: the flow edit (PnP with injection in the first half of the steps, or SDEdit), on the fly.
+TokenFlow: the flow edit (PnP with injection in the first half of the steps, or SDEdit), on the fly and with
+correspondences extracted beforehand (the extraction itself is not counted: it is made once per video and reused).
 Counts are per step, device-independent; FLOPs by ``torch.utils.flop_counter``. The widths are tiny,
 so the attention / projection split (and with it the FLOP ratio) is not a real Flux's: this shows the
 structure (calls, branches, ops), not seconds.
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import comfy.samplers  # noqa: E402
 import tiny_dit_models  # noqa: E402
+from comfyui_tokenflow.engine.correspondence_runner import run_extraction  # noqa: E402
 from comfyui_tokenflow.engine.edit_plan import EditSettings  # noqa: E402
 from comfyui_tokenflow.engine.flow_edit_runner import prepare_flow_edit, run_flow_edit  # noqa: E402
 from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion  # noqa: E402
@@ -84,6 +86,7 @@ def main() -> None:
         src, pos, neg = (cond(seed=s, tokens=args.text_tokens) for s in (1, 2, 3))
         frames = {"samples": torch.randn(args.frames, 16, args.latent, args.latent)}
         inversion = run_flow_inversion(model, frames, src, args.steps, args.steps)
+        corr = run_extraction(model, inversion, args.batch_size, "random", 0)
         for editor in ("pnp", "sdedit"):
             settings = EditSettings.of(editor=editor, cfg=cfg, batch_size=args.batch_size, pnp_attn_t=0.5)
             _, levels, start = prepare_flow_edit(model, pos, neg, inversion, settings)
@@ -91,6 +94,9 @@ def main() -> None:
             plain = _measure(lambda: sample_flow(model, pos, start, levels, neg, cfg), model)
             ours = _measure(lambda: run_flow_edit(model, pos, neg, inversion, settings), model)
             rows.append((family, editor, steps, plain, ours))
+            extracted = _measure(lambda: run_flow_edit(model, pos, neg, inversion, settings, correspondences=corr),
+                                 model)
+            rows.append((family, f"{editor} extracted", steps, plain, extracted))
     print(f"frames {args.frames}, batch_size {args.batch_size}, latent {args.latent} "
           f"({(args.latent // 2) ** 2} image tokens), {args.text_tokens} text tokens; per step")
     print("| family | editor | model calls plain / TokenFlow | aten ops × plain | FLOPs × plain |")

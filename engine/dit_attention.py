@@ -99,9 +99,9 @@ def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
     qh, kh, vh = (_to_heads(t, heads, skip) for t in (q, k, v))
     kernel = _Kernel(func, heads, kwargs)
     n_img = int(options[IMAGE_TOKENS])
-    if ctx.phase in (Phase.EXTRACT_KEYFRAMES, Phase.EXTRACT_FRAMES):
-        raise RuntimeError("TokenFlow: extracted correspondences are not available for DiT models yet")
-    if ctx.phase is Phase.KEYFRAMES:
+    # Extraction (engine/dit_extraction.py) runs the source branch alone through the same passes, so its
+    # fields are the on-the-fly ones.
+    if ctx.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
         return _keyframe_attention(qh, kh, vh, kernel, options, ctx, block, n_img)
     return _propagated_attention(qh, kh, vh, kernel, options, ctx, block, n_img)
 

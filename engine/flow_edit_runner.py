@@ -10,7 +10,9 @@ family's layout and the flow rule:
 - the start latent re-noises x0 with the inversion's final noise at the first editing sigma,
   x_s0 = (1 - s0) x0 + s0 eps, eps = (x_inv - (1 - s_inv) x0) / s_inv (the DDPM path's rule,
   restated; with inversion_steps == steps it is the inverted latent);
-- the steps are deterministic Euler (:class:`~.flow_sampling.FlowEulerSampler`) down to sigma 0.
+- the steps are deterministic Euler (:class:`~.flow_sampling.FlowEulerSampler`) down to sigma 0;
+- extracted correspondences (:mod:`.dit_extraction`) replace the source branch's nearest-neighbour
+  search: SDEdit then runs no source branch, PnP only in the keyframe pass of its injection steps.
 
 cfg: at cfg 1 ComfyUI skips the negative branch, so a step has two branches (source, edit) and
 the negative input is unused; Flux-dev is guidance-distilled (guidance comes from FluxGuidance
@@ -23,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from ..data.products import TokenFlowInversion
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
 from ..tokenflow_ops.flow_inversion import sigma_at
 from .dit_attention import install_dit_patches
 from .edit_plan import EditSettings, make_plan
@@ -32,8 +34,8 @@ from .flow_inversion_runner import check_flow_conditioning
 from .flow_sampling import FlowEulerSampler
 from .model_support import FLOW, check_supported, model_fingerprint
 from .tokenflow_runner import SOURCE, TokenFlowGuider
-from .validation import (check_conditioning, check_control_hints, check_inversion_model, check_no_area,
-                         check_not_joint_edit_model, clamp_batch_size)
+from .validation import (check_conditioning, check_control_hints, check_correspondences, check_inversion_model,
+                         check_no_area, check_not_joint_edit_model, clamp_batch_size)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,18 @@ def _example_blocks(layout) -> str:
     return ", ".join(f"'{kind}:0'" for kind in kinds)
 
 
-def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings):
+def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
+                      correspondences: TokenFlowCorrespondences | None = None):
     """Validate everything (before any model call) and build the guider, sigmas and start latent."""
     layout = check_supported(model, sampling=FLOW)
     check_not_joint_edit_model(model)
-    check_inversion_model(inversion, model_fingerprint(model))
+    fingerprint = model_fingerprint(model)
+    check_inversion_model(inversion, fingerprint)
+    if correspondences is not None:  # another model's, video's or step count's: refused by their fingerprints
+        if not isinstance(correspondences, TokenFlowCorrespondences):
+            raise ValueError("correspondences: expected the output of TokenFlow Extract Correspondences (or Load "
+                             f"Correspondences), got {type(correspondences).__name__}; connect that node's output")
+        check_correspondences(correspondences, inversion, fingerprint)
     for name, conditioning in (("positive", positive), ("negative", negative)):
         check_conditioning(conditioning, model, name)
         check_flow_conditioning(conditioning, model, name)
@@ -73,7 +82,7 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
                          "to auto (PnP on it injects attention features, chosen by pnp_attention_blocks, e.g. "
                          f"{_example_blocks(layout)})")
     settings = replace(settings, batch_size=clamp_batch_size(settings.batch_size, inversion.n_frames))
-    plan = make_plan(settings, inversion, layout, model.model.diffusion_model, None)
+    plan = make_plan(settings, inversion, layout, model.model.diffusion_model, correspondences)
     by_timestep = dict(zip(inversion.timesteps, inversion.sigmas.double().tolist()))
     levels = [by_timestep[t] for t in plan.timesteps] + [0.0]
     sigmas = torch.tensor(levels)
@@ -88,12 +97,9 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
 
 @torch.no_grad()
 def run_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
-                  correspondences=None, callback=None, trace: list | None = None) -> dict:
+                  correspondences: TokenFlowCorrespondences | None = None, callback=None, trace: list | None = None) -> dict:
     """Run the TokenFlow edit on a Flux / SD3.x model; returns a LATENT (``run_edit``'s signature)."""
-    if correspondences is not None:
-        raise ValueError("correspondences: extracted correspondences are not supported on Flux / SD3 models yet; "
-                         "disconnect the input (the sampler then matches tokens on the fly)")
-    guider, levels, start = prepare_flow_edit(model, positive, negative, inversion, settings)
+    guider, levels, start = prepare_flow_edit(model, positive, negative, inversion, settings, correspondences)
     guider.trace = trace
     guider.inner_set_conds({"positive": positive, "negative": negative, SOURCE: inversion.conditioning})
     latent_image = model.model.process_latent_out(start)

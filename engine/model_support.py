@@ -61,9 +61,9 @@ def check_supported(model_patcher, sampling: str = DDPM) -> ModelLayout:
         name = type(diffusion_model_of(model_patcher)).__name__
         raise ValueError(
             f"model: this TokenFlow step needs a Stable Diffusion UNet (SD1.x, SD2.x or SDXL) but the connected "
-            f"model is {name}, a {layout.sampling} DiT of family {layout.family!r}. TokenFlow DDIM Inversion, "
-            "TokenFlow Sampler and TokenFlow Load Inversion take it; correspondence extraction and the joint "
-            "keyframe edit do not yet (disconnect them, the sampler matches tokens on the fly), or Load an "
+            f"model is {name}, a {layout.sampling} DiT of family {layout.family!r}. The TokenFlow nodes (DDIM "
+            "Inversion, Extract Correspondences, Sampler, Keyframe Joint Edit, Load Inversion) take it through "
+            "its flow path; this DDIM-only step does not: connect the model to those nodes, or Load an "
             "SD1.x/SD2.x/SDXL checkpoint with Load Checkpoint." if sampling == DDPM else
             f"model: this path needs a {sampling} model but the connected model ({name}, family "
             f"{layout.family!r}) follows the {layout.sampling} rule; use the TokenFlow DDIM nodes for it")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .attention_patches import JOINT_KEY, install_tokenflow_patches
+from .families.base import FLOW
 from .model_support import ModelLayout, check_supported
 
 
@@ -13,7 +14,19 @@ def patched_clone(model_patcher, layout: ModelLayout):
 
 
 def joint_edit_model(model_patcher):
-    """The Keyframe Joint Edit's model: self-attention extended across every frame of the batch it samples."""
+    """The Keyframe Joint Edit's model: self-attention extended across every frame of the batch it samples.
+
+    The patch follows the sampling rule the model's family layout declares: the UNets' ``attn1``
+    replacement, or a flow DiT's image-token joint attention (:mod:`.dit_joint_attention`).
+    """
+    from .sampling_paths import path_for  # local: it imports the runners
+
+    if path_for(model_patcher).sampling == FLOW:
+        from .dit_joint_attention import install_dit_joint_patches
+
+        patched = model_patcher.clone()
+        install_dit_joint_patches(patched, check_supported(model_patcher, sampling=FLOW))
+        return patched
     patched = patched_clone(model_patcher, check_supported(model_patcher))
     patched.model_options.setdefault("transformer_options", {})[JOINT_KEY] = True
     return patched

@@ -7,7 +7,6 @@ from ..engine.patched_model import joint_edit_model
 from .common import CATEGORY
 
 
-
 class TokenFlowKeyframeJointEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -17,10 +16,12 @@ class TokenFlowKeyframeJointEdit(io.ComfyNode):
             category=CATEGORY,
             description="Returns a model whose self-attention is extended across every frame of the batch it samples: "
                         "each frame attends to the keys/values of all frames (TokenFlow's joint keyframe edit, and the "
-                        "paper's 'joint attention' ablation). Feed it a few keyframes for a fast preview of the look. "
+                        "paper's 'joint attention' ablation). On Flux / SD3.x every frame's image tokens are shared "
+                        "and each frame keeps its own text. Feed it a few keyframes for a fast preview of the look. "
                         "Cost grows with the square of the frame count.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to patch (it is cloned, never changed)."),
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL, Flux or SD3.x model to patch (it is "
+                                                "cloned, never changed)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The patched clone; use it with any sampler."),

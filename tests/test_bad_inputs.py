@@ -140,8 +140,8 @@ BAD_INPUTS = [
      ["latent", "Set Latent Noise Mask", "remove the mask node"]),
     ("model-flux-inversion", lambda w: _invert(w, model=w["flux"], latent=_samples((N, 16, 8, 8))),
      ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
-    ("model-flux-extraction", lambda w: extract(w["flux"], w["clip"]["inversion"]),
-     ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
+    ("model-flux-extraction", lambda w: extract(w["flux"], w["clip"]["inversion"]),  # flow path: another model's
+     ["inversion", "different model", "invert the video with the same checkpoint"]),
     ("model-flux-sampler", lambda w: _edit(w, model=w["flux"]),
      ["model is Flux", "DiT", "Load an SD1.x/SD2.x/SDXL checkpoint"]),
     ("model-wan-video-model", lambda w: sampling_paths.path_for(w["wan"]).invert(

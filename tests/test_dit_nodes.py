@@ -74,7 +74,7 @@ def test_at_cfg_1_the_negative_is_unused(flux):
      ["pnp_attention_blocks", "names no transformer block"]),
     ("sd-text-embeddings", dict(positive=[[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]),
      ["positive", "768 wide", "DualCLIPLoader"]),
-    ("extracted-correspondences", dict(correspondences=object()), ["correspondences", "not supported on Flux"]),
+    ("not-correspondences", dict(correspondences=object()), ["correspondences", "TokenFlow Extract Correspondences"]),
 ])
 def test_flux_refusals_come_before_any_model_call(flux, case, overrides, words):
     pos = overrides.pop("positive", flux["pos"])
