@@ -26,6 +26,7 @@ test_tokenflow_vs_official.py (tests/FP_THRESHOLDS.md lists every threshold):
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -60,7 +61,8 @@ def _assert_within_precision(ours: torch.Tensor, ref: torch.Tensor, ref32: torch
     assert spread > 0, "the float32 twin equals the reference: the spread measures nothing"
     tolerance = SLACK * spread  # cause: the host's float32 state and casts (see the module docstring)
     diff = (ours.double() - ref).abs().max().item()
-    _report(f"diff={diff:.3g} spread={spread:.3g} ratio={diff / spread:.3g}")
+    twin = (ours.double() - ref32).abs().max().item()
+    _report(f"diff={diff:.3g} spread={spread:.3g} ratio={diff / spread:.3g} |ours - ref32|={twin:.3g}")
     assert diff <= tolerance, (f"max |ours - reference| = {diff:.3g} > {tolerance:.3g} "
                                f"({diff / spread:.3g} x the float32 rounding spread {spread:.3g})")
     return diff / spread
@@ -272,9 +274,19 @@ def test_parity_check_fails_on_a_semantic_error(setup, mutation, monkeypatch):
 
 # -- text-token queries -------------------------------------------------------------------------------------
 
+def _explicit_attention(q, k, v, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """Matmul-softmax attention of one call, float64, (B, T, H*D) out: the host kernel's rounding is measured on it."""
+    q, k, v = (t if skip_reshape else t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    return (weights @ v.double()).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
 def test_text_queries_attend_as_in_plain_sampling(setup, monkeypatch):
-    """In every attention call of both passes (PnP on), the text-token rows of the pack's output equal plain
-    attention of the call's own tokens (each frame's own text and image tokens); its image rows do not."""
+    """In every attention call of both passes (PnP on in every step), the text-token rows of the pack's output are
+    plain attention of the call's own tokens (each frame's own text and image tokens); its image rows are not.
+
+    Bound: SLACK x the host kernel's own float64 rounding on these calls (|kernel - matmul softmax|, measured
+    here); the image rows, which TokenFlow changes, must exceed it by far, so the comparison can fail."""
     calls = []
     original = dit_attention.dit_attention_override
 
@@ -284,18 +296,24 @@ def test_text_queries_attend_as_in_plain_sampling(setup, monkeypatch):
         ctx = options.get(attention_patches.PASS_KEY)
         if ctx is not None and dit_attention.BLOCK_TAG in options:
             plain = func(q, k, v, heads, *args, **kwargs)
+            explicit = _explicit_attention(q, k, v, heads, bool(kwargs.get("skip_reshape", False)))
             n_txt = out.shape[1] - int(options[dit_attention.IMAGE_TOKENS])
-            calls.append((ctx.phase, n_txt, out[:, :n_txt] - plain[:, :n_txt], out[:, n_txt:] - plain[:, n_txt:]))
+            calls.append(dict(phase=ctx.phase, n_txt=n_txt, text=(out - plain)[:, :n_txt].abs().max().item() if n_txt
+                              else 0.0, image=(out - plain)[:, n_txt:].abs().max().item(),
+                              kernel=(plain.double() - explicit).abs().max().item()))
         return out
 
     monkeypatch.setattr(dit_attention, "dit_attention_override", override)
     _run_pack(setup, "pnp", 1.0)
     monkeypatch.undo()
-    phases = {c[0] for c in calls if c[1] > 0}
+    phases = {c["phase"] for c in calls if c["n_txt"] > 0}
     assert phases == {attention_patches.Phase.KEYFRAMES, attention_patches.Phase.FRAMES}
-    worst_text = max(c[2].abs().max().item() for c in calls if c[1] > 0)
-    assert worst_text == 0.0, f"text-token queries differ from plain attention by {worst_text:.3g}"
-    for phase in phases:  # the comparison can fail: the image rows of the same calls are not plain attention
-        image = max(c[3].abs().max().item() for c in calls if c[0] is phase)
-        _report(f"text rows vs plain: {worst_text:.3g}; {phase.value} image rows vs plain: {image:.3g}")
-        assert image > 1e-3, f"{phase}: image rows equal plain attention ({image:.3g}); the check would see nothing"
+    kernel = max(c["kernel"] for c in calls)
+    assert kernel > 0, "the host kernel equals the matmul softmax: the rounding bound measures nothing"
+    text = max(c["text"] for c in calls)
+    _report(f"text rows vs plain: {text:.3g} (kernel rounding {kernel:.3g}, ratio {text / kernel:.3g})")
+    assert text <= SLACK * kernel, f"text-token queries differ from plain attention by {text:.3g} > {SLACK} x {kernel:.3g}"
+    for phase in phases:
+        image = max(c["image"] for c in calls if c["phase"] is phase)
+        _report(f"{phase.value} image rows vs plain: {image:.3g} ({image / kernel:.3g} x the kernel rounding)")
+        assert image > 1e3 * SLACK * kernel, f"{phase}: image rows are plain attention ({image:.3g}); the check sees nothing"
