@@ -19,8 +19,8 @@ test_tokenflow_vs_official.py (tests/FP_THRESHOLDS.md lists every threshold):
   two sides' similarities (float64 rounding: the source branch's input is the same float32
   trajectory on both sides), so no decision is a tie that summation order could decide.
 - The same tolerance function rejects the pack with one semantic change (rolled fields, no
-  propagation, no PnP injection in a block, swapped blend weights, SD3.5's second attention not
-  extended): test_parity_check_fails_on_a_semantic_error.
+  propagation, no PnP injection, PnP in one of the reference's two blocks, swapped blend weights,
+  SD3.5's second attention not extended): test_parity_check_fails_on_a_semantic_error.
 - Text-token queries attend as in plain sampling, in both passes:
   test_text_queries_attend_as_in_plain_sampling.
 """
@@ -99,9 +99,18 @@ def _edit_timesteps(editor: str) -> list[int]:
     return schedule.sdedit_timesteps(STEPS, 0.9) if editor == "sdedit" else schedule.editing_timesteps(STEPS)
 
 
-def _references(setup, editor: str, pnp_attn_t: float) -> dict:
+def _two_pnp_blocks(layout) -> tuple[set, str]:
+    """The default PnP attentions plus every attention of the first block: the set and its pnp_attention_blocks text."""
+    first, last = layout.transformer_blocks[0], layout.default_pnp_attention[-1]
+    assert first[:2] != last[:2]
+    chosen = {b for b in layout.transformer_blocks if b[:2] == first[:2]} | set(layout.default_pnp_attention)
+    return chosen, f"{first[0]}:{first[1]}, {last[0]}:{last[1]}"
+
+
+def _references(setup, editor: str, pnp_attn_t: float, pnp: set | None = None) -> dict:
     """The plain reference, its float32 twin and both runs' nearest-neighbour similarities (cached per setting)."""
-    key = (editor, pnp_attn_t)
+    pnp = set(setup["layout"].default_pnp_attention) if pnp is None else pnp
+    key = (editor, pnp_attn_t, tuple(sorted(pnp)))
     if key not in setup["references"]:
         model, inv, layout, table = setup["model"], setup["inversion"], setup["layout"], setup["table"]
         timesteps = _edit_timesteps(editor)
@@ -112,7 +121,7 @@ def _references(setup, editor: str, pnp_attn_t: float) -> dict:
             neg=setup["neg"], cfg=setup["cfg"], keyframe_plan=keyframes.keyframe_plan(N, GROUP, len(timesteps), 1),
             group=GROUP, n_img=layout.adapter.image_token_count(model, inv.latent_shape),
             blocks=list(dict.fromkeys((b[0], b[1]) for b in layout.transformer_blocks)),
-            pnp=set(layout.default_pnp_attention), pnp_t=pnp_attn_t if editor == "pnp" else 0.0,
+            pnp=pnp, pnp_t=pnp_attn_t if editor == "pnp" else 0.0,
             injects=layout.adapter.pnp_injects)
         records = {"plain": {}, "float32": {}}
         ref = reference_flow_edit(model, record=records["plain"], **kwargs)
@@ -195,21 +204,26 @@ def _levels(setup, editor: str) -> list[float]:
     return [sigma_at(setup["table"], t) for t in _edit_timesteps(editor)]
 
 
-@pytest.mark.parametrize("editor,pnp_attn_t", [("pnp", 0.5), ("pnp", 0.0), ("pnp", 1.0), ("sdedit", 0.0)])
-def test_edit_matches_the_independent_restatement(setup, editor, pnp_attn_t, monkeypatch):
+@pytest.mark.parametrize("editor,pnp_attn_t,blocks", [("pnp", 0.5, "default"), ("pnp", 0.0, "default"),
+                                                      ("pnp", 1.0, "default"), ("pnp", 0.5, "two"),
+                                                      ("sdedit", 0.0, "default")])
+def test_edit_matches_the_independent_restatement(setup, editor, pnp_attn_t, blocks, monkeypatch):
     """Same inversion products and keyframe plan, fields on the fly: the reference's latents and fields."""
+    pnp, settings = None, {}
+    if blocks == "two":  # PnP in the default attention and in the first block's
+        pnp, settings["pnp_attention_blocks"] = _two_pnp_blocks(setup["layout"])
     pack_records = _record_pack_fields(monkeypatch, _levels(setup, editor))
-    ours = _run_pack(setup, editor, pnp_attn_t)
+    ours = _run_pack(setup, editor, pnp_attn_t, **settings)
     monkeypatch.undo()
-    references = _references(setup, editor, pnp_attn_t)
+    references = _references(setup, editor, pnp_attn_t, pnp)
     _check_decisions(pack_records, references, len(setup["layout"].transformer_blocks), len(_edit_timesteps(editor)))
     _assert_within_precision(ours, references["ref"], references["ref32"])
 
 
 # -- the same check fails on semantic errors ------------------------------------------------------------------
 
-MUTATIONS = ["rolled fields", "no propagation", "no PnP injection in a block", "blend weights",
-             "second attention not extended"]
+MUTATIONS = ["rolled fields", "no propagation", "no PnP injection", "no PnP injection in one of two blocks",
+             "blend weights", "second attention not extended"]
 
 
 def _mutate(setup, mutation: str, monkeypatch) -> dict:
@@ -235,9 +249,11 @@ def _mutate(setup, mutation: str, monkeypatch) -> dict:
                             lambda weights, dtype: original_weights(weights.flip(-1), dtype))  # w <-> 1 - w
     elif mutation == "second attention not extended":
         _plain_keyframes_in_second_attention(monkeypatch)
-    else:  # the default PnP attentions less the last one
-        kept = setup["layout"].default_pnp_attention[:-1]
-        return {"pnp_attention_blocks": ", ".join(f"{b[0]}:{b[1]}" for b in kept) or "none"}
+    elif mutation == "no PnP injection":  # in the default attentions (one block in the tiny models)
+        return {"pnp_attention_blocks": "none"}
+    else:  # the reference injects in two blocks (_two_pnp_blocks), the pack in the first only
+        first = setup["layout"].transformer_blocks[0]
+        return {"pnp_attention_blocks": f"{first[0]}:{first[1]}"}
     return {}
 
 
@@ -267,7 +283,8 @@ def test_parity_check_fails_on_a_semantic_error(setup, mutation, monkeypatch):
     settings = _mutate(setup, mutation, monkeypatch)
     ours = _run_pack(setup, "pnp", 0.5, **settings)
     monkeypatch.undo()
-    references = _references(setup, "pnp", 0.5)
+    two = mutation == "no PnP injection in one of two blocks"
+    references = _references(setup, "pnp", 0.5, _two_pnp_blocks(setup["layout"])[0] if two else None)
     with pytest.raises(AssertionError, match="float32 rounding spread"):
         _assert_within_precision(ours, references["ref"], references["ref32"])
 
