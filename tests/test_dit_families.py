@@ -5,7 +5,7 @@ import pytest
 
 import tiny_dit_models
 from comfyui_tokenflow.engine import model_support
-from comfyui_tokenflow.engine.families import FLOW
+from comfyui_tokenflow.engine.families import FLOW, dit
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,21 @@ def test_flux_layout_declares_its_image_attention_and_rf_solver_blocks(flux):
     assert layout.default_pnp_attention == (("single_block", 1, 0),)  # the last half of the single blocks
     assert layout.default_pnp_residual == () and layout.adapter.pnp_injects == "v"
     assert layout.adapter.image_token_count(flux, (16, 8, 10)) == 4 * 5
+
+
+def _flux_keys(double: int, single: int) -> tuple:
+    return (tuple(("double_block", i, 0) for i in range(double))
+            + tuple(("single_block", i, 0) for i in range(single)))
+
+
+def test_flux_dev_default_pnp_is_rf_solver_edits_single_blocks_20_to_37():
+    """RF-Solver-Edit shares V in single blocks ``info['id'] > 19`` of Flux-dev's 38 (none in the double blocks)."""
+    chosen = dit.FLUX.pnp_attention(_flux_keys(19, 38))
+    assert chosen == tuple(("single_block", i, 0) for i in range(20, 38))
+    assert dit.FLUX.pnp_injects == "v"
+    for single, first in ((1, 0), (2, 1), (10, 5)):  # scaled to smaller models: the same fraction, never empty
+        assert dit.FLUX.pnp_attention(_flux_keys(2, single)) == tuple(("single_block", i, 0) for i in range(first, single))
+    assert dit.FLUX.pnp_attention(_flux_keys(3, 0)) == ()
 
 
 def test_sd3_layout_includes_the_image_only_second_attention(sd3):

@@ -82,12 +82,25 @@ def _flux_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
             + tuple(("single_block", i, 0) for i in range(len(dm.single_blocks))))
 
 
+# RF-Solver-Edit's Flux-dev setting (wangjiangshan0725/RF-Solver-Edit, FLUX_Image_Edit/src/flux/modules/layers.py
+# SingleStreamBlock.forward: ``if info['inject'] and info['id'] > 19``): single blocks 20..37 of Flux-dev's 38.
+RF_SOLVER_FIRST_SINGLE_BLOCK, FLUX_DEV_SINGLE_BLOCKS = 20, 38
+
+
 def _rf_solver_blocks(blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
-    """RF-Solver-Edit (Wang et al., "Taming Rectified Flow for Inversion and Editing", 2024): the source's
-    self-attention values are shared in the last single-stream blocks (the paper's Flux-dev setting:
-    single blocks 20..37 of 38). Scaled to the model: the second half of the single blocks."""
+    """RF-Solver-Edit (Wang et al., "Taming Rectified Flow for Inversion and Editing", 2024): in the first
+    ``inject`` denoising steps, the attention values V of the single-stream blocks 20..37 (of 38; none in the
+    double-stream blocks) are the ones its inversion recorded at the same timestep. Scaled to the model: the
+    single blocks from 20/38 of their count on (Flux-dev and Flux-schnell: exactly 20..37), at least the last one.
+
+    What is injected differs in one point: RF-Solver-Edit replaces the whole V of a single block, the text
+    tokens' values (the source prompt's) included; the pack injects the image tokens' values only (``"v"``
+    of the image tokens), the edit's text tokens keep their own."""
     single = [b for b in blocks if b[0] == "single_block"]
-    return tuple(single[len(single) // 2:]) if single else ()
+    if not single:
+        return ()
+    first = min(round(len(single) * RF_SOLVER_FIRST_SINGLE_BLOCK / FLUX_DEV_SINGLE_BLOCKS), len(single) - 1)
+    return tuple(single[first:])
 
 
 def _sd3_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
@@ -100,9 +113,12 @@ def _sd3_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
 
 
 def _stable_flow_blocks(blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
-    """Stable Flow (Avrahami et al., CVPR 2025) injects image keys/values in its "vital layers" (found for
-    Flux by layer bypassing). For SD3.x no published vital-layer set exists: the joint attention of the
-    second quarter of the blocks is used, and the choice is an input (pnp_attention_blocks)."""
+    """Stable Flow (Avrahami et al., CVPR 2025) swaps the source's IMAGE-token keys and values into the edit, in
+    every denoising step, in its "vital layers", found for Flux-dev by layer bypassing (snap-research/stable-flow,
+    run_stable_flow.py: double blocks 0, 1, 17, 18 and single blocks 6, 9, 34, 35, 37; keys/values taken before
+    the q/k norm and RoPE, which the source and the edit share). Its code defines vital layers for Flux-dev
+    only: for SD3.x the joint attention of the second quarter of the blocks is used, and the choice is an input
+    (pnp_attention_blocks)."""
     joint = [b for b in blocks if b[2] == 0]
     quarter = max(1, len(joint) // 4)
     return tuple(joint[quarter:2 * quarter])
@@ -111,7 +127,7 @@ def _stable_flow_blocks(blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
 FLUX = DiTFamily(
     name="flux", model_class="comfy.ldm.flux.model.Flux", blocks=_flux_blocks, image_tokens=_patched_tokens,
     pnp_attention=_rf_solver_blocks, pnp_injects="v",
-    pnp_source="RF-Solver-Edit (Wang et al. 2024): share the source's attention values V in the last single blocks")
+    pnp_source="RF-Solver-Edit (Wang et al. 2024): share the source's attention values V in single blocks 20..37 of 38")
 SD3 = DiTFamily(
     name="sd3", model_class="comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",
     blocks=_sd3_blocks, image_tokens=_patched_tokens, pnp_attention=_stable_flow_blocks, pnp_injects="kv",
