@@ -115,8 +115,8 @@ def node_error(args: argparse.Namespace, data: dict, inputs: dict | None = None)
     if option == "--checkpoint" and getattr(args, "unet", None):  # Flux's separate files: node 1 is UNETLoader
         option = "--unet"
     if option is not None:
-        given = {"--checkpoint": args.checkpoint, "--controlnet": args.controlnet, "--unet": getattr(args, "unet", None),
-                 "--vae": getattr(args, "vae", None)}.get(option) or \
+        given = {"--checkpoint": args.checkpoint, "--controlnet": args.controlnet,
+                 "--unet": getattr(args, "unet", None), "--vae": getattr(args, "vae", None)}.get(option) or \
             f"{getattr(args, 'clip_l', None)} / {getattr(args, 't5', None)}"
         return (f"error: {option} {given}: ComfyUI could not load it ({kind}: {message}); the file is damaged, "
                 f"incomplete or not a model of that kind: download it again or pick another file{hint}.")

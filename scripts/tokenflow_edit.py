@@ -269,8 +269,9 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         if args.checkpoint:
             ckpt_name = support.register_model("checkpoints", args.checkpoint, folder_paths)
             if ckpt_name is None:
-                print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in "
-                      f"{', '.join(folder_paths.get_folder_paths('checkpoints'))}).\n{CHECKPOINT_HELP}", file=sys.stderr)
+                folders = ", ".join(folder_paths.get_folder_paths("checkpoints"))
+                print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in {folders})."
+                      f"\n{CHECKPOINT_HELP}", file=sys.stderr)
                 return 2
             files = {"--checkpoint": ("checkpoints", ckpt_name, args.checkpoint)}
         else:
