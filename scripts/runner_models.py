@@ -102,9 +102,11 @@ def _meta_state_dict(path: str) -> dict:
 
 @dataclass(frozen=True)
 class Family:
-    """What ComfyUI detects in a model file: its supported_models config name and whether it is Flux(-dev)."""
+    """What ComfyUI detects in a model file: its supported_models config name, whether it is a flow-matching DiT
+    (Flux, SD3.x: inverted by Euler steps), Flux, and guidance-distilled (Flux-dev)."""
 
     config_name: str
+    flow: bool = False
     flux: bool = False
     guidance_distilled: bool = False
 
@@ -136,7 +138,8 @@ def detect_family(path: str | None, whole_checkpoint: bool) -> Family | None:
     if config is None:
         return None
     flux = isinstance(config, comfy.supported_models.Flux)
-    return Family(type(config).__name__, flux, flux and bool(config.unet_config.get("guidance_embed")))
+    flow = flux or isinstance(config, comfy.supported_models.SD3)
+    return Family(type(config).__name__, flow, flux, flux and bool(config.unet_config.get("guidance_embed")))
 
 
 def loader_nodes(ckpt_name: str | None, flux_names: dict[str, str] | None) -> tuple[dict, list, list, list]:

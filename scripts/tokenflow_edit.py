@@ -156,10 +156,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def inversion_words(args: argparse.Namespace) -> str:
+def inversion_words(args: argparse.Namespace, flow: bool = False) -> str:
     if args.inversion_method == "fixed_point":
         return f"fixed point on the editing grid, at most {args.max_iterations} evaluations per step"
-    return f"{args.inversion_steps} DDIM steps"
+    return f"{args.inversion_steps} {'Euler' if flow else 'DDIM'} steps"
 
 
 def _schedule() -> ModuleType:
@@ -359,9 +359,9 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             console = support.Console(prompt, titles, stop)
             comfy.utils.set_progress_bar_global_hook(console.progress)
             executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
-            print(f"editing {video} -> {args.output} with {args.editor} on {family.words if family else 'the model'}, "
-                  f"cfg {args.cfg:g}, {args.steps} steps "
-                  f"(inversion {inversion_words(args)}), batch {args.batch_size}", flush=True)
+            on, flow = (family.words, family.flow) if family else ("the model", False)
+            print(f"editing {video} -> {args.output} with {args.editor} on {on}, cfg {args.cfg:g}, {args.steps} steps "
+                  f"(inversion {inversion_words(args, flow)}), batch {args.batch_size}", flush=True)
             executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
         console._end_line()
         if stop.requested or any(event == "execution_interrupted" for event, _ in executor.status_messages):

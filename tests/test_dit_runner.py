@@ -64,7 +64,7 @@ def test_runner_edits_with_an_all_in_one_flux_checkpoint(tmp_path, clip, flux_ch
     result = _run(clip, output, "--checkpoint", str(flux_checkpoint))
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     out = result.stdout
-    assert "with pnp on Flux (TinyFlux), cfg 1," in out  # the family as ComfyUI detects it; cfg 1 by default
+    assert "with pnp on Flux (TinyFlux), cfg 1, 2 steps (inversion 4 Euler steps)" in out  # ComfyUI detects Flux; cfg 1
     for node in ("Load Checkpoint", "FluxGuidance", "ModelSamplingFlux", "TokenFlow DDIM Inversion",
                  "TokenFlow Sampler"):
         assert node in out, node
