@@ -67,6 +67,14 @@ def write_tiny_model_files(models_dir: Path) -> dict:
     return files
 
 
+def write_tiny_sd3_files(models_dir: Path) -> dict:
+    """The tiny all-in-one SD3 checkpoint of ``tiny_files.write_tiny_sd3_files``, plus ``checkpoint_name``."""
+    module = _tiny_files()
+    files = module.write_tiny_sd3_files(models_dir)
+    files.update(checkpoint_name=module.SD3_CHECKPOINT_NAME)
+    return files
+
+
 def write_tiny_flux_files(models_dir: Path) -> dict:
     """The tiny all-in-one Flux checkpoint of ``tiny_files.write_tiny_flux_files`` and its extra_model_paths.yaml,
     plus ``checkpoint_name``."""

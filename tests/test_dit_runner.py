@@ -1,9 +1,9 @@
-"""The headless runner (scripts/tokenflow_edit.py) on Flux: an all-in-one checkpoint end to end, and the
+"""The headless runner (scripts/tokenflow_edit.py) on Flux and SD3: all-in-one checkpoints end to end, and the
 one-line messages for Flux's separate files (``--unet --clip-l --t5 --vae``), run as a subprocess.
 
 The Flux checkpoint is the tiny all-in-one file of ``tests/stand_in_nodes/tiny_files.py``
 (``input_files.write_tiny_flux_files``), detected by ComfyUI as the stand-in ``TinyFlux`` config
-(``--extra-nodes tests/stand_in_nodes``). The separate-files route cannot run end to end on tiny files:
+(``--extra-nodes tests/stand_in_nodes``); the SD3 one (``write_tiny_sd3_files``) as ``TinySD3``. The separate-files route cannot run end to end on tiny files:
 DualCLIPLoader always builds the full-size T5-XXL for type flux (``tests/test_dit_server.py``); its
 argument checks, name resolution and family check run here (they come before any model is loaded).
 """
@@ -71,6 +71,17 @@ def test_runner_edits_with_an_all_in_one_flux_checkpoint(tmp_path, clip, flux_ch
     assert f"wrote {output}" in out
     (test_artifacts / "dit_runner").mkdir(exist_ok=True)
     (test_artifacts / "dit_runner" / "flux_checkpoint.mp4").write_bytes(output.read_bytes())
+    assert _read(output) == (5, input_files.CLIP_SIZE, input_files.CLIP_SIZE, Fraction(input_files.CLIP_FPS))
+
+
+def test_runner_edits_with_an_all_in_one_sd3_checkpoint(tmp_path, clip):
+    """SD3.x through --checkpoint: detected by ComfyUI (the stand-in TinySD3), no Flux nodes, the pack's cfg."""
+    sd3 = input_files.write_tiny_sd3_files(tmp_path / "models")["checkpoint"]
+    output = tmp_path / "edited.mp4"
+    result = _run(clip, output, "--checkpoint", str(sd3), "--editor", "sdedit")
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    assert "with sdedit on TinySD3, cfg 7.5, 2 steps (inversion 4 Euler steps)" in result.stdout
+    assert "FluxGuidance" not in result.stdout and "ModelSamplingFlux" not in result.stdout
     assert _read(output) == (5, input_files.CLIP_SIZE, input_files.CLIP_SIZE, Fraction(input_files.CLIP_FPS))
 
 

@@ -22,6 +22,8 @@ counts and ``guidance_embed`` from the weights and writes the real widths (hidde
 ``vec_in_dim`` and block counts and sets the tiny widths through ``unet_extra_config``, the hook the
 host applies after matching. Its text encoder is ComfyUI's ``FluxClipModel`` (CLIP-L + T5) at tiny
 widths, so CLIPTextEncode gives Flux-shaped conditioning (T5 tokens, CLIP-L pooled output).
+:class:`TinySD3` does the same for the tiny all-in-one SD3 checkpoint (its widths are all read from the
+weights; it matches only depth 2 and builds ComfyUI's SD3 text encoder with a tiny T5 only).
 
 The files themselves are written by :mod:`tiny_files` (``write_tiny_model_files``), run with
 ``python tests/stand_in_nodes/tiny_files.py <models dir>`` to make them by hand.
@@ -42,12 +44,13 @@ if _DEVKIT not in sys.path:  # for `import tiny_models`, `import tiny_dit_models
 import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 import comfy.text_encoders.flux  # noqa: E402
+import comfy.text_encoders.sd3_clip  # noqa: E402
 from comfy import sd1_clip  # noqa: E402
 
 import tiny_dit_models  # noqa: E402
 import tiny_models  # noqa: E402
 
-from .tiny_files import TINY_T5_CONFIG  # noqa: E402  (the checkpoint writer's tiny T5 widths)
+from .tiny_files import TINY_SD3_T5_CONFIG, TINY_T5_CONFIG  # noqa: E402  (the writer's tiny T5 widths)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,26 @@ class TinyFlux(comfy.supported_models.Flux):
         return comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClipModel)
 
 
-STAND_INS = (TinySD15, TinyFlux)
+class TinySD3ClipModel(comfy.text_encoders.sd3_clip.SD3ClipModel):
+    """ComfyUI's SD3 text encoder with only a one-layer tiny T5 (the tiny SD3 checkpoint holds no CLIP-L/G)."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
+        options = {**model_options,
+                   "t5xxl_model_config": {**TINY_SD3_T5_CONFIG, **model_options.get("t5xxl_model_config", {})}}
+        super().__init__(clip_l=False, clip_g=False, t5=True, device=device, dtype=dtype, model_options=options)
+
+
+class TinySD3(comfy.supported_models.SD3):
+    """SD3.x with the tiny MMDiT of ``tiny_dit_models.make_sd3_model`` (depth 2; SD3 medium has 24, SD3.5 large 38).
+    ComfyUI reads every SD3 width from the weights: only the text encoder needs the stand-in."""
+
+    unet_config = {"in_channels": 16, "pos_embed_scaling_factor": None, "depth": tiny_dit_models.SD3_CONFIG["depth"]}
+
+    def clip_target(self, state_dict={}):  # noqa: B006 (ComfyUI's signature)
+        return comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer, TinySD3ClipModel)
+
+
+STAND_INS = (TinySD15, TinyFlux, TinySD3)
 
 
 def register() -> None:

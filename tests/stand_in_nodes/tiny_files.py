@@ -15,6 +15,10 @@
   (``model.diffusion_model.*``, ``text_encoders.clip_l.*`` / ``text_encoders.t5xxl.*``, ``vae.*``): the tiny
   Flux of ``devkit/tiny_dit_models.py``, ComfyUI's Flux text encoder (CLIP-L + T5) at tiny widths
   (:data:`TINY_T5_CONFIG`) and a random 16-channel TAESD as the VAE. About 20 MB, float32.
+* ``checkpoints/tokenflow_tiny_sd3.safetensors`` (:func:`write_tiny_sd3_files`): an all-in-one SD3.5-style
+  checkpoint the same way: the tiny MMDiT of ``tiny_dit_models.make_sd3_model`` with ``adm_in_channels``
+  2048 and ComfyUI's SD3 text encoder with only a tiny T5 (:data:`TINY_SD3_T5_CONFIG`; without CLIP-L/G
+  ``SD3ClipModel`` gives the T5 tokens and a zero 768 + 1280 pooled output, as for a T5-only SD3 file).
 
 ``CheckpointLoaderSimple`` can detect the checkpoint only in a process where the stand-in pack
 (``tests/stand_in_nodes/__init__.py``) was imported: it registers the tiny model config.
@@ -35,6 +39,10 @@ EXTRA_PATHS_NAME = "extra_model_paths.yaml"
 # The one-layer T5 of the tiny Flux text encoder (its output width is the tiny Flux context_in_dim, 32);
 # the stand-in pack builds the same encoder when it loads the checkpoint.
 TINY_T5_CONFIG = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 1}
+SD3_CHECKPOINT_NAME = "tokenflow_tiny_sd3.safetensors"
+# The tiny SD3's T5 (width = tiny_dit_models.SD3_CONTEXT, 48) and pooled width (SD3ClipModel's zeros without CLIP).
+TINY_SD3_T5_CONFIG = {"d_model": 48, "d_ff": 96, "d_kv": 16, "num_heads": 2, "num_layers": 1}
+SD3_POOLED_WITHOUT_CLIP = 768 + 1280
 
 _DEVKIT = Path(__file__).resolve().parents[2] / "devkit"
 
@@ -110,6 +118,41 @@ def write_flux_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     comfy.sd.save_checkpoint(str(path), model, tiny_flux_clip(seed + 1), _random_taesd(16, seed + 2),
                              metadata={"tokenflow_test": "tiny random weights"})
     return path
+
+
+def tiny_sd3_clip(seed: int = 0):
+    """ComfyUI's SD3 text encoder (``comfy.text_encoders.sd3_clip``) with only a tiny T5, as ``comfy.sd.CLIP``."""
+    _ensure_importable()
+    import torch
+
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip
+    import tiny_models
+
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.text_encoders.sd3_clip.SD3Tokenizer,
+        comfy.text_encoders.sd3_clip.sd3_clip(clip_l=False, clip_g=False, t5=True))
+    cpu = torch.device("cpu")
+    options = {"t5xxl_model_config": dict(TINY_SD3_T5_CONFIG), "dtype": torch.float32, "load_device": cpu,
+               "offload_device": cpu, "initial_device": cpu}
+    clip = comfy.sd.CLIP(target, model_options=options)
+    tiny_models.init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def write_tiny_sd3_files(models_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """The tiny all-in-one SD3 checkpoint (MMDiT + T5 + 16-channel TAESD) in ``models_dir/checkpoints``."""
+    _ensure_importable()
+    import comfy.sd
+    import tiny_dit_models
+
+    model = tiny_dit_models.make_sd3_model(seed=seed, adm_in_channels=SD3_POOLED_WITHOUT_CLIP)
+    path = Path(models_dir).resolve() / "checkpoints" / SD3_CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.sd.save_checkpoint(str(path), model, tiny_sd3_clip(seed + 1), _random_taesd(16, seed + 2),
+                             metadata={"tokenflow_test": "tiny random weights"})
+    return {"checkpoint": path}
 
 
 def write_tiny_flux_files(models_dir: str | os.PathLike) -> dict[str, Path]:
