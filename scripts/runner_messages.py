@@ -13,7 +13,7 @@ import runner_support as support  # scripts/runner_support.py, beside this file
 
 
 # Graph nodes that load a file given on the command line: their errors name the option and the file.
-_FILE_NODES = {"1": "--checkpoint", "13": "--controlnet"}
+_FILE_NODES = {"1": "--checkpoint", "13": "--controlnet", "15": "--clip-l / --t5", "16": "--vae"}
 # (node id in build_prompt, input name) -> the runner's option that sets it.
 _FLAGS = {
     ("1", "ckpt_name"): "--checkpoint",
@@ -25,6 +25,9 @@ _FLAGS = {
     ("7", "method"): "--inversion-method", ("7", "max_iterations"): "--max-iterations", ("7", "tolerance"): "--tolerance",
     ("8", "editor"): "--editor", ("8", "cfg"): "--cfg", ("8", "batch_size"): "--batch-size", ("8", "seed"): "--seed",
     ("13", "control_net_name"): "--controlnet", ("14", "strength"): "--controlnet-strength",
+    ("1", "unet_name"): "--unet", ("15", "clip_name1"): "--clip-l", ("15", "clip_name2"): "--t5",
+    ("16", "vae_name"): "--vae", ("18", "guidance"): "--guidance", ("19", "guidance"): "--guidance",
+    ("17", "width"): "--width", ("17", "height"): "--height",
 }  # the editors' settings (--pnp-attn-t, ...) come from their declarations (editor_flags)
 
 
@@ -109,8 +112,12 @@ def node_error(args: argparse.Namespace, data: dict, inputs: dict | None = None)
     message = message.replace("(set width/height in TokenFlow Load Video)", "(set --width/--height)")
     option = _FILE_NODES.get(str(data.get("node_id")))
     hint = "" if args.verbose else " (--verbose shows the traceback)"
+    if option == "--checkpoint" and getattr(args, "unet", None):  # Flux's separate files: node 1 is UNETLoader
+        option = "--unet"
     if option is not None:
-        given = args.checkpoint if option == "--checkpoint" else args.controlnet
+        given = {"--checkpoint": args.checkpoint, "--controlnet": args.controlnet,
+                 "--unet": getattr(args, "unet", None), "--vae": getattr(args, "vae", None)}.get(option) or \
+            f"{getattr(args, 'clip_l', None)} / {getattr(args, 't5', None)}"
         return (f"error: {option} {given}: ComfyUI could not load it ({kind}: {message}); the file is damaged, "
                 f"incomplete or not a model of that kind: download it again or pick another file{hint}.")
     return f"error in {data.get('node_type')}: {kind}: {message}{hint}"

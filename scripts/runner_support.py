@@ -5,6 +5,7 @@ ComfyUI modules are imported inside the functions, once the host is importable.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -265,3 +266,25 @@ def describe(path: Path) -> str:
             return f"{frames} frames, {stream.width}x{stream.height}, {float(stream.average_rate):g} fps"
     except Exception as e:  # noqa: BLE001 - only a description
         return f"unreadable: {e}"
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for real defaults (not None, "", False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, "", False, []) or action.default is argparse.SUPPRESS or \
+                "(default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def find_host(explicit: str | None, repo: Path) -> Path | None:
+    """The ComfyUI host: ``explicit``, $COMFYUI_PATH, the ComfyUI holding ``repo`` in custom_nodes/, ~/comfy/ComfyUI."""
+    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
+    if repo.parent.name == "custom_nodes":
+        candidates.append(str(repo.parent.parent))
+    candidates.append(str(Path.home() / "comfy" / "ComfyUI"))
+    for candidate in candidates:
+        if candidate and (Path(candidate).expanduser() / "comfy" / "model_patcher.py").is_file():
+            return Path(candidate).expanduser().resolve()
+    return None

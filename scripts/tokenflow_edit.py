@@ -7,7 +7,8 @@
 
 ComfyUI is imported in-process (no server, no browser): the script builds the same graph as
 ``example_workflows/tokenflow_pnp.json`` (Load Checkpoint -> TokenFlow Load Video -> VAE Encode ->
-TokenFlow DDIM Inversion -> TokenFlow Sampler -> VAE Decode -> Create Video -> Save Video), lets
+TokenFlow DDIM Inversion -> TokenFlow Sampler -> VAE Decode -> Create Video -> Save Video; on Flux-dev
+``tokenflow_flux.json``'s, see scripts/runner_models.py: ``--checkpoint`` or ``--unet --clip-l --t5 --vae``), lets
 ComfyUI validate it and runs it with ComfyUI's own executor, printing each node and its progress,
 then moves the saved mp4 to ``--output``. ``--editor sdedit`` or ``--editor controlnet``
 (with ``--controlnet``, canny hints from the frames) select the other editors.
@@ -30,6 +31,7 @@ from pathlib import Path
 from types import ModuleType
 
 import runner_messages as messages  # scripts/runner_messages.py, beside this file
+import runner_models as models  # scripts/runner_models.py, beside this file
 import runner_support as support  # scripts/runner_support.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +42,11 @@ OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
 CHECKPOINT_HELP = """\
 Pass the Stable Diffusion checkpoint to edit with:
 
-    --checkpoint /path/to/model.safetensors        (a .safetensors or .ckpt file, SD1.x / SD2.x / SDXL)
+    --checkpoint /path/to/model.safetensors        (a .safetensors or .ckpt file, SD1.x / SD2.x / SDXL, or an
+                                                    all-in-one Flux / SD3.x checkpoint)
     --checkpoint model.safetensors                 (a file name in ComfyUI/models/checkpoints/)
+    --unet flux1-dev.safetensors --clip-l clip_l.safetensors --t5 t5xxl_fp16.safetensors --vae ae.safetensors
+                                                   (Flux's separate files, names as in ComfyUI/models/)
 
 TokenFlow's official setting uses Stable Diffusion 2.1-base, file v2-1_512-ema-pruned.safetensors from
 https://huggingface.co/stabilityai/stable-diffusion-2-1-base (any SD1.5 checkpoint works too, e.g.
@@ -53,27 +58,18 @@ Put it in ComfyUI/models/checkpoints/ or anywhere and pass its path. Example:
 """
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" only for real defaults (not None, "", False or [])."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, "", False, []) or action.default is argparse.SUPPRESS or \
-                "(default:" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tokenflow_edit.py", formatter_class=_DefaultsFormatter,
+        prog="tokenflow_edit.py", formatter_class=support.DefaultsFormatter,
         description="Edit a video with TokenFlow (ICLR 2024) through ComfyUI, headless.")
     p.add_argument("--video", help="source video file (mp4, webm, mov, gif...) or a folder of numbered images")
     p.add_argument("--prompt", help="edit prompt, e.g. 'a shiny silver robotic wolf'")
     p.add_argument("--inversion-prompt", default="", help="prompt describing the SOURCE video for the DDIM "
                    "inversion (the official default is empty; e.g. 'a wolf')")
     p.add_argument("--negative", default=OFFICIAL_NEGATIVE, help="negative prompt")
-    p.add_argument("--checkpoint", help="SD1.x/SD2.x/SDXL checkpoint: a .safetensors/.ckpt path, or a file name in "
-                   "ComfyUI/models/checkpoints (required)")
+    p.add_argument("--checkpoint", help="SD1.x/SD2.x/SDXL or all-in-one Flux / SD3.x checkpoint: a .safetensors/"
+                   ".ckpt path, or a file name in ComfyUI/models/checkpoints (or Flux's --unet --clip-l --t5 --vae)")
+    models.add_arguments(p)
     p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
     editors, defaults = _pack_module("engine.editors"), _pack_module("engine.edit_settings").EditSettings()
     p.add_argument("--editor", choices=list(editors.EDITORS), default=defaults.editor,
@@ -95,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "residual that ends a step's iteration (0: always --max-iterations)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="frames per batch; one keyframe per batch per step")
-    p.add_argument("--cfg", type=float, default=defaults.cfg, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: 1 on Flux, "
+                   f"which is guidance-distilled and then skips the negative; {defaults.cfg} otherwise)")
     for setting in editor_settings():  # --pnp-attn-t, --pnp-f-t, --sdedit-start, ...: the editors' declarations
         p.add_argument(setting.flag, type=setting.kind, default=setting.default, help=_help(setting.tooltip))
     p.add_argument("--controlnet", help="ControlNet file (path or name in ComfyUI/models/controlnet) for "
@@ -124,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> str | None:
     """A message for the first problem in the arguments, or None."""
-    if not args.checkpoint:
+    problem = models.check_model_args(args)
+    if problem:
+        return problem
+    if not args.checkpoint and not models.flux_files_given(args):
         return "error: no checkpoint given (--checkpoint). " + CHECKPOINT_HELP
     if not args.video:
         return "error: no video given: pass --video /path/to/video.mp4 (or a folder of numbered images)."
@@ -156,10 +156,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def inversion_words(args: argparse.Namespace) -> str:
+def inversion_words(args: argparse.Namespace, flow: bool = False) -> str:
     if args.inversion_method == "fixed_point":
         return f"fixed point on the editing grid, at most {args.max_iterations} evaluations per step"
-    return f"{args.inversion_steps} DDIM steps"
+    return f"{args.inversion_steps} {'Euler' if flow else 'DDIM'} steps"
 
 
 def _schedule() -> ModuleType:
@@ -192,40 +192,30 @@ def _help(text: str) -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
 
-def find_host(explicit: str | None) -> Path | None:
-    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
-    if REPO.parent.name == "custom_nodes":
-        candidates.append(str(REPO.parent.parent))
-    candidates.append(str(Path.home() / "comfy" / "ComfyUI"))
-    for candidate in candidates:
-        if candidate and (Path(candidate).expanduser() / "comfy" / "model_patcher.py").is_file():
-            return Path(candidate).expanduser().resolve()
-    return None
-
-
-def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str, controlnet_name: str | None,
-                 prefix: str) -> tuple[dict, str]:
-    """The API-format graph and the id of its Save Video node."""
+def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str | None, controlnet_name: str | None,
+                 prefix: str, flux_names: dict[str, str] | None = None) -> tuple[dict, str]:
+    """The API-format graph and the id of its Save Video node (``flux_names``: Flux's separate files, by option)."""
+    loaders, model, clip, vae = models.loader_nodes(ckpt_name, flux_names)
     prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        **loaders,
         "2": {"class_type": "TokenFlowLoadVideo", "inputs": {
             "video": video_name, "frame_load_cap": args.frames, "skip_first_frames": args.skip_frames,
             "select_every_nth": args.every_nth, "width": args.width, "height": args.height,
             "size_multiple": args.size_multiple,
             "path": ""}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": args.inversion_prompt, "clip": ["1", 1]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": args.prompt, "clip": ["1", 1]}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": args.negative, "clip": ["1", 1]}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": vae}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": args.inversion_prompt, "clip": clip}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": args.prompt, "clip": clip}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": args.negative, "clip": clip}},
         "7": {"class_type": "TokenFlowInvert", "inputs": {
-            "model": ["1", 0], "latent": ["3", 0], "conditioning": ["4", 0], "steps": args.steps,
+            "model": model, "latent": ["3", 0], "conditioning": ["4", 0], "steps": args.steps,
             "inversion_steps": args.inversion_steps, "frame_batch": args.frame_batch,
             "method": args.inversion_method, "max_iterations": args.max_iterations, "tolerance": args.tolerance}},
         "8": {"class_type": "TokenFlowSampler", "inputs": {
-            "model": ["1", 0], "positive": ["5", 0], "negative": ["6", 0], "inversion": ["7", 0],
+            "model": model, "positive": ["5", 0], "negative": ["6", 0], "inversion": ["7", 0],
             "editor": args.editor, "cfg": args.cfg, "batch_size": args.batch_size, "keyframes": "random",
             "seed": args.seed, **{setting.name: getattr(args, setting.name) for setting in editor_settings()}}},
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": vae}},
         "10": {"class_type": "CreateVideo", "inputs": {"images": ["9", 0], "fps": ["2", 2]}},
         "11": {"class_type": "SaveVideo", "inputs": {"video": ["10", 0], "filename_prefix": prefix,
                                                      "format": "mp4", "codec": "h264"}},
@@ -275,15 +265,26 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         folder_paths.set_output_directory(str(work / "output"))
         folder_paths.set_temp_directory(str(work / "temp"))
 
-        ckpt_name = support.register_model("checkpoints", args.checkpoint, folder_paths)
-        if ckpt_name is None:
-            print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in "
-                  f"{', '.join(folder_paths.get_folder_paths('checkpoints'))}).\n{CHECKPOINT_HELP}", file=sys.stderr)
-            return 2
-        damage = support.unreadable_safetensors(folder_paths.get_full_path("checkpoints", ckpt_name), args.verbose)
-        if damage:
-            print(f"error: --checkpoint {args.checkpoint}: {damage}", file=sys.stderr)
-            return 2
+        ckpt_name = flux_names = None
+        if args.checkpoint:
+            ckpt_name = support.register_model("checkpoints", args.checkpoint, folder_paths)
+            if ckpt_name is None:
+                folders = ", ".join(folder_paths.get_folder_paths("checkpoints"))
+                print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in {folders})."
+                      f"\n{CHECKPOINT_HELP}", file=sys.stderr)
+                return 2
+            files = {"--checkpoint": ("checkpoints", ckpt_name, args.checkpoint)}
+        else:
+            flux_names, problem = models.register_flux_files(args, folder_paths, support.register_model)
+            if problem:
+                print(problem, file=sys.stderr)
+                return 2
+            files = {f.flag: (f.folder, flux_names[f.attr], getattr(args, f.attr)) for f in models.FLUX_FILES}
+        for flag, (folder, name, given) in files.items():
+            damage = support.unreadable_safetensors(folder_paths.get_full_path(folder, name), args.verbose)
+            if damage:
+                print(f"error: {flag} {given}: {damage}", file=sys.stderr)
+                return 2
         controlnet_name = None
         if args.editor == "controlnet":
             controlnet_name = support.register_model("controlnet", args.controlnet, folder_paths)
@@ -330,8 +331,16 @@ def _run(args: argparse.Namespace, host: Path) -> int:
               f"{available} available (--threads to change); nodes loaded in {time.monotonic() - t0:.1f} s",
               flush=True)
 
+        model_path = folder_paths.get_full_path(*files["--checkpoint" if ckpt_name else "--unet"][:2])
+        family = models.detect_family(model_path, whole_checkpoint=ckpt_name is not None)
+        problem = models.resolve_family_settings(args, family, _pack_module("engine.edit_settings").EditSettings().cfg)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
         prefix = f"tokenflow_{uuid.uuid4().hex[:8]}"
-        prompt, save_id = build_prompt(args, video_name, ckpt_name, controlnet_name, prefix)
+        prompt, save_id = build_prompt(args, video_name, ckpt_name, controlnet_name, prefix, flux_names)
+        if family is not None and family.guidance_distilled:
+            models.add_flux_dev_nodes(prompt, args.guidance, models.frame_size(args, video, support.source_size))
         if not video_name:
             prompt["2"]["inputs"]["path"] = str(video)
         prompt_id = str(uuid.uuid4())
@@ -350,8 +359,9 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             console = support.Console(prompt, titles, stop)
             comfy.utils.set_progress_bar_global_hook(console.progress)
             executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
-            print(f"editing {video} -> {args.output} with {args.editor}, {args.steps} steps "
-                  f"(inversion {inversion_words(args)}), batch {args.batch_size}", flush=True)
+            on, flow = (family.words, family.flow) if family else ("the model", False)
+            print(f"editing {video} -> {args.output} with {args.editor} on {on}, cfg {args.cfg:g}, {args.steps} steps "
+                  f"(inversion {inversion_words(args, flow)}), batch {args.batch_size}", flush=True)
             executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
         console._end_line()
         if stop.requested or any(event == "execution_interrupted" for event, _ in executor.status_messages):
@@ -383,13 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    host = find_host(args.comfyui)
+    host = support.find_host(args.comfyui, REPO)
     if host is None:
         print("error: ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
               "(bash scripts/run.sh finds or sets one up for you).", file=sys.stderr)
         return 2
     if not args.output:
         args.output = f"{Path(args.video).stem}_tokenflow.mp4"
+    args.flux_route = models.flux_files_given(args)
     try:
         return _run(args, host)
     except KeyboardInterrupt:

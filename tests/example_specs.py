@@ -5,9 +5,10 @@ by ``tests/workflow_builder.py``); every link runs forward, so wires stay short.
 left of the groups, says what the wiring does: ``tokenflow_pnp`` and the TokenFlow row of
 ``baselines`` compute correspondences on the fly (the official setting: the sampler's
 ``correspondences`` input is NOT connected); ``tokenflow_sdedit`` and ``tokenflow_controlnet``
-connect extracted ones. 500 inversion steps are the official code's value (the paper used 1000).
+connect extracted ones; ``tokenflow_flux`` is the PnP example on Flux-dev through the core
+loaders (UNETLoader, DualCLIPLoader, VAELoader), FluxGuidance and ModelSamplingFlux, at cfg 1. 500 inversion steps are the official code's value (the paper used 1000).
 
-    bash -c 'source scripts/host_env.sh && "$PYTHON" tests/example_specs.py'
+    bash -c 'source scripts/host_env.sh && "$PYTHON" tests/example_specs.py'    # or: ... tokenflow_flux
 
 starts a temporary ComfyUI (``tests/server_harness.py``) for ``/object_info`` and writes the files
 with :func:`write_examples`.
@@ -34,8 +35,21 @@ SD15_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/reso
 CANNY_CN = "control_v11p_sd15_canny_fp16.safetensors"
 CANNY_CN_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
                 "control_v11p_sd15_canny_fp16.safetensors")
+# Flux-dev for the core loaders (UNETLoader, DualCLIPLoader type flux, VAELoader), the file names ComfyUI's own
+# Flux templates use; FLUX.1-dev is gated on Hugging Face (accept its license first).
+FLUX_DEV = "flux1-dev.safetensors"
+FLUX_DEV_URL = "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"
+FLUX_AE = "ae.safetensors"
+FLUX_AE_URL = "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"
+CLIP_L = "clip_l.safetensors"
+CLIP_L_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+T5XXL_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
+FLUX_GUIDANCE = 3.5  # FluxGuidance's default, Flux-dev's usual distilled guidance
 MODEL_LINKS = {SD21_BASE: (SD21_BASE_URL, "checkpoints"), SD15: (SD15_URL, "checkpoints"),
-               CANNY_CN: (CANNY_CN_URL, "controlnet")}
+               CANNY_CN: (CANNY_CN_URL, "controlnet"), FLUX_DEV: (FLUX_DEV_URL, "diffusion_models"),
+               FLUX_AE: (FLUX_AE_URL, "vae"), CLIP_L: (CLIP_L_URL, "text_encoders"),
+               T5XXL: (T5XXL_URL, "text_encoders")}
 WOLF_URL = "https://github.com/omerbt/TokenFlow/blob/master/data/wolf.mp4"
 
 EDIT_PROMPT = "a shiny silver robotic wolf"
@@ -71,14 +85,14 @@ def _source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
 
 
 def _output(first_id: int, sampler_id: int, prefix: str, band: int = 0, frames_from: int = 2,
-            consistency: bool = True) -> tuple[list[N], list[tuple]]:
+            consistency: bool = True, vae_from: tuple[int, str] = (1, "VAE")) -> tuple[list[N], list[tuple]]:
     """Output: VAE Decode -> Create Video (fps from the loader) -> Save Video (+ warp error and its plot)."""
     decode, create, save, warp, plot = range(first_id, first_id + 5)
     nodes = [N(decode, "VAEDecode", "Output", 0, band), N(create, "CreateVideo", "Output", 1, band,
                                                           widgets={"fps": 20.0}),
              N(save, "SaveVideo", "Output", 2, band, widgets={"filename_prefix": prefix, "format": "auto",
                                                                "codec": "auto"})]
-    links = [(sampler_id, 0, decode, "samples"), (1, "VAE", decode, "vae"),
+    links = [(sampler_id, 0, decode, "samples"), (*vae_from, decode, "vae"),
              (decode, 0, create, "images"), (frames_from, "fps", create, "fps"), (create, 0, save, "video")]
     if consistency:
         nodes += [N(warp, "TokenFlowTemporalConsistency", "Output", 1, band, widgets={"flow_preset": "medium"}),
@@ -221,20 +235,78 @@ def _baselines() -> Example:
                    thumbnail=("Baselines", "TokenFlow | per-frame | keyframes only"))
 
 
+FLUX_SIZE = 512  # the loader's frame size, also ModelSamplingFlux's width / height
+
+
+def _flux() -> Example:
+    """TokenFlow + PnP on Flux-dev through the core loaders: UNETLoader (1), DualCLIPLoader (24), VAELoader (25),
+    ModelSamplingFlux (26) for the frame size, FluxGuidance on the inversion (27) and edit (28) prompts, cfg 1."""
+    nodes = [
+        N(1, "UNETLoader", "Load", widgets={"unet_name": FLUX_DEV, "weight_dtype": "default"}),
+        N(24, "DualCLIPLoader", "Load", widgets={"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"}),
+        N(25, "VAELoader", "Load", widgets={"vae_name": FLUX_AE}),
+        N(2, "TokenFlowLoadVideo", "Load", widgets={"video": VIDEO, "frame_load_cap": 40, "skip_first_frames": 0,
+                                                    "select_every_nth": 1, "width": FLUX_SIZE, "height": FLUX_SIZE,
+                                                    "size_multiple": 64, "path": ""}),
+        N(26, "ModelSamplingFlux", "Load", 1, widgets={"max_shift": 1.15, "base_shift": 0.5, "width": FLUX_SIZE,
+                                                       "height": FLUX_SIZE},
+          title="ModelSamplingFlux (width / height = the frames')"),
+        N(3, "VAEEncode", "Invert"),
+        N(4, "CLIPTextEncode", "Invert", widgets={"text": INVERSION_PROMPT},
+          title="Inversion prompt (describes the source)"),
+        N(27, "FluxGuidance", "Invert", 1, widgets={"guidance": FLUX_GUIDANCE}),
+        N(7, "TokenFlowInvert", "Invert", 2, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 0,
+                                                      **INVERSION_METHOD}),
+        N(5, "CLIPTextEncode", "Edit", widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
+        N(6, "CLIPTextEncode", "Edit", widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt (unused at cfg 1)"),
+        N(28, "FluxGuidance", "Edit", 1, widgets={"guidance": FLUX_GUIDANCE}),
+        _sampler(10, "pnp", col=2, cfg=1.0),
+    ]
+    links = [
+        (1, "MODEL", 26, "model"), (2, 0, 3, "pixels"), (25, "VAE", 3, "vae"),
+        (24, "CLIP", 4, "clip"), (24, "CLIP", 5, "clip"), (24, "CLIP", 6, "clip"),
+        (4, 0, 27, "conditioning"), (26, "MODEL", 7, "model"), (3, 0, 7, "latent"), (27, 0, 7, "conditioning"),
+        (5, 0, 28, "conditioning"),
+        (26, "MODEL", 10, "model"), (28, 0, 10, "positive"), (6, 0, 10, "negative"), (7, "inversion", 10, "inversion"),
+    ]
+    out, out_links = _output(11, 10, "video/tokenflow_flux", vae_from=(25, "VAE"))
+    note = (
+        "### TokenFlow + Plug-and-Play on Flux-dev\n\n" + NOTE_VIDEO + "\n\n" + ON_THE_FLY + " (Extracted "
+        "correspondences are not supported on Flux.)\n\n**Model files** (the names ComfyUI's Flux templates use):\n\n"
+        f"* `{FLUX_DEV}` in `models/diffusion_models/` (FLUX.1-dev, gated: accept the license on "
+        "https://huggingface.co/black-forest-labs/FLUX.1-dev first)\n"
+        f"* `{CLIP_L}` and `{T5XXL}` in `models/text_encoders/` (https://huggingface.co/comfyanonymous/"
+        "flux_text_encoders)\n"
+        f"* `{FLUX_AE}` in `models/vae/` (from the FLUX.1-dev repository)\n\n"
+        "Flux-dev is guidance-distilled: **cfg 1** on the sampler, the guidance comes from **FluxGuidance** "
+        f"({FLUX_GUIDANCE}) on the inversion and edit prompts. At cfg 1 the sampler skips the negative prompt; it is "
+        "wired so that a cfg above 1 works.\n\n**ModelSamplingFlux** shifts the noise schedule by the frame size, as "
+        "Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): keep its width / "
+        "height equal to the loader's.\n\nFlux support is checked on tiny random-weight models only; the edit "
+        "quality on the real weights has not been measured. " + NOTE_GROUPS)
+    nodes += out + [_note(note, (440, 900))]
+    return Example("tokenflow_flux", nodes, links + out_links,
+                   thumbnail=("TokenFlow + PnP on Flux-dev", f"edit prompt: {EDIT_PROMPT}"))
+
+
 def example_specs() -> list[Example]:
-    return [_pnp(), _sdedit(), _controlnet(), _baselines()]
+    return [_pnp(), _sdedit(), _controlnet(), _baselines(), _flux()]
 
 
 def build_examples(object_info: dict) -> dict[str, dict]:
     return {ex.name: build_ui_workflow(ex, object_info, MODEL_LINKS) for ex in example_specs()}
 
 
-def write_examples(object_info: dict, out_dir: Path = EXAMPLES_DIR, video: str | None = None) -> list[Path]:
+def write_examples(object_info: dict, out_dir: Path = EXAMPLES_DIR, video: str | None = None,
+                   names: list[str] | None = None) -> list[Path]:
+    """Writes the examples (``names``: only these) and their thumbnails to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     video = video or str(VIDEO_DIR / "wolf.mp4")
     workflows = build_examples(object_info)
     for example in example_specs():
+        if names and example.name not in names:
+            continue
         workflow = workflows[example.name]
         problems = check_ui_workflow(workflow, object_info)
         if problems:
@@ -248,9 +320,10 @@ def write_examples(object_info: dict, out_dir: Path = EXAMPLES_DIR, video: str |
 
 
 def _main(argv: list[str]) -> int:
-    if argv:
-        print("usage: python tests/example_specs.py   (starts a temporary ComfyUI to read /object_info, then "
-              "writes example_workflows/*.json and *.jpg)", file=sys.stderr)
+    known = [example.name for example in example_specs()]
+    if any(name not in known for name in argv):
+        print("usage: python tests/example_specs.py [NAME...]   (starts a temporary ComfyUI to read /object_info, "
+              f"then writes example_workflows/NAME.json and .jpg, all of {known} by default)", file=sys.stderr)
         return 2
     from server_harness import ComfyServer, make_base_dir
 
@@ -258,7 +331,7 @@ def _main(argv: list[str]) -> int:
         server = ComfyServer(make_base_dir(Path(tmp), stand_ins=False))
         with server:
             object_info = server.object_info()
-    for path in write_examples(object_info):
+    for path in write_examples(object_info, names=argv or None):
         print(path)
     return 0
 

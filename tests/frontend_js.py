@@ -145,10 +145,40 @@ TINY_OVERRIDES_JS = r"""
         set(node, 'batch_size', 2); break;
       case 'KSampler': case 'KSamplerAdvanced':
         set(node, 'steps', 2); break;
+      case 'ModelSamplingFlux':
+        set(node, 'width', 64); set(node, 'height', 64); break;
     }
   }
   window.app.graph.setDirtyCanvas(true, true);
   return changed;
+}
+"""
+
+# The Flux example's core loaders (UNETLoader, DualCLIPLoader, VAELoader) -> one CheckpointLoaderSimple of the tiny
+# all-in-one Flux checkpoint (arg), every link moved to the matching output (MODEL 0, CLIP 1, VAE 2), the loaders
+# removed: DualCLIPLoader cannot load a tiny text encoder (tests/test_dit_server.py says why). Returns the moves.
+FLUX_LOADERS_TO_CHECKPOINT_JS = r"""
+(ckptName) => {
+  const g = window.app.graph;
+  const slot = { UNETLoader: 0, DualCLIPLoader: 1, VAELoader: 2 };
+  const loaders = g.nodes.filter((n) => n.type in slot);
+  if (!loaders.length) return [];
+  const link = (id) => (g.links instanceof Map ? g.links.get(id) : g.links[id]);
+  const checkpoint = window.LiteGraph.createNode('CheckpointLoaderSimple');
+  checkpoint.pos = [...loaders[0].pos];
+  g.add(checkpoint);
+  checkpoint.widgets.find((w) => w.name === 'ckpt_name').value = ckptName;
+  const moved = [];
+  for (const node of loaders) {
+    const targets = (node.outputs[0].links || []).map(link).map((l) => [l.target_id, l.target_slot]);
+    for (const [targetId, targetSlot] of targets) {
+      checkpoint.connect(slot[node.type], g.getNodeById(targetId), targetSlot);
+      moved.push(`${node.type} -> ${targetId}.${targetSlot}`);
+    }
+  }
+  for (const node of loaders) g.remove(node);
+  g.setDirtyCanvas(true, true);
+  return moved;
 }
 """
 

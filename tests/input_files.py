@@ -3,8 +3,8 @@
 * :func:`write_test_clip`: the first frames of ``$TOKENFLOW_TEST_VIDEOS/wolf.mp4`` (default
   ``/work/shared/videos``) as a small H.264 mp4, or a synthetic clip when that file is missing;
 * :func:`write_frames` / :func:`write_mp4`: a folder of PNG frames and a small random mp4;
-* :func:`write_tiny_model_files`: the tiny checkpoint and ControlNet FILES of
-  ``tests/stand_in_nodes/tiny_files.py``.
+* :func:`write_tiny_model_files` / :func:`write_tiny_flux_files`: the tiny checkpoint and ControlNet FILES
+  and the tiny all-in-one Flux checkpoint of ``tests/stand_in_nodes/tiny_files.py``.
 """
 from __future__ import annotations
 
@@ -47,17 +47,40 @@ def write_test_clip(path: Path, frames: int = CLIP_FRAMES, size: int = CLIP_SIZE
             container.mux(packet)
 
 
-def write_tiny_model_files(models_dir: Path) -> dict:
-    """The tiny checkpoint and ControlNet FILES of ``tests/stand_in_nodes/tiny_files.py`` (see there), plus their
-    names (``checkpoint_name``, ``controlnet_name``); needs comfy importable (the test process has it)."""
+def _tiny_files():
+    """``tests/stand_in_nodes/tiny_files.py`` as a module (it registers nothing; the stand-in pack is not imported)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tokenflow_harness_tiny_files",
                                                   REPO / "tests" / "stand_in_nodes" / "tiny_files.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def write_tiny_model_files(models_dir: Path) -> dict:
+    """The tiny checkpoint and ControlNet FILES of ``tests/stand_in_nodes/tiny_files.py`` (see there), plus their
+    names (``checkpoint_name``, ``controlnet_name``); needs comfy importable (the test process has it)."""
+    module = _tiny_files()
     files = module.write_tiny_model_files(models_dir)
     files.update(checkpoint_name=module.CHECKPOINT_NAME, controlnet_name=module.CONTROLNET_NAME)
+    return files
+
+
+def write_tiny_sd3_files(models_dir: Path) -> dict:
+    """The tiny all-in-one SD3 checkpoint of ``tiny_files.write_tiny_sd3_files``, plus ``checkpoint_name``."""
+    module = _tiny_files()
+    files = module.write_tiny_sd3_files(models_dir)
+    files.update(checkpoint_name=module.SD3_CHECKPOINT_NAME)
+    return files
+
+
+def write_tiny_flux_files(models_dir: Path) -> dict:
+    """The tiny all-in-one Flux checkpoint of ``tiny_files.write_tiny_flux_files`` and its extra_model_paths.yaml,
+    plus ``checkpoint_name``."""
+    module = _tiny_files()
+    files = module.write_tiny_flux_files(models_dir)
+    files.update(checkpoint_name=module.FLUX_CHECKPOINT_NAME)
     return files
 
 

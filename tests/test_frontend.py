@@ -14,7 +14,8 @@ and, for each ``example_workflows/*.json``:
    options, numbers finite and within min/max, toggles boolean, texts strings), that the frontend kept
    the saved ``widgets_values`` and all links, and that no page error was thrown;
 3. types the test-time sizes into the widgets (64x64, 5 frames, 2/4 steps, ...; the files keep the
-   official settings), clicks Run and checks the server accepted the prompt (``POST /api/prompt``
+   official settings; the Flux example's three core loaders become one Load Checkpoint of the tiny
+   all-in-one Flux checkpoint, as in ``tests/test_dit_server.py``), clicks Run and checks the server accepted the prompt (``POST /api/prompt``
    answered 200 with a ``prompt_id`` and no ``node_errors``, the prompt is in ``/api/queue`` or
    ``/api/history``), then that the run ends with ``success`` within ``TOKENFLOW_FRONTEND_RUN_S``
    seconds (default 120) and the page shows no error;
@@ -58,6 +59,7 @@ RUN_TIMEOUT_S = float(os.environ.get("TOKENFLOW_FRONTEND_RUN_S", "120"))
 VIEWPORT = {"width": 1920, "height": 1080}
 PAGE_TIMEOUT_MS = 30_000
 STARTUP_WATCHDOG_S = 300  # browser launch + first page load
+FLUX_CHECKPOINT = "tokenflow_tiny_flux.safetensors"  # tests/stand_in_nodes/tiny_files.py
 
 if os.environ.get("TOKENFLOW_SKIP_FRONTEND") == "1":
     pytestmark = pytest.mark.skip(reason="TOKENFLOW_SKIP_FRONTEND=1: frontend tests explicitly skipped")
@@ -167,15 +169,22 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
     become links to the tiny stand-in files; each video the loaders name becomes a short clip in the
     server's input folder (unless already there).
     """
-    stand_ins = {"checkpoints": Path(tiny["checkpoint"]), "controlnet": Path(tiny["controlnet"])}
-    loaders = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
-               "ControlNetLoader": ("control_net_name", "controlnet")}
-    wanted: dict[str, set[str]] = {"checkpoints": set(), "controlnet": set(), "videos": set()}
+    flux = _tiny_files_module().write_flux_checkpoint(Path(tiny["checkpoint"]).parent / FLUX_CHECKPOINT)
+    stand_ins = {"checkpoints": Path(tiny["checkpoint"]), "controlnet": Path(tiny["controlnet"]),
+                 # the Flux example's core loaders: names only, swapped for the tiny Flux checkpoint before Run
+                 "diffusion_models": flux, "text_encoders": flux, "vae": flux}
+    folders = {d: (stand_ins[d].parent if d in ("checkpoints", "controlnet") else Path(server.base_dir) / "models" / d)
+               for d in stand_ins}
+    loaders = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints", 1),
+               "ControlNetLoader": ("control_net_name", "controlnet", 1),
+               "UNETLoader": ("unet_name", "diffusion_models", 1),
+               "DualCLIPLoader": ("clip_name1", "text_encoders", 2), "VAELoader": ("vae_name", "vae", 1)}
+    wanted: dict[str, set[str]] = {**{d: set() for d in stand_ins}, "videos": set()}
     for workflow in WORKFLOWS:
         for node in json.loads(workflow.read_text()).get("nodes", []):
             values = node.get("widgets_values")
             if node.get("type") in loaders and isinstance(values, list) and values:
-                wanted[loaders[node["type"]][1]].add(values[0])
+                wanted[loaders[node["type"]][1]].update(values[:loaders[node["type"]][2]])
             if node.get("type") == "TokenFlowLoadVideo" and isinstance(values, list) and values and values[0]:
                 wanted["videos"].add(values[0])
             for model in (node.get("properties") or {}).get("models") or []:
@@ -188,7 +197,8 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
                 if not target.exists():
                     _input_files().write_test_clip(target)
                 continue
-            alias = stand_ins[directory].parent / name
+            folders[directory].mkdir(parents=True, exist_ok=True)
+            alias = folders[directory] / name
             if not (alias.exists() or alias.is_symlink()):
                 alias.symlink_to(stand_ins[directory])
     return {k: sorted(v) for k, v in wanted.items()}
@@ -378,6 +388,7 @@ def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings:
 
 def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings: dict, artifacts: Path) -> None:
     url = server.url
+    report["flux_loaders_swapped"] = _eval(page, frontend_js.FLUX_LOADERS_TO_CHECKPOINT_JS, FLUX_CHECKPOINT)
     report["overrides"] = _eval(page, frontend_js.TINY_OVERRIDES_JS)
 
     # Click Run, as a user would; the frontend builds the prompt and POSTs it.

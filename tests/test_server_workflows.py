@@ -49,7 +49,9 @@ import workflow_format
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-EXPECTED_EXAMPLES = ["baselines", "tokenflow_controlnet", "tokenflow_pnp", "tokenflow_sdedit"]
+EXPECTED_EXAMPLES = ["baselines", "tokenflow_controlnet", "tokenflow_pnp", "tokenflow_sdedit"]  # the SD ones
+# The Flux example (core Flux loaders, cfg 1) runs in tests/test_dit_server.py, its loaders swapped for the tiny Flux.
+ALL_EXAMPLES = sorted(EXPECTED_EXAMPLES + ["tokenflow_flux"])
 VIDEO_DIR, CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = (input_files.VIDEO_DIR, input_files.CLIP_FRAMES, input_files.CLIP_SIZE,
                                               input_files.CLIP_FPS)
 PROMPT_TIMEOUT = 300.0
@@ -194,10 +196,10 @@ def test_server_log_has_no_import_errors_for_the_pack(comfy_server):
 
 
 def test_example_workflows_are_offered_as_templates(comfy_server):
-    assert EXAMPLES == EXPECTED_EXAMPLES
+    assert EXAMPLES == ALL_EXAMPLES
     templates = comfy_server.get_json("/workflow_templates")
-    assert sorted(templates.get(harness.PACK_DIR_NAME, [])) == EXPECTED_EXAMPLES
-    for name in EXPECTED_EXAMPLES:
+    assert sorted(templates.get(harness.PACK_DIR_NAME, [])) == ALL_EXAMPLES
+    for name in ALL_EXAMPLES:
         base = f"/api/workflow_templates/{harness.PACK_DIR_NAME}/{name}"
         assert comfy_server.get_json(base + ".json") == load_example(name)
         status, body = comfy_server.request(base + ".jpg")  # the frontend asks for <name>.jpg

@@ -23,6 +23,9 @@ GROUP_GAP = 110  # between groups (their frames take 20 px on each side)
 BAND_GAP = 80
 GROUP_TITLE = 90  # room above a band's nodes for the group title
 TITLE_BAR = 30
+# Loader node type -> how many of its first widgets name model files (listed in its "models" property).
+MODEL_WIDGETS = {"CheckpointLoaderSimple": 1, "ControlNetLoader": 1, "UNETLoader": 1, "DualCLIPLoader": 2,
+                 "VAELoader": 1}
 
 
 @dataclass
@@ -116,9 +119,10 @@ def _ui_node(example: Example, node: N, info: dict | None, incoming: dict, link_
     properties: dict[str, Any] = {"Node name for S&R": node.type}
     module = info.get("python_module", "")
     properties["cnr_id"] = "comfy-core" if module == "nodes" or module.startswith("comfy_extras") else PACK_CNR_ID
-    if node.type in ("CheckpointLoaderSimple", "ControlNetLoader") and values[0] in model_links:
-        url, directory = model_links[values[0]]
-        properties["models"] = [{"name": values[0], "url": url, "directory": directory}]
+    files = [v for v in values[:MODEL_WIDGETS.get(node.type, 0)] if v in model_links]
+    if files:  # the frontend offers these for download when they are missing
+        properties["models"] = [{"name": name, "url": model_links[name][0], "directory": model_links[name][1]}
+                                for name in files]
     entry = {"id": node.id, "type": node.type, "pos": [0, 0], "size": _node_size(node, len(inputs), len(outputs),
                                                                                      len(values)),
              "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs, "properties": properties,
