@@ -45,11 +45,13 @@ class TokenFlowSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The edit prompt, e.g. 'a shiny silver robotic wolf'. "
                                       "ControlNets applied to it (Apply ControlNet) get one hint per frame."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt (official: 'ugly, blurry, low res, "
-                                      "unrealistic, unaesthetic')."),
+                                      "unrealistic, unaesthetic'). Unused at cfg 1, where ComfyUI skips the "
+                                      "negative branch (Flux-dev: guidance-distilled, cfg 1 with FluxGuidance)."),
                 InversionType.Input("inversion", tooltip="Output of TokenFlow DDIM Inversion for the source video."),
                 io.Combo.Input("editor", options=list(EDITORS), default=DEFAULTS.editor, tooltip=editor_tooltip()),
                 io.Float.Input("cfg", default=DEFAULTS.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (official 7.5)."),
+                               tooltip="Classifier-free guidance scale (official 7.5; Flux-dev: 1, "
+                                       "its guidance comes from FluxGuidance)."),
                 # The pack's editors' required inputs (pnp_attn_t, pnp_f_t, sdedit_start): where saved workflows
                 # expect them.
                 *(editor_input(d) for d in stable_inputs()),
