@@ -74,14 +74,21 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Kernel:
-    """The host's attention function for (B, H, T, D) inputs with the call's own options; (B, T, H*D) out."""
+    """The host's attention function for (B, H, T, D) inputs with the call's own options, (B, H, T, D) out.
+
+    The output stays in heads layout (``skip_output_reshape``), so the pieces of a call are joined
+    there and merged to (B, T, H*D) once (:func:`_merge`), not once per kernel call.
+    """
 
     def __init__(self, func, heads: int, kwargs: dict) -> None:
         self.func, self.heads = func, heads
-        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("skip_reshape", "mask")}
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("skip_reshape", "skip_output_reshape", "mask")}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.func(q, k, v, self.heads, skip_reshape=True, **self.kwargs)
+        out = self.func(q, k, v, self.heads, skip_reshape=True, skip_output_reshape=True, **self.kwargs)
+        if out.ndim == 3:  # a backend path that merges anyway (attention_pytorch past SDP_BATCH_LIMIT)
+            out = _to_heads(out, self.heads, False)
+        return out
 
 
 def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
@@ -110,60 +117,104 @@ def _chunks(options: dict) -> int:
     return len(options.get("cond_or_uncond", [0]))
 
 
-def _record_source(ctx: PassContext, block: BlockKey, k_img: torch.Tensor, v_img: torch.Tensor) -> None:
+def _split(t: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
+    return t.chunk(chunks) if chunks > 1 else (t,)
+
+
+def _branch_rows(parts: tuple[torch.Tensor, ...], whole: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """The rows of the chunks at ``positions`` as one batch: a chunk, a slice of ``whole`` or (scattered) a cat."""
+    if len(positions) == 1:
+        return parts[positions[0]]
+    rows = parts[0].shape[0]
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        return whole.narrow(0, positions[0] * rows, len(positions) * rows)
+    return torch.cat([parts[i] for i in positions])
+
+
+def _record_source(ctx: PassContext, block: BlockKey, k: torch.Tensor, v: torch.Tensor, n_img: int) -> None:
     """Keyframe pass: the source's image values for the nearest-neighbour search, k/v for PnP."""
+    v_img = v[:, :, -n_img:]
     if ctx.field_provider is None:
         ctx.bank.keyframe_tokens[block] = unit_tokens(_merge(v_img))
     if block in ctx.pnp_attention:
-        ctx.bank.pnp_qk[block] = (k_img, v_img)
+        ctx.bank.pnp_qk[block] = (k[:, :, -n_img:], v_img)
 
 
 def _keyframe_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
                         n_img: int) -> torch.Tensor:
+    """Ordinary attention for the source chunk; ONE extended attention (two kernel calls) for all edit chunks."""
     chunks = _chunks(options)
     src, edit = ctx.roles(options)
-    qs, ks, vs = q.chunk(chunks), k.chunk(chunks), v.chunk(chunks)
+    qs, ks, vs = _split(q, chunks), _split(k, chunks), _split(v, chunks)
     outs: list[torch.Tensor | None] = [None] * chunks
     if src is not None:
         outs[src] = kernel(qs[src], ks[src], vs[src])
-        _record_source(ctx, block, ks[src][:, :, -n_img:], vs[src][:, :, -n_img:])
-    injects = options.get(INJECTS, "v") if block in ctx.pnp_attention else ""
-    for i in edit:
-        k_i, v_i = ks[i], vs[i]
-        k_img, v_img = k_i[:, :, -n_img:], v_i[:, :, -n_img:]
-        if injects:
-            src_k, src_v = ctx.bank.pnp_qk[block]
-            v_img = src_v
-            if "k" in injects:
-                k_img = src_k
-            if ctx.bank.trace is not None:
-                ctx.bank.trace.append(("attention", block, f"edit_{ctx.phase.value}"))
-        outs[i] = _extended(qs[i], k_i, v_i, k_img, v_img, kernel, n_img)
-    out = torch.cat(outs)
-    values = out[:, -n_img:]
-    ctx.bank.keyframe_outputs.setdefault(block, []).append((values, list(options.get("uuids", [None]))))
+        _record_source(ctx, block, ks[src], vs[src], n_img)
+    if edit:
+        q_e, k_e, v_e = (_branch_rows(parts, t, edit) for parts, t in ((qs, q), (ks, k), (vs, v)))
+        injects = options.get(INJECTS, "v") if block in ctx.pnp_attention else ""
+        src_kv = ctx.bank.pnp_qk[block] if injects else None
+        if injects and ctx.bank.trace is not None:
+            ctx.bank.trace.extend([("attention", block, f"edit_{ctx.phase.value}")] * len(edit))
+        out_e = _extended(q_e, k_e, v_e, src_kv, injects, kernel, n_img, len(edit))
+        for i, part in zip(edit, _split(out_e, len(edit))):
+            outs[i] = part
+    out = _merge(torch.cat(outs) if chunks > 1 else outs[0])
+    # The whole output is kept (text tokens first): propagation gathers its image rows in place, no copy.
+    ctx.bank.keyframe_outputs.setdefault(block, []).append((out, list(options.get("uuids", [None]))))
     return out
 
 
-def _extended(q, k, v, k_img, v_img, kernel: _Kernel, n_img: int) -> torch.Tensor:
+def _joint_kv(k: torch.Tensor, v: torch.Tensor, src_kv: tuple | None, injects: str, n_img: int,
+              branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the extended attention of C edit branches of K keyframes each, (C*K, H, K*T, D) each.
+
+    Row i: its own text tokens repeated K times, then the image tokens of all K keyframes of its
+    branch (its own branch's, or the source's where PnP injects them). Built for k and v at once.
+    """
+    rows, heads, tokens, dim = k.shape
+    frames, n_txt = rows // branches, tokens - n_img
+    own = torch.stack((k, v))  # (2, C*K, H, T, D)
+    if injects == "kv":
+        img = torch.stack(src_kv).unsqueeze(1)  # (2, 1, K, H, n_img, D): one set for every branch
+    elif injects:  # "v": own image keys, the source's image values
+        src_v = src_kv[1].unsqueeze(0).expand(branches, -1, -1, -1, -1)
+        img = torch.stack((k[:, :, n_txt:].unflatten(0, (branches, frames)), src_v))
+    else:
+        img = own[:, :, :, n_txt:].unflatten(1, (branches, frames))  # (2, C, K, H, n_img, D)
+    groups = img.shape[1]
+    shared = img.transpose(2, 3).reshape(2, groups, 1, heads, frames * n_img, dim)
+    if groups == 1:
+        shared = shared[:, 0].expand(-1, rows, -1, -1, -1)
+    else:
+        shared = shared.expand(-1, -1, frames, -1, -1, -1)
+    if n_txt == 0:
+        joint = shared if groups == 1 else shared.flatten(1, 2)
+        return joint[0], joint[1]
+    text = own[:, :, :, :n_txt].repeat(1, 1, 1, frames, 1)  # (2, C*K, H, K*n_txt, D)
+    if groups == 1:
+        joint = torch.cat((text, shared), 3)
+    else:
+        joint = torch.cat((text.unflatten(1, (branches, frames)), shared), 4).flatten(1, 2)
+    return joint[0], joint[1]
+
+
+def _extended(q, k, v, src_kv: tuple | None, injects: str, kernel: _Kernel, n_img: int,
+              branches: int) -> torch.Tensor:
     """K keyframes: image queries see own text + every keyframe's image tokens; text queries attend as usual.
 
     The own text keys/values are repeated K times (one copy per keyframe's image tokens), so that
     the text-to-image balance of the softmax is that of plain attention: K identical keyframes give
     exactly the single-frame result (the UNet's extended attention has the same property).
+    q, k, v: (C*K, H, T, D) of ``branches`` edit branches; out in the same layout.
     """
-    frames, heads, tokens, dim = q.shape
-    n_txt = tokens - n_img
-
-    def joint(own: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        shared = img.transpose(0, 1).reshape(1, heads, frames * n_img, dim).expand(frames, -1, -1, -1)
-        return torch.cat([own[:, :, :n_txt].repeat(1, 1, frames, 1), shared], 2) if n_txt else shared
-
-    img_out = kernel(q[:, :, n_txt:], joint(k, k_img), joint(v, v_img))
+    n_txt = q.shape[2] - n_img
+    k_joint, v_joint = _joint_kv(k, v, src_kv, injects, n_img, branches)
     if n_txt == 0:
-        return img_out
+        return kernel(q, k_joint, v_joint)
+    img_out = kernel(q[:, :, n_txt:], k_joint, v_joint)
     txt_out = kernel(q[:, :, :n_txt], k, v)
-    return torch.cat([txt_out, img_out], 1)
+    return torch.cat([txt_out, img_out], 2)
 
 
 def _propagated_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
@@ -174,18 +225,22 @@ def _propagated_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassCont
         if ctx.field_provider is not None:
             ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(q.device, non_blocking=True)
         elif src is not None:
-            tokens = _merge(v.chunk(chunks)[src][:, :, -n_img:])
+            tokens = _merge(_split(v, chunks)[src][:, :, -n_img:])
             ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,
                                                   ctx.max_elements, plan=ctx.pair_plan(q.device), keys_are_unit=True)
     uuids = list(options.get("uuids", [None]))
-    values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)
+    values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, T_kf, d): text first, then image
     fields = ctx.fields_for(block, values.device)
-    img = propagate(values, fields, ctx.gather_rows(rows, n_img, values.device), ctx.frame_weights(values))
+    n_txt_kf = values.shape[1] - n_img
+    # Flat rows of the keyframes' image tokens in the whole outputs: prepared once per call and layout.
+    base = ctx._cached(("dit_rows", rows, values.shape[1], n_txt_kf, values.device),
+                       lambda: ctx.gather_rows(rows, values.shape[1], values.device) + n_txt_kf)
+    img = propagate(values, fields, base, ctx.frame_weights(values))
     img = img.reshape(-1, n_img, img.shape[-1])
     n_txt = q.shape[2] - n_img
     if n_txt == 0:
         return img
-    return torch.cat([kernel(q[:, :, :n_txt], k, v), img], 1)
+    return torch.cat([_merge(kernel(q[:, :, :n_txt], k, v)), img], 1)
 
 
 def image_tokens_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
