@@ -94,7 +94,8 @@ def _measure(fn, model, breakdown: bool = False) -> tuple[int, int, float, Count
 
 def _print_breakdown(family: str, editor: str, steps: int, plain: Counter, ours: Counter, top: int) -> None:
     """Ops per step by call site (the pack's function, or ComfyUI) and aten op, TokenFlow against plain."""
-    print(f"\n{family} {editor}: ops per step by call site and op (TokenFlow; plain for ComfyUI's own)")
+    print(f"\n{family} {editor}: {sum(ours.values()) / steps:g} ops per step (plain {sum(plain.values()) / steps:g}), "
+          "by call site")
     sites: Counter = Counter()
     for (site, _), n in ours.items():
         sites[site] += n
