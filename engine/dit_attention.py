@@ -90,6 +90,12 @@ class _Kernel:
             out = _to_heads(out, self.heads, False)
         return out
 
+    def text_queries(self, call: "_Call") -> torch.Tensor:
+        """Plain attention of the call's text queries, (B, n_txt, H*D); inputs in the layout the block gave."""
+        if call.in_heads:
+            return _merge(self(call.q[:, :, :call.n_txt], call.k, call.v))
+        return self.func(call.q[:, :call.n_txt], call.k, call.v, self.heads, **self.kwargs)
+
 
 def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
     """``optimized_attention_override``: TokenFlow on the image tokens of tagged blocks, plain elsewhere."""
@@ -102,64 +108,86 @@ def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
                            "DiT models; remove the mask from the conditioning")
     block: BlockKey = (*tag["block"], tag["calls"])
     tag["calls"] += 1
-    skip = bool(kwargs.get("skip_reshape", False))
-    qh, kh, vh = (_to_heads(t, heads, skip) for t in (q, k, v))
     kernel = _Kernel(func, heads, kwargs)
-    n_img = int(options[IMAGE_TOKENS])
+    call = _Call(q, k, v, heads, bool(kwargs.get("skip_reshape", False)), int(options[IMAGE_TOKENS]))
     if ctx.phase in (Phase.EXTRACT_KEYFRAMES, Phase.EXTRACT_FRAMES):
         raise RuntimeError("TokenFlow: extracted correspondences are not available for DiT models yet")
     if ctx.phase is Phase.KEYFRAMES:
-        return _keyframe_attention(qh, kh, vh, kernel, options, ctx, block, n_img)
-    return _propagated_attention(qh, kh, vh, kernel, options, ctx, block, n_img)
+        return _keyframe_attention(call, kernel, options, ctx, block)
+    return _propagated_attention(call, kernel, options, ctx, block)
+
+
+class _Call:
+    """One attention call's q, k, v as the block gave them: (B, H, T, D) (Flux) or (B, T, H*D) (SD3; its
+    values may be (B, T, H, D)); heads layout on demand, image values merged without a round trip."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, in_heads: bool,
+                 n_img: int) -> None:
+        self.q, self.k, self.v, self.heads, self.in_heads, self.n_img = q, k, v, heads, in_heads, n_img
+        self.n_txt = (q.shape[2] if in_heads else q.shape[1]) - n_img
+
+    def heads_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(_to_heads(t, self.heads, self.in_heads) for t in (self.q, self.k, self.v))
+
+    def image_values(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, n_img, H*D) image-token values of rows ``v`` of this call's values, as given."""
+        if self.in_heads:
+            return _merge(v[:, :, -self.n_img:])
+        return v[:, -self.n_img:].flatten(2)
+
+
+def _by_role(t: torch.Tensor, chunks: int, src: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the source chunk, the edit chunks as one batch) of ``t``: one split where the roles are contiguous."""
+    if src is None:
+        return None, t
+    if chunks == 1:
+        return t, None
+    rows = t.shape[0] // chunks
+    if src == 0:
+        return tuple(t.split([rows, t.shape[0] - rows]))
+    if src == chunks - 1:
+        edit, source = t.split([t.shape[0] - rows, rows])
+        return source, edit
+    parts = t.chunk(chunks)
+    return parts[src], torch.cat([p for i, p in enumerate(parts) if i != src])
+
+
+def _join_roles(source: torch.Tensor | None, edit: torch.Tensor | None, chunks: int, src: int | None) -> torch.Tensor:
+    """The inverse of :func:`_by_role`."""
+    if source is None or edit is None:
+        return edit if source is None else source
+    if src == 0:
+        return torch.cat([source, edit])
+    if src == chunks - 1:
+        return torch.cat([edit, source])
+    parts = list(edit.chunk(chunks - 1))
+    return torch.cat(parts[:src] + [source] + parts[src:])
 
 
 def _chunks(options: dict) -> int:
     return len(options.get("cond_or_uncond", [0]))
 
 
-def _split(t: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
-    return t.chunk(chunks) if chunks > 1 else (t,)
-
-
-def _branch_rows(parts: tuple[torch.Tensor, ...], whole: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """The rows of the chunks at ``positions`` as one batch: a chunk, a slice of ``whole`` or (scattered) a cat."""
-    if len(positions) == 1:
-        return parts[positions[0]]
-    rows = parts[0].shape[0]
-    if positions == list(range(positions[0], positions[-1] + 1)):
-        return whole.narrow(0, positions[0] * rows, len(positions) * rows)
-    return torch.cat([parts[i] for i in positions])
-
-
-def _record_source(ctx: PassContext, block: BlockKey, k: torch.Tensor, v: torch.Tensor, n_img: int) -> None:
-    """Keyframe pass: the source's image values for the nearest-neighbour search, k/v for PnP."""
-    v_img = v[:, :, -n_img:]
-    if ctx.field_provider is None:
-        ctx.bank.keyframe_tokens[block] = unit_tokens(_merge(v_img))
-    if block in ctx.pnp_attention:
-        ctx.bank.pnp_qk[block] = (k[:, :, -n_img:], v_img)
-
-
-def _keyframe_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
-                        n_img: int) -> torch.Tensor:
+def _keyframe_attention(call: _Call, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey) -> torch.Tensor:
     """Ordinary attention for the source chunk; ONE extended attention (two kernel calls) for all edit chunks."""
-    chunks = _chunks(options)
+    chunks, n_img = _chunks(options), call.n_img
     src, edit = ctx.roles(options)
-    qs, ks, vs = _split(q, chunks), _split(k, chunks), _split(v, chunks)
-    outs: list[torch.Tensor | None] = [None] * chunks
+    (q_s, q_e), (k_s, k_e), (v_s, v_e) = (_by_role(t, chunks, src) for t in call.heads_layout())
+    out_s = out_e = None
     if src is not None:
-        outs[src] = kernel(qs[src], ks[src], vs[src])
-        _record_source(ctx, block, ks[src], vs[src], n_img)
+        out_s = kernel(q_s, k_s, v_s)
+        if ctx.field_provider is None:  # the source's image values for the nearest-neighbour search
+            v_given = v_s if call.in_heads else _by_role(call.v, chunks, src)[0]
+            ctx.bank.keyframe_tokens[block] = unit_tokens(call.image_values(v_given))
+        if block in ctx.pnp_attention:  # and its image keys / values for PnP
+            ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:])
     if edit:
-        q_e, k_e, v_e = (_branch_rows(parts, t, edit) for parts, t in ((qs, q), (ks, k), (vs, v)))
         injects = options.get(INJECTS, "v") if block in ctx.pnp_attention else ""
         src_kv = ctx.bank.pnp_qk[block] if injects else None
         if injects and ctx.bank.trace is not None:
             ctx.bank.trace.extend([("attention", block, f"edit_{ctx.phase.value}")] * len(edit))
         out_e = _extended(q_e, k_e, v_e, src_kv, injects, kernel, n_img, len(edit))
-        for i, part in zip(edit, _split(out_e, len(edit))):
-            outs[i] = part
-    out = _merge(torch.cat(outs) if chunks > 1 else outs[0])
+    out = _merge(_join_roles(out_s, out_e, chunks, src))
     # The whole output is kept (text tokens first): propagation gathers its image rows in place, no copy.
     ctx.bank.keyframe_outputs.setdefault(block, []).append((out, list(options.get("uuids", [None]))))
     return out
@@ -217,17 +245,19 @@ def _extended(q, k, v, src_kv: tuple | None, injects: str, kernel: _Kernel, n_im
     return torch.cat([txt_out, img_out], 2)
 
 
-def _propagated_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
-                          n_img: int) -> torch.Tensor:
-    chunks = _chunks(options)
+def _propagated_attention(call: _Call, kernel: _Kernel, options: dict, ctx: PassContext,
+                          block: BlockKey) -> torch.Tensor:
+    """Image tokens: the keyframe outputs gathered along the fields; text queries attend as in plain sampling."""
+    chunks, n_img = _chunks(options), call.n_img
     src, _ = ctx.roles(options)
     if block not in ctx.bank.fields:
         if ctx.field_provider is not None:
-            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(q.device, non_blocking=True)
+            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(call.q.device, non_blocking=True)
         elif src is not None:
-            tokens = _merge(_split(v, chunks)[src][:, :, -n_img:])
+            tokens = call.image_values(_by_role(call.v, chunks, src)[0])
             ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,
-                                                  ctx.max_elements, plan=ctx.pair_plan(q.device), keys_are_unit=True)
+                                                  ctx.max_elements, plan=ctx.pair_plan(call.q.device),
+                                                  keys_are_unit=True)
     uuids = list(options.get("uuids", [None]))
     values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, T_kf, d): text first, then image
     fields = ctx.fields_for(block, values.device)
@@ -237,10 +267,9 @@ def _propagated_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassCont
                        lambda: ctx.gather_rows(rows, values.shape[1], values.device) + n_txt_kf)
     img = propagate(values, fields, base, ctx.frame_weights(values))
     img = img.reshape(-1, n_img, img.shape[-1])
-    n_txt = q.shape[2] - n_img
-    if n_txt == 0:
+    if call.n_txt == 0:
         return img
-    return torch.cat([_merge(kernel(q[:, :, :n_txt], k, v)), img], 1)
+    return torch.cat([kernel.text_queries(call), img], 1)
 
 
 def image_tokens_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
