@@ -63,7 +63,9 @@ class DiTBlockReplace:
 def _to_heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
     if skip_reshape:
         return t  # (B, H, T, D)
-    b, n = t.shape[:2]  # (B, T, H*D), or (B, T, H, D) (SD3's values)
+    if t.ndim == 4:  # (B, T, H, D) (SD3's values)
+        return t.transpose(1, 2)
+    b, n = t.shape[:2]  # (B, T, H*D)
     return t.reshape(b, n, heads, -1).transpose(1, 2)
 
 
@@ -132,8 +134,8 @@ class _Call:
     def image_values(self, v: torch.Tensor) -> torch.Tensor:
         """(B, n_img, H*D) image-token values of rows ``v`` of this call's values, as given."""
         if self.in_heads:
-            return _merge(v[:, :, -self.n_img:])
-        return v[:, -self.n_img:].flatten(2)
+            return _merge(v[:, :, -self.n_img:] if self.n_txt else v)
+        return (v[:, -self.n_img:] if self.n_txt else v).flatten(2)
 
 
 def _by_role(t: torch.Tensor, chunks: int, src: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -180,7 +182,7 @@ def _keyframe_attention(call: _Call, kernel: _Kernel, options: dict, ctx: PassCo
             v_given = v_s if call.in_heads else _by_role(call.v, chunks, src)[0]
             ctx.bank.keyframe_tokens[block] = unit_tokens(call.image_values(v_given))
         if block in ctx.pnp_attention:  # and its image keys / values for PnP
-            ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:])
+            ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:]) if call.n_txt else (k_s, v_s)
     if edit:
         injects = options.get(INJECTS, "v") if block in ctx.pnp_attention else ""
         src_kv = ctx.bank.pnp_qk[block] if injects else None
@@ -203,28 +205,29 @@ def _joint_kv(k: torch.Tensor, v: torch.Tensor, src_kv: tuple | None, injects: s
     rows, heads, tokens, dim = k.shape
     frames, n_txt = rows // branches, tokens - n_img
     own = torch.stack((k, v))  # (2, C*K, H, T, D)
-    if injects == "kv":
-        img = torch.stack(src_kv).unsqueeze(1)  # (2, 1, K, H, n_img, D): one set for every branch
-    elif injects:  # "v": own image keys, the source's image values
+    own_img = own[:, :, :, n_txt:] if n_txt else own
+    if injects == "kv" or branches == 1:  # one set of K keyframes' image tokens for every row: (2, K, H, n_img, D)
+        if injects == "kv":
+            img = torch.stack(src_kv)
+        elif injects:  # "v": own image keys, the source's image values
+            img = torch.stack((k[:, :, n_txt:] if n_txt else k, src_kv[1]))
+        else:
+            img = own_img
+        shared = img.transpose(1, 2).reshape(2, 1, heads, frames * n_img, dim).expand(-1, rows, -1, -1, -1)
+        if n_txt == 0:
+            return tuple(shared.unbind(0))
+        joint = torch.cat((own[:, :, :, :n_txt].repeat(1, 1, 1, frames, 1), shared), 3)
+        return tuple(joint.unbind(0))
+    if injects:  # "v", several branches: (2, C, K, H, n_img, D)
         src_v = src_kv[1].unsqueeze(0).expand(branches, -1, -1, -1, -1)
-        img = torch.stack((k[:, :, n_txt:].unflatten(0, (branches, frames)), src_v))
+        img = torch.stack(((k[:, :, n_txt:] if n_txt else k).unflatten(0, (branches, frames)), src_v))
     else:
-        img = own[:, :, :, n_txt:].unflatten(1, (branches, frames))  # (2, C, K, H, n_img, D)
-    groups = img.shape[1]
-    shared = img.transpose(2, 3).reshape(2, groups, 1, heads, frames * n_img, dim)
-    if groups == 1:
-        shared = shared[:, 0].expand(-1, rows, -1, -1, -1)
-    else:
-        shared = shared.expand(-1, -1, frames, -1, -1, -1)
-    if n_txt == 0:
-        joint = shared if groups == 1 else shared.flatten(1, 2)
-        return joint[0], joint[1]
-    text = own[:, :, :, :n_txt].repeat(1, 1, 1, frames, 1)  # (2, C*K, H, K*n_txt, D)
-    if groups == 1:
-        joint = torch.cat((text, shared), 3)
-    else:
-        joint = torch.cat((text.unflatten(1, (branches, frames)), shared), 4).flatten(1, 2)
-    return joint[0], joint[1]
+        img = own_img.unflatten(1, (branches, frames))
+    shared = img.transpose(2, 3).reshape(2, branches, 1, heads, frames * n_img, dim).expand(-1, -1, frames, -1, -1, -1)
+    if n_txt:
+        text = own[:, :, :, :n_txt].repeat(1, 1, 1, frames, 1).unflatten(1, (branches, frames))
+        shared = torch.cat((text, shared), 4)
+    return tuple(shared.flatten(1, 2).unbind(0))
 
 
 def _extended(q, k, v, src_kv: tuple | None, injects: str, kernel: _Kernel, n_img: int,
@@ -262,14 +265,27 @@ def _propagated_attention(call: _Call, kernel: _Kernel, options: dict, ctx: Pass
     values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, T_kf, d): text first, then image
     fields = ctx.fields_for(block, values.device)
     n_txt_kf = values.shape[1] - n_img
-    # Flat rows of the keyframes' image tokens in the whole outputs: prepared once per call and layout.
-    base = ctx._cached(("dit_rows", rows, values.shape[1], n_txt_kf, values.device),
-                       lambda: ctx.gather_rows(rows, values.shape[1], values.device) + n_txt_kf)
+    base = _image_rows(ctx, rows, values.shape[1], n_txt_kf, values.device)
     img = propagate(values, fields, base, ctx.frame_weights(values))
     img = img.reshape(-1, n_img, img.shape[-1])
     if call.n_txt == 0:
         return img
     return torch.cat([kernel.text_queries(call), img], 1)
+
+
+def _image_rows(ctx: PassContext, rows: tuple[int, ...], tokens: int, n_txt: int, device: torch.device) -> torch.Tensor:
+    """Flat rows of the keyframes' image tokens in whole keyframe outputs of ``tokens`` tokens (text first), for
+    :func:`propagate`; prepared once per call and layout (SD3.5 has two: joint and image-only attention)."""
+    def make() -> torch.Tensor:
+        first = ctx._device_cache.get(("dit_first_layout", rows, device))
+        if first is None:  # the call's first layout: the shared gather rows, offset past the text
+            ctx._device_cache[("dit_first_layout", rows, device)] = tokens
+            base = ctx.gather_rows(rows, tokens, device)
+        else:  # another layout: rescaled from the first one's rows (no second host-built tensor)
+            base = ctx.gather_rows(rows, first, device) // first * tokens
+        return base + n_txt if n_txt else base
+
+    return ctx._cached(("dit_rows", rows, tokens, n_txt, device), make)
 
 
 def image_tokens_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
