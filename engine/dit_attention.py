@@ -76,27 +76,39 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Kernel:
-    """The host's attention function for (B, H, T, D) inputs with the call's own options, (B, H, T, D) out.
+    """The host's attention function with one call's own options, for q/k/v in the layout its block gives:
+    (B, H, T, D) (Flux, ``in_heads``) or (B, T, H*D) (SD3; its values may be (B, T, H, D)).
 
-    The output stays in heads layout (``skip_output_reshape``), so the pieces of a call are joined
-    there and merged to (B, T, H*D) once (:func:`_merge`), not once per kernel call.
+    ``kernel(q, k, v)`` is plain attention, (B, T, H*D) out. :meth:`heads_out` takes and gives the heads
+    layout (``skip_output_reshape``), so the pieces of a call are joined there and merged once.
     """
 
     def __init__(self, func, heads: int, kwargs: dict) -> None:
         self.func, self.heads = func, heads
+        self.in_heads = bool(kwargs.get("skip_reshape", False))
         self.kwargs = {k: v for k, v in kwargs.items() if k not in ("skip_reshape", "skip_output_reshape", "mask")}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.func(q, k, v, self.heads, skip_reshape=self.in_heads, **self.kwargs)
+
+    def heads_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = self.func(q, k, v, self.heads, skip_reshape=True, skip_output_reshape=True, **self.kwargs)
         if out.ndim == 3:  # a backend path that merges anyway (attention_pytorch past SDP_BATCH_LIMIT)
             out = _to_heads(out, self.heads, False)
         return out
 
-    def text_queries(self, call: "_Call") -> torch.Tensor:
-        """Plain attention of the call's text queries, (B, n_txt, H*D); inputs in the layout the block gave."""
-        if call.in_heads:
-            return _merge(self(call.q[:, :, :call.n_txt], call.k, call.v))
-        return self.func(call.q[:, :call.n_txt], call.k, call.v, self.heads, **self.kwargs)
+    def to_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return _to_heads(t, self.heads, self.in_heads)
+
+    def text_tokens(self, t: torch.Tensor, n_txt: int) -> torch.Tensor:
+        return t[:, :, :n_txt] if self.in_heads else t[:, :n_txt]
+
+    def image_values(self, v: torch.Tensor, n_img: int) -> torch.Tensor:
+        """(B, n_img, H*D): the image-token values of ``v`` (rows of this call's values, as given), merged."""
+        n_txt = (v.shape[2] if self.in_heads else v.shape[1]) - n_img
+        if self.in_heads:
+            return _merge(v[:, :, -n_img:] if n_txt else v)
+        return (v[:, -n_img:] if n_txt else v).flatten(2)
 
 
 def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
@@ -111,31 +123,12 @@ def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
     block: BlockKey = (*tag["block"], tag["calls"])
     tag["calls"] += 1
     kernel = _Kernel(func, heads, kwargs)
-    call = _Call(q, k, v, heads, bool(kwargs.get("skip_reshape", False)), int(options[IMAGE_TOKENS]))
+    n_img = int(options[IMAGE_TOKENS])
     if ctx.phase in (Phase.EXTRACT_KEYFRAMES, Phase.EXTRACT_FRAMES):
         raise RuntimeError("TokenFlow: extracted correspondences are not available for DiT models yet")
     if ctx.phase is Phase.KEYFRAMES:
-        return _keyframe_attention(call, kernel, options, ctx, block)
-    return _propagated_attention(call, kernel, options, ctx, block)
-
-
-class _Call:
-    """One attention call's q, k, v as the block gave them: (B, H, T, D) (Flux) or (B, T, H*D) (SD3; its
-    values may be (B, T, H, D)); heads layout on demand, image values merged without a round trip."""
-
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, in_heads: bool,
-                 n_img: int) -> None:
-        self.q, self.k, self.v, self.heads, self.in_heads, self.n_img = q, k, v, heads, in_heads, n_img
-        self.n_txt = (q.shape[2] if in_heads else q.shape[1]) - n_img
-
-    def heads_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(_to_heads(t, self.heads, self.in_heads) for t in (self.q, self.k, self.v))
-
-    def image_values(self, v: torch.Tensor) -> torch.Tensor:
-        """(B, n_img, H*D) image-token values of rows ``v`` of this call's values, as given."""
-        if self.in_heads:
-            return _merge(v[:, :, -self.n_img:] if self.n_txt else v)
-        return (v[:, -self.n_img:] if self.n_txt else v).flatten(2)
+        return _keyframe_attention(q, k, v, kernel, options, ctx, block, n_img)
+    return _propagated_attention(q, k, v, kernel, options, ctx, block, n_img)
 
 
 def _by_role(t: torch.Tensor, chunks: int, src: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -170,19 +163,20 @@ def _chunks(options: dict) -> int:
     return len(options.get("cond_or_uncond", [0]))
 
 
-def _keyframe_attention(call: _Call, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey) -> torch.Tensor:
+def _keyframe_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
+                        n_img: int) -> torch.Tensor:
     """Ordinary attention for the source chunk; ONE extended attention (two kernel calls) for all edit chunks."""
-    chunks, n_img = _chunks(options), call.n_img
+    chunks = _chunks(options)
     src, edit = ctx.roles(options)
-    (q_s, q_e), (k_s, k_e), (v_s, v_e) = (_by_role(t, chunks, src) for t in call.heads_layout())
+    (q_s, q_e), (k_s, k_e), (v_s, v_e) = (_by_role(kernel.to_heads(t), chunks, src) for t in (q, k, v))
     out_s = out_e = None
     if src is not None:
-        out_s = kernel(q_s, k_s, v_s)
+        out_s = kernel.heads_out(q_s, k_s, v_s)
         if ctx.field_provider is None:  # the source's image values for the nearest-neighbour search
-            v_given = v_s if call.in_heads else _by_role(call.v, chunks, src)[0]
-            ctx.bank.keyframe_tokens[block] = unit_tokens(call.image_values(v_given))
+            v_given = v_s if kernel.in_heads else _by_role(v, chunks, src)[0]
+            ctx.bank.keyframe_tokens[block] = unit_tokens(kernel.image_values(v_given, n_img))
         if block in ctx.pnp_attention:  # and its image keys / values for PnP
-            ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:]) if call.n_txt else (k_s, v_s)
+            ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:]) if k_s.shape[2] > n_img else (k_s, v_s)
     if edit:
         injects = options.get(INJECTS, "v") if block in ctx.pnp_attention else ""
         src_kv = ctx.bank.pnp_qk[block] if injects else None
@@ -242,25 +236,24 @@ def _extended(q, k, v, src_kv: tuple | None, injects: str, kernel: _Kernel, n_im
     n_txt = q.shape[2] - n_img
     k_joint, v_joint = _joint_kv(k, v, src_kv, injects, n_img, branches)
     if n_txt == 0:
-        return kernel(q, k_joint, v_joint)
-    img_out = kernel(q[:, :, n_txt:], k_joint, v_joint)
-    txt_out = kernel(q[:, :, :n_txt], k, v)
+        return kernel.heads_out(q, k_joint, v_joint)
+    img_out = kernel.heads_out(q[:, :, n_txt:], k_joint, v_joint)
+    txt_out = kernel.heads_out(q[:, :, :n_txt], k, v)
     return torch.cat([txt_out, img_out], 2)
 
 
-def _propagated_attention(call: _Call, kernel: _Kernel, options: dict, ctx: PassContext,
-                          block: BlockKey) -> torch.Tensor:
+def _propagated_attention(q, k, v, kernel: _Kernel, options: dict, ctx: PassContext, block: BlockKey,
+                          n_img: int) -> torch.Tensor:
     """Image tokens: the keyframe outputs gathered along the fields; text queries attend as in plain sampling."""
-    chunks, n_img = _chunks(options), call.n_img
+    chunks = _chunks(options)
     src, _ = ctx.roles(options)
     if block not in ctx.bank.fields:
         if ctx.field_provider is not None:
-            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(call.q.device, non_blocking=True)
+            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(q.device, non_blocking=True)
         elif src is not None:
-            tokens = call.image_values(_by_role(call.v, chunks, src)[0])
+            tokens = kernel.image_values(_by_role(v, chunks, src)[0], n_img)
             ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,
-                                                  ctx.max_elements, plan=ctx.pair_plan(call.q.device),
-                                                  keys_are_unit=True)
+                                                  ctx.max_elements, plan=ctx.pair_plan(q.device), keys_are_unit=True)
     uuids = list(options.get("uuids", [None]))
     values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, T_kf, d): text first, then image
     fields = ctx.fields_for(block, values.device)
@@ -268,9 +261,10 @@ def _propagated_attention(call: _Call, kernel: _Kernel, options: dict, ctx: Pass
     base = _image_rows(ctx, rows, values.shape[1], n_txt_kf, values.device)
     img = propagate(values, fields, base, ctx.frame_weights(values))
     img = img.reshape(-1, n_img, img.shape[-1])
-    if call.n_txt == 0:
+    n_txt = (q.shape[2] if kernel.in_heads else q.shape[1]) - n_img
+    if n_txt == 0:
         return img
-    return torch.cat([kernel.text_queries(call), img], 1)
+    return torch.cat([kernel(kernel.text_tokens(q, n_txt), k, v), img], 1)
 
 
 def _image_rows(ctx: PassContext, rows: tuple[int, ...], tokens: int, n_txt: int, device: torch.device) -> torch.Tensor:
