@@ -77,6 +77,8 @@ class _DeviceData(TorchFunctionMode):
             self.reads.append(f"{name} at {Path(site.filename).name}:{site.lineno}" if site else name)
         out = func(*args, **kwargs)
         placed = "device" in kwargs or any(isinstance(a, torch.device) for a in args)
+        if placed and any(out is t for t in leaves):  # a no-op move on the CPU: a device copy is a new tensor,
+            out = out.detach()  # so the host tensor it came from stays host data
         if on_device or placed:
             self._tag(out)
         return out
@@ -113,18 +115,17 @@ def _count_step_syncs(family: str, cfg: float) -> tuple[list[str], dict[str, Cou
         reads.extend(device_data.reads)
         return out
 
-    def per_pass(executor, *args, **kwargs):  # DIFFUSION_MODEL: which pass the ops run in
-        options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {})
-        ctx = options.get(PASS_KEY)
+    def per_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        ctx = transformer_options.get(PASS_KEY)  # APPLY_MODEL: which pass the ops of this model call belong to
         dispatches.phase = ctx.phase.value if ctx is not None else "model"
         try:
-            return executor(*args, **kwargs)
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             dispatches.phase = "step"
 
     counted = model.clone()
     counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_dit_cost", per_step)
-    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_dit_cost", per_pass)
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_dit_cost", per_pass)
     run_flow_edit(counted, cond(2), cond(3), inversion, EditSettings.of(editor="pnp", cfg=cfg, batch_size=3))
     return reads, dispatches.by_phase, steps[0]
 
