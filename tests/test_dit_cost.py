@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import comfy.patcher_extension
 import tiny_dit_models
+from comfyui_tokenflow.engine import call_sizing
 from comfyui_tokenflow.engine.attention_patches import PASS_KEY, Phase
 from comfyui_tokenflow.engine.edit_plan import EditSettings
 from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
@@ -139,3 +140,31 @@ def test_no_host_sync_in_a_dit_step(family, cfg):
     scalar_reads = {phase: ops["_local_scalar_dense"] for phase, ops in by_phase.items() if ops["_local_scalar_dense"]}
     assert not scalar_reads, f"host reads (.item() / bool() / int() of a tensor) per pass: {scalar_reads}"
     assert not reads, f"host reads of device data in a step: {Counter(reads)}"
+
+
+def test_dit_passes_follow_the_call_sizing(monkeypatch):
+    """The memory sizing of the UNet path (engine/call_sizing.py) splits a DiT's propagation pass too, and the
+    per-call propagation indices (nearest-neighbour fields) cover that call's frames only."""
+    model = tiny_dit_models.make_flux_model(seed=0)
+    cond = tiny_dit_models.flux_conditioning
+    frames = {"samples": torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
+    inversion = run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
+    per_frame = call_sizing.call_bytes(model.model, 2, tuple(inversion.latent_shape))  # source + edit branch
+    monkeypatch.setattr(call_sizing, "CPU_BUDGET_BYTES", int(per_frame * 2.5))  # 2 frames per propagation call
+    batches: list[int] = []
+    field_rows: list[int] = []
+
+    def after_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        ctx = transformer_options.get(PASS_KEY)
+        batches.append(int(x.shape[0]))
+        if ctx is not None and ctx.phase is Phase.FRAMES:
+            field_rows.extend(int(f.shape[0]) for f in ctx.bank.fields.values())
+        return out
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_dit_cost", after_call)
+    run_flow_edit(counted, cond(2), cond(3), inversion, EditSettings.of(editor="pnp", cfg=1.0, batch_size=3))
+    # Per step: the keyframe call (2 keyframes x 2 branches fit the budget), then 3 calls of 2 frames x 2 branches.
+    assert batches == [4, 4, 4, 4] * STEPS, batches
+    assert field_rows and set(field_rows) == {2}, field_rows  # fields of the call's 2 frames, every block
