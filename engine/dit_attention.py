@@ -199,14 +199,16 @@ def _joint_kv(k: torch.Tensor, v: torch.Tensor, src_kv: tuple | None, injects: s
     rows, heads, tokens, dim = k.shape
     frames, n_txt = rows // branches, tokens - n_img
     own = torch.stack((k, v))  # (2, C*K, H, T, D)
-    own_img = own[:, :, :, n_txt:] if n_txt else own
+
+    def own_img() -> torch.Tensor:
+        return own[:, :, :, n_txt:] if n_txt else own
     if injects == "kv" or branches == 1:  # one set of K keyframes' image tokens for every row: (2, K, H, n_img, D)
         if injects == "kv":
             img = torch.stack(src_kv)
         elif injects:  # "v": own image keys, the source's image values
             img = torch.stack((k[:, :, n_txt:] if n_txt else k, src_kv[1]))
         else:
-            img = own_img
+            img = own_img()
         shared = img.transpose(1, 2).reshape(2, 1, heads, frames * n_img, dim).expand(-1, rows, -1, -1, -1)
         if n_txt == 0:
             return tuple(shared.unbind(0))
@@ -216,7 +218,7 @@ def _joint_kv(k: torch.Tensor, v: torch.Tensor, src_kv: tuple | None, injects: s
         src_v = src_kv[1].unsqueeze(0).expand(branches, -1, -1, -1, -1)
         img = torch.stack(((k[:, :, n_txt:] if n_txt else k).unflatten(0, (branches, frames)), src_v))
     else:
-        img = own_img.unflatten(1, (branches, frames))
+        img = own_img().unflatten(1, (branches, frames))
     shared = img.transpose(2, 3).reshape(2, branches, 1, heads, frames * n_img, dim).expand(-1, -1, frames, -1, -1, -1)
     if n_txt:
         text = own[:, :, :, :n_txt].repeat(1, 1, 1, frames, 1).unflatten(1, (branches, frames))
