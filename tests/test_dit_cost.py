@@ -49,6 +49,7 @@ def test_two_model_calls_per_step(family, cfg, editor):
 # placed with an explicit device are "device data"; a host read of one (what a GPU would sync on) is recorded with
 # its call site. ``item`` / ``bool`` / ``int`` / ``float`` of ANY tensor also show as ``aten._local_scalar_dense``
 # in the dispatch count, which must be zero for the whole step.
+PACK_CODE = tuple(str(Path(__file__).resolve().parents[1] / d) + "/" for d in ("engine", "tokenflow_ops"))
 HOST_READS = frozenset({"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"})
 DATA_DEPENDENT_SHAPES = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"})
 
@@ -78,6 +79,10 @@ class _DeviceData(TorchFunctionMode):
             self.reads.append(f"{name} at {Path(site.filename).name}:{site.lineno}" if site else name)
         out = func(*args, **kwargs)
         placed = "device" in kwargs or any(isinstance(a, torch.device) for a in args)
+        if placed and not on_device and not kwargs.get("non_blocking"):  # host data to the device, blocking
+            site = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename), None)
+            if site is not None and site.filename.startswith(PACK_CODE):  # ComfyUI's own moves are not the pack's
+                self.reads.append(f"blocking host->device {name} at {Path(site.filename).name}:{site.lineno}")
         if placed and any(out is t for t in leaves):  # a no-op move on the CPU: a device copy is a new tensor,
             out = out.detach()  # so the host tensor it came from stays host data
         if on_device or placed:
