@@ -24,6 +24,11 @@ A model clone gets (see :func:`install_dit_patches`):
   adapter) and the source-input wrapper the UNet path uses (the source chunk's own latents).
 
 The per-call instructions are the same :class:`PassContext` / :class:`StepBank` the UNet path uses.
+
+Cost (benchmarks/README.md, "DiT step cost"): the edit branches of a call share one extended attention
+(one kernel call for their image queries, one for their text queries), kernels return the heads layout
+and a call's pieces are merged once, and the keyframe outputs are kept whole so that propagation
+gathers their image rows in place.
 """
 from __future__ import annotations
 
