@@ -171,7 +171,7 @@ class PassContext:
         """Flat keyframe rows for :func:`propagate` (once per call, chunk layout and token count)."""
         slots = self._cached(("slots", device), lambda: self.pairing.slots[self.frames].to(device, non_blocking=True))
         return self._cached(("rows", branch_rows, tokens, device), lambda: gather_base(
-            torch.tensor(branch_rows, device=device), slots, tokens))
+            torch.tensor(branch_rows).to(device, non_blocking=True), slots, tokens))  # no stream sync
 
     def pair_plan(self, device: torch.device) -> PairPlan:
         """Which (frame, keyframe) searches this call's frames need (prepared per call)."""

@@ -51,12 +51,12 @@ class PairPlan:
 
 def pair_plan(slots: torch.Tensor) -> PairPlan:
     """:class:`PairPlan` of frames whose keyframe slots are ``slots`` (F, 2)."""
-    slots = slots.cpu().long()
-    rows = torch.arange(slots.shape[0])
-    second = slots[:, 1] != slots[:, 0]
-    where = torch.stack([rows, rows.clone()], 1)
-    where[second, 1] = slots.shape[0] + torch.arange(int(second.sum()))
-    return PairPlan(torch.cat([rows, rows[second]]), torch.cat([slots[:, 0], slots[second, 1]]), where)
+    first, other = slots.cpu().long().unbind(1)
+    rows = torch.arange(first.shape[0])
+    second = other != first
+    # The second searches come after the F first ones, in frame order (no host read of their count).
+    where = torch.stack([rows, torch.where(second, second.cumsum(0) + (first.shape[0] - 1), rows)], 1)
+    return PairPlan(torch.cat([rows, rows[second]]), torch.cat([first, other[second]]), where)
 
 
 def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, plan: PairPlan,

@@ -11,6 +11,7 @@ another implementation fed the same indices.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -102,11 +103,13 @@ class FramePairing:
         return self.weights[:, 1] == 0
 
 
+@functools.lru_cache(maxsize=16)
 def official_pairing(n_frames: int, group_size: int) -> FramePairing:
     """Official pairing: frame i in group g blends keyframe g (weight w) and g-1 (weight 1-w).
 
     ``c_g = g*G + G//2``, ``d1 = |i - c_g|``, ``d2 = |i - c_{g-1}|``, ``w = sigmoid(d2 / (d1 + d2))``;
-    group 0 uses its own keyframe only.
+    group 0 uses its own keyframe only. The same for every step, so built once per (frames, group)
+    and shared (read only: nothing writes into a pairing's tensors).
     """
     idx = torch.arange(n_frames)
     group = idx // group_size

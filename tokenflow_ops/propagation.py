@@ -33,6 +33,6 @@ def propagate(keyframe_values: torch.Tensor, fields: torch.Tensor, base: torch.T
     (a frame with one keyframe has w1 = 0 and the same row twice). One gather, no loop.
     """
     rows, m, d = keyframe_values.shape
-    c, f = base.shape[:2]
-    gathered = keyframe_values.reshape(rows * m, d).index_select(0, (base + fields).flatten())
-    return (gathered.view(c, f, 2, -1, d) * weights).sum(2)
+    # embedding: the row gather of index_select with the (C, F, 2, N) index shape kept (one op, no flatten / view)
+    gathered = torch.nn.functional.embedding(base + fields, keyframe_values.reshape(rows * m, d))
+    return (gathered * weights).sum(2)
