@@ -22,7 +22,7 @@ import torch
 import comfy.patcher_extension
 
 from .attention_patches import JOINT_KEY
-from .dit_attention import _extended, _Kernel, _to_heads
+from .dit_attention import _extended, _Kernel, _merge, _to_heads
 from .model_support import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def joint_attention_override(func, q, k, v, heads, *args, **kwargs):
     n_img = int(options[JOINT_IMAGE_TOKENS])
     chunks = len(options.get("cond_or_uncond", [0]))  # cond / uncond: each chunk is one batch of frames
     parts = [t.chunk(chunks) for t in (_to_heads(t, heads, skip) for t in (q, k, v))]
-    return torch.cat([_extended(qc, kc, vc, kc[:, :, -n_img:], vc[:, :, -n_img:], kernel, n_img)
-                      for qc, kc, vc in zip(*parts)])
+    # Each chunk is one branch of K frames attending to its own frames' image tokens (nothing injected).
+    return _merge(torch.cat([_extended(qc, kc, vc, None, "", kernel, n_img, 1) for qc, kc, vc in zip(*parts)]))
 
 
 def joint_image_tokens_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,

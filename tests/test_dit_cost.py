@@ -49,6 +49,30 @@ def test_two_model_calls_per_step(family, cfg, editor):
 def test_extracted_correspondences_drop_the_source_branch(family, cfg, editor):
     """SDEdit extracted: no source branch at all; PnP extracted: the source only in its injection steps' keyframe pass
     (a DiT has no ResBlocks, so the propagation pass never needs the source)."""
+    make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
+    cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning
+    model = make(seed=0)
+    frames = {"samples": torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
+    inversion = run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
+    batches: list[int] = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        corr = run_extraction(model, inversion, 3, "random", 1)
+        assert batches == [2, 6] * STEPS  # extraction: the source alone, its keyframes then every frame, each step
+        batches.clear()
+        run_flow_edit(model, cond(2), cond(3), inversion, EditSettings.of(editor=editor, cfg=cfg, batch_size=3),
+                      correspondences=corr)
+    finally:
+        handle.remove()
+    edit = 1 if cfg == 1.0 else 2  # edit branches: positive (+ negative)
+    if editor == "sdedit":
+        steps = len(inversion.timesteps[int(1 - 0.9 * STEPS):])
+        assert batches == [edit * 2, edit * 6] * steps  # keyframe pass + propagation pass, no source branch
+    else:
+        injected = int(STEPS * 0.5)  # pnp_attn_t 0.5: the source's image values/keys in the first half
+        assert batches == [(edit + 1) * 2, edit * 6] * injected + [edit * 2, edit * 6] * (STEPS - injected)
+
+
 # --- Host syncs inside a step (issue 15 item 5): none in the DiT hot path ------------------------------------------
 # On the CPU a device->host copy dispatches nothing (``.cpu()`` / ``.tolist()`` of a CPU tensor are no-ops), so the
 # check emulates device placement: tensors that are, or derive from, the step's latents, the model's weights or data
@@ -116,23 +140,6 @@ def _count_step_syncs(family: str, cfg: float) -> tuple[list[str], dict[str, Cou
     model = make(seed=0)
     frames = {"samples": torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
     inversion = run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
-    batches: list[int] = []
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    try:
-        corr = run_extraction(model, inversion, 3, "random", 1)
-        assert batches == [2, 6] * STEPS  # extraction: the source alone, its keyframes then every frame, each step
-        batches.clear()
-        run_flow_edit(model, cond(2), cond(3), inversion, EditSettings.of(editor=editor, cfg=cfg, batch_size=3),
-                      correspondences=corr)
-    finally:
-        handle.remove()
-    edit = 1 if cfg == 1.0 else 2  # edit branches: positive (+ negative)
-    if editor == "sdedit":
-        steps = len(inversion.timesteps[int(1 - 0.9 * STEPS):])
-        assert batches == [edit * 2, edit * 6] * steps  # keyframe pass + propagation pass, no source branch
-    else:
-        injected = int(STEPS * 0.5)  # pnp_attn_t 0.5: the source's image values/keys in the first half
-        assert batches == [(edit + 1) * 2, edit * 6] * injected + [edit * 2, edit * 6] * (STEPS - injected)
     dispatches, reads, steps = _Dispatches(), [], [0]
     weights = list(model.model.diffusion_model.parameters()) + list(model.model.diffusion_model.buffers())
 

@@ -44,7 +44,10 @@ def test_the_sampler_widgets_come_from_the_declarations():
 def test_the_runner_flags_come_from_the_declarations():
     runner = _runner()
     args = runner.build_parser().parse_args([])
-    assert args.editor == EditSettings().editor and args.cfg == EditSettings().cfg
+    assert args.editor == EditSettings().editor and args.cfg is None  # --cfg follows the detected family
+    args.flux_route = False  # no --unet/--clip-l/--t5/--vae (the runner's main sets it)
+    assert runner.models.resolve_family_settings(args, None, EditSettings().cfg) is None
+    assert args.cfg == EditSettings().cfg  # not Flux: the sampler's default
     declared = [d for e in editors.EDITORS.values() for d in e.inputs]
     assert {d.name for d in declared} == {"pnp_attn_t", "pnp_f_t", "sdedit_start", "pnp_attention_blocks",
                                           "pnp_residual_blocks"}
