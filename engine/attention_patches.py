@@ -357,7 +357,12 @@ def call_key_wrapper(executor, *args, **kwargs):
     key the call was prepared with makes the key part of every compiled graph's guards.
     """
     key = kwargs.pop(CALL_KEY, None)
-    options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None)
+    options = kwargs.get("transformer_options")
+    if options is None:  # positional: the UNet passes it 6th, Flux 8th; the dict that carries the pass
+        for arg in args:
+            if isinstance(arg, dict) and PASS_KEY in arg:
+                options = arg
+                break
     ctx = _pass_of(options)
     if ctx is not None and key != ctx.key:
         raise RuntimeError("TokenFlow: the UNet call was not prepared by the TokenFlow wrapper")

@@ -72,3 +72,37 @@ def test_the_registry_holds_unet_and_dit_families_alike():
     names = [f.name for f in model_support.FAMILIES]
     assert names == ["sdxl", "sd1/sd2", "flux", "sd3"]
     assert all(callable(f.claims) and callable(f.describe) for f in model_support.FAMILIES)
+
+
+@pytest.mark.parametrize("family", ["flux"])
+def test_the_call_key_is_checked_inside_the_dit_too(family):
+    """The key a compiled diffusion model guards on reaches the DiT's own DIFFUSION_MODEL wrapper, whatever position
+    the family passes transformer_options in (Flux: 8th, after guidance / ref_latents / control): a call whose key
+    was replaced between the APPLY_MODEL wrapper and the model is refused. (SD3's MMDiT has no DIFFUSION_MODEL
+    wrapper point at v0.3.64: there the key is an unused keyword of the model and nothing can check it.)"""
+    import comfy.patcher_extension
+    import torch
+
+    from comfyui_tokenflow.engine.attention_patches import CALL_KEY
+    from comfyui_tokenflow.engine.edit_plan import EditSettings
+    from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
+    from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
+
+    make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
+    cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning
+    model = make(seed=0)
+    frames = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
+    inversion = run_flow_inversion(model, frames, cond(1), 2, 2)
+    seen: list[str] = []
+
+    def stale_key(executor, *args, **kwargs):  # outside the pack's DIFFUSION_MODEL wrapper
+        if CALL_KEY in kwargs:
+            seen.append(kwargs[CALL_KEY])
+            kwargs[CALL_KEY] = "stale"
+        return executor(*args, **kwargs)
+
+    tampered = model.clone()
+    tampered.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "0_test_stale_key", stale_key)
+    with pytest.raises(RuntimeError, match="not prepared by the TokenFlow wrapper"):
+        run_flow_edit(tampered, cond(2), cond(3), inversion, EditSettings.of(editor="pnp", cfg=1.0, batch_size=2))
+    assert seen  # the tampering wrapper ran outside the check, on a call that carried a key
