@@ -222,6 +222,16 @@ def _trace(bank: StepBank, kind: str, where: Any, phase: Phase, times: int) -> N
         bank.trace.extend([(kind, where, f"edit_{phase.value}")] * times)
 
 
+def _branches(t: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
+    """The branch chunks of a batched call (the host batches conds of equal size), as views.
+
+    Not ``chunk``: under torch.compile's dynamic batch size its last chunk is ``s - 2 * ceil(s / 3)``,
+    and every shape derived from it nests that expression until sympy spends minutes per graph;
+    here every chunk is ``s // chunks``.
+    """
+    return t.unflatten(0, (chunks, -1)).unbind(0)
+
+
 def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra: dict):
     """Records / matches the source branch's ``norm1`` tokens; never changes them."""
     ctx: PassContext | None = extra.get(PASS_KEY)
@@ -229,7 +239,7 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
         return n, context, value
     block = _block_key(extra)
     src, _ = ctx.roles(extra)
-    source_tokens = n.chunk(_chunk_count(extra))[src] if src is not None else None
+    source_tokens = _branches(n, _chunk_count(extra))[src] if src is not None else None
     if ctx.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
         if source_tokens is not None and ctx.field_provider is None:  # only the nearest-neighbour search reads them
             ctx.bank.keyframe_tokens[block] = unit_tokens(source_tokens)
@@ -253,7 +263,7 @@ def _keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra
     chunks = _chunk_count(extra)
     src, edit = ctx.roles(extra)
     bank = ctx.bank
-    qs, ks, vs = q.chunk(chunks), k.chunk(chunks), v.chunk(chunks)
+    qs, ks, vs = _branches(q, chunks), _branches(k, chunks), _branches(v, chunks)
     outs: list[torch.Tensor | None] = [None] * chunks
     if src is not None and block in ctx.pnp_attention:
         bank.pnp_qk[block] = (qs[src], ks[src])
@@ -311,7 +321,7 @@ class _SourceFeaturesRecorded(Exception):
 def _residual_hook(module, inputs, output, *, ctx: PassContext, path: str, chunks: int, src: int | None,
                    source_only: bool):
     if src is not None:
-        ctx.bank.residuals[path] = output.chunk(chunks)[src]
+        ctx.bank.residuals[path] = _branches(output, chunks)[src]
         if source_only:
             # Eager only: a compiled UNet runs the (unused) rest; raising would break its graph.
             if (ctx.stop_after_residuals and not torch.compiler.is_compiling()

@@ -64,7 +64,7 @@ def joint_attention_override(func, q, k, v, heads, *args, **kwargs):
     kernel = _Kernel(func, heads, kwargs)
     n_img = int(options[JOINT_IMAGE_TOKENS])
     chunks = len(options.get("cond_or_uncond", [0]))  # cond / uncond: each chunk is one batch of frames
-    parts = [t.chunk(chunks) for t in (_to_heads(t, heads, skip) for t in (q, k, v))]
+    parts = [_to_heads(t, heads, skip).unflatten(0, (chunks, -1)).unbind(0) for t in (q, k, v)]
     # Each chunk is one branch of K frames attending to its own frames' image tokens (nothing injected).
     return _merge(torch.cat([_extended(qc, kc, vc, None, "", kernel, n_img, 1) for qc, kc, vc in zip(*parts)]))
 
