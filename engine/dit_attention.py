@@ -40,7 +40,8 @@ import comfy.patcher_extension
 
 from ..tokenflow_ops.correspondence import frame_fields, unit_tokens
 from ..tokenflow_ops.propagation import propagate
-from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase, call_key_wrapper, tokenflow_call_wrapper
+from .attention_patches import PASS_KEY, WRAPPER_KEY, PassContext, Phase
+from .call_wrappers import call_key_wrapper, tokenflow_call_wrapper
 from .model_support import BlockKey, ModelLayout
 
 log = logging.getLogger(__name__)

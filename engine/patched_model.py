@@ -1,7 +1,8 @@
 """The TokenFlow-patched model of a run: the one place a ModelPatcher is cloned and patched."""
 from __future__ import annotations
 
-from .attention_patches import JOINT_KEY, install_tokenflow_patches
+from .attention_patches import JOINT_KEY
+from .call_wrappers import install_tokenflow_patches
 from .families.base import FLOW
 from .model_support import ModelLayout, check_supported
 

@@ -24,14 +24,19 @@ from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
 STEPS = 4
 
 
-@pytest.mark.parametrize("family, cfg", [("flux", 1.0), ("sd3", 4.0)])
-@pytest.mark.parametrize("editor", ["pnp", "sdedit"])
-def test_two_model_calls_per_step(family, cfg, editor):
+def _inverted(family: str):
+    """A tiny Flux / SD3 model, its conditioning maker, and 6 random frames inverted in STEPS steps."""
     make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
     cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning
     model = make(seed=0)
     frames = {"samples": torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
-    inversion = run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
+    return model, cond, run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
+
+
+@pytest.mark.parametrize("family, cfg", [("flux", 1.0), ("sd3", 4.0)])
+@pytest.mark.parametrize("editor", ["pnp", "sdedit"])
+def test_two_model_calls_per_step(family, cfg, editor):
+    model, cond, inversion = _inverted(family)
     batches: list[int] = []
     handle = model.model.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
@@ -49,11 +54,7 @@ def test_two_model_calls_per_step(family, cfg, editor):
 def test_extracted_correspondences_drop_the_source_branch(family, cfg, editor):
     """SDEdit extracted: no source branch at all; PnP extracted: the source only in its injection steps' keyframe pass
     (a DiT has no ResBlocks, so the propagation pass never needs the source)."""
-    make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
-    cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning
-    model = make(seed=0)
-    frames = {"samples": torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
-    inversion = run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
+    model, cond, inversion = _inverted(family)
     batches: list[int] = []
     handle = model.model.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
@@ -135,11 +136,7 @@ class _Dispatches(TorchDispatchMode):
 
 def _count_step_syncs(family: str, cfg: float) -> tuple[list[str], dict[str, Counter], int]:
     """Host reads of device data and the dispatch counts per pass of every step of a PnP edit on the fly."""
-    make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
-    cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning
-    model = make(seed=0)
-    frames = {"samples": torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
-    inversion = run_flow_inversion(model, frames, cond(1), STEPS, STEPS)
+    model, cond, inversion = _inverted(family)
     dispatches, reads, steps = _Dispatches(), [], [0]
     weights = list(model.model.diffusion_model.parameters()) + list(model.model.diffusion_model.buffers())
 

@@ -83,7 +83,7 @@ def test_the_call_key_is_checked_inside_the_dit_too(family):
     import comfy.patcher_extension
     import torch
 
-    from comfyui_tokenflow.engine.attention_patches import CALL_KEY
+    from comfyui_tokenflow.engine.call_wrappers import CALL_KEY
     from comfyui_tokenflow.engine.edit_plan import EditSettings
     from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
     from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
