@@ -14,8 +14,8 @@ import torch
 
 import comfy.patcher_extension
 
-from .attention_patches import (EXTRACT_PHASES, PASS_KEY, WRAPPER_KEY, PassContext, Phase, _branches, _pass_of,
-                                _trace, tokenflow_attn1_patch, tokenflow_attn1_replace)
+from . import attention_patches
+from .attention_patches import EXTRACT_PHASES, PASS_KEY, WRAPPER_KEY, PassContext, Phase, _branches, _pass_of, _trace
 from .model_support import ModelLayout
 
 
@@ -117,10 +117,12 @@ def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, cont
 def install_tokenflow_patches(model_patcher, layout: ModelLayout) -> None:
     """Add TokenFlow's patches to a model CLONE (idempotent)."""
     patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
-    if tokenflow_attn1_patch not in patches.get("attn1_patch", []):
-        model_patcher.set_model_attn1_patch(tokenflow_attn1_patch)
+    # The patch functions are looked up on their module when installed (the parity tests record through them).
+    attn1_patch, attn1_replace = attention_patches.tokenflow_attn1_patch, attention_patches.tokenflow_attn1_replace
+    if attn1_patch not in patches.get("attn1_patch", []):
+        model_patcher.set_model_attn1_patch(attn1_patch)
     for kind, block_id, index in layout.transformer_blocks:
-        model_patcher.set_model_attn1_replace(tokenflow_attn1_replace, kind, block_id, index)
+        model_patcher.set_model_attn1_replace(attn1_replace, kind, block_id, index)
     for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, call_key_wrapper),
                                   (comfy.patcher_extension.WrappersMP.APPLY_MODEL, tokenflow_call_wrapper)):
         model_patcher.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
