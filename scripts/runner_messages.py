@@ -12,6 +12,25 @@ from pathlib import Path
 import runner_support as support  # scripts/runner_support.py, beside this file
 
 
+CHECKPOINT_HELP = """\
+Pass the Stable Diffusion checkpoint to edit with:
+
+    --checkpoint /path/to/model.safetensors        (a .safetensors or .ckpt file, SD1.x / SD2.x / SDXL, or an
+                                                    all-in-one Flux / SD3.x checkpoint)
+    --checkpoint model.safetensors                 (a file name in ComfyUI/models/checkpoints/)
+    --unet flux1-dev.safetensors --clip-l clip_l.safetensors --t5 t5xxl_fp16.safetensors --vae ae.safetensors
+                                                   (Flux's separate files, names as in ComfyUI/models/)
+
+TokenFlow's official setting uses Stable Diffusion 2.1-base, file v2-1_512-ema-pruned.safetensors from
+https://huggingface.co/stabilityai/stable-diffusion-2-1-base (any SD1.5 checkpoint works too, e.g.
+v1-5-pruned-emaonly-fp16.safetensors from https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive).
+Put it in ComfyUI/models/checkpoints/ or anywhere and pass its path. Example:
+
+    bash scripts/run.sh --video wolf.mp4 --prompt "a shiny silver robotic wolf" --inversion-prompt "a wolf" \\
+        --checkpoint ~/comfy/ComfyUI/models/checkpoints/v2-1_512-ema-pruned.safetensors --output robot_wolf.mp4
+"""
+
+
 # Graph nodes that load a file given on the command line: their errors name the option and the file.
 _FILE_NODES = {"1": "--checkpoint", "13": "--controlnet", "15": "--clip-l / --t5", "16": "--vae"}
 # (node id in build_prompt, input name) -> the runner's option that sets it.

@@ -39,24 +39,6 @@ sys.path.insert(0, str(REPO / "devkit"))
 import pack_import  # noqa: E402  (devkit/pack_import.py: outside ComfyUI the pack is the package comfyui_tokenflow)
 OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
 
-CHECKPOINT_HELP = """\
-Pass the Stable Diffusion checkpoint to edit with:
-
-    --checkpoint /path/to/model.safetensors        (a .safetensors or .ckpt file, SD1.x / SD2.x / SDXL, or an
-                                                    all-in-one Flux / SD3.x checkpoint)
-    --checkpoint model.safetensors                 (a file name in ComfyUI/models/checkpoints/)
-    --unet flux1-dev.safetensors --clip-l clip_l.safetensors --t5 t5xxl_fp16.safetensors --vae ae.safetensors
-                                                   (Flux's separate files, names as in ComfyUI/models/)
-
-TokenFlow's official setting uses Stable Diffusion 2.1-base, file v2-1_512-ema-pruned.safetensors from
-https://huggingface.co/stabilityai/stable-diffusion-2-1-base (any SD1.5 checkpoint works too, e.g.
-v1-5-pruned-emaonly-fp16.safetensors from https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive).
-Put it in ComfyUI/models/checkpoints/ or anywhere and pass its path. Example:
-
-    bash scripts/run.sh --video wolf.mp4 --prompt "a shiny silver robotic wolf" --inversion-prompt "a wolf" \\
-        --checkpoint ~/comfy/ComfyUI/models/checkpoints/v2-1_512-ema-pruned.safetensors --output robot_wolf.mp4
-"""
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -125,7 +107,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     if problem:
         return problem
     if not args.checkpoint and not models.flux_files_given(args):
-        return "error: no checkpoint given (--checkpoint). " + CHECKPOINT_HELP
+        return "error: no checkpoint given (--checkpoint). " + messages.CHECKPOINT_HELP
     if not args.video:
         return "error: no video given: pass --video /path/to/video.mp4 (or a folder of numbered images)."
     if not os.path.exists(os.path.expanduser(args.video)):
@@ -271,7 +253,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             if ckpt_name is None:
                 folders = ", ".join(folder_paths.get_folder_paths("checkpoints"))
                 print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in {folders})."
-                      f"\n{CHECKPOINT_HELP}", file=sys.stderr)
+                      f"\n{messages.CHECKPOINT_HELP}", file=sys.stderr)
                 return 2
             files = {"--checkpoint": ("checkpoints", ckpt_name, args.checkpoint)}
         else:
