@@ -208,8 +208,11 @@ def _block_key(extra: dict) -> BlockKey:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
-    # Looked up at call time so that the host's choice of kernel (SDPA, xformers, sage, ...) is used.
-    return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+    # Looked up at call time so that the host's choice of kernel (SDPA, xformers, sage, ...) is used; the block's
+    # options go along, so an ``optimized_attention_override`` on the model (a kernel-swapping node) sees these
+    # calls as it sees the host's own.
+    return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                               transformer_options=extra)
 
 
 def _chunk_count(extra: dict) -> int:

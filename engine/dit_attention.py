@@ -32,6 +32,7 @@ gathers their image rows in place.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -50,6 +51,7 @@ BLOCK_TAG = "tokenflow_dit_block"
 IMAGE_TOKENS = "tokenflow_dit_image_tokens"
 INJECTS = "tokenflow_dit_injects"
 DIT_WRAPPER_KEY = "tokenflow_dit"
+PREVIOUS_OVERRIDE = "tokenflow_previous_attention_override"
 
 
 class DiTBlockReplace:
@@ -117,10 +119,33 @@ class _Kernel:
         return (v[:, -n_img:] if n_txt else v).flatten(2)
 
 
+def set_attention_override(options: dict, override) -> None:
+    """Make ``override`` the clone's ``optimized_attention_override``, keeping the one already there.
+
+    The host has one override slot per model. A node applied before TokenFlow (a kernel swap such as a
+    SageAttention patch) keeps working: it is kept in :data:`PREVIOUS_OVERRIDE` and every attention TokenFlow
+    computes, or passes through, goes through it (:func:`host_attention`)."""
+    previous = options.get("optimized_attention_override")
+    if previous is not None and previous is not override:
+        options[PREVIOUS_OVERRIDE] = previous
+    options["optimized_attention_override"] = override
+
+
+def host_attention(func, options: dict, own):
+    """The attention function a call of the override ``own`` should use: the host's ``func``, through the override
+    ``own`` replaced. Only the override in the model's slot resolves it: one of the pack's overrides kept as
+    the previous one (a joint-edit model fed to the TokenFlow sampler) is handed that already."""
+    previous = options.get(PREVIOUS_OVERRIDE)
+    if previous is None or options.get("optimized_attention_override") is not own:
+        return func
+    return functools.partial(previous, func)
+
+
 def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
     """``optimized_attention_override``: TokenFlow on the image tokens of tagged blocks, plain elsewhere."""
     options = kwargs.get("transformer_options") or {}
     tag, ctx = options.get(BLOCK_TAG), options.get(PASS_KEY)
+    func = host_attention(func, options, dit_attention_override)
     if tag is None or ctx is None or args:
         return func(q, k, v, heads, *args, **kwargs)
     if kwargs.get("mask") is not None or kwargs.get("skip_output_reshape"):
@@ -307,7 +332,7 @@ def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
     for kind, block_id in dict.fromkeys((b[0], b[1]) for b in layout.transformer_blocks):
         model_patcher.set_model_patch_replace(DiTBlockReplace(kind, block_id), "dit", kind, block_id)
     options = model_patcher.model_options.setdefault("transformer_options", {})
-    options["optimized_attention_override"] = dit_attention_override
+    set_attention_override(options, dit_attention_override)
     options["tokenflow_dit_adapter"] = adapter
     options[INJECTS] = adapter.pnp_injects
     # The UNet's per-call wrappers (source input, device tensors prepared outside the model, the call key read
@@ -320,4 +345,5 @@ def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
         model_patcher.add_wrapper_with_key(wrapper_type, key, wrapper)
 
 
-__all__ = ["install_dit_patches", "dit_attention_override", "DiTBlockReplace"]
+__all__ = ["install_dit_patches", "dit_attention_override", "DiTBlockReplace", "set_attention_override",
+           "host_attention"]

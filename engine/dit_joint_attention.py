@@ -22,7 +22,7 @@ import torch
 import comfy.patcher_extension
 
 from .attention_patches import JOINT_KEY
-from .dit_attention import _extended, _Kernel, _merge, _to_heads
+from .dit_attention import _extended, _Kernel, _merge, _to_heads, host_attention, set_attention_override
 from .model_support import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def joint_attention_override(func, q, k, v, heads, *args, **kwargs):
     """``optimized_attention_override``: image queries of a tagged call see every frame's image tokens."""
     options = kwargs.get("transformer_options") or {}
     tag = options.get(JOINT_BLOCK_TAG)
+    func = host_attention(func, options, joint_attention_override)
     if tag is None or args:
         return func(q, k, v, heads, *args, **kwargs)
     call = tag["calls"]
@@ -93,7 +94,7 @@ def install_dit_joint_patches(model_patcher, layout: ModelLayout) -> None:
         model_patcher.set_model_patch_replace(JointBlockReplace(kind, block_id, frozenset(block_calls)), "dit", kind,
                                               block_id)
     options = model_patcher.model_options.setdefault("transformer_options", {})
-    options["optimized_attention_override"] = joint_attention_override
+    set_attention_override(options, joint_attention_override)
     options[JOINT_ADAPTER] = layout.adapter
     options[JOINT_KEY] = True
     wrapper_type = comfy.patcher_extension.WrappersMP.APPLY_MODEL
