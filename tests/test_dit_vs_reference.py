@@ -27,7 +27,6 @@ test_tokenflow_vs_official.py (tests/FP_THRESHOLDS.md lists every threshold):
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -40,34 +39,9 @@ from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
 from comfyui_tokenflow.tokenflow_ops import keyframes, schedule
 from comfyui_tokenflow.tokenflow_ops.flow_inversion import sigma_at
 from dit_reference import reference_flow_edit, reference_flow_inversion
+from parity_precision import FLOAT64_EPS, MARGIN_FACTOR, SLACK, assert_within_precision, report
 
 STEPS, INVERSION_STEPS, N, GROUP = 4, 8, 5, 2
-# Bound on |ours - ref| / |ref32 - ref|: two realisations of the same float32 rounding at the same points
-# (tests/FP_THRESHOLDS.md: measured 1.00-1.03 over the CPU matrix); the mutations are >= 3.7e4 x the spread.
-SLACK = 8.0
-# Smallest allowed (top-1 - top-2 similarity) / (max |similarity ours - reference|). Measured: >= 1.66e10.
-MARGIN_FACTOR = 1e3
-FLOAT64_EPS = torch.finfo(torch.float64).eps
-
-
-def _report(line: str) -> None:
-    if os.environ.get("TOKENFLOW_FP_REPORT"):  # with pytest -s: the measured ratios (tests/FP_THRESHOLDS.md)
-        print("FPREPORT", line)
-
-
-def _assert_within_precision(ours: torch.Tensor, ref: torch.Tensor, ref32: torch.Tensor) -> float:
-    """|ours - ref| <= SLACK x |ref32 - ref|: the pack is as close to the reference as float32 rounding allows."""
-    spread = (ref32 - ref).abs().max().item()
-    assert spread > 0, "the float32 twin equals the reference: the spread measures nothing"
-    tolerance = SLACK * spread  # cause: the host's float32 state and casts (see the module docstring)
-    diff = (ours.double() - ref).abs().max().item()
-    twin = (ours.double() - ref32).abs().max().item()
-    _report(f"diff={diff:.3g} spread={spread:.3g} ratio={diff / spread:.3g} |ours - ref32|={twin:.3g}")
-    assert diff <= tolerance, (f"max |ours - reference| = {diff:.3g} > {tolerance:.3g} "
-                               f"({diff / spread:.3g} x the float32 rounding spread {spread:.3g})")
-    return diff / spread
-
-
 @pytest.fixture(scope="module", params=list(tiny_dit_models.DIT_FAMILIES))
 def setup(request):
     world = tiny_dit_models.dit_world(request.param, N)
@@ -89,8 +63,8 @@ def test_inversion_matches_the_independent_restatement(setup):
     path32 = reference_flow_inversion(model, host_dtype=torch.float32, **kwargs)
     for k, t in enumerate(inv.timesteps):
         i = inversion_ts.index(t)
-        _assert_within_precision(inv.trajectory[k], path[i], path32[i])
-    _assert_within_precision(inv.inverted, path[-1], path32[-1])
+        assert_within_precision(inv.trajectory[k], path[i], path32[i])
+    assert_within_precision(inv.inverted, path[-1], path32[-1])
 
 
 # -- the edit -----------------------------------------------------------------------------------------------
@@ -187,7 +161,7 @@ def _check_decisions(pack_records: list[dict], references: dict, n_attentions: i
     ratio = margin / max(rounding, FLOAT64_EPS)
     assert ratio >= MARGIN_FACTOR, (f"a nearest-neighbour near-tie: margin {margin:.3g} vs similarity rounding "
                                     f"{rounding:.3g}; rounding could decide it (choose another seed or input)")
-    _report(f"margin={margin:.3g} rounding={rounding:.3g} ratio={ratio:.3g}")
+    report(f"margin={margin:.3g} rounding={rounding:.3g} ratio={ratio:.3g}")
     return ratio
 
 
@@ -217,7 +191,7 @@ def test_edit_matches_the_independent_restatement(setup, editor, pnp_attn_t, blo
     monkeypatch.undo()
     references = _references(setup, editor, pnp_attn_t, pnp)
     _check_decisions(pack_records, references, len(setup["layout"].transformer_blocks), len(_edit_timesteps(editor)))
-    _assert_within_precision(ours, references["ref"], references["ref32"])
+    assert_within_precision(ours, references["ref"], references["ref32"])
 
 
 # -- the same check fails on semantic errors ------------------------------------------------------------------
@@ -286,7 +260,7 @@ def test_parity_check_fails_on_a_semantic_error(setup, mutation, monkeypatch):
     two = mutation == "no PnP injection in one of two blocks"
     references = _references(setup, "pnp", 0.5, _two_pnp_blocks(setup["layout"])[0] if two else None)
     with pytest.raises(AssertionError, match="float32 rounding spread"):
-        _assert_within_precision(ours, references["ref"], references["ref32"])
+        assert_within_precision(ours, references["ref"], references["ref32"])
 
 
 # -- text-token queries -------------------------------------------------------------------------------------
@@ -328,9 +302,9 @@ def test_text_queries_attend_as_in_plain_sampling(setup, monkeypatch):
     kernel = max(c["kernel"] for c in calls)
     assert kernel > 0, "the host kernel equals the matmul softmax: the rounding bound measures nothing"
     text = max(c["text"] for c in calls)
-    _report(f"text rows vs plain: {text:.3g} (kernel rounding {kernel:.3g}, ratio {text / kernel:.3g})")
+    report(f"text rows vs plain: {text:.3g} (kernel rounding {kernel:.3g}, ratio {text / kernel:.3g})")
     assert text <= SLACK * kernel, f"text-token queries differ from plain attention by {text:.3g} > {SLACK} x {kernel:.3g}"
     for phase in phases:
         image = max(c["image"] for c in calls if c["phase"] is phase)
-        _report(f"{phase.value} image rows vs plain: {image:.3g} ({image / kernel:.3g} x the kernel rounding)")
+        report(f"{phase.value} image rows vs plain: {image:.3g} ({image / kernel:.3g} x the kernel rounding)")
         assert image > 1e3 * SLACK * kernel, f"{phase}: image rows are plain attention ({image:.3g}); the check sees nothing"

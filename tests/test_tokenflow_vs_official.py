@@ -31,7 +31,6 @@ What "agree" means, and why it holds on any CPU (tests/FP_THRESHOLDS.md lists ev
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -39,34 +38,8 @@ import torch
 from comfyui_tokenflow.engine import attention_patches, model_support
 from comfyui_tokenflow.tokenflow_ops import keyframes, schedule
 from official_reference import reference_edit, reference_inversion
+from parity_precision import FLOAT64_EPS, MARGIN_FACTOR, assert_within_precision, report
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, double, edit, float64_copy, invert, random_latent
-
-# Bound on |ours - ref| / |ref32 - ref|: two realisations of the same float32 rounding (the pack's
-# and the reference twin's) at the same points. Measured 0.9-1.3 for the edits and up to 3.7 for
-# the inversion (the pack also rounds its intermediate products there) over the CPU matrix of
-# tests/FP_THRESHOLDS.md; the mutations below are >= 1.3e6 x the spread.
-SLACK = 8.0
-# Smallest allowed (top-1 - top-2 similarity) / (max |similarity ours - reference|): a decision
-# with this margin cannot be flipped by rounding of that size. Measured: >= 7e7.
-MARGIN_FACTOR = 1e3
-FLOAT64_EPS = torch.finfo(torch.float64).eps
-
-
-def _report(line: str) -> None:
-    if os.environ.get("TOKENFLOW_FP_REPORT"):  # with pytest -s: the measured ratios (tests/FP_THRESHOLDS.md)
-        print("FPREPORT", line)
-
-
-def _assert_within_precision(ours: torch.Tensor, ref: torch.Tensor, ref32: torch.Tensor) -> None:
-    """|ours - ref| <= SLACK x |ref32 - ref|: the pack is as close to the reference as float32 rounding allows."""
-    spread = (ref32 - ref).abs().max().item()
-    assert spread > 0, "the float32 twin equals the reference: the spread measures nothing"
-    tolerance = SLACK * spread  # cause: the host's float32 casts (see the module docstring)
-    diff = (ours.double() - ref).abs().max().item()
-    _report(f"diff={diff:.3g} spread={spread:.3g} ratio={diff / spread:.3g}")
-    assert diff <= tolerance, (f"max |ours - official| = {diff:.3g} > {tolerance:.3g} "
-                               f"({diff / spread:.3g} x the float32 rounding spread {spread:.3g})")
-
 
 def _float64_products(inversion):
     """The pack's inversion with its float32 latents widened to float64 (identical values)."""
@@ -99,8 +72,8 @@ def test_inversion_follows_the_spec_formula(setup):
     assert inv.inverted_timestep == final_t == 901
     torch.testing.assert_close(inv.x0.double(), setup["x0"])
     for k, t in enumerate(inv.timesteps):
-        _assert_within_precision(inv.trajectory[k], saved[t], saved32[t])
-    _assert_within_precision(inv.inverted, final, final32)
+        assert_within_precision(inv.trajectory[k], saved[t], saved32[t], "official")
+    assert_within_precision(inv.inverted, final, final32, "official")
 
 
 # -- the edit -----------------------------------------------------------------------------------------------
@@ -194,7 +167,7 @@ def _check_decisions(pack_records: list[dict], references: dict, n_blocks: int, 
     assert margin >= MARGIN_FACTOR * max(rounding, FLOAT64_EPS), (
         f"a nearest-neighbour near-tie: margin {margin:.3g} vs similarity rounding {rounding:.3g}; "
         "rounding could decide it (choose another seed or input)")
-    _report(f"margin={margin:.3g} rounding={rounding:.3g} ratio={margin / max(rounding, FLOAT64_EPS):.3g}")
+    report(f"margin={margin:.3g} rounding={rounding:.3g} ratio={margin / max(rounding, FLOAT64_EPS):.3g}")
     return margin, rounding
 
 
@@ -215,7 +188,7 @@ def test_edit_matches_official_restatement(setup, editor, pnp_attn_t, pnp_f_t, m
     monkeypatch.undo()
     references = _references(setup, editor, pnp_attn_t, pnp_f_t)
     _check_decisions(pack_records, references, len(setup["layout"].transformer_blocks), len(_edit_timesteps(editor)))
-    _assert_within_precision(ours, references["ref"], references["ref32"])
+    assert_within_precision(ours, references["ref"], references["ref32"], "official")
 
 
 # -- the same check fails on semantic errors ------------------------------------------------------------------
@@ -266,4 +239,4 @@ def test_parity_check_fails_on_a_semantic_error(setup, mutation, monkeypatch):
     monkeypatch.undo()
     references = _references(setup, "pnp", 0.5, 0.8)
     with pytest.raises(AssertionError, match="float32 rounding spread"):
-        _assert_within_precision(ours, references["ref"], references["ref32"])
+        assert_within_precision(ours, references["ref"], references["ref32"], "official")
