@@ -97,15 +97,22 @@ def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyfra
     return extract(model, inversion, batch_size, keyframes, seed, blend, max_keyframes)
 
 
+def planned_correspondences(inversion: TokenFlowInversion, model_fingerprint: str, batch_size: int, keyframes: str,
+                            seed: int, blend: str, max_keyframes: int) -> TokenFlowCorrespondences:
+    """The product an extraction fills: its keyframe plan made, no fields yet (every sampling path)."""
+    schedule = keyframe_schedule(inversion.n_frames, inversion.steps, batch_size, max_keyframes, seed, keyframes, blend)
+    return TokenFlowCorrespondences(
+        timesteps=list(inversion.timesteps), keyframes=schedule.keyframes, group_size=schedule.group_size,
+        blend=schedule.blend, inversion_fingerprint=inversion_fingerprint(inversion),
+        model_fingerprint=model_fingerprint)
+
+
 @torch.no_grad()
 def run_ddpm_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
                         blend: str = "official", max_keyframes: int = 0) -> TokenFlowCorrespondences:
     layout, fingerprint = check_run_on_inversion(model, inversion)
     n = inversion.n_frames
-    schedule = keyframe_schedule(n, inversion.steps, batch_size, max_keyframes, seed, keyframes, blend)
-    corr = TokenFlowCorrespondences(
-        timesteps=list(inversion.timesteps), keyframes=schedule.keyframes, group_size=schedule.group_size,
-        blend=schedule.blend, inversion_fingerprint=inversion_fingerprint(inversion), model_fingerprint=fingerprint)
+    corr = planned_correspondences(inversion, fingerprint, batch_size, keyframes, seed, blend, max_keyframes)
     sigmas = inversion.sigmas[:-1].float()
     guider = ExtractionGuider(patched_clone(model, layout), corr, n)
     guider.inner_set_conds({"positive": inversion.conditioning})

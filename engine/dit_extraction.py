@@ -29,10 +29,9 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
-from .correspondence_runner import ExtractionGuider
-from .dit_attention import install_dit_patches
-from .edit_plan import keyframe_schedule
+from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
+from .correspondence_runner import ExtractionGuider, planned_correspondences
+from .patched_model import patched_clone
 from .model_support import FLOW, ModelLayout, check_supported, model_fingerprint
 from .validation import check_frame_size_fits, check_inversion_model, check_not_joint_edit_model
 
@@ -78,13 +77,8 @@ def run_flow_extraction(model, inversion: TokenFlowInversion, batch_size: int, k
     """The correspondences of a flow inversion (``run_extraction``'s signature)."""
     layout, fingerprint = check_flow_extraction(model, inversion)
     n = inversion.n_frames
-    schedule = keyframe_schedule(n, inversion.steps, batch_size, max_keyframes, seed, keyframes, blend)
-    corr = TokenFlowCorrespondences(
-        timesteps=list(inversion.timesteps), keyframes=schedule.keyframes, group_size=schedule.group_size,
-        blend=schedule.blend, inversion_fingerprint=inversion_fingerprint(inversion), model_fingerprint=fingerprint)
-    patched = model.clone()
-    install_dit_patches(patched, layout)
-    guider = ExtractionGuider(patched, corr, n)
+    corr = planned_correspondences(inversion, fingerprint, batch_size, keyframes, seed, blend, max_keyframes)
+    guider = ExtractionGuider(patched_clone(model, layout), corr, n)
     guider.inner_set_conds({"positive": inversion.conditioning})
     guider.set_cfg(1.0)
     sigmas = inversion.sigmas[:-1].float()

@@ -27,7 +27,7 @@ import torch
 
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
 from ..tokenflow_ops.flow_inversion import sigma_at
-from .dit_attention import install_dit_patches
+from .patched_model import patched_clone
 from .edit_plan import EditSettings, make_plan
 from .editors import get_editor
 from .flow_inversion_runner import check_flow_conditioning
@@ -86,9 +86,7 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
     by_timestep = dict(zip(inversion.timesteps, inversion.sigmas.double().tolist()))
     levels = [by_timestep[t] for t in plan.timesteps] + [0.0]
     sigmas = torch.tensor(levels)
-    patched = model.clone()
-    install_dit_patches(patched, layout)
-    guider = FlowTokenFlowGuider(patched, inversion, plan, sigmas)
+    guider = FlowTokenFlowGuider(patched_clone(model, layout), inversion, plan, sigmas)
     guider.set_cfg(settings.cfg)
     table = model.get_model_object("model_sampling").sigmas.float().cpu()
     start = flow_start_latent(inversion, levels[0], sigma_at(table, inversion.inverted_timestep))

@@ -8,9 +8,17 @@ from .model_support import ModelLayout, check_supported
 
 
 def patched_clone(model_patcher, layout: ModelLayout):
-    """A clone of ``model_patcher`` with TokenFlow's patches installed; the input ModelPatcher is never changed."""
+    """A clone of ``model_patcher`` with TokenFlow's patches installed; the input ModelPatcher is never changed.
+
+    The patches follow the layout's sampling rule: the UNets' attention / ResBlock patches, or a flow DiT's
+    image-token attention (:mod:`.dit_attention`)."""
     patched = model_patcher.clone()
-    install_tokenflow_patches(patched, layout)
+    if layout.sampling == FLOW:
+        from .dit_attention import install_dit_patches
+
+        install_dit_patches(patched, layout)
+    else:
+        install_tokenflow_patches(patched, layout)
     return patched
 
 
