@@ -6,7 +6,9 @@ left of the groups, says what the wiring does: ``tokenflow_pnp`` and the TokenFl
 ``baselines`` compute correspondences on the fly (the official setting: the sampler's
 ``correspondences`` input is NOT connected); ``tokenflow_sdedit`` and ``tokenflow_controlnet``
 connect extracted ones; ``tokenflow_flux`` is the PnP example on Flux-dev through the core
-loaders (UNETLoader, DualCLIPLoader, VAELoader), FluxGuidance and ModelSamplingFlux, at cfg 1. 500 inversion steps are the official code's value (the paper used 1000).
+loaders (UNETLoader, DualCLIPLoader, VAELoader), FluxGuidance and ModelSamplingFlux, at cfg 1; ``tokenflow_sd3``
+is the PnP example on SD3.5 Large through one CheckpointLoaderSimple, at cfg 4. 500 inversion steps are the
+official code's value (the paper used 1000).
 
     bash -c 'source scripts/host_env.sh && "$PYTHON" tests/example_specs.py'    # or: ... tokenflow_flux
 
@@ -46,10 +48,16 @@ CLIP_L_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/m
 T5XXL = "t5xxl_fp16.safetensors"
 T5XXL_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default, Flux-dev's usual distilled guidance
+# SD3.5 Large as ComfyUI's own SD3.5 template loads it: one all-in-one file (MMDiT + CLIP-L/G + T5-XXL + VAE) through
+# CheckpointLoaderSimple, cfg about 4.
+SD35_LARGE = "sd3.5_large_fp8_scaled.safetensors"
+SD35_LARGE_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+                  "sd3.5_large_fp8_scaled.safetensors")
+SD35_CFG = 4.0
 MODEL_LINKS = {SD21_BASE: (SD21_BASE_URL, "checkpoints"), SD15: (SD15_URL, "checkpoints"),
                CANNY_CN: (CANNY_CN_URL, "controlnet"), FLUX_DEV: (FLUX_DEV_URL, "diffusion_models"),
                FLUX_AE: (FLUX_AE_URL, "vae"), CLIP_L: (CLIP_L_URL, "text_encoders"),
-               T5XXL: (T5XXL_URL, "text_encoders")}
+               T5XXL: (T5XXL_URL, "text_encoders"), SD35_LARGE: (SD35_LARGE_URL, "checkpoints")}
 WOLF_URL = "https://github.com/omerbt/TokenFlow/blob/master/data/wolf.mp4"
 
 EDIT_PROMPT = "a shiny silver robotic wolf"
@@ -271,8 +279,8 @@ def _flux() -> Example:
     ]
     out, out_links = _output(11, 10, "video/tokenflow_flux", vae_from=(25, "VAE"))
     note = (
-        "### TokenFlow + Plug-and-Play on Flux-dev\n\n" + NOTE_VIDEO + "\n\n" + ON_THE_FLY + " (Extracted "
-        "correspondences are not supported on Flux.)\n\n**Model files** (the names ComfyUI's Flux templates use):\n\n"
+        "### TokenFlow + Plug-and-Play on Flux-dev\n\n" + NOTE_VIDEO + "\n\n" + ON_THE_FLY + " (TokenFlow "
+        "Extract Correspondences works on Flux too: wire it as in the SDEdit example.)\n\n**Model files** (the names ComfyUI's Flux templates use):\n\n"
         f"* `{FLUX_DEV}` in `models/diffusion_models/` (FLUX.1-dev, gated: accept the license on "
         "https://huggingface.co/black-forest-labs/FLUX.1-dev first)\n"
         f"* `{CLIP_L}` and `{T5XXL}` in `models/text_encoders/` (https://huggingface.co/comfyanonymous/"
@@ -289,8 +297,32 @@ def _flux() -> Example:
                    thumbnail=("TokenFlow + PnP on Flux-dev", f"edit prompt: {EDIT_PROMPT}"))
 
 
+def _sd3() -> Example:
+    """TokenFlow + PnP on SD3.5 Large through one CheckpointLoaderSimple (the model's own shift, no sampling node),
+    cfg 4 with the negative prompt."""
+    nodes, links = _source(SD35_LARGE)
+    nodes.append(_sampler(10, "pnp", cfg=SD35_CFG))
+    links += [(1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
+              (7, "inversion", 10, "inversion")]
+    out, out_links = _output(11, 10, "video/tokenflow_sd3")
+    note = (
+        "### TokenFlow + Plug-and-Play on SD3.5\n\n" + NOTE_VIDEO + "\n\n" + ON_THE_FLY + "\n\n**Model file** (the "
+        "one ComfyUI's SD3.5 template loads):\n\n"
+        f"* `{SD35_LARGE}` in `models/checkpoints/` (MMDiT, CLIP-L/G, T5-XXL and VAE in one file; {SD35_LARGE_URL})"
+        "\n\nOther SD3 / SD3.5 all-in-one checkpoints load the same way (SD3.5 Medium's second image attention is "
+        f"extended and propagated too). **cfg {SD35_CFG:g}** with the negative prompt; the flow inversion takes Euler steps on the "
+        "model's own shifted schedule. PnP on SD3.x swaps the source's image keys and values (Stable Flow's "
+        "injection) in the second quarter of the joint blocks by default: *pnp_attention_blocks* takes e.g. "
+        "`double_block:9-17` (SD3.5 Large's default). SD3.5 is trained at 1024x1024: raise the loader's width / height for sharper frames "
+        "(memory grows with the pixel count).\n\nSD3.x support is checked on tiny random-weight models only; the "
+        "edit quality on the real weights has not been measured. " + NOTE_GROUPS)
+    nodes += out + [_note(note, (440, 900))]
+    return Example("tokenflow_sd3", nodes, links + out_links,
+                   thumbnail=("TokenFlow + PnP on SD3.5", f"edit prompt: {EDIT_PROMPT}"))
+
+
 def example_specs() -> list[Example]:
-    return [_pnp(), _sdedit(), _controlnet(), _baselines(), _flux()]
+    return [_pnp(), _sdedit(), _controlnet(), _baselines(), _flux(), _sd3()]
 
 
 def build_examples(object_info: dict) -> dict[str, dict]:

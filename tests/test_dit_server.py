@@ -1,4 +1,5 @@
-"""The Flux example workflow (``example_workflows/tokenflow_flux.json``) in a REAL ComfyUI server.
+"""The Flux and SD3.5 example workflows (``example_workflows/tokenflow_flux.json``, ``tokenflow_sd3.json``) in a
+REAL ComfyUI server.
 
 The example uses the core Flux loaders (UNETLoader ``flux1-dev.safetensors``, DualCLIPLoader
 ``clip_l`` + ``t5xxl_fp16`` type flux, VAELoader ``ae``). DualCLIPLoader cannot load a tiny text
@@ -12,7 +13,11 @@ load their tiny checkpoint. Every other node of the example runs as shipped, wit
 sizes of ``tests/test_server_workflows.py`` (``apply_test_overrides``) and ModelSamplingFlux's
 width / height set to the test frames'.
 
-One server per module (its own base dir and model paths), stopped at the end.
+The SD3.5 example loads one all-in-one checkpoint through ``CheckpointLoaderSimple``, as ComfyUI's own SD3.5
+template does; the run here only points its ``ckpt_name`` at the tiny all-in-one SD3 checkpoint (stand-in
+``TinySD3``), the way the SD examples run on the tiny SD1.5 one.
+
+One server per module (its own base dir and model paths: the tiny Flux and SD3 checkpoints), stopped at the end.
 """
 from __future__ import annotations
 
@@ -37,7 +42,11 @@ FLUX_LOADERS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}  # -> Chec
 
 @pytest.fixture(scope="module")
 def flux_files(tmp_path_factory) -> dict:
-    return input_files.write_tiny_flux_files(tmp_path_factory.mktemp("tiny-flux"))
+    """The tiny Flux and SD3 checkpoints in one models folder (its extra_model_paths.yaml names ``checkpoints``)."""
+    models = tmp_path_factory.mktemp("tiny-dit")
+    files = input_files.write_tiny_flux_files(models)
+    files["sd3_checkpoint_name"] = input_files.write_tiny_sd3_files(models)["checkpoint_name"]
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +101,7 @@ def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_forma
                                         ("TokenFlowSampler", "TokenFlowInvert", "TokenFlowLoadVideo"))
     assert (sampler["editor"], sampler["cfg"], sampler["pnp_attn_t"], sampler["pnp_f_t"], sampler["batch_size"]) == \
         ("pnp", 1.0, 0.5, 0.8, 8)
-    assert "correspondences" not in sampler  # on the fly (extracted ones are refused on Flux)
+    assert "correspondences" not in sampler  # on the fly, the official setting
     assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "ddim")
     guided = {node_id for node_id, node in prompt.items() if node["class_type"] == "FluxGuidance"}
     assert str(sampler["positive"][0]) in guided and str(invert["conditioning"][0]) in guided
@@ -151,5 +160,78 @@ def test_flux_example_runs_on_the_server_with_the_tiny_flux_checkpoint(flux_serv
     for node_id, (frames, fps) in expected.items():
         (path,) = videos[node_id]
         shutil.copy(path, artifacts / f"{NAME}.mp4")
+        assert sd_server.read_video(path) == (frames, input_files.CLIP_SIZE, input_files.CLIP_SIZE,
+                                              Fraction(fps).limit_denominator(1000)), path
+
+
+# -- SD3.5 --------------------------------------------------------------------------------------------------------
+
+SD3_NAME = "tokenflow_sd3"
+
+
+def test_sd3_example_loads_one_checkpoint_in_the_frontend_format(object_info):
+    from PIL import Image
+
+    workflow = sd_server.load_example(SD3_NAME)
+    assert workflow_format.check_ui_workflow(workflow, object_info) == []
+    with Image.open(REPO / "example_workflows" / f"{SD3_NAME}.jpg") as thumb:
+        assert thumb.format == "JPEG" and 256 <= thumb.width <= 1024 and 192 <= thumb.height <= 1024
+    prompt = workflow_format.ui_to_api(workflow, object_info)
+    (checkpoint,) = _of_type(prompt, "CheckpointLoaderSimple")
+    assert checkpoint["ckpt_name"] == example_specs.SD35_LARGE
+    assert not any(_of_type(prompt, kind) for kind in (*FLUX_LOADERS, "FluxGuidance", "ModelSamplingFlux"))
+    (sampler,), (invert,), (loader,) = (_of_type(prompt, k) for k in
+                                        ("TokenFlowSampler", "TokenFlowInvert", "TokenFlowLoadVideo"))
+    assert (sampler["editor"], sampler["cfg"], sampler["pnp_attn_t"], sampler["batch_size"],
+            sampler["pnp_attention_blocks"]) == ("pnp", example_specs.SD35_CFG, 0.5, 8, "auto")
+    assert "correspondences" not in sampler  # on the fly, the official setting
+    assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "ddim")
+    assert (loader["width"], loader["height"], loader["video"]) == (512, 512, "wolf.mp4")
+    checkpoint_id = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    assert [str(sampler["model"][0]), str(invert["model"][0])] == [checkpoint_id, checkpoint_id]
+    assert prompt[str(sampler["negative"][0])]["inputs"]["text"] == example_specs.NEGATIVE_PROMPT  # used at cfg 4
+    note = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote")
+    for words in ("models/checkpoints/", example_specs.SD35_LARGE, example_specs.SD35_LARGE_URL, "cfg 4",
+                  "Stable Flow", "double_block:9-17", "tiny random-weight models only", "on the fly", "unconnected",
+                  "500 inversion steps are the official code's", "github.com/omerbt/TokenFlow"):
+        assert words in note, words
+    models = {m["name"]: m["directory"] for n in workflow["nodes"] for m in n["properties"].get("models", [])}
+    assert models == {example_specs.SD35_LARGE: "checkpoints"}
+
+
+def test_sd3_example_reads_in_groups_with_forward_wires():
+    workflow = sd_server.load_example(SD3_NAME)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    groups = workflow["groups"]
+    assert [g["title"] for g in groups] == ["Load", "Invert", "Edit", "Output"]
+    for node in nodes.values():
+        frames = [g["title"] for g in groups if sd_server._frame_holds(g, node)]
+        assert len(frames) == (0 if node["type"] == "MarkdownNote" else 1), (node["id"], node["type"], frames)
+    for link in workflow["links"]:
+        src, dst = nodes[link[1]], nodes[link[3]]
+        assert src["pos"][0] + src["size"][0] < dst["pos"][0], link
+
+
+def test_sd3_example_runs_on_the_server_with_the_tiny_sd3_checkpoint(flux_server, object_info, flux_files,
+                                                                      test_artifacts):
+    prompt = workflow_format.ui_to_api(sd_server.load_example(SD3_NAME), object_info)
+    prompt = sd_server.apply_test_overrides(prompt, {**flux_files, "checkpoint_name": flux_files["sd3_checkpoint_name"]})
+    artifacts = test_artifacts / "server_workflows"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / f"{SD3_NAME}.api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
+    assert workflow_format.validate_api_prompt(prompt, object_info) == []
+    expected = sd_server.expected_videos(prompt)
+
+    entry = flux_server.run_prompt(prompt, timeout=sd_server.PROMPT_TIMEOUT)
+
+    log = flux_server.log_text()
+    assert "model_type FLOW" in log, "the checkpoint was not loaded as a flow (SD3) model"
+    assert "TokenFlow: flow inversion of 5 frames" in log.split("model_type FLOW", 1)[1], \
+        "the inversion did not take the flow path on the SD3 checkpoint"
+    videos = harness.output_files(entry, flux_server.output_dir)
+    assert set(videos) == set(expected)
+    for node_id, (frames, fps) in expected.items():
+        (path,) = videos[node_id]
+        shutil.copy(path, artifacts / f"{SD3_NAME}.mp4")
         assert sd_server.read_video(path) == (frames, input_files.CLIP_SIZE, input_files.CLIP_SIZE,
                                               Fraction(fps).limit_denominator(1000)), path

@@ -60,6 +60,7 @@ VIEWPORT = {"width": 1920, "height": 1080}
 PAGE_TIMEOUT_MS = 30_000
 STARTUP_WATCHDOG_S = 300  # browser launch + first page load
 FLUX_CHECKPOINT = "tokenflow_tiny_flux.safetensors"  # tests/stand_in_nodes/tiny_files.py
+SD3_CHECKPOINT = "sd3.5_large_fp8_scaled.safetensors"  # example_specs.SD35_LARGE (tokenflow_sd3.json)
 
 if os.environ.get("TOKENFLOW_SKIP_FRONTEND") == "1":
     pytestmark = pytest.mark.skip(reason="TOKENFLOW_SKIP_FRONTEND=1: frontend tests explicitly skipped")
@@ -173,6 +174,9 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
     stand_ins = {"checkpoints": Path(tiny["checkpoint"]), "controlnet": Path(tiny["controlnet"]),
                  # the Flux example's core loaders: names only, swapped for the tiny Flux checkpoint before Run
                  "diffusion_models": flux, "text_encoders": flux, "vae": flux}
+    # the SD3.5 example's checkpoint name: the tiny all-in-one SD3 checkpoint (a flow model, as the real one)
+    by_name = {SD3_CHECKPOINT: _tiny_files_module().write_tiny_sd3_files(Path(tiny["checkpoint"]).parent.parent)[
+        "checkpoint"]}
     folders = {d: (stand_ins[d].parent if d in ("checkpoints", "controlnet") else Path(server.base_dir) / "models" / d)
                for d in stand_ins}
     loaders = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints", 1),
@@ -200,7 +204,7 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
             folders[directory].mkdir(parents=True, exist_ok=True)
             alias = folders[directory] / name
             if not (alias.exists() or alias.is_symlink()):
-                alias.symlink_to(stand_ins[directory])
+                alias.symlink_to(by_name.get(name, stand_ins[directory]))
     return {k: sorted(v) for k, v in wanted.items()}
 
 
@@ -438,3 +442,5 @@ def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings
     assert not _eval(page, "() => window.app.lastNodeErrors || null"), "the app holds node errors"
     assert not _eval(page, "() => window.app.lastExecutionError || null"), "the app holds an execution error"
     assert not page.tf_errors, f"page errors while queueing: {page.tf_errors}"
+    if workflow.stem == "tokenflow_sd3":  # its checkpoint name is the tiny SD3 file: loaded as the flow model it is
+        assert "model_type FLOW" in server.log_text(), f"the SD3.5 example did not load an SD3 model\n{_log_tail(server)}"

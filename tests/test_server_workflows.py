@@ -50,8 +50,9 @@ import workflow_format
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 EXPECTED_EXAMPLES = ["baselines", "tokenflow_controlnet", "tokenflow_pnp", "tokenflow_sdedit"]  # the SD ones
-# The Flux example (core Flux loaders, cfg 1) runs in tests/test_dit_server.py, its loaders swapped for the tiny Flux.
-ALL_EXAMPLES = sorted(EXPECTED_EXAMPLES + ["tokenflow_flux"])
+# The Flux example (core Flux loaders, cfg 1) and the SD3.5 one run in tests/test_dit_server.py, on the tiny Flux
+# (its loaders swapped for one checkpoint) and the tiny SD3 checkpoint.
+ALL_EXAMPLES = sorted(EXPECTED_EXAMPLES + ["tokenflow_flux", "tokenflow_sd3"])
 VIDEO_DIR, CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = (input_files.VIDEO_DIR, input_files.CLIP_FRAMES, input_files.CLIP_SIZE,
                                               input_files.CLIP_FPS)
 PROMPT_TIMEOUT = 300.0
