@@ -123,8 +123,9 @@ def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_forma
                       example_specs.T5XXL: "text_encoders", example_specs.FLUX_AE: "vae"}
 
 
-def test_flux_example_reads_in_groups_with_forward_wires():
-    workflow = sd_server.load_example(NAME)
+@pytest.mark.parametrize("name", ["tokenflow_flux", "tokenflow_sd3"])
+def test_dit_example_reads_in_groups_with_forward_wires(name):
+    workflow = sd_server.load_example(name)
     nodes = {n["id"]: n for n in workflow["nodes"]}
     groups = workflow["groups"]
     assert [g["title"] for g in groups] == ["Load", "Invert", "Edit", "Output"]
@@ -138,30 +139,36 @@ def test_flux_example_reads_in_groups_with_forward_wires():
         assert src["pos"][0] + src["size"][0] < dst["pos"][0], link
 
 
+def _run_and_check_videos(server, prompt: dict, name: str, object_info: dict, test_artifacts: Path) -> str:
+    """Runs ``prompt`` through POST /prompt; every Save Video holds the loader's frames at its fps. Returns the log."""
+    artifacts = test_artifacts / "server_workflows"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / f"{name}.api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
+    assert workflow_format.validate_api_prompt(prompt, object_info) == []
+    expected = sd_server.expected_videos(prompt)
+    log_before = len(server.log_text())
+
+    entry = server.run_prompt(prompt, timeout=sd_server.PROMPT_TIMEOUT)
+
+    videos = harness.output_files(entry, server.output_dir)
+    assert set(videos) == set(expected)
+    for node_id, (frames, fps) in expected.items():
+        (path,) = videos[node_id]
+        shutil.copy(path, artifacts / f"{name}.mp4")
+        assert sd_server.read_video(path) == (frames, input_files.CLIP_SIZE, input_files.CLIP_SIZE,
+                                              Fraction(fps).limit_denominator(1000)), path
+    return server.log_text()[log_before:]  # this run's lines only
+
+
 def test_flux_example_runs_on_the_server_with_the_tiny_flux_checkpoint(flux_server, object_info, flux_files,
                                                                         test_artifacts):
     prompt = workflow_format.ui_to_api(sd_server.load_example(NAME), object_info)
     prompt = sd_server.apply_test_overrides(swap_flux_loaders(prompt, flux_files["checkpoint_name"]), flux_files)
     for shift in _of_type(prompt, "ModelSamplingFlux"):
         shift.update(width=input_files.CLIP_SIZE, height=input_files.CLIP_SIZE)
-    artifacts = test_artifacts / "server_workflows"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    (artifacts / f"{NAME}.api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
-    assert workflow_format.validate_api_prompt(prompt, object_info) == []
-    expected = sd_server.expected_videos(prompt)
-
-    entry = flux_server.run_prompt(prompt, timeout=sd_server.PROMPT_TIMEOUT)
-
-    log = flux_server.log_text()
+    log = _run_and_check_videos(flux_server, prompt, NAME, object_info, test_artifacts)
     assert "model_type FLUX" in log, "the checkpoint was not loaded as a Flux model"
     assert "TokenFlow: flow inversion of 5 frames" in log, "the inversion did not take the flow (Flux) path"
-    videos = harness.output_files(entry, flux_server.output_dir)
-    assert set(videos) == set(expected)
-    for node_id, (frames, fps) in expected.items():
-        (path,) = videos[node_id]
-        shutil.copy(path, artifacts / f"{NAME}.mp4")
-        assert sd_server.read_video(path) == (frames, input_files.CLIP_SIZE, input_files.CLIP_SIZE,
-                                              Fraction(fps).limit_denominator(1000)), path
 
 
 # -- SD3.5 --------------------------------------------------------------------------------------------------------
@@ -199,39 +206,10 @@ def test_sd3_example_loads_one_checkpoint_in_the_frontend_format(object_info):
     assert models == {example_specs.SD35_LARGE: "checkpoints"}
 
 
-def test_sd3_example_reads_in_groups_with_forward_wires():
-    workflow = sd_server.load_example(SD3_NAME)
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    groups = workflow["groups"]
-    assert [g["title"] for g in groups] == ["Load", "Invert", "Edit", "Output"]
-    for node in nodes.values():
-        frames = [g["title"] for g in groups if sd_server._frame_holds(g, node)]
-        assert len(frames) == (0 if node["type"] == "MarkdownNote" else 1), (node["id"], node["type"], frames)
-    for link in workflow["links"]:
-        src, dst = nodes[link[1]], nodes[link[3]]
-        assert src["pos"][0] + src["size"][0] < dst["pos"][0], link
-
-
 def test_sd3_example_runs_on_the_server_with_the_tiny_sd3_checkpoint(flux_server, object_info, flux_files,
                                                                       test_artifacts):
     prompt = workflow_format.ui_to_api(sd_server.load_example(SD3_NAME), object_info)
     prompt = sd_server.apply_test_overrides(prompt, {**flux_files, "checkpoint_name": flux_files["sd3_checkpoint_name"]})
-    artifacts = test_artifacts / "server_workflows"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    (artifacts / f"{SD3_NAME}.api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
-    assert workflow_format.validate_api_prompt(prompt, object_info) == []
-    expected = sd_server.expected_videos(prompt)
-
-    entry = flux_server.run_prompt(prompt, timeout=sd_server.PROMPT_TIMEOUT)
-
-    log = flux_server.log_text()
+    log = _run_and_check_videos(flux_server, prompt, SD3_NAME, object_info, test_artifacts)
     assert "model_type FLOW" in log, "the checkpoint was not loaded as a flow (SD3) model"
-    assert "TokenFlow: flow inversion of 5 frames" in log.split("model_type FLOW", 1)[1], \
-        "the inversion did not take the flow path on the SD3 checkpoint"
-    videos = harness.output_files(entry, flux_server.output_dir)
-    assert set(videos) == set(expected)
-    for node_id, (frames, fps) in expected.items():
-        (path,) = videos[node_id]
-        shutil.copy(path, artifacts / f"{SD3_NAME}.mp4")
-        assert sd_server.read_video(path) == (frames, input_files.CLIP_SIZE, input_files.CLIP_SIZE,
-                                              Fraction(fps).limit_denominator(1000)), path
+    assert "TokenFlow: flow inversion of 5 frames" in log, "the inversion did not take the flow path on SD3"
