@@ -10,7 +10,8 @@ Two routes, as ComfyUI's own loaders take them:
 The family is what ComfyUI detects (:func:`detect_family`: ``comfy.model_detection`` on the tensor shapes of
 the .safetensors header, nothing loaded). On Flux-dev (guidance-distilled) the graph adds FluxGuidance
 (``--guidance``, default 3.5) on the inversion and edit prompts and ModelSamplingFlux at the frame size, the
-same graph as ``example_workflows/tokenflow_flux.json``; cfg defaults to 1 on every Flux model.
+same graph as ``example_workflows/tokenflow_flux.json``; cfg defaults to 1 on every Flux model and to 4 on
+SD3.x (as ``example_workflows/tokenflow_sd3.json``).
 Imported by ``scripts/tokenflow_edit.py`` from its own folder; ComfyUI modules inside the functions.
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default
+# The cfg ComfyUI's own SD3.5 template samples with (4.01); the official TokenFlow cfg (7.5) is an SD setting and
+# over-saturates SD3.5, which was trained for 3.5-4.5.
+SD3_CFG = 4.0
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,8 @@ def add_flux_dev_nodes(prompt: dict, guidance: float, frame_size: tuple[int, int
 
 
 def resolve_family_settings(args: argparse.Namespace, family: Family | None, default_cfg: float) -> str | None:
-    """--cfg and --guidance for the detected family (Flux: cfg 1; Flux-dev: guidance 3.5); a message if misused."""
+    """--cfg and --guidance for the detected family (Flux: cfg 1; Flux-dev: guidance 3.5; SD3.x: cfg 4); a message
+    if misused."""
     flux = family is not None and family.flux
     words = family.words if family is not None else "not detected as Flux"
     if args.flux_route and not flux:
@@ -184,7 +189,8 @@ def resolve_family_settings(args: argparse.Namespace, family: Family | None, def
         return (f"error: --guidance is Flux-dev's distilled guidance and this model ({words}) has none: "
                 "drop --guidance (use --cfg).")
     if args.cfg is None:
-        args.cfg = 1.0 if flux else default_cfg
+        sd3 = family is not None and family.flow and not flux
+        args.cfg = 1.0 if flux else SD3_CFG if sd3 else default_cfg
     if args.guidance is None:
         args.guidance = FLUX_GUIDANCE
     return None

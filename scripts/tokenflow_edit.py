@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="frames per batch; one keyframe per batch per step")
     p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: 1 on Flux, "
-                   f"which is guidance-distilled and then skips the negative; {defaults.cfg} otherwise)")
+                   f"which is guidance-distilled and then skips the negative; 4 on SD3.x; {defaults.cfg} otherwise)")
     for setting in editor_settings():  # --pnp-attn-t, --pnp-f-t, --sdedit-start, ...: the editors' declarations
         p.add_argument(setting.flag, type=setting.kind, default=setting.default, help=_help(setting.tooltip))
     p.add_argument("--controlnet", help="ControlNet file (path or name in ComfyUI/models/controlnet) for "

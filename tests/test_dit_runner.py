@@ -75,12 +75,12 @@ def test_runner_edits_with_an_all_in_one_flux_checkpoint(tmp_path, clip, flux_ch
 
 
 def test_runner_edits_with_an_all_in_one_sd3_checkpoint(tmp_path, clip):
-    """SD3.x through --checkpoint: detected by ComfyUI (the stand-in TinySD3), no Flux nodes, the pack's cfg."""
+    """SD3.x through --checkpoint: detected by ComfyUI (the stand-in TinySD3), no Flux nodes, SD3.5's cfg (4)."""
     sd3 = input_files.write_tiny_sd3_files(tmp_path / "models")["checkpoint"]
     output = tmp_path / "edited.mp4"
     result = _run(clip, output, "--checkpoint", str(sd3), "--editor", "sdedit")
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    assert "with sdedit on TinySD3, cfg 7.5, 2 steps (inversion 4 Euler steps)" in result.stdout
+    assert "with sdedit on TinySD3, cfg 4, 2 steps (inversion 4 Euler steps)" in result.stdout
     assert "FluxGuidance" not in result.stdout and "ModelSamplingFlux" not in result.stdout
     assert _read(output) == (5, input_files.CLIP_SIZE, input_files.CLIP_SIZE, Fraction(input_files.CLIP_FPS))
 
