@@ -21,7 +21,7 @@ import tiny_models
 from _probes import (KEYFRAME_PASS, PROPAGATION, STEP, PeakTracker, Probe, instrument,  # noqa: F401
                      malloc_trim, memory_mode, set_clock, tensor_bytes, timing_mode)
 import _probes
-from comfyui_tokenflow.engine import correspondence_runner, inversion_runner, tokenflow_runner
+from comfyui_tokenflow.engine import inversion_runner, sampling_paths, tokenflow_runner
 from comfyui_tokenflow.engine.edit_settings import EditSettings
 from comfyui_tokenflow.engine.editors import editor_options, get_editor
 
@@ -120,7 +120,7 @@ class Workload:
 
     def ensure_correspondences(self):
         if self.correspondences is None:
-            self.correspondences = correspondence_runner.run_extraction(
+            self.correspondences = sampling_paths.run_extraction(
                 self.model, self.ensure_inversion(), self.batch_size, "random", 1, max_keyframes=self.max_keyframes)
         return self.correspondences
 
@@ -150,7 +150,7 @@ def _phase_call(work: Workload, phase: str) -> tuple[Callable[[], Any], Callable
         inversion = work.ensure_inversion()
 
         def run():
-            work.correspondences = correspondence_runner.run_extraction(
+            work.correspondences = sampling_paths.run_extraction(
                 work.model, inversion, work.batch_size, "random", 1, max_keyframes=work.max_keyframes)
             return work.correspondences
         return run, lambda result: len(result.timesteps)

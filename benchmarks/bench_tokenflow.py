@@ -7,7 +7,7 @@ prompts, warms up with one plain step, then measures each phase:
 
 - ``inversion``: ``inversion_runner.run_inversion`` (TokenFlowInvert: DDIM inversion, no CFG, all
   frames in one call per step when they fit, no reconstruction pass), per inversion step;
-- ``extraction``: ``correspondence_runner.run_extraction`` (clean source pass: a keyframe call, then
+- ``extraction``: ``sampling_paths.run_extraction`` (clean source pass: a keyframe call, then
   the frames in as few calls as memory allows);
 - ``plain`` / ``plain_controlnet``: the core KSampler path, ``comfy.sample.sample`` with sampler
   ``ddim``, scheduler ``ddim_uniform``, the same UNet, steps and cfg (and the same per-frame

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tiny_models
 from tiny_models import double, float64_copy, random_latent  # noqa: F401  (re-exported for the tests)
-from comfyui_tokenflow.engine import correspondence_runner, edit_plan, inversion_runner, tokenflow_runner
+from comfyui_tokenflow.engine import edit_plan, inversion_runner, sampling_paths, tokenflow_runner
 
 STEPS, INVERSION_STEPS = 5, 10  # editing timesteps 801..1 on the inversion grid 1, 101, ..., 901
 
@@ -24,4 +24,4 @@ def edit(model, pos, neg, inversion, correspondences=None, trace=None, **setting
 
 
 def extract(model, inversion, batch_size=2, keyframes="random", seed=1, **kwargs):
-    return correspondence_runner.run_extraction(model, inversion, batch_size, keyframes, seed, **kwargs)
+    return sampling_paths.run_extraction(model, inversion, batch_size, keyframes, seed, **kwargs)

@@ -23,7 +23,6 @@ from .attention_patches import PassContext, Phase, StepBank
 from .call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider, frame_ids, to_host
 from .edit_plan import keyframe_schedule
-from .families.base import FLOW
 from .patched_model import patched_clone
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
 from .validation import check_run_on_inversion
@@ -85,16 +84,6 @@ def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
         abar = float(alpha_bar_from_sigma(host_sigmas[i]))
         model(source[i].to(device=x.device, dtype=x.dtype, non_blocking=True) / abar ** 0.5, sigma * s_in, **extra_args)
     return x
-
-
-def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
-                   blend: str = "official", max_keyframes: int = 0) -> TokenFlowCorrespondences:
-    """The extraction of the sampling rule the model's family layout declares (flow DiTs: :mod:`.dit_extraction`)."""
-    from .dit_extraction import run_flow_extraction  # local: it builds on this module's guider
-    from .sampling_paths import path_for
-
-    extract = run_flow_extraction if path_for(model).sampling == FLOW else run_ddpm_extraction
-    return extract(model, inversion, batch_size, keyframes, seed, blend, max_keyframes)
 
 
 def planned_correspondences(inversion: TokenFlowInversion, model_fingerprint: str, batch_size: int, keyframes: str,

@@ -46,6 +46,21 @@ def _unsupported(model_patcher, why: str) -> ValueError:
     )
 
 
+def sampling_rule(model_patcher) -> str:
+    """The sampling rule the claiming family adapter declares for the model (:data:`DDPM` or :data:`FLOW`).
+
+    When no adapter claims the model, or its description fails, :data:`DDPM`: the DDIM path's start-of-run
+    check then raises the named refusal before any model call.
+    """
+    family = next((f for f in FAMILIES if f.claims(model_patcher)), None)
+    if family is None:
+        return DDPM
+    try:
+        return family.describe(model_patcher).sampling
+    except ValueError:
+        return DDPM
+
+
 def check_supported(model_patcher, sampling: str = DDPM) -> ModelLayout:
     """The layout of the connected model from the first family adapter that claims it, or a clear error.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .attention_patches import JOINT_KEY
 from .call_wrappers import install_tokenflow_patches
 from .families.base import FLOW
-from .model_support import ModelLayout, check_supported
+from .model_support import ModelLayout, check_supported, sampling_rule
 
 
 def patched_clone(model_patcher, layout: ModelLayout):
@@ -28,9 +28,7 @@ def joint_edit_model(model_patcher):
     The patch follows the sampling rule the model's family layout declares: the UNets' ``attn1``
     replacement, or a flow DiT's image-token joint attention (:mod:`.dit_joint_attention`).
     """
-    from .sampling_paths import path_for  # local: it imports the runners
-
-    if path_for(model_patcher).sampling == FLOW:
+    if sampling_rule(model_patcher) == FLOW:
         from .dit_joint_attention import install_dit_joint_patches
 
         patched = model_patcher.clone()

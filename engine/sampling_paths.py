@@ -1,7 +1,7 @@
 """Which inversion and edit implement the sampling rule a model's family adapter declares.
 
 The nodes and the headless runner ask :func:`path_for` instead of calling a runner directly, so
-one TokenFlow DDIM Inversion / TokenFlow Sampler node serves every family: DDPM UNets go through
+one TokenFlow DDIM Inversion / Extract Correspondences / TokenFlow Sampler node serves every family: DDPM UNets go through
 DDIM (``inversion_runner`` / ``tokenflow_runner``), flow-matching DiTs (Flux, SD3.x) through
 flow inversion and the DiT attention patch (``flow_inversion_runner`` / ``flow_edit_runner``).
 The choice follows the layout's declared ``sampling``; no family is named here.
@@ -20,33 +20,32 @@ class SamplingPath:
     invert: Callable  # (model, latent, conditioning, steps, inversion_steps, frame_batch) -> TokenFlowInversion
     edit: Callable  # (model, positive, negative, inversion, settings, correspondences, callback) -> LATENT
     inverted_latent: Callable  # (model, inversion) -> LATENT
+    extract: Callable  # (model, inversion, batch_size, keyframes, seed, blend, max_keyframes) -> correspondences
 
 
 def _paths() -> dict[str, SamplingPath]:
-    from . import flow_edit_runner, flow_inversion_runner, inversion_runner, tokenflow_runner
+    from . import (correspondence_runner, dit_extraction, flow_edit_runner, flow_inversion_runner, inversion_runner,
+                   tokenflow_runner)
 
     return {
         DDPM: SamplingPath(DDPM, inversion_runner.run_inversion, tokenflow_runner.run_edit,
-                           inversion_runner.inverted_latent_output),
+                           inversion_runner.inverted_latent_output, correspondence_runner.run_ddpm_extraction),
         FLOW: SamplingPath(FLOW, flow_inversion_runner.run_flow_inversion, flow_edit_runner.run_flow_edit,
-                           flow_inversion_runner.inverted_latent_output),
+                           flow_inversion_runner.inverted_latent_output, dit_extraction.run_flow_extraction),
     }
 
 
 def path_for(model_patcher) -> SamplingPath:
-    """The path of the sampling rule the claiming family adapter declares for the model.
+    """The path of the sampling rule the claiming family adapter declares for the model
+    (:func:`.model_support.sampling_rule`: the DDIM path when none claims it)."""
+    from .model_support import sampling_rule
 
-    When no adapter claims the model, or its description fails, the DDIM path is returned: its
-    start-of-run check raises the same named refusal before any model call.
-    """
-    from . import model_support
-
-    family = next((f for f in model_support.FAMILIES if f.claims(model_patcher)), None)
     paths = _paths()
-    if family is None:
-        return paths[DDPM]
-    try:
-        sampling = family.describe(model_patcher).sampling
-    except ValueError:
-        return paths[DDPM]
-    return paths.get(sampling, paths[DDPM])
+    return paths.get(sampling_rule(model_patcher), paths[DDPM])
+
+
+def run_extraction(model, inversion, batch_size: int, keyframes: str, seed: int, blend: str = "official",
+                   max_keyframes: int = 0):
+    """The correspondence extraction of the model's sampling rule (DDPM UNets: ``correspondence_runner``; flow
+    DiTs: ``dit_extraction``), as TokenFlow Extract Correspondences runs it."""
+    return path_for(model).extract(model, inversion, batch_size, keyframes, seed, blend, max_keyframes)

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..data.correspondence_preview import preview_image
-from ..engine.correspondence_runner import run_extraction
+from ..engine.sampling_paths import run_extraction
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.validation import check_source_images
 from .common import CATEGORY

@@ -16,7 +16,7 @@ import comfy.patcher_extension
 import tiny_dit_models
 from comfyui_tokenflow.engine import call_sizing
 from comfyui_tokenflow.engine.attention_patches import PASS_KEY, Phase
-from comfyui_tokenflow.engine.correspondence_runner import run_extraction
+from comfyui_tokenflow.engine.sampling_paths import run_extraction
 from comfyui_tokenflow.engine.edit_plan import EditSettings
 from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
 from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine.correspondence_runner import run_extraction
+from comfyui_tokenflow.engine.sampling_paths import run_extraction
 from comfyui_tokenflow.engine.edit_plan import EditSettings
 from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
 from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
