@@ -1,9 +1,10 @@
 """Which inversion and edit implement the sampling rule a model's family adapter declares.
 
 The nodes and the headless runner ask :func:`path_for` instead of calling a runner directly, so
-one TokenFlow DDIM Inversion / Extract Correspondences / TokenFlow Sampler node serves every family: DDPM UNets go through
-DDIM (``inversion_runner`` / ``tokenflow_runner``), flow-matching DiTs (Flux, SD3.x) through
-flow inversion and the DiT attention patch (``flow_inversion_runner`` / ``flow_edit_runner``).
+one TokenFlow DDIM Inversion / Extract Correspondences / TokenFlow Sampler node serves every
+family: DDPM UNets go through DDIM (``inversion_runner`` / ``correspondence_runner`` /
+``tokenflow_runner``), flow-matching DiTs (Flux, SD3.x) through flow inversion and the DiT
+attention patch (``flow_inversion_runner`` / ``dit_extraction`` / ``flow_edit_runner``).
 The choice follows the layout's declared ``sampling``; no family is named here.
 """
 from __future__ import annotations
