@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default
-# The cfg ComfyUI's own SD3.5 template samples with (4.01); the official TokenFlow cfg (7.5) is an SD setting and
-# over-saturates SD3.5, which was trained for 3.5-4.5.
+# The cfg ComfyUI's own SD3.5 template samples with (4.01); the official TokenFlow cfg (7.5) is an SD 1.x/2.x setting.
 SD3_CFG = 4.0
 
 
