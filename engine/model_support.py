@@ -184,6 +184,15 @@ FAMILIES: list[FamilyEntry] = [
 ]
 
 
+def _block_list_example(default: tuple[BlockKey, ...]) -> str:
+    """The model's default injection blocks of their first kind as a list entry ('output:4-11', 'single_block:20-37')."""
+    if not default:
+        return "output:4-11"
+    kind = default[0][0]
+    ids = [b[1] for b in default if b[0] == kind]
+    return f"{kind}:{min(ids)}" + (f"-{max(ids)}" if max(ids) != min(ids) else "")
+
+
 def parse_block_list(text: str, layout: ModelLayout, default: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
     """Parse "auto" or a list like "output:4-11, input:7" (all indices of those blocks) into block keys."""
     text = text.strip().lower()
@@ -201,7 +210,8 @@ def parse_block_list(text: str, layout: ModelLayout, default: tuple[BlockKey, ..
             lo, _, hi = ids.partition("-")
             wanted = range(int(lo), int(hi or lo) + 1)
         except ValueError:
-            raise ValueError(f"pnp_attention_blocks: cannot read {part!r}; write e.g. 'output:4-11' or 'auto'") from None
+            raise ValueError(f"pnp_attention_blocks: cannot read {part!r}; write e.g. '{_block_list_example(default)}' "
+                             "or 'auto'") from None
         matched = [b for b in layout.transformer_blocks if b[0] == kind.strip() and b[1] in wanted]
         if not matched:
             raise ValueError(f"pnp_attention_blocks: {part!r} names no transformer block of this model "

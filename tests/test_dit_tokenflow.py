@@ -127,3 +127,11 @@ def test_source_in_calls_of_its_own_gives_the_same_edit(world, monkeypatch):
     monkeypatch.setattr(flow_edit_runner.FlowTokenFlowGuider, "_source_shares_calls", lambda self, names: False)
     separate = _edit(world, inversion, editor="pnp")
     torch.testing.assert_close(separate, shared, rtol=0, atol=1e-6 * shared.abs().max())
+
+
+def test_a_pnp_block_list_typo_names_this_familys_blocks(world):
+    """The example in the message is the model's own default list (a UNet's 'output:4-11' means nothing on a DiT)."""
+    inversion = _invert(world, world["frames"][:2])
+    example = "single_block:1" if world["family"] == "flux" else "double_block:1"  # the tiny models' defaults
+    with pytest.raises(ValueError, match=f"^pnp_attention_blocks: cannot read 'decoder 4-11'; write e.g. '{example}'"):
+        _edit(world, inversion, editor="pnp", pnp_attention_blocks="decoder 4-11")
