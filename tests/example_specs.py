@@ -138,6 +138,8 @@ NOTE_VIDEO = (f"Put **wolf.mp4** (the paper's clip, from the `data/` folder of t
               "40 frames at 512x512, 50 steps and 500 inversion steps are the official code's settings (the paper "
               "used 1000 inversion steps; the pack's largest, 999, is that grid without the t = 1000 past the "
               "schedule's end). For a quick look use `inversion_steps` 50 and fewer frames.")
+TINY_ONLY = ("support is checked on tiny random-weight models only; the edit quality on the real weights has not "
+             "been measured. ")
 NOTE_GROUPS = "The groups read left to right: **Load**, **Invert**, **Edit**, **Output**."
 ON_THE_FLY = ("Correspondences are computed **on the fly**, exactly as the official code does: the sampler's "
               "*correspondences* input is left unconnected on purpose.")
@@ -290,8 +292,7 @@ def _flux() -> Example:
         f"({FLUX_GUIDANCE}) on the inversion and edit prompts. At cfg 1 the sampler skips the negative prompt; it is "
         "wired so that a cfg above 1 works.\n\n**ModelSamplingFlux** shifts the noise schedule by the frame size, as "
         "Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): keep its width / "
-        "height equal to the loader's.\n\nFlux support is checked on tiny random-weight models only; the edit "
-        "quality on the real weights has not been measured. " + NOTE_GROUPS)
+        "height equal to the loader's.\n\nFlux " + TINY_ONLY + NOTE_GROUPS)
     nodes += out + [_note(note, (440, 900))]
     return Example("tokenflow_flux", nodes, links + out_links,
                    thumbnail=("TokenFlow + PnP on Flux-dev", f"edit prompt: {EDIT_PROMPT}"))
@@ -310,12 +311,11 @@ def _sd3() -> Example:
         "one ComfyUI's SD3.5 template loads):\n\n"
         f"* `{SD35_LARGE}` in `models/checkpoints/` (MMDiT, CLIP-L/G, T5-XXL and VAE in one file; {SD35_LARGE_URL})"
         "\n\nOther SD3 / SD3.5 all-in-one checkpoints load the same way (SD3.5 Medium's second image attention is "
-        f"extended and propagated too). **cfg {SD35_CFG:g}** with the negative prompt; the flow inversion takes Euler steps on the "
-        "model's own shifted schedule. PnP on SD3.x swaps the source's image keys and values (Stable Flow's "
-        "injection) in the second quarter of the joint blocks by default: *pnp_attention_blocks* takes e.g. "
-        "`double_block:9-17` (SD3.5 Large's default). SD3.5 is trained at 1024x1024: raise the loader's width / height for sharper frames "
-        "(memory grows with the pixel count).\n\nSD3.x support is checked on tiny random-weight models only; the "
-        "edit quality on the real weights has not been measured. " + NOTE_GROUPS)
+        f"extended and propagated too). **cfg {SD35_CFG:g}** with the negative prompt; the flow inversion takes Euler "
+        "steps on the model's own shifted schedule. PnP on SD3.x swaps the source's image keys and values (Stable "
+        "Flow's injection) in the second quarter of the joint blocks by default: *pnp_attention_blocks* takes e.g. "
+        "`double_block:9-17` (SD3.5 Large's default). SD3.5 is trained at 1024x1024: raise the loader's width / "
+        "height for sharper frames (memory grows with the pixel count).\n\nSD3.x " + TINY_ONLY + NOTE_GROUPS)
     nodes += out + [_note(note, (440, 900))]
     return Example("tokenflow_sd3", nodes, links + out_links,
                    thumbnail=("TokenFlow + PnP on SD3.5", f"edit prompt: {EDIT_PROMPT}"))

@@ -85,14 +85,20 @@ def _of_type(prompt: dict, kind: str) -> list[dict]:
     return [node["inputs"] for node in prompt.values() if node["class_type"] == kind]
 
 
-def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_format(object_info):
+def _checked_example(name: str, object_info: dict) -> tuple[dict, dict]:
+    """(UI workflow, API prompt) of example ``name``: it validates against the node definitions and its thumbnail
+    is a JPEG of the size the template browser shows."""
     from PIL import Image
 
-    workflow = sd_server.load_example(NAME)
+    workflow = sd_server.load_example(name)
     assert workflow_format.check_ui_workflow(workflow, object_info) == []
-    with Image.open(REPO / "example_workflows" / f"{NAME}.jpg") as thumb:
+    with Image.open(REPO / "example_workflows" / f"{name}.jpg") as thumb:
         assert thumb.format == "JPEG" and 256 <= thumb.width <= 1024 and 192 <= thumb.height <= 1024
-    prompt = workflow_format.ui_to_api(workflow, object_info)
+    return workflow, workflow_format.ui_to_api(workflow, object_info)
+
+
+def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_format(object_info):
+    workflow, prompt = _checked_example(NAME, object_info)
     (unet,), (clip,), (vae,) = (_of_type(prompt, kind) for kind in FLUX_LOADERS)
     assert unet["unet_name"] == example_specs.FLUX_DEV and vae["vae_name"] == example_specs.FLUX_AE
     assert (clip["clip_name1"], clip["clip_name2"], clip["type"]) == (example_specs.CLIP_L, example_specs.T5XXL,
@@ -177,13 +183,7 @@ SD3_NAME = "tokenflow_sd3"
 
 
 def test_sd3_example_loads_one_checkpoint_in_the_frontend_format(object_info):
-    from PIL import Image
-
-    workflow = sd_server.load_example(SD3_NAME)
-    assert workflow_format.check_ui_workflow(workflow, object_info) == []
-    with Image.open(REPO / "example_workflows" / f"{SD3_NAME}.jpg") as thumb:
-        assert thumb.format == "JPEG" and 256 <= thumb.width <= 1024 and 192 <= thumb.height <= 1024
-    prompt = workflow_format.ui_to_api(workflow, object_info)
+    workflow, prompt = _checked_example(SD3_NAME, object_info)
     (checkpoint,) = _of_type(prompt, "CheckpointLoaderSimple")
     assert checkpoint["ckpt_name"] == example_specs.SD35_LARGE
     assert not any(_of_type(prompt, kind) for kind in (*FLUX_LOADERS, "FluxGuidance", "ModelSamplingFlux"))
