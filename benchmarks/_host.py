@@ -7,8 +7,12 @@ given, the repo imported as ``comfyui_tokenflow`` (``devkit/pack_import.py``). N
 from ``tests/``: the tiny model builders are ``devkit/tiny_models.py``.
 
 It also has the small helpers every benchmark uses: peak-RSS reset/read through
-``/proc/self/clear_refs`` and ``/proc/self/status`` (used by ``_phases.PeakTracker``), CUDA
-synchronisation and the machine description.
+``/proc/self/clear_refs`` and ``/proc/self/status`` (used by ``_probes.PeakTracker``), CUDA
+synchronisation, the clock of the timed runs and the machine description.
+
+The benchmark helpers import one way: ``_host`` (this module, none of the others) <- ``_probes``
+(time and memory) <- ``_counting`` (UNet calls and ops) <- ``_phases`` (the workload and the
+measurements). This module stays importable before the host is bootstrapped: no torch or comfy import at the top.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +155,25 @@ def machine_lines(device) -> list[str]:
     return lines
 
 
+# -- clocks ---------------------------------------------------------------------------------------
+# "cpu": this process's CPU seconds (all threads). With one torch thread on a shared CPU this is the
+# time the work itself took, unaffected by other jobs taking turns on the cores (wall time there
+# varies 2x run to run). "wall": perf_counter (always used on CUDA, and with several threads).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = "wall"
+
+
+def set_clock(name: str) -> None:
+    global CLOCK
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}")
+    CLOCK = name
+
+
+def clock() -> float:
+    return CLOCKS[CLOCK]()
+
+
 def resolve_clock(clock: str, device: str, threads: int) -> str:
     """``auto``: the process's CPU seconds on a CPU with one thread (robust on a shared machine), else wall time."""
     if clock != "auto":
@@ -161,7 +185,5 @@ def start_worker(args) -> None:
     """A benchmark worker's start: the host for ``args.device`` / ``args.threads``, then the clock of its timed
     runs (``args.clock``, see :func:`resolve_clock`)."""
     bootstrap(args.device, args.threads or None)
-    import _phases
-
-    _phases.set_clock(resolve_clock(args.clock, args.device, args.threads))
+    set_clock(resolve_clock(args.clock, args.device, args.threads))
 

@@ -16,11 +16,11 @@ import comfy.model_management
 import comfy.sample
 
 import _counting
+import _host
 import models
 import tiny_models
-from _probes import (KEYFRAME_PASS, PROPAGATION, STEP, PeakTracker, Probe, instrument,  # noqa: F401
-                     malloc_trim, memory_mode, set_clock, tensor_bytes, timing_mode)
-import _probes
+from _probes import (KEYFRAME_PASS, PROPAGATION, STEP, PeakTracker, Probe, instrument, memory_mode, tensor_bytes,
+                     timing_mode)
 from comfyui_tokenflow.engine import inversion_runner, sampling_paths, tokenflow_runner
 from comfyui_tokenflow.engine.edit_settings import EditSettings
 from comfyui_tokenflow.engine.editors import editor_options, get_editor
@@ -219,7 +219,7 @@ def summarize(runs: list[dict[str, Any]], mix: list[str] | None = None) -> dict[
     Steps of the same kind (see :func:`_probes.step_kind`) do the same work, so each kind's cost is the
     fastest such step over all runs, and s/step is the mean of those minima over one run's steps
     (with the fastest run's per-pass split). Time per step including the per-run set-up is kept
-    too (``run_s_per_step``: fastest run's total / steps). Times are on :data:`CLOCK`; ``wall_s`` is the
+    too (``run_s_per_step``: fastest run's total / steps). Times are on :data:`_host.CLOCK`; ``wall_s`` is the
     fastest run's wall time. Peaks: the largest over runs.
     """
     best_kind: dict[str, dict] = {}
@@ -254,7 +254,7 @@ def summarize(runs: list[dict[str, Any]], mix: list[str] | None = None) -> dict[
         "mix_steps": len(mix) if mix_s_per_step is not None else steps,
         "keyframe_s_per_step": keyframe, "propagation_s_per_step": propagation,
         "run_s_per_step": fastest["total_s"] / max(1, steps), "total_s": fastest["total_s"],
-        "wall_s": min(r["wall_s"] for r in runs), "clock": _probes.CLOCK,
+        "wall_s": min(r["wall_s"] for r in runs), "clock": _host.CLOCK,
         "kinds": {k: v["seconds"] for k, v in best_kind.items()},
         "step_kinds": [r["kind"] for r in records],
         "peak_mib": peaks.get("total", 0.0), "step_peak_mib": peaks.get(STEP, 0.0),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,25 +139,6 @@ class PeakTracker:
         return dict(self.peaks)
 
 
-# -- clocks ---------------------------------------------------------------------------------------
-# "cpu": this process's CPU seconds (all threads). With one torch thread on a shared CPU this is the
-# time the work itself took, unaffected by other jobs taking turns on the cores (wall time there
-# varies 2x run to run). "wall": perf_counter (always used on CUDA, and with several threads).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = "wall"
-
-
-def set_clock(name: str) -> None:
-    global CLOCK
-    if name not in CLOCKS:
-        raise ValueError(f"clock must be one of {tuple(CLOCKS)}")
-    CLOCK = name
-
-
-def clock() -> float:
-    return CLOCKS[CLOCK]()
-
-
 # -- steps ----------------------------------------------------------------------------------------
 def step_kind(guider, timestep) -> str:
     """Steps of one kind cost the same: TokenFlow steps differ only by which PnP injections they do."""
@@ -217,7 +197,7 @@ class Probe:
         _host.synchronize(self.device)
 
     def clock(self) -> float:
-        return clock()
+        return _host.clock()
 
     def enter_step(self, guider, timestep) -> None:
         self._step = {"kind": step_kind(guider, timestep)}
