@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full-size check on a GPU (issue 9): every phase at 40 frames of 512x512 (latent 64x64), 10 steps, with a
+# Full-size check on a GPU: every phase at 40 frames of 512x512 (latent 64x64), 10 steps, with a
 # random-weight UNet (and ControlNet) of the real SD1.5 architecture (860M parameters, ComfyUI's own
 # dtype choice: fp16 on most GPUs): seconds per step against plain CFG (targets: PnP on the fly <= 1.7x,
 # PnP extracted <= 1.5x, SDEdit / ControlNet extracted <= 1.15x, inversion <= 0.55x), peak memory, UNet

@@ -1,4 +1,5 @@
-"""Issue 16 items 2-3: DDIM inversion against fixed-point inversion on the editing grid, measured.
+"""DDIM inversion against fixed-point inversion on the editing grid, measured: how closely each maps back to the
+source, and what it costs in model evaluations and time.
 
 Parts (``--parts``, comma-separated):
 

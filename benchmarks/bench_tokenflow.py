@@ -31,10 +31,10 @@ above the phase's start (CPU: resident set through the kernel's high-water mark;
 ``torch.cuda.max_memory_allocated`` of the timed run). ``--isolate`` runs every phase in its own
 process.
 
-    python benchmarks/bench_tokenflow.py --model tiny --frames 40 --latent 16 --steps 4   # issue 9's op targets
+    python benchmarks/bench_tokenflow.py --model tiny --frames 40 --latent 16 --steps 4   # the op-count targets
     python benchmarks/bench_tokenflow.py --frames 8 --latent 16 --phases plain,pnp
     python benchmarks/bench_tokenflow.py --device cuda --model full --frames 40 --latent 64 --steps 10 \\
-        --threads 0      # issue 9's GPU check (= bench_gpu_full.sh)
+        --threads 0      # the GPU check of the seconds-per-step targets (= bench_gpu_full.sh)
 """
 from __future__ import annotations
 
@@ -69,10 +69,11 @@ LABELS = {
 BASELINE = {"pnp": "plain", "pnp_extracted": "plain", "sdedit_extracted": "plain", "sdedit": "plain",
             "controlnet_extracted": "plain_controlnet", "controlnet": "plain_controlnet", "inversion": "plain",
             "extraction": "plain"}
-# Issue 9's targets. Ops per step against plain CFG (device-independent; defined at 40 frames, latent 16,
-# the tiny model, 4 steps, B = 8, random keyframes, no max_keyframes): a keyframe call and a propagation
-# call against plain's one call is 2x. Seconds per step against plain CFG: for --device cuda runs (40
-# frames, 512x512, full SD1.5 architecture, fp16, 10 steps); a CPU hides the per-op cost they are about.
+# The cost targets: what a TokenFlow step may cost against a plain CFG step on the same frames. Ops per
+# step (device-independent; defined at 40 frames, latent 16, the tiny model, 4 steps, B = 8, random
+# keyframes, no max_keyframes): a keyframe call and a propagation call against plain's one call is 2x.
+# Seconds per step: for --device cuda runs (40 frames, 512x512, full SD1.5 architecture, fp16, 10 steps);
+# a CPU hides the per-op cost they are about.
 TARGETS = {
     "ops_per_step": {"pnp": 2.5, "sdedit_extracted": 2.3, "controlnet_extracted": 2.3},
     "gpu_s_per_step": {"pnp": 1.7, "pnp_extracted": 1.5, "sdedit_extracted": 1.15, "controlnet_extracted": 1.15,
@@ -304,11 +305,11 @@ def report(args: argparse.Namespace, configs: list[tuple[int, int, dict]]) -> st
                  f"inversion frame_batch {args.inversion_frame_batch or 'auto'}, repeats {args.repeats}, "
                  f"{'one process per phase' if args.isolate else 'one process per config'}, "
                  f"clock: {'process CPU seconds' if clock == 'cpu' else 'wall seconds'}; eager PyTorch (no torch.compile)")
-    lines.append("- **targets** (issue 9), against plain CFG on the same frames (ControlNet: plain CFG + the same "
-                 "ControlNet): ops per step at 40 frames, latent 16, tiny model, 4 steps: PnP on the fly ≤ 2.5×, "
-                 "SDEdit / ControlNet with extracted correspondences ≤ 2.3×; seconds per step on a GPU (`--device "
-                 "cuda`, full model, 512², 40 frames): PnP on the fly ≤ 1.7×, PnP extracted ≤ 1.5×, SDEdit / "
-                 "ControlNet extracted ≤ 1.15×, inversion ≤ 0.55×"
+    lines.append("- **targets**: TokenFlow's cost per step against plain CFG on the same frames (ControlNet: "
+                 "plain CFG + the same ControlNet): ops per step at 40 frames, latent 16, tiny model, 4 steps: PnP on "
+                 "the fly ≤ 2.5×, SDEdit / ControlNet with extracted correspondences ≤ 2.3×; seconds per step on a "
+                 "GPU (`--device cuda`, full model, 512², 40 frames): PnP on the fly ≤ 1.7×, PnP extracted ≤ 1.5×, "
+                 "SDEdit / ControlNet extracted ≤ 1.15×, inversion ≤ 0.55×"
                  + ("" if args.device == "cuda" else " (not judged on this device)"))
     if configs and any("ops_per_step" in r for _, _, c in configs for r in c["phases"].values()):
         steps = args.count_steps or args.steps

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's whole GPU check in one command (sized for about five minutes on an H200):
+# The whole GPU check of TokenFlow's cost against plain CFG in one command (sized for about five minutes on an H200):
 #   1. every phase at 40 frames of 512x512, full SD1.5 architecture, 10 steps (bench_gpu_full.sh);
 #   2. host-device syncs inside the steps, 240 frames x 2 steps and 1000 frames x 1 step of PnP on the fly
 #      under a ballast that leaves 24 GiB free, and a 3-step profile (gpu_extras.py);

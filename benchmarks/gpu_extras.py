@@ -1,5 +1,5 @@
-"""Issue 9's GPU checks beyond the per-phase table: host-device syncs, long clips under a memory
-ballast, and a short profile of how busy the GPU is during TokenFlow steps.
+"""The GPU checks of TokenFlow's cost beyond the per-phase table (``bench_gpu_full.sh``): host-device syncs,
+long clips under a memory ballast, and a short profile of how busy the GPU is during TokenFlow steps.
 
     python benchmarks/gpu_extras.py --device cuda --model full --latent 64 \
         --sync-frames 40 --long 240:2,1000:1 --ballast-free-gib 24 --profile-frames 40 --markdown results/extras.md

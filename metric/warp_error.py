@@ -23,8 +23,8 @@ pixels dropped by steps 2 and 3 together.
 
 Step 1's kornia ``remap`` (which the official code's util.py imports) replaced a
 hand-written ``grid_sample`` call with the same corner-aligned convention: the masks are unchanged
-and the numbers move only by float32 rounding of the normalised sample grid. On the clips of
-tests/test_warp_error.py, in the paper's unit (x1e-3), grid_sample -> remap:
+and the numbers move only by float32 rounding of the normalised sample grid. On these clips (synthetic shifts
+of one frame, the wolf frames), in the paper's unit (x1e-3), grid_sample -> remap:
 
 ===========================================  ==============  ==============  =========
 clip                                         grid_sample     remap           change
