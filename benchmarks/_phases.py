@@ -21,8 +21,9 @@ import models
 import tiny_models
 from _probes import (KEYFRAME_PASS, PROPAGATION, STEP, PeakTracker, Probe, instrument, memory_mode, tensor_bytes,
                      timing_mode)
-from comfyui_tokenflow.engine import inversion_runner, sampling_paths, tokenflow_runner
-from comfyui_tokenflow.engine.edit_settings import EditSettings
+from comfyui_tokenflow.engine import sampling_paths
+from comfyui_tokenflow.engine.ddpm import edit as ddpm_edit, invert as ddpm_invert
+from comfyui_tokenflow.engine.plan.settings import EditSettings
 from comfyui_tokenflow.engine.editors import editor_options, get_editor
 
 DEFAULTS = EditSettings()  # the sampler's defaults; the editors' live in their declarations
@@ -114,8 +115,8 @@ class Workload:
     # -- products (built untimed when a measured phase needs one that was not measured) ------------
     def ensure_inversion(self):
         if self.inversion is None:
-            self.inversion = inversion_runner.run_inversion(self.model, self.latent_dict, self.source, self.steps,
-                                                            self.inversion_steps, frame_batch=self.inversion_frame_batch)
+            self.inversion = ddpm_invert.run_inversion(self.model, self.latent_dict, self.source, self.steps,
+                                                       self.inversion_steps, frame_batch=self.inversion_frame_batch)
         return self.inversion
 
     def ensure_correspondences(self):
@@ -142,8 +143,8 @@ def _phase_call(work: Workload, phase: str) -> tuple[Callable[[], Any], Callable
     """(run, steps_of(result)) for one phase; products it needs are made beforehand, untimed."""
     if phase == "inversion":
         def run():
-            work.inversion = inversion_runner.run_inversion(work.model, work.latent_dict, work.source, work.steps,
-                                                            work.inversion_steps, frame_batch=work.inversion_frame_batch)
+            work.inversion = ddpm_invert.run_inversion(work.model, work.latent_dict, work.source, work.steps,
+                                                       work.inversion_steps, frame_batch=work.inversion_frame_batch)
             return work.inversion
         return run, lambda result: result.inversion_steps
     if phase == "extraction":
@@ -171,7 +172,7 @@ def _phase_call(work: Workload, phase: str) -> tuple[Callable[[], Any], Callable
         settings = work.settings(editor)
 
         def run():
-            return tokenflow_runner.run_edit(work.model, positive, negative, inversion, settings, correspondences)
+            return ddpm_edit.run_edit(work.model, positive, negative, inversion, settings, correspondences)
         return run, None
     raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
 

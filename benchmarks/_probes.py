@@ -19,9 +19,11 @@ import torch
 import comfy.samplers
 
 import _host
-from comfyui_tokenflow.engine import correspondence_runner, inversion_runner, tokenflow_runner
-from comfyui_tokenflow.engine.attention_patches import Phase
-from comfyui_tokenflow.engine.frame_guider import FrameSubsetGuider
+from comfyui_tokenflow.engine.patches.contract import Phase
+from comfyui_tokenflow.engine.sampling.edit_guider import TokenFlowGuider
+from comfyui_tokenflow.engine.sampling.extraction_guider import ExtractionGuider
+from comfyui_tokenflow.engine.sampling.frame_guider import FrameSubsetGuider
+from comfyui_tokenflow.engine.sampling.inversion_guiders import FrameBatchGuider
 
 KEYFRAME_PASS = "keyframe"
 PROPAGATION = "propagation"
@@ -142,7 +144,7 @@ class PeakTracker:
 # -- steps ----------------------------------------------------------------------------------------
 def step_kind(guider, timestep) -> str:
     """Steps of one kind cost the same: TokenFlow steps differ only by which PnP injections they do."""
-    if isinstance(guider, tokenflow_runner.TokenFlowGuider):
+    if isinstance(guider, TokenFlowGuider):
         # The pack's samplers set current_step before each model call (older engines: the step from the sigma).
         step = guider.current_step if hasattr(guider, "current_step") else guider._step_index(timestep)
         needs = guider.plan.needs[step]
@@ -151,8 +153,8 @@ def step_kind(guider, timestep) -> str:
 
 
 # Every guider class whose predict_noise is one model evaluation (one step) of a measured phase.
-STEP_CLASSES = (comfy.samplers.CFGGuider, tokenflow_runner.TokenFlowGuider, correspondence_runner.ExtractionGuider,
-                inversion_runner.FrameBatchGuider)
+STEP_CLASSES = (comfy.samplers.CFGGuider, TokenFlowGuider, ExtractionGuider,
+                FrameBatchGuider)
 _ORIGINAL_PREDICT = {cls: cls.__dict__["predict_noise"] for cls in STEP_CLASSES}
 _ORIGINAL_CALC = FrameSubsetGuider.calc_on_frames
 

@@ -31,10 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import comfy.samplers  # noqa: E402
 import tiny_dit_models  # noqa: E402
 from comfyui_tokenflow.engine.sampling_paths import run_extraction  # noqa: E402
-from comfyui_tokenflow.engine.edit_plan import EditSettings  # noqa: E402
-from comfyui_tokenflow.engine.flow_edit_runner import prepare_flow_edit, run_flow_edit  # noqa: E402
-from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion  # noqa: E402
-from comfyui_tokenflow.engine.flow_sampling import sample_flow  # noqa: E402
+from comfyui_tokenflow.engine.plan.settings import EditSettings  # noqa: E402
+from comfyui_tokenflow.engine.flow.edit import prepare_flow_edit, run_flow_edit  # noqa: E402
+from comfyui_tokenflow.engine.flow.invert import run_flow_inversion  # noqa: E402
+from comfyui_tokenflow.engine.flow.samplers import sample_flow  # noqa: E402
 
 
 _PACK = str(Path(__file__).resolve().parents[1]) + "/"

@@ -107,10 +107,10 @@ def timed(fn, torch, device) -> tuple[float, float]:
 
 
 def run_family(family: str, args, torch, device) -> list[tuple]:
-    from comfyui_tokenflow.engine.edit_plan import EditSettings
-    from comfyui_tokenflow.engine.flow_edit_runner import prepare_flow_edit, run_flow_edit
-    from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
-    from comfyui_tokenflow.engine.flow_sampling import sample_flow
+    from comfyui_tokenflow.engine.plan.settings import EditSettings
+    from comfyui_tokenflow.engine.flow.edit import prepare_flow_edit, run_flow_edit
+    from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+    from comfyui_tokenflow.engine.flow.samplers import sample_flow
     from comfyui_tokenflow.engine.sampling_paths import run_extraction
 
     model, (src, pos, neg), params = build(family, args, torch, device)

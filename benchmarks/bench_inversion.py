@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 import tiny_models  # noqa: E402  (devkit/tiny_models.py, through _host's path)
 from tiny_models import double, float64_copy, random_latent  # noqa: E402
-from comfyui_tokenflow.engine import edit_plan, inversion_runner, tokenflow_runner  # noqa: E402
+from comfyui_tokenflow.engine.ddpm import edit as ddpm_edit, invert as ddpm_invert  # noqa: E402
+from comfyui_tokenflow.engine.plan.settings import EditSettings  # noqa: E402
 from comfyui_tokenflow.tokenflow_ops import fixed_point  # noqa: E402
 
 DDIM_STEPS = (50, 200, 500, 999)
@@ -72,7 +73,7 @@ def _model(family: str, dtype: str):
 
 
 def _error(model, inversion) -> float:
-    rec = inversion_runner.reconstruct(model, inversion).double()
+    rec = ddpm_invert.reconstruct(model, inversion).double()
     return float((rec - inversion.x0.double()).norm() / inversion.x0.double().norm())
 
 
@@ -84,8 +85,8 @@ def table_rows(family: str, dtype: str, rows_file: str = "") -> dict:
     def measure(label: str, **kwargs) -> None:
         start = time.perf_counter()
         with ImageCounter(model) as counter:
-            inv = inversion_runner.run_inversion(model, latent, cond, STEPS, kwargs.pop("inversion_steps", 500),
-                                                 **kwargs)
+            inv = ddpm_invert.run_inversion(model, latent, cond, STEPS, kwargs.pop("inversion_steps", 500),
+                                            **kwargs)
         rows.append(dict(label=label, evaluations=counter.images, error=_error(model, inv),
                          residuals=inv.residuals, seconds=time.perf_counter() - start))
         print(f"{family} {dtype} {label}: error {rows[-1]['error']:.3e}, {counter.images} evaluations", flush=True)
@@ -110,9 +111,9 @@ def _edit_inputs(frames: int):
 
 def _pack_edit(model, latent, src, pos, neg, method: str):
     kwargs = {} if method == "ddim" else dict(method="fixed_point")
-    inv = inversion_runner.run_inversion(model, latent, src, STEPS, 500, **kwargs)
-    settings = edit_plan.EditSettings(batch_size=8)
-    return inv, tokenflow_runner.run_edit(model, pos, neg, inv, settings)["samples"]
+    inv = ddpm_invert.run_inversion(model, latent, src, STEPS, 500, **kwargs)
+    settings = EditSettings(batch_size=8)
+    return inv, ddpm_edit.run_edit(model, pos, neg, inv, settings)["samples"]
 
 
 def count_part(frames: int, methods: list[str]) -> dict:
@@ -133,7 +134,7 @@ def count_part(frames: int, methods: list[str]) -> dict:
 def wall_part(frames: int) -> dict:
     from official_reference import official_timesteps, reference_edit, reference_inversion
 
-    from comfyui_tokenflow.engine.model_support import check_supported
+    from comfyui_tokenflow.engine.families.registry import check_supported
     from comfyui_tokenflow.tokenflow_ops.keyframes import keyframe_plan
 
     model, latent, src, pos, neg = _edit_inputs(frames)

@@ -5,7 +5,7 @@ For every (frames, latent size) of the grid, one fresh worker process builds a r
 SD1.5-architecture UNet (``--model``: tiny / mid / full, see ``models.py``), the frames and the
 prompts, warms up with one plain step, then measures each phase:
 
-- ``inversion``: ``inversion_runner.run_inversion`` (TokenFlowInvert: DDIM inversion, no CFG, all
+- ``inversion``: ``ddpm.invert.run_inversion`` (TokenFlowInvert: DDIM inversion, no CFG, all
   frames in one call per step when they fit, no reconstruction pass), per inversion step;
 - ``extraction``: ``sampling_paths.run_extraction`` (clean source pass: a keyframe call, then
   the frames in as few calls as memory allows);
@@ -13,7 +13,7 @@ prompts, warms up with one plain step, then measures each phase:
   ``ddim``, scheduler ``ddim_uniform``, the same UNet, steps and cfg (and the same per-frame
   ControlNet for the ControlNet baseline);
 - the TokenFlow edits ``pnp`` (correspondences on the fly, the official numbers), ``pnp_extracted``,
-  ``sdedit_extracted`` and ``controlnet_extracted`` (``tokenflow_runner.run_edit``), split into
+  ``sdedit_extracted`` and ``controlnet_extracted`` (``ddpm.edit.run_edit``), split into
   keyframe pass and propagation pass by the ``PassContext.phase`` of each guider call.
 
 Per phase, in this order and in separate runs: peak memory (CPU: a 1-step run with a fresh heap),

@@ -28,7 +28,7 @@ import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
-from comfyui_tokenflow.engine import attention_patches  # noqa: E402
+from comfyui_tokenflow.engine.patches import contract  # noqa: E402
 from tokenflow_helpers import conds, double, edit, float64_copy, invert, random_latent  # noqa: E402
 import tiny_models  # noqa: E402
 
@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     eager = edit(model, pos, neg, inversion, editor="pnp", steps=args.steps)
 
     keys: set[str] = set()
-    original = attention_patches.PassContext.call_key
+    original = contract.PassContext.call_key
 
     def recording(self, options):
         keys.add(key := original(self, options))
         return key
 
-    attention_patches.PassContext.call_key = recording
+    contract.PassContext.call_key = recording
     if args.node:
         from comfy_extras.nodes_torch_compile import TorchCompileModel
         compiled = TorchCompileModel.execute(model, args.backend).args[0]

@@ -57,11 +57,11 @@ def _origin(stack) -> str:
 
 
 def sync_check(torch, _phases, work, lines: list[str]) -> None:
-    from comfyui_tokenflow.engine import tokenflow_runner
+    from comfyui_tokenflow.engine.sampling.edit_guider import TokenFlowGuider
 
     lines += ["## Host-device synchronisations inside TokenFlow steps", "",
               "| phase | syncs per step | where (count) |", "|---|---:|---|"]
-    original = tokenflow_runner.TokenFlowGuider.predict_noise
+    original = TokenFlowGuider.predict_noise
     for phase in ("pnp", "pnp_extracted", "sdedit_extracted", "controlnet_extracted"):
         seen: Counter = Counter()
         steps = [0]
@@ -80,7 +80,7 @@ def sync_check(torch, _phases, work, lines: list[str]) -> None:
             if "synchroniz" in str(message).lower():
                 seen[_origin(traceback.extract_stack()[:-1])] += 1
 
-        tokenflow_runner.TokenFlowGuider.predict_noise = checked
+        TokenFlowGuider.predict_noise = checked
         previous = warnings.showwarning
         warnings.showwarning = record
         try:
@@ -92,7 +92,7 @@ def sync_check(torch, _phases, work, lines: list[str]) -> None:
                     run()
         finally:
             warnings.showwarning = previous
-            tokenflow_runner.TokenFlowGuider.predict_noise = original
+            TokenFlowGuider.predict_noise = original
         total = sum(seen.values())
         where = "; ".join(f"{k} ({v})" for k, v in seen.most_common(6)) or "none"
         lines.append(f"| {phase} | {total / max(1, steps[0]):.1f} | {where} |")

@@ -35,7 +35,7 @@ def preview_image(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion,
     slot = int(pairing.slots[frame, 0])
     keyframe = int(corr.keyframes[step, slot])
     field = corr.fields[block][step, frame, 0].long()
-    if source_images is not None:  # checked against the inversion by the node (engine.validation)
+    if source_images is not None:  # checked against the inversion by the node (engine.checks)
         pixels = source_images.movedim(-1, 1).float()
     else:
         pixels = latent_to_rgb(inversion.x0.float(), latent_format)

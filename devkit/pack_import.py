@@ -10,7 +10,7 @@ ComfyUI calls it), so the pure layers are importable without ComfyUI::
     from comfyui_tokenflow.tokenflow_ops import schedule               # torch only
     from comfyui_tokenflow.data import video_decode                    # no ComfyUI
     from comfyui_tokenflow.metric import warp_error, flow_estimation   # no ComfyUI
-    from comfyui_tokenflow.engine import tokenflow_runner              # needs a ComfyUI host on sys.path
+    from comfyui_tokenflow.engine.ddpm import edit                     # needs a ComfyUI host on sys.path
 
 The repo root itself never goes on ``sys.path``: its ``nodes/`` would shadow ComfyUI's ``nodes``
 module. Other custom node packs do not import this pack at all: they use the door on the host

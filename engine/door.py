@@ -20,7 +20,8 @@ Keys:
                ``sdedit_timesteps``, ``parse_block_list``, ``parse_residual_list``. An editor reads it
                when its methods are called (TokenFlow is loaded by then), never at import.
 
-Only plain data and functions cross the door; nothing here imports ComfyUI beyond ``comfy.model_patcher``.
+Only plain data and functions cross the door; nothing here imports ComfyUI beyond ``comfy.model_patcher``, nor
+any other module of this pack: the editor registry (``engine/editors``) builds the API and publishes it here.
 """
 from __future__ import annotations
 
@@ -58,20 +59,11 @@ def editors() -> dict:
     return door().setdefault("editors", {})
 
 
-def publish_api() -> SimpleNamespace | None:
-    """Put this pack's editor API on the door (``door()["api"]``); called when ``engine.editors`` is imported.
+def host_present() -> bool:
+    """Whether this process uses the host, so that other packs can meet this one on the door."""
+    return _host_module() is not None
 
-    Without the host in this process (the runner reading its flags) there is nobody to publish to.
-    """
-    if _host_module() is None:
-        return None
-    from ..tokenflow_ops.schedule import editing_timesteps, sdedit_timesteps
-    from .editors import Editor, StepNeeds, register_editor, unregister_editor
-    from .model_support import parse_block_list, parse_residual_list
 
-    api = SimpleNamespace(version=API_VERSION, StepNeeds=StepNeeds, Editor=Editor, register_editor=register_editor,
-                          unregister_editor=unregister_editor, editing_timesteps=editing_timesteps,
-                          sdedit_timesteps=sdedit_timesteps, parse_block_list=parse_block_list,
-                          parse_residual_list=parse_residual_list)
+def publish(api: SimpleNamespace) -> None:
+    """Put this pack's editor API on the door (``door()["api"]``); the editor registry calls it when it is built."""
     door()["api"] = api
-    return api

@@ -7,7 +7,7 @@ from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..data.correspondence_preview import preview_image
 from ..engine.sampling_paths import run_extraction
 from ..data.products import CorrespondencesType, InversionType
-from ..engine.validation import check_source_images
+from ..engine.checks import check_source_images
 from .common import CATEGORY
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..engine.patched_model import joint_edit_model
+from ..engine.patches.install import joint_edit_model
 from .common import CATEGORY
 
 

@@ -13,9 +13,10 @@ from comfy_api.latest import io, ui
 
 from ..data import product_io
 from ..engine.sampling_paths import path_for
-from ..engine.model_support import check_supported, frames_fingerprint, model_fingerprint
+from ..engine.families.fingerprints import frames_fingerprint, model_fingerprint
+from ..engine.families.registry import check_supported
 from ..data.products import CorrespondencesType, InversionType
-from ..engine.validation import check_latent_frames
+from ..engine.checks import check_latent_frames
 from .common import CATEGORY, clean_path
 
 

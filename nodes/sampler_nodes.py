@@ -7,7 +7,7 @@ import latent_preview
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
-from ..engine.edit_plan import EditSettings
+from ..engine.plan.settings import EditSettings
 from ..engine.editors import EDITORS, EditorSetting, appended_inputs, editor_tooltip, stable_inputs
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.sampling_paths import path_for

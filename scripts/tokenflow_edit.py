@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ".ckpt path, or a file name in ComfyUI/models/checkpoints (or Flux's --unet --clip-l --t5 --vae)")
     models.add_arguments(p)
     p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
-    editors, defaults = _pack_module("engine.editors"), _pack_module("engine.edit_settings").EditSettings()
+    editors, defaults = _pack_module("engine.editors"), _pack_module("engine.plan.settings").EditSettings()
     p.add_argument("--editor", choices=list(editors.EDITORS), default=defaults.editor,
                    help=_help("image editor combined with TokenFlow. " + editors.editor_tooltip()))
     schedule = _schedule()
@@ -153,7 +153,7 @@ def _schedule() -> ModuleType:
 
 
 def _pack_module(name: str) -> ModuleType:
-    """A ComfyUI-free module of the pack (``engine.editors``, ``engine.edit_settings``), imported before the host
+    """A ComfyUI-free module of the pack (``engine.editors``, ``engine.plan.settings``), imported before the host
     through the one outside-ComfyUI name, ``comfyui_tokenflow`` (devkit/pack_import.py)."""
     pack_import.import_pack()
     return importlib.import_module(f"comfyui_tokenflow.{name}")
@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
 
         model_path = folder_paths.get_full_path(*files["--checkpoint" if ckpt_name else "--unet"][:2])
         family = models.detect_family(model_path, whole_checkpoint=ckpt_name is not None)
-        problem = models.resolve_family_settings(args, family, _pack_module("engine.edit_settings").EditSettings().cfg)
+        problem = models.resolve_family_settings(args, family, _pack_module("engine.plan.settings").EditSettings().cfg)
         if problem:
             print(problem, file=sys.stderr)
             return 2

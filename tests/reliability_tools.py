@@ -23,7 +23,8 @@ import torch
 import comfy.controlnet
 import comfy.utils
 import nodes as comfy_nodes
-from comfyui_tokenflow.engine import attention_patches, inversion_runner
+from comfyui_tokenflow.engine.ddpm import invert as ddpm_invert
+from comfyui_tokenflow.engine.patches import contract
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, edit, extract, random_latent
 
 N = 3  # frames; batches of 2: a full batch and a short one
@@ -46,7 +47,7 @@ class UNetCalls:
 
     def _hook(self, module, args, kwargs):
         self.count += 1
-        ctx = (kwargs.get("transformer_options") or {}).get(attention_patches.PASS_KEY)
+        ctx = (kwargs.get("transformer_options") or {}).get(contract.KEY)
         if ctx is not None and all(bank is not ctx.bank for bank in self.banks):
             self.banks.append(ctx.bank)
         if self.on_call is not None:
@@ -166,8 +167,8 @@ def assert_same_product(a, b) -> None:
 # ------------------------------------------------------------------ one clip, its products and the clean runs
 
 def run_inversion(model, clip):
-    return inversion_runner.run_inversion(model, clip["latent"], clip["src"], STEPS, INVERSION_STEPS,
-                                          frame_batch=INVERSION_FRAME_BATCH)
+    return ddpm_invert.run_inversion(model, clip["latent"], clip["src"], STEPS, INVERSION_STEPS,
+                                     frame_batch=INVERSION_FRAME_BATCH)
 
 
 def run_extraction(model, clip):
@@ -186,8 +187,8 @@ def make_clip(tiny_sd15, tiny_controlnet) -> dict:
     """A 3-frame clip: its conditionings, inversion, correspondences and (tracked) ControlNet conditioning."""
     src, pos, neg = conds(tiny_sd15)
     latent = random_latent(N, seed=21)
-    inversion = inversion_runner.run_inversion(tiny_sd15, latent, src, STEPS, INVERSION_STEPS,
-                                               frame_batch=INVERSION_FRAME_BATCH)
+    inversion = ddpm_invert.run_inversion(tiny_sd15, latent, src, STEPS, INVERSION_STEPS,
+                                          frame_batch=INVERSION_FRAME_BATCH)
     control = tracked_controlnet(tiny_controlnet)
     cpos, cneg = apply_controlnet(pos, neg, control, hints(N))
     out = dict(src=src, pos=pos, neg=neg, latent=latent, inversion=inversion, control=control.state,

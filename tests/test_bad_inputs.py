@@ -14,7 +14,8 @@ import comfy.supported_models
 import tiny_dit_models
 import tiny_models
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-from comfyui_tokenflow.engine import inversion_runner, sampling_paths
+from comfyui_tokenflow.engine import sampling_paths
+from comfyui_tokenflow.engine.ddpm import invert as ddpm_invert
 from comfyui_tokenflow.data import product_io
 from comfyui_tokenflow.nodes import product_io_nodes, video_nodes
 from input_files import write_frames, write_mp4
@@ -42,11 +43,11 @@ def world(tiny_sd15, tiny_controlnet, clip, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reliability")
     other = tiny_models.make_unet_model("sd15", seed=1)
     other_latent = random_latent(N, seed=22)
-    other_inversion = inversion_runner.run_inversion(tiny_sd15, other_latent, clip["src"], STEPS, INVERSION_STEPS,
-                                                     frame_batch=INVERSION_FRAME_BATCH)
+    other_inversion = ddpm_invert.run_inversion(tiny_sd15, other_latent, clip["src"], STEPS, INVERSION_STEPS,
+                                                frame_batch=INVERSION_FRAME_BATCH)
     other_corr = extract(tiny_sd15, other_inversion, batch_size=2)
-    other_model_corr = extract(other, inversion_runner.run_inversion(
-        other, clip["latent"], clip["src"], STEPS, INVERSION_STEPS, frame_batch=INVERSION_FRAME_BATCH), batch_size=2)
+    other_model_corr = extract(other, ddpm_invert.run_inversion(
+   other, clip["latent"], clip["src"], STEPS, INVERSION_STEPS, frame_batch=INVERSION_FRAME_BATCH), batch_size=2)
     (x0_model,) = ModelSamplingDiscrete().patch(tiny_sd15, "x0", False)  # the core node, as a user would apply it
     mp4 = write_mp4(folder / "clip.mp4")
     truncated = folder / "truncated.mp4"
@@ -64,8 +65,8 @@ def world(tiny_sd15, tiny_controlnet, clip, tmp_path_factory):
 
 
 def _invert(w, latent=None, model=None, cond=None, steps=STEPS, inversion_steps=INVERSION_STEPS):
-    return inversion_runner.run_inversion(model or w["model"], latent if latent is not None else w["clip"]["latent"],
-                                          cond or w["clip"]["src"], steps, inversion_steps, frame_batch=2)
+    return ddpm_invert.run_inversion(model or w["model"], latent if latent is not None else w["clip"]["latent"],
+                                     cond or w["clip"]["src"], steps, inversion_steps, frame_batch=2)
 
 
 def _edit(w, model=None, pos=None, neg=None, inversion=None, **settings):

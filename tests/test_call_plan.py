@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_tokenflow.engine import call_sizing, inversion_runner
+from comfyui_tokenflow.engine.ddpm import invert as ddpm_invert
+from comfyui_tokenflow.engine.plan import call_sizing
 from tokenflow_helpers import INVERSION_STEPS, STEPS, conds, edit, extract, invert, random_latent
 
 FRAMES = 40  # the official clip length: 5 batches of B = 8, so 5 keyframes per step
@@ -34,8 +35,8 @@ class UNetEntry:
 def clip40(tiny_sd15):
     src, pos, neg = conds(tiny_sd15)
     with UNetEntry(tiny_sd15) as calls:  # frame_batch 0: as many frames per call as memory allows
-        inversion = inversion_runner.run_inversion(tiny_sd15, random_latent(FRAMES, seed=2), src, STEPS,
-                                                   INVERSION_STEPS, frame_batch=0)
+        inversion = ddpm_invert.run_inversion(tiny_sd15, random_latent(FRAMES, seed=2), src, STEPS,
+                                              INVERSION_STEPS, frame_batch=0)
     return src, pos, neg, inversion, calls.batches
 
 
@@ -99,9 +100,9 @@ def test_a_pass_split_for_memory_equals_the_unsplit_pass(tiny_sd15, monkeypatch,
 def test_inversion_does_not_depend_on_frame_batch(tiny_sd15):
     src, _, _ = conds(tiny_sd15)
     latent = random_latent(7, size=16, seed=6)
-    whole = inversion_runner.run_inversion(tiny_sd15, latent, src, 1, 2, frame_batch=0)
+    whole = ddpm_invert.run_inversion(tiny_sd15, latent, src, 1, 2, frame_batch=0)
     with UNetEntry(tiny_sd15) as calls:
-        capped = inversion_runner.run_inversion(tiny_sd15, latent, src, 1, 2, frame_batch=3)
+        capped = ddpm_invert.run_inversion(tiny_sd15, latent, src, 1, 2, frame_batch=3)
     assert calls.batches == [3, 2, 2] * 2
     # float32 rounding of other call batch sizes over 2 inversion steps (observed <= 0.111 of the bound, FP_THRESHOLDS.md)
     torch.testing.assert_close(capped.trajectory, whole.trajectory, rtol=1e-5, atol=1e-5 * whole.trajectory.abs().max().item())

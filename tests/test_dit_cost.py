@@ -14,12 +14,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import comfy.patcher_extension
 import tiny_dit_models
-from comfyui_tokenflow.engine import call_sizing
-from comfyui_tokenflow.engine.attention_patches import PASS_KEY, Phase
+from comfyui_tokenflow.engine.plan import call_sizing
+from comfyui_tokenflow.engine.patches.contract import KEY, Phase
 from comfyui_tokenflow.engine.sampling_paths import run_extraction
-from comfyui_tokenflow.engine.edit_plan import EditSettings
-from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
-from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
+from comfyui_tokenflow.engine.plan.settings import EditSettings
+from comfyui_tokenflow.engine.flow.edit import run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
 
 STEPS = 4
 
@@ -149,7 +149,7 @@ def _count_step_syncs(family: str, cfg: float) -> tuple[list[str], dict[str, Cou
         return out
 
     def per_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        ctx = transformer_options.get(PASS_KEY)  # APPLY_MODEL: which pass the ops of this model call belong to
+        ctx = transformer_options.get(KEY)  # APPLY_MODEL: which pass the ops of this model call belong to
         dispatches.phase = ctx.phase.value if ctx is not None else "model"
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -175,7 +175,7 @@ def test_no_host_sync_in_a_dit_step(family, cfg):
 
 
 def test_dit_passes_follow_the_call_sizing(monkeypatch):
-    """The memory sizing of the UNet path (engine/call_sizing.py) splits a DiT's propagation pass too, and the
+    """The memory sizing of the UNet path (engine/plan/call_sizing.py) splits a DiT's propagation pass too, and the
     per-call propagation indices (nearest-neighbour fields) cover that call's frames only."""
     model = tiny_dit_models.make_flux_model(seed=0)
     cond = tiny_dit_models.flux_conditioning
@@ -188,7 +188,7 @@ def test_dit_passes_follow_the_call_sizing(monkeypatch):
 
     def after_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        ctx = transformer_options.get(PASS_KEY)
+        ctx = transformer_options.get(KEY)
         batches.append(int(x.shape[0]))
         if ctx is not None and ctx.phase is Phase.FRAMES:
             field_rows.extend(int(f.shape[0]) for f in ctx.bank.fields.values())

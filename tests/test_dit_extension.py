@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import dit_plugin
-from comfyui_tokenflow.engine import model_support
+from comfyui_tokenflow.engine.families import registry
 from comfyui_tokenflow.nodes import inversion_nodes, sampler_nodes
 
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setattr(model_support, "FAMILIES", [*model_support.FAMILIES, dit_plugin.TINY_DIT])  # one entry
+    monkeypatch.setattr(registry, "FAMILIES", [*registry.FAMILIES, dit_plugin.TINY_DIT])  # one entry
 
 
 def _edit(model, pos, neg, inversion, **overrides):
@@ -24,7 +24,7 @@ def _edit(model, pos, neg, inversion, **overrides):
 
 def test_unregistered_the_model_is_refused_naming_the_supported_families():
     with pytest.raises(ValueError, match=r"no TokenFlow family adapter claims it \(supported: sdxl, sd1/sd2, flux, sd3\)"):
-        model_support.check_supported(dit_plugin.make_tiny_dit())
+        registry.check_supported(dit_plugin.make_tiny_dit())
 
 
 def test_a_registered_dit_family_edits_a_static_video_consistently(registered):

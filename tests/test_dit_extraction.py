@@ -12,9 +12,9 @@ import torch
 
 import tiny_dit_models
 from comfyui_tokenflow.engine.sampling_paths import run_extraction
-from comfyui_tokenflow.engine.edit_plan import EditSettings
-from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
-from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
+from comfyui_tokenflow.engine.plan.settings import EditSettings
+from comfyui_tokenflow.engine.flow.edit import run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
 
 STEPS, INVERSION_STEPS, FRAMES, BATCH = 4, 8, 5, 2
 # float64 edits that differ only by the batch layout of their model calls (the source chunk present or not):
@@ -209,7 +209,7 @@ def test_joint_edit_refuses_reference_latents_before_the_diffusion_model_runs(wo
 
 def test_extraction_split_for_memory_gives_the_same_fields(world, monkeypatch):
     """Propagation calls of 2 frames (a small memory budget) instead of one call of all frames: the same product."""
-    from comfyui_tokenflow.engine import call_sizing
+    from comfyui_tokenflow.engine.plan import call_sizing
 
     per_frame = call_sizing.call_bytes(world["model"].model, 1, world["inversion"].latent_shape)
     monkeypatch.setattr(call_sizing, "CPU_BUDGET_BYTES", int(per_frame * 2.5))

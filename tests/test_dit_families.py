@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import tiny_dit_models
-from comfyui_tokenflow.engine import model_support
+from comfyui_tokenflow.engine.families import registry
 from comfyui_tokenflow.engine.families import FLOW, dit
 
 
@@ -19,7 +19,7 @@ def sd3():
 
 
 def test_flux_layout_declares_its_image_attention_and_rf_solver_blocks(flux):
-    layout = model_support.check_supported(flux, sampling=FLOW)
+    layout = registry.check_supported(flux, sampling=FLOW)
     assert layout.family == "flux" and layout.sampling == FLOW and layout.prediction == "flow"
     assert layout.transformer_blocks == (("double_block", 0, 0), ("double_block", 1, 0),
                                          ("single_block", 0, 0), ("single_block", 1, 0))
@@ -44,7 +44,7 @@ def test_flux_dev_default_pnp_is_rf_solver_edits_single_blocks_20_to_37():
 
 
 def test_sd3_layout_includes_the_image_only_second_attention(sd3):
-    layout = model_support.check_supported(sd3, sampling=FLOW)
+    layout = registry.check_supported(sd3, sampling=FLOW)
     assert layout.family == "sd3"
     assert layout.transformer_blocks == (("double_block", 0, 0), ("double_block", 0, 1), ("double_block", 1, 0))
     assert layout.adapter.pnp_injects == "kv"
@@ -54,24 +54,24 @@ def test_sd3_layout_includes_the_image_only_second_attention(sd3):
 def test_the_ddim_path_refuses_a_flow_family_naming_it(which, request):
     model = request.getfixturevalue(which)
     with pytest.raises(ValueError, match=rf"DiT of family '{which}'.*Load an SD1.x/SD2.x/SDXL checkpoint"):
-        model_support.check_supported(model)
+        registry.check_supported(model)
 
 
 def test_the_flow_path_refuses_a_unet(tiny_sd15):
     with pytest.raises(ValueError, match="follows the ddpm rule"):
-        model_support.check_supported(tiny_sd15, sampling=FLOW)
+        registry.check_supported(tiny_sd15, sampling=FLOW)
 
 
 def test_an_unclaimed_model_lists_the_supported_families(flux, monkeypatch):
-    monkeypatch.setattr(model_support, "FAMILIES", [f for f in model_support.FAMILIES if f.name != "flux"])
+    monkeypatch.setattr(registry, "FAMILIES", [f for f in registry.FAMILIES if f.name != "flux"])
     with pytest.raises(ValueError, match=r"supported: sdxl, sd1/sd2, sd3\)"):
-        model_support.check_supported(flux, sampling=FLOW)
+        registry.check_supported(flux, sampling=FLOW)
 
 
 def test_the_registry_holds_unet_and_dit_families_alike():
-    names = [f.name for f in model_support.FAMILIES]
+    names = [f.name for f in registry.FAMILIES]
     assert names == ["sdxl", "sd1/sd2", "flux", "sd3"]
-    assert all(callable(f.claims) and callable(f.describe) for f in model_support.FAMILIES)
+    assert all(callable(f.claims) and callable(f.describe) for f in registry.FAMILIES)
 
 
 @pytest.mark.parametrize("family", ["flux"])
@@ -83,10 +83,10 @@ def test_the_call_key_is_checked_inside_the_dit_too(family):
     import comfy.patcher_extension
     import torch
 
-    from comfyui_tokenflow.engine.call_wrappers import CALL_KEY
-    from comfyui_tokenflow.engine.edit_plan import EditSettings
-    from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
-    from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
+    from comfyui_tokenflow.engine.patches.wrappers import CALL_KEY
+    from comfyui_tokenflow.engine.plan.settings import EditSettings
+    from comfyui_tokenflow.engine.flow.edit import run_flow_edit
+    from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
 
     make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
     cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
-from comfyui_tokenflow.engine.flow_sampling import sample_flow
+from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.samplers import sample_flow
 from comfyui_tokenflow.tokenflow_ops.flow_inversion import sigma_at
 from comfyui_tokenflow.tokenflow_ops.schedule import inversion_timesteps
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine import tokenflow_runner
+from comfyui_tokenflow.engine.ddpm import edit as ddpm_edit
 from comfyui_tokenflow.nodes import inversion_nodes, sampler_nodes
 
 N = 3
@@ -87,8 +87,7 @@ def test_flux_refusals_come_before_any_model_call(flux, case, overrides, words):
 
 def test_a_flux_inversion_into_an_sd_sampler_is_refused(flux, tiny_sd15):
     with pytest.raises(ValueError, match="inversion"):
-        tokenflow_runner.run_edit(tiny_sd15, flux["pos"], flux["neg"], flux["inversion"],
-                                  tokenflow_runner.EditSettings())
+        ddpm_edit.run_edit(tiny_sd15, flux["pos"], flux["neg"], flux["inversion"], ddpm_edit.EditSettings())
 
 
 def test_a_flux_inversion_saves_and_loads_through_the_nodes(flux, tmp_path):

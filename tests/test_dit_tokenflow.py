@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine import dit_attention
-from comfyui_tokenflow.engine.edit_plan import EditSettings
-from comfyui_tokenflow.engine.flow_edit_runner import prepare_flow_edit, run_flow_edit
-from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
-from comfyui_tokenflow.engine.flow_sampling import sample_flow
+from comfyui_tokenflow.engine.patches import dit
+from comfyui_tokenflow.engine.plan.settings import EditSettings
+from comfyui_tokenflow.engine.flow.edit import prepare_flow_edit, run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.samplers import sample_flow
 
 STEPS, INVERSION_STEPS = 4, 8
 @pytest.fixture(scope="module", params=list(tiny_dit_models.DIT_FAMILIES))
@@ -81,7 +81,7 @@ def test_disabling_propagation_changes_the_result(world, monkeypatch):
     def keyframe_attention_everywhere(q, k, v, kernel, options, ctx, block, n_img):
         return kernel(q, k, v)  # every frame attends to itself only: no propagation
 
-    monkeypatch.setattr(dit_attention, "_propagated_attention", keyframe_attention_everywhere)
+    monkeypatch.setattr(dit, "_propagated_attention", keyframe_attention_everywhere)
     without = _edit(world, inversion, editor="sdedit")
     assert (with_propagation - without).abs().max() > 1e-3 * without.abs().max()
 
@@ -93,7 +93,7 @@ def test_every_frame_a_keyframe_needs_no_propagation(world, monkeypatch):
     inversion = _invert(world, world["frames"][:3])
     out = _edit(world, inversion, editor="pnp", batch_size=1, blend="paper")
     recorded: dict = {}
-    original = dit_attention._keyframe_attention
+    original = dit._keyframe_attention
 
     def record(q, k, v, kernel, options, ctx, block, n_img):
         result = original(q, k, v, kernel, options, ctx, block, n_img)
@@ -103,8 +103,8 @@ def test_every_frame_a_keyframe_needs_no_propagation(world, monkeypatch):
     def replay(q, k, v, kernel, options, ctx, block, n_img):
         return recorded[block]  # the joint keyframe edit's outputs, every frame its own keyframe
 
-    monkeypatch.setattr(dit_attention, "_keyframe_attention", record)
-    monkeypatch.setattr(dit_attention, "_propagated_attention", replay)
+    monkeypatch.setattr(dit, "_keyframe_attention", record)
+    monkeypatch.setattr(dit, "_propagated_attention", replay)
     joint = _edit(world, inversion, editor="pnp", batch_size=1, blend="paper")
     torch.testing.assert_close(out, joint, rtol=0, atol=1e-6 * joint.abs().max())
 
@@ -120,11 +120,11 @@ def test_the_input_model_is_untouched(world):
 def test_source_in_calls_of_its_own_gives_the_same_edit(world, monkeypatch):
     """The call layout a ControlNet on the prompts forces (ComfyUI batches only conds with the same ControlNet):
     the source branch runs first in calls of its own, the edit branches then read what it recorded."""
-    from comfyui_tokenflow.engine import flow_edit_runner
+    from comfyui_tokenflow.engine.flow import edit as flow_edit
 
     inversion = _invert(world, world["frames"])
     shared = _edit(world, inversion, editor="pnp")
-    monkeypatch.setattr(flow_edit_runner.FlowTokenFlowGuider, "_source_shares_calls", lambda self, names: False)
+    monkeypatch.setattr(flow_edit.FlowTokenFlowGuider, "_source_shares_calls", lambda self, names: False)
     separate = _edit(world, inversion, editor="pnp")
     torch.testing.assert_close(separate, shared, rtol=0, atol=1e-6 * shared.abs().max())
 

@@ -32,10 +32,11 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine import attention_patches, dit_attention, model_support
-from comfyui_tokenflow.engine.edit_plan import EditSettings
-from comfyui_tokenflow.engine.flow_edit_runner import run_flow_edit
-from comfyui_tokenflow.engine.flow_inversion_runner import run_flow_inversion
+from comfyui_tokenflow.engine.families import FLOW, registry
+from comfyui_tokenflow.engine.patches import contract, dit
+from comfyui_tokenflow.engine.plan.settings import EditSettings
+from comfyui_tokenflow.engine.flow.edit import run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
 from comfyui_tokenflow.tokenflow_ops import keyframes, schedule
 from comfyui_tokenflow.tokenflow_ops.flow_inversion import sigma_at
 from dit_reference import reference_flow_edit, reference_flow_inversion
@@ -47,7 +48,7 @@ def setup(request):
     world = tiny_dit_models.dit_world(request.param, N)
     model = world["model"]
     inversion = run_flow_inversion(model, {"samples": world["frames"]}, world["src"], STEPS, INVERSION_STEPS)
-    layout = model_support.check_supported(model, sampling=model_support.FLOW)
+    layout = registry.check_supported(model, sampling=FLOW)
     table = model.get_model_object("model_sampling").sigmas.float().cpu()
     return dict(world, inversion=inversion, layout=layout, table=table, references={})
 
@@ -107,23 +108,24 @@ def _references(setup, editor: str, pnp_attn_t: float, pnp: set | None = None) -
 def _current_attention(monkeypatch) -> dict:
     """Wraps the attention override the pack installs: ``current`` names the attention call being run."""
     current: dict = {}
-    original = dit_attention.dit_attention_override
+    original = dit.dit_attention_override
 
     def override(func, q, k, v, heads, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        tag = options.get(dit_attention.BLOCK_TAG)
+        ctx = options.get(contract.KEY)
+        tag = ctx.dit_block if ctx is not None else None
         if tag is not None:
             current.update(block=(*tag["block"], tag["calls"]), sigma=float(options["sigmas"][0]))
         return original(func, q, k, v, heads, *args, **kwargs)
 
-    monkeypatch.setattr(dit_attention, "dit_attention_override", override)
+    monkeypatch.setattr(dit, "dit_attention_override", override)
     return current
 
 
 def _record_pack_fields(monkeypatch, levels: list[float]) -> list[dict]:
     """Every nearest-neighbour search of the pack: its fields and the tokens and keys it decided them from."""
     current = _current_attention(monkeypatch)
-    original = dit_attention.frame_fields
+    original = dit.frame_fields
     records: list[dict] = []
 
     def frame_fields(tokens, frames, keyframe_tokens, pairing, *args, **kwargs):
@@ -134,7 +136,7 @@ def _record_pack_fields(monkeypatch, levels: list[float]) -> list[dict]:
                             units=units, keys=keyframe_tokens.double().clone(), slots=pairing.slots[frames].clone()))
         return fields
 
-    monkeypatch.setattr(dit_attention, "frame_fields", frame_fields)
+    monkeypatch.setattr(dit, "frame_fields", frame_fields)
     return records
 
 
@@ -203,23 +205,23 @@ MUTATIONS = ["rolled fields", "no propagation", "no PnP injection", "no PnP inje
 def _mutate(setup, mutation: str, monkeypatch) -> dict:
     """Installs one semantic change into the pack; returns the edit settings it needs."""
     if mutation == "rolled fields":
-        original_fields = dit_attention.frame_fields
+        original_fields = dit.frame_fields
 
         def rolled(tokens, *args, **kwargs):
             return (original_fields(tokens, *args, **kwargs) + 1) % tokens.shape[1]  # every token takes its neighbour's
-        monkeypatch.setattr(dit_attention, "frame_fields", rolled)
+        monkeypatch.setattr(dit, "frame_fields", rolled)
     elif mutation == "no propagation":
-        original = dit_attention.dit_attention_override
+        original = dit.dit_attention_override
 
         def plain_frames(func, q, k, v, heads, *args, **kwargs):
-            ctx = (kwargs.get("transformer_options") or {}).get(attention_patches.PASS_KEY)
-            if ctx is not None and ctx.phase is attention_patches.Phase.FRAMES:
+            ctx = (kwargs.get("transformer_options") or {}).get(contract.KEY)
+            if ctx is not None and ctx.phase is contract.Phase.FRAMES:
                 return func(q, k, v, heads, *args, **kwargs)  # every frame attends to itself alone
             return original(func, q, k, v, heads, *args, **kwargs)
-        monkeypatch.setattr(dit_attention, "dit_attention_override", plain_frames)
+        monkeypatch.setattr(dit, "dit_attention_override", plain_frames)
     elif mutation == "blend weights":
-        original_weights = attention_patches.blend_weights
-        monkeypatch.setattr(attention_patches, "blend_weights",
+        original_weights = contract.blend_weights
+        monkeypatch.setattr(contract, "blend_weights",
                             lambda weights, dtype: original_weights(weights.flip(-1), dtype))  # w <-> 1 - w
     elif mutation == "second attention not extended":
         _plain_keyframes_in_second_attention(monkeypatch)
@@ -234,19 +236,19 @@ def _mutate(setup, mutation: str, monkeypatch) -> dict:
 def _plain_keyframes_in_second_attention(monkeypatch) -> None:
     """SD3.5's image-only second attention (call 1 of a block) attends plainly in the keyframe pass."""
     current = _current_attention(monkeypatch)
-    wrapped = dit_attention.dit_attention_override
+    wrapped = dit.dit_attention_override
 
     def override(func, q, k, v, heads, *args, **kwargs):
         out = wrapped(func, q, k, v, heads, *args, **kwargs)
         options = kwargs.get("transformer_options") or {}
-        ctx = options.get(attention_patches.PASS_KEY)
-        if ctx is None or ctx.phase is not attention_patches.Phase.KEYFRAMES or current.get("block", (0, 0, 0))[2] != 1:
+        ctx = options.get(contract.KEY)
+        if ctx is None or ctx.phase is not contract.Phase.KEYFRAMES or current.get("block", (0, 0, 0))[2] != 1:
             return out
         plain = func(q, k, v, heads, *args, **kwargs)
         segments = ctx.bank.keyframe_outputs[current["block"]]
         segments[-1] = (plain[:, -segments[-1][0].shape[1]:], segments[-1][1])  # what propagation gathers
         return plain
-    monkeypatch.setattr(dit_attention, "dit_attention_override", override)
+    monkeypatch.setattr(dit, "dit_attention_override", override)
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
@@ -279,26 +281,26 @@ def test_text_queries_attend_as_in_plain_sampling(setup, monkeypatch):
     Bound: SLACK x the host kernel's own float64 rounding on these calls (|kernel - matmul softmax|, measured
     here); the image rows, which TokenFlow changes, must exceed it by far, so the comparison can fail."""
     calls = []
-    original = dit_attention.dit_attention_override
+    original = dit.dit_attention_override
 
     def override(func, q, k, v, heads, *args, **kwargs):
         out = original(func, q, k, v, heads, *args, **kwargs)
         options = kwargs.get("transformer_options") or {}
-        ctx = options.get(attention_patches.PASS_KEY)
-        if ctx is not None and dit_attention.BLOCK_TAG in options:
+        ctx = options.get(contract.KEY)
+        if ctx is not None and ctx.dit_block is not None:
             plain = func(q, k, v, heads, *args, **kwargs)
             explicit = _explicit_attention(q, k, v, heads, bool(kwargs.get("skip_reshape", False)))
-            n_txt = out.shape[1] - int(options[dit_attention.IMAGE_TOKENS])
+            n_txt = out.shape[1] - int(ctx.image_tokens)
             calls.append(dict(phase=ctx.phase, n_txt=n_txt, text=(out - plain)[:, :n_txt].abs().max().item() if n_txt
                               else 0.0, image=(out - plain)[:, n_txt:].abs().max().item(),
                               kernel=(plain.double() - explicit).abs().max().item()))
         return out
 
-    monkeypatch.setattr(dit_attention, "dit_attention_override", override)
+    monkeypatch.setattr(dit, "dit_attention_override", override)
     _run_pack(setup, "pnp", 1.0)
     monkeypatch.undo()
     phases = {c["phase"] for c in calls if c["n_txt"] > 0}
-    assert phases == {attention_patches.Phase.KEYFRAMES, attention_patches.Phase.FRAMES}
+    assert phases == {contract.Phase.KEYFRAMES, contract.Phase.FRAMES}
     kernel = max(c["kernel"] for c in calls)
     assert kernel > 0, "the host kernel equals the matmul softmax: the rounding bound measures nothing"
     text = max(c["text"] for c in calls)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from comfyui_tokenflow.engine import editors
-from comfyui_tokenflow.engine.edit_settings import EditSettings
+from comfyui_tokenflow.engine.plan.settings import EditSettings
 from comfyui_tokenflow.nodes.sampler_nodes import TokenFlowSampler
 from editor_plugins.attention_only import AttentionOnlyEditor
 from tokenflow_helpers import conds, edit, invert, random_latent

@@ -37,10 +37,10 @@ def test_a_registered_editor_appears_in_the_sampler_after_its_stable_inputs(regi
 
 
 def test_a_unet_family_is_one_adapter(tiny_sd15, monkeypatch):
-    from comfyui_tokenflow.engine import model_support
+    from comfyui_tokenflow.engine.families import registry
 
-    custom = model_support.UNetFamily("custom", lambda unet: True, pnp_residual=lambda unet: ("output_blocks.5.0",))
-    monkeypatch.setattr(model_support, "FAMILIES", [custom, *model_support.FAMILIES])
-    layout = model_support.check_supported(tiny_sd15)
+    custom = registry.UNetFamily("custom", lambda unet: True, pnp_residual=lambda unet: ("output_blocks.5.0",))
+    monkeypatch.setattr(registry, "FAMILIES", [custom, *registry.FAMILIES])
+    layout = registry.check_supported(tiny_sd15)
     assert layout.family == "custom" and layout.default_pnp_residual == ("output_blocks.5.0",)
     assert layout.default_pnp_attention == tuple(("output", i, 0) for i in range(4, 12))  # the shared default

@@ -18,7 +18,7 @@ import comfy.model_management
 import tiny_models
 from comfyui_tokenflow.data import product_io
 from comfyui_tokenflow.data.products import inversion_fingerprint
-from comfyui_tokenflow.engine import inversion_runner
+from comfyui_tokenflow.engine.ddpm import invert as ddpm_invert
 from comfyui_tokenflow.nodes import inversion_nodes
 from comfyui_tokenflow.tokenflow_ops import fixed_point
 from comfyui_tokenflow.tokenflow_ops.inversion import ddim_inversion_step
@@ -115,12 +115,12 @@ def clip64(sd15_64):
 
 
 def _fp(model, inputs, steps=5, frame_batch=0, **kwargs):
-    return inversion_runner.run_inversion(model, inputs["latent"], inputs["src"], steps, 500, frame_batch,
-                                          method="fixed_point", **kwargs)
+    return ddpm_invert.run_inversion(model, inputs["latent"], inputs["src"], steps, 500, frame_batch,
+                                     method="fixed_point", **kwargs)
 
 
 def test_one_iteration_equals_plain_ddim_inversion_on_the_editing_grid(sd15_64, clip64):
-    ddim = inversion_runner.run_inversion(sd15_64, clip64["latent"], clip64["src"], 5, 5)
+    ddim = ddpm_invert.run_inversion(sd15_64, clip64["latent"], clip64["src"], 5, 5)
     fp = _fp(sd15_64, clip64, max_iterations=1)
     assert torch.equal(fp.trajectory, ddim.trajectory) and torch.equal(fp.inverted, ddim.inverted)
     assert (fp.inverted_timestep, fp.inversion_steps, fp.method, ddim.method) == (801, 5, "fixed_point", "ddim")
@@ -174,11 +174,11 @@ def test_reconstruction_beats_500_step_ddim_at_the_defaults(family, request):
     latent = random_latent(1, seed=5)
 
     def error(inversion):
-        rec = inversion_runner.reconstruct(model, inversion).double()
+        rec = ddpm_invert.reconstruct(model, inversion).double()
         return float((rec - inversion.x0.double()).norm() / inversion.x0.double().norm())
 
-    ddim = error(inversion_runner.run_inversion(model, latent, src, 50, 500))
-    fp_inv = inversion_runner.run_inversion(model, latent, src, 50, 500, method="fixed_point")
+    ddim = error(ddpm_invert.run_inversion(model, latent, src, 50, 500))
+    fp_inv = ddpm_invert.run_inversion(model, latent, src, 50, 500, method="fixed_point")
     fp = error(fp_inv)
     assert sum(fp_inv.evaluations) / 50 <= fixed_point.DEFAULT_MAX_ITERATIONS
     assert fp < ddim, (family, fp, ddim)
@@ -205,9 +205,9 @@ def test_fixed_point_does_not_use_the_inversion_grid(tiny_sd15):
     """inversion_steps 600 does not fit 50 editing steps for DDIM; fixed_point inverts on the editing grid."""
     src, _, _ = conds(tiny_sd15)
     with pytest.raises(ValueError, match=r"inversion_steps \(600\)"):
-        inversion_runner.check_inversion_settings(50, 600, "ddim", 3, 1e-3)
-    inversion_runner.check_inversion_settings(50, 600, "fixed_point", 3, 1e-3)
-    inv = inversion_runner.run_inversion(tiny_sd15, random_latent(1), src, 2, 600, method="fixed_point")
+        ddpm_invert.check_inversion_settings(50, 600, "ddim", 3, 1e-3)
+    ddpm_invert.check_inversion_settings(50, 600, "fixed_point", 3, 1e-3)
+    inv = ddpm_invert.run_inversion(tiny_sd15, random_latent(1), src, 2, 600, method="fixed_point")
     assert inv.inversion_steps == 2 and inv.inverted_timestep == inv.timesteps[0] == 501
 
 
@@ -226,8 +226,8 @@ def test_node_inputs_are_appended_with_ddim_the_default():
 
 def test_edit_from_a_fixed_point_inversion_and_grids_it_does_not_cover(tiny_sd15):
     src, pos, neg = conds(tiny_sd15)
-    inv = inversion_runner.run_inversion(tiny_sd15, random_latent(2), src, 4, 500, method="fixed_point",
-                                         max_iterations=2)
+    inv = ddpm_invert.run_inversion(tiny_sd15, random_latent(2), src, 4, 500, method="fixed_point",
+                                    max_iterations=2)
     out = edit(tiny_sd15, pos, neg, inv, steps=2)  # 2 steps (501, 1) lie on the 4-step grid (751, 501, 251, 1)
     assert out.shape == inv.x0.shape and torch.isfinite(out).all()
     with CountUNetCalls(tiny_sd15) as calls, pytest.raises(ValueError, match=r"steps \(3\)"):
@@ -238,15 +238,15 @@ def test_edit_from_a_fixed_point_inversion_and_grids_it_does_not_cover(tiny_sd15
 def test_method_is_saved_and_older_files_load_as_ddim(tiny_sd15, tmp_path):
     src, _, _ = conds(tiny_sd15)
     latent = random_latent(1)
-    fp_inv = inversion_runner.run_inversion(tiny_sd15, latent, src, 3, 500, method="fixed_point",
-                                            max_iterations=4, tolerance=1e-4)
+    fp_inv = ddpm_invert.run_inversion(tiny_sd15, latent, src, 3, 500, method="fixed_point",
+                                       max_iterations=4, tolerance=1e-4)
     loaded = product_io.load_inversion(product_io.save_inversion(fp_inv, tmp_path / "fp.safetensors"))
     for name in ("method", "max_iterations", "tolerance", "evaluations", "residuals", "inverted_timestep"):
         assert getattr(loaded, name) == getattr(fp_inv, name), name
     assert torch.equal(loaded.trajectory, fp_inv.trajectory)
     assert inversion_fingerprint(loaded).endswith(":fixed_point")
 
-    ddim = inversion_runner.run_inversion(tiny_sd15, latent, src, 3, 9)
+    ddim = ddpm_invert.run_inversion(tiny_sd15, latent, src, 3, 9)
     new = {"method", "max_iterations", "tolerance", "evaluations", "residuals"}
     meta = {k: v for k, v in product_io._metadata_fields(ddim, skip=("conditioning",)).items() if k not in new}
     cond_tensors, entries = product_io._split_conditioning(ddim.conditioning)

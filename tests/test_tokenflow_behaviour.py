@@ -8,7 +8,7 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-from comfyui_tokenflow.engine import model_support
+from comfyui_tokenflow.engine.families import registry
 from comfyui_tokenflow.tokenflow_ops import schedule
 from tokenflow_helpers import STEPS, conds, double, edit, extract, float64_copy, invert, random_latent
 
@@ -109,11 +109,11 @@ def test_pnp_injects_at_the_spec_layers_and_steps_only(tiny_sd15, prompts):
 
 
 def test_default_pnp_layers_follow_the_model_layout(tiny_sd15, tiny_sdxl):
-    sd = model_support.check_supported(tiny_sd15)
+    sd = registry.check_supported(tiny_sd15)
     assert sd.default_pnp_attention == tuple(("output", i, 0) for i in range(4, 12))
     assert sd.default_pnp_residual == ("output_blocks.4.0",)
     assert len(sd.transformer_blocks) == 16
-    xl = model_support.check_supported(tiny_sdxl)
+    xl = registry.check_supported(tiny_sdxl)
     assert len(xl.transformer_blocks) == 70 and xl.family == "sdxl"
     assert {b[1] for b in xl.default_pnp_attention} == {1, 2, 3, 4, 5}
     assert xl.default_pnp_residual == ("output_blocks.4.0",)
@@ -152,7 +152,7 @@ def test_frame_counts_that_are_not_a_multiple_of_the_batch(tiny_sd15, prompts, n
 
 
 def test_extracted_pnp_stops_the_source_pass_early_without_changing_the_result(tiny_sd15, prompts, monkeypatch):
-    from comfyui_tokenflow.engine import tokenflow_runner
+    from comfyui_tokenflow.engine.sampling import edit_guider
 
     src, pos, neg = prompts
     inversion = invert(tiny_sd15, random_latent(5, seed=9), src)
@@ -164,13 +164,13 @@ def test_extracted_pnp_stops_the_source_pass_early_without_changing_the_result(t
         fast = edit(tiny_sd15, pos, neg, inversion, correspondences=corr)
         fast_calls = len(calls)
         calls.clear()
-        original = tokenflow_runner.TokenFlowGuider.__init__
+        original = edit_guider.TokenFlowGuider.__init__
 
         def full_source(self, *args, **kwargs):
             original(self, *args, **kwargs)
             self.skip_unused_source = False
 
-        monkeypatch.setattr(tokenflow_runner.TokenFlowGuider, "__init__", full_source)
+        monkeypatch.setattr(edit_guider.TokenFlowGuider, "__init__", full_source)
         full = edit(tiny_sd15, pos, neg, inversion, correspondences=corr)
     finally:
         handle.remove()

@@ -35,7 +35,8 @@ import dataclasses
 import pytest
 import torch
 
-from comfyui_tokenflow.engine import attention_patches, model_support
+from comfyui_tokenflow.engine.families import registry
+from comfyui_tokenflow.engine.patches import contract, unet
 from comfyui_tokenflow.tokenflow_ops import keyframes, schedule
 from official_reference import reference_edit, reference_inversion
 from parity_precision import FLOAT64_EPS, MARGIN_FACTOR, assert_within_precision, report
@@ -56,7 +57,7 @@ def setup(tiny_sd15):
     unet = model.model.diffusion_model
     sigmas = model.get_model_object("model_sampling").sigmas
     return dict(model=model, src=src, pos=pos, neg=neg, inversion=inversion, unet=unet, sigmas=sigmas,
-                x0=model.model.process_latent_in(latent["samples"]).double(), layout=model_support.check_supported(model),
+                x0=model.model.process_latent_in(latent["samples"]).double(), layout=registry.check_supported(model),
                 references={})
 
 
@@ -105,13 +106,13 @@ def _references(setup, editor: str, pnp_attn_t: float, pnp_f_t: float) -> dict:
 def _record_pack_fields(monkeypatch, sigmas: torch.Tensor) -> list[dict]:
     """Wraps the pack's attn1 patch to record, per propagation call and block, its fields and the similarities
     it decided them from (its own source tokens against its own keyframe tokens)."""
-    original = attention_patches.tokenflow_attn1_patch
+    original = unet.tokenflow_attn1_patch
     records: list[dict] = []
 
     def recording(n, context, value, extra):
         out = original(n, context, value, extra)
-        ctx = extra.get(attention_patches.PASS_KEY)
-        if ctx is not None and ctx.phase is attention_patches.Phase.FRAMES:
+        ctx = extra.get(contract.KEY)
+        if ctx is not None and ctx.phase is contract.Phase.FRAMES:
             block = (extra["block"][0], int(extra["block"][1]), int(extra.get("block_index", 0)))
             src, _ = ctx.roles(extra)
             if src is not None and block in ctx.bank.fields:  # computed on the fly in this call
@@ -123,7 +124,7 @@ def _record_pack_fields(monkeypatch, sigmas: torch.Tensor) -> list[dict]:
                                     slots=ctx.pairing.slots[ctx.frames].clone()))
         return out
 
-    monkeypatch.setattr(attention_patches, "tokenflow_attn1_patch", recording)
+    monkeypatch.setattr(unet, "tokenflow_attn1_patch", recording)
     return records
 
 
@@ -203,9 +204,9 @@ def _rolled_fields(original):
 def _rolled_fields_in(original, block):
     def tokenflow_attn1_patch(n, context, value, extra):
         out = original(n, context, value, extra)
-        ctx = extra.get(attention_patches.PASS_KEY)
+        ctx = extra.get(contract.KEY)
         key = (extra["block"][0], int(extra["block"][1]), int(extra.get("block_index", 0)))
-        if ctx is not None and ctx.phase is attention_patches.Phase.FRAMES and key == block and block in ctx.bank.fields:
+        if ctx is not None and ctx.phase is contract.Phase.FRAMES and key == block and block in ctx.bank.fields:
             fields = ctx.bank.fields[block]
             ctx.bank.fields[block] = (fields + 1) % fields.shape[-1]  # this block only
         return out
@@ -224,14 +225,14 @@ def test_parity_check_fails_on_a_semantic_error(setup, mutation, monkeypatch):
     """The unchanged tolerance function rejects the pack with one semantic change against the unchanged reference."""
     settings = {}
     if mutation == "propagation":
-        monkeypatch.setattr(attention_patches, "frame_fields", _rolled_fields(attention_patches.frame_fields))
+        monkeypatch.setattr(unet, "frame_fields", _rolled_fields(unet.frame_fields))
     elif mutation == "propagation in the last block":
         last = setup["layout"].transformer_blocks[-1]
         assert last == ("output", 11, 0)
-        monkeypatch.setattr(attention_patches, "tokenflow_attn1_patch",
-                            _rolled_fields_in(attention_patches.tokenflow_attn1_patch, last))
+        monkeypatch.setattr(unet, "tokenflow_attn1_patch",
+                            _rolled_fields_in(unet.tokenflow_attn1_patch, last))
     elif mutation == "blend weights":
-        monkeypatch.setattr(attention_patches, "blend_weights", _swapped_weights(attention_patches.blend_weights))
+        monkeypatch.setattr(contract, "blend_weights", _swapped_weights(contract.blend_weights))
     else:  # the default output:4-11 less its last block
         assert setup["layout"].default_pnp_attention[-1] == ("output", 11, 0)
         settings["pnp_attention_blocks"] = "output:4-10"

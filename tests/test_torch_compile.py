@@ -19,7 +19,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from comfy_api.torch_helpers import set_torch_compile_wrapper
-from comfyui_tokenflow.engine import attention_patches
+from comfyui_tokenflow.engine.patches import contract
 from tokenflow_helpers import conds, double, edit, float64_copy, invert, random_latent
 
 FRAMES, STEPS = 4, 4
@@ -46,14 +46,14 @@ def compiled_edit(setup, monkeypatch, **compile_kwargs):
     """A PnP edit through a compiled UNet: (result, distinct call keys, compiled graphs, graph breaks)."""
     model, pos, neg, inversion, _ = setup
     keys: set[str] = set()
-    original = attention_patches.PassContext.call_key
+    original = contract.PassContext.call_key
 
     def recording(self, options):
         key = original(self, options)
         keys.add(key)
         return key
 
-    monkeypatch.setattr(attention_patches.PassContext, "call_key", recording)
+    monkeypatch.setattr(contract.PassContext, "call_key", recording)
     compiled = model.clone()
     set_torch_compile_wrapper(compiled, **compile_kwargs)
     torch._dynamo.reset()

@@ -18,9 +18,11 @@ Nothing here imports ComfyUI at import time.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Mapping
 
-from ..door import editors as _door_editors, publish_api as _publish_api
+from ...tokenflow_ops.schedule import editing_timesteps, sdedit_timesteps
+from .. import door
 from .base import Editor, StepNeeds
 from .controlnet import ControlNetEditor
 from .pnp import PlugAndPlayEditor
@@ -31,7 +33,7 @@ __all__ = ["DEFAULT_EDITOR", "EDITORS", "Editor", "EditorSetting", "StepNeeds", 
            "editor_tooltip", "get_editor", "register_editor", "stable_inputs", "unregister_editor"]
 
 # Shared with other packs through the door; read at use time (the sampler's schema, get_editor).
-EDITORS: dict[str, Editor] = _door_editors()
+EDITORS: dict[str, Editor] = door.editors()
 _registered_before_us = dict(EDITORS)  # by packs loaded earlier: kept, after the built-in editors
 EDITORS.clear()
 DEFAULT_EDITOR = "pnp"  # the sampler's and the runner's default (EditSettings.editor)
@@ -86,8 +88,25 @@ def editor_tooltip() -> str:
     return " ".join(f"{editor.name}: {editor.description}" for editor in EDITORS.values())
 
 
+def publish_api() -> SimpleNamespace | None:
+    """This pack's editor API on the door (``door()["api"]``), for editors of other packs; built when the registry is.
+
+    Without the host in this process (the runner reading its flags) there is nobody to publish to.
+    """
+    if not door.host_present():
+        return None
+    from ..families.block_lists import parse_block_list, parse_residual_list  # the host is loaded by now
+
+    api = SimpleNamespace(version=door.API_VERSION, StepNeeds=StepNeeds, Editor=Editor, register_editor=register_editor,
+                          unregister_editor=unregister_editor, editing_timesteps=editing_timesteps,
+                          sdedit_timesteps=sdedit_timesteps, parse_block_list=parse_block_list,
+                          parse_residual_list=parse_residual_list)
+    door.publish(api)
+    return api
+
+
 register_editor(PlugAndPlayEditor(), builtin=True)
 register_editor(SDEditEditor(), builtin=True)
 register_editor(ControlNetEditor(), builtin=True)
 EDITORS.update({name: e for name, e in _registered_before_us.items() if name not in EDITORS})
-_publish_api()
+publish_api()

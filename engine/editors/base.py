@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 if TYPE_CHECKING:  # pragma: no cover  (the declarations stay importable without ComfyUI: see settings.py)
     import torch
 
-    from ..model_support import BlockKey, ModelLayout
+    from ..families.base import BlockKey, ModelLayout
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ from .base import StepNeeds
 log = logging.getLogger(__name__)
 
 
+def has_controlnet(conditioning) -> bool:
+    """Whether any [cond, options] entry of a CONDITIONING carries a ControlNet (Apply ControlNet)."""
+    return any(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
+               and entry[1].get("control") is not None for entry in conditioning or ())
+
+
 class ControlNetEditor:
     name = "controlnet"
     description = ("No injection, full steps; the structure comes from ControlNet hints carried by the conditioning "
@@ -23,9 +29,6 @@ class ControlNetEditor:
         return {t: StepNeeds() for t in timesteps_full}
 
     def check_conditioning(self, positive, negative) -> None:
-        # Imported here: the declarations stay importable without ComfyUI (scripts/tokenflow_edit.py).
-        from ..validation import has_controlnet
-
         if not has_controlnet(positive) and not has_controlnet(negative):
             # Not refused: TokenFlow without any injection is a legitimate ablation, but rarely what was meant.
             log.warning("TokenFlow: editor 'controlnet' takes its structure from a ControlNet carried by the "

@@ -41,7 +41,7 @@ class PlugAndPlayEditor:
 
     def step_needs(self, timesteps_full, options, layout, unet) -> dict[int, StepNeeds]:
         # Imported here: the declarations above stay importable without ComfyUI (scripts/tokenflow_edit.py).
-        from ..model_support import parse_block_list, parse_residual_list
+        from ..families.block_lists import parse_block_list, parse_residual_list
 
         attention = frozenset(parse_block_list(options["pnp_attention_blocks"], layout, layout.default_pnp_attention))
         residual = parse_residual_list(options["pnp_residual_blocks"], unet, layout.default_pnp_residual)

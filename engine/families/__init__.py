@@ -1,7 +1,8 @@
-"""Model family adapters: one module per family kind (the UNet families live in ``engine.model_support``).
+"""Model families: how the engine recognises a model and where TokenFlow acts in it.
 
-The registry itself is ``engine.model_support.FAMILIES``; :mod:`.dit` holds the flow-matching
-transformer families (Flux, SD3.x).
+``base`` (the adapter protocol and :class:`ModelLayout`), ``unet`` (SD1.x/SD2.x/SDXL), ``dit`` (Flux, SD3.x),
+``registry`` (:data:`~.registry.FAMILIES`, ``check_supported``, ``sampling_rule``), ``block_lists`` (the PnP block
+lists a user types) and ``fingerprints`` (the identity of weights and frames). A new family is one adapter here.
 """
 from .base import DDPM, FLOW, BlockKey, FamilyAdapter, ModelLayout
 

@@ -3,7 +3,7 @@
 A family adapter recognises its models (``claims``) and describes them (``describe``) as a
 :class:`ModelLayout`: where TokenFlow's self-attention lives, where Plug-and-Play injects by
 default and which sampling rule the model follows. The engine reads only the layout; it never
-branches on a family's name. Adapters are the entries of ``engine.model_support.FAMILIES``.
+branches on a family's name. Adapters are the entries of :data:`.registry.FAMILIES`.
 """
 from __future__ import annotations
 
@@ -38,3 +38,24 @@ class FamilyAdapter(Protocol):
     def claims(self, model_patcher) -> bool: ...
 
     def describe(self, model_patcher) -> ModelLayout: ...
+
+
+def _is_video_model(model_patcher) -> bool:
+    """A video model's latents have a time axis (Wan, HunyuanVideo, LTXV, Mochi, Cosmos: latent_dimensions 3)."""
+    latent_format = getattr(model_patcher.model, "latent_format", None)
+    return getattr(latent_format, "latent_dimensions", 2) == 3
+
+
+def unsupported_model(model_patcher, why: str) -> ValueError:
+    """The refusal of a model TokenFlow cannot edit with, saying ``why`` and which models it takes."""
+    name = type(getattr(model_patcher.model, "diffusion_model", model_patcher.model)).__name__
+    if _is_video_model(model_patcher):
+        return ValueError(
+            f"model: the connected model is {name}, a video model (its latents have a time axis); TokenFlow "
+            "edits a video with an IMAGE model: load an SD1.x/SD2.x/SDXL or SD3.x checkpoint with Load Checkpoint, "
+            "or a Flux model with Load Diffusion Model")
+    return ValueError(
+        f"model: TokenFlow cannot edit with the connected model {name}: {why}. Load an SD1.x/SD2.x/SDXL or SD3.x "
+        "checkpoint with Load Checkpoint, or a Flux model with Load Diffusion Model; video models (SVD, Wan, "
+        "HunyuanVideo, ...) are not image models."
+    )

@@ -12,7 +12,7 @@ A :class:`DiTFamily` declares, for one ComfyUI diffusion-model class:
   cited (:attr:`pnp_source`) and what it injects (:attr:`pnp_injects`: "v" or "kv" of the image tokens).
 - the sampling rule: CONST (rectified flow) on the model's own sigmas.
 
-Another DiT family is one more :class:`DiTFamily` in ``engine.model_support.FAMILIES``.
+Another DiT family is one more :class:`DiTFamily` in :data:`.registry.FAMILIES`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from comfyui_tokenflow.engine.editors import StepNeeds
-from comfyui_tokenflow.engine.model_support import parse_block_list
+from comfyui_tokenflow.engine.families.block_lists import parse_block_list
 from comfyui_tokenflow.tokenflow_ops.schedule import editing_timesteps
 
 

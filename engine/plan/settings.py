@@ -3,14 +3,14 @@
 :class:`EditSettings` is the one home of the sampler's own defaults: the sampler node's widgets,
 ``scripts/tokenflow_edit.py``'s flags (it reads this module before ComfyUI is imported) and the
 benchmarks read them here. The editors' inputs (``pnp_attn_t``, ``sdedit_start``, ...) are declared
-by the editors themselves (:mod:`.editors`).
+by the editors themselves (:mod:`..editors`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .editors import DEFAULT_EDITOR, EDITORS
-from .editors.settings import setting_name
+from ..editors import DEFAULT_EDITOR, EDITORS
+from ..editors.settings import setting_name
 
 __all__ = ["EditSettings"]
 

@@ -1,15 +1,26 @@
 """The refusals of the TokenFlow stages' inputs, before any model call: each raises a clear error naming the
-input and the fix. :func:`check_run_on_inversion` is the opening every run on an inversion shares (extraction,
-edit); :func:`check_prompt` the checks of one prompt."""
+input and the fix.
+
+Every stage of every sampling rule opens the same way: :func:`run_checks` runs the rule's ordered list of
+checks (the ``*_CHECKS`` tuples of ``ddpm/`` and ``flow/``, built from the steps below) on a :class:`Stage`,
+which collects what they establish on the way (the model's layout, its fingerprint, the frames).
+:data:`RUN_ON_INVERSION` is the opening every run on an inversion shares (extraction, edit).
+"""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..tokenflow_ops.keyframes import BLEND_MODES
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, extracted_from
-from .model_support import ModelLayout, check_supported, model_fingerprint
+from .editors import get_editor
+from .families.base import ModelLayout
+from .families.fingerprints import model_fingerprint
+from .families.registry import check_supported
+from .patches.contract import KEY
+from .plan.call_sizing import call_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +62,6 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
         raise ValueError(f"{input_name}: masked latents (Set Latent Noise Mask) are not supported by TokenFlow; "
                          "connect the VAE Encode output directly (remove the mask node)")
     return samples
-
-
-def clamp_batch_size(batch_size: int, n_frames: int) -> int:
-    """A batch_size larger than the clip means one batch: clamp it and say so."""
-    if batch_size > n_frames:
-        log.warning("TokenFlow: batch_size %d is larger than the clip (%d frames); using %d (one batch, one keyframe "
-                    "per step)", batch_size, n_frames, n_frames)
-        return n_frames
-    return batch_size
-
-
-def check_run_on_inversion(model, inversion: TokenFlowInversion) -> tuple[ModelLayout, str]:
-    """The start of every run on an inversion: a supported UNet that is not the Joint Edit's, the inversion's own model,
-    frames that fit the device. Returns the model's layout and fingerprint."""
-    layout = check_supported(model)
-    check_not_joint_edit_model(model)
-    fingerprint = model_fingerprint(model)
-    check_inversion_model(inversion, fingerprint)
-    check_frame_size_fits(model, inversion.latent_shape, "inversion")
-    return layout, fingerprint
-
-
-def check_prompt(conditioning, model, input_name: str, latent_hw: tuple[int, int], n_frames: int) -> None:
-    """One prompt of a run: a CONDITIONING this UNet can use, no area crop, one ControlNet hint per frame."""
-    check_conditioning(conditioning, model, input_name)
-    check_no_area(conditioning, input_name, latent_hw)
-    check_control_hints(conditioning, n_frames, input_name)
-
-
-def check_blend(blend: str) -> None:
-    if blend not in BLEND_MODES:
-        raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
-
-
-def check_correspondences_cover(corr: TokenFlowCorrespondences, timesteps: list[int]) -> None:
-    """The correspondences hold every timestep the edit visits."""
-    absent = [t for t in timesteps if t not in corr.timesteps]
-    if absent:
-        raise ValueError(f"correspondences: extracted for {len(corr.timesteps)} steps, which do not cover timestep "
-                         f"{absent[0]}; extract them with the same steps as this edit")
 
 
 def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, model_fp: str) -> None:
@@ -152,15 +123,10 @@ def _options_of(conditioning) -> list[dict]:
             for entry in conditioning or ()]
 
 
-def has_controlnet(conditioning) -> bool:
-    return any(options.get("control") is not None for options in _options_of(conditioning))
-
-
 def check_not_joint_edit_model(model, input_name: str = "model") -> None:
     """The Keyframe Joint Edit output is for plain samplers; the TokenFlow stages patch attention themselves."""
-    from .attention_patches import JOINT_KEY  # local: validation stays importable without the patch layer
-
-    if model.model_options.get("transformer_options", {}).get(JOINT_KEY):
+    clone = model.model_options.get(KEY)
+    if clone is not None and clone.joint:
         raise ValueError(f"{input_name}: this model comes from TokenFlow Keyframe Joint Edit, whose attention patch is "
                          "for ordinary samplers (KSampler). Connect the model from Load Checkpoint (or your LoRA "
                          "loaders) directly: TokenFlow Invert, Extract Correspondences and Sampler patch it themselves")
@@ -169,8 +135,6 @@ def check_not_joint_edit_model(model, input_name: str = "model") -> None:
 def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
     """Refuse frames so large that one UNet call on a single frame exceeds the device's memory."""
     import comfy.model_management
-
-    from .call_sizing import call_bytes
 
     device = comfy.model_management.get_torch_device()
     need = call_bytes(model.model, 1, latent_shape) + model.model_size()
@@ -209,3 +173,131 @@ def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:
         while control is not None:
             check_hint_count(getattr(control, "cond_hint_original", None), n_frames, input_name)
             control = getattr(control, "previous_controlnet", None)
+
+
+def check_flow_conditioning(conditioning: list, model, name: str) -> None:
+    """Refuse conditioning a flow DiT cannot read: reference latents (Kontext), or a token width that is not the
+    model's text width (e.g. SD text embeddings into Flux)."""
+    dm = model.model.diffusion_model
+    width = getattr(getattr(dm, "params", None), "context_in_dim", None)
+    embed = getattr(dm, "context_embedder", None)
+    if width is None and isinstance(embed, torch.nn.Linear):
+        width = embed.in_features
+    for cond, extra in conditioning:
+        if isinstance(extra, dict) and extra.get("reference_latents") is not None:
+            raise ValueError(f"{name}: it carries reference latents (Flux Kontext / ReferenceLatent), whose tokens "
+                             "TokenFlow cannot tell from the frame's image tokens; remove the ReferenceLatent node")
+        if width is not None and cond.shape[-1] != width:
+            raise ValueError(f"{name}: its text embeddings are {cond.shape[-1]} wide but this model reads {width}-wide "
+                             "ones; encode the prompt with the text encoders of this model (DualCLIPLoader / the "
+                             "checkpoint's CLIP) in CLIPTextEncode")
+
+
+# -- the skeleton: each rule's ordered list of these steps, run on one Stage ----------------------------------------
+
+@dataclass
+class Stage:
+    """The inputs one stage's refusals read, and what the steps establish on the way."""
+
+    model: Any
+    sampling: str  # the rule the stage implements (families.base.DDPM / FLOW)
+    prompts: tuple[tuple[str, Any], ...] = ()  # (input name, CONDITIONING) in the order they are checked
+    latent: dict | None = None
+    inversion: TokenFlowInversion | None = None
+    correspondences: Any = None
+    editor: str | None = None
+    editor_options: dict | None = None
+    layout: ModelLayout | None = None  # by supported_model
+    fingerprint: str | None = None  # by inversion_model
+    samples: torch.Tensor | None = None  # by latent_frames
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return tuple(self.samples.shape[-2:]) if self.samples is not None else tuple(self.inversion.latent_shape[-2:])
+
+    @property
+    def n_frames(self) -> int:
+        return self.samples.shape[0] if self.samples is not None else self.inversion.n_frames
+
+
+Check = Callable[[Stage], None]
+PromptCheck = Callable[[Stage, str, Any], None]
+
+
+def run_checks(stage: Stage, checks: Sequence[Check]) -> Stage:
+    """Every check of a rule's stage, in its order; the first refusal raises."""
+    for check in checks:
+        check(stage)
+    return stage
+
+
+def supported_model(stage: Stage) -> None:
+    stage.layout = check_supported(stage.model, sampling=stage.sampling)
+
+
+def latent_frames(stage: Stage) -> None:
+    stage.samples = check_latent_frames(stage.latent, "latent", stage.model.model.latent_format.latent_channels)
+
+
+def not_joint_edit_model(stage: Stage) -> None:
+    check_not_joint_edit_model(stage.model)
+
+
+def inversion_model(stage: Stage) -> None:
+    stage.fingerprint = model_fingerprint(stage.model)
+    check_inversion_model(stage.inversion, stage.fingerprint)
+
+
+def latent_fits(stage: Stage) -> None:
+    check_frame_size_fits(stage.model, tuple(stage.samples.shape[1:]), "latent")
+
+
+def inversion_fits(stage: Stage) -> None:
+    check_frame_size_fits(stage.model, stage.inversion.latent_shape, "inversion")
+
+
+def correspondences_product(stage: Stage) -> None:
+    if stage.correspondences is not None and not isinstance(stage.correspondences, TokenFlowCorrespondences):
+        raise ValueError("correspondences: expected the output of TokenFlow Extract Correspondences (or Load "
+                         f"Correspondences), got {type(stage.correspondences).__name__}; connect that node's output")
+
+
+def correspondences_match(stage: Stage) -> None:
+    """Correspondences of another model, video or step count are refused by their fingerprints."""
+    if stage.correspondences is not None:
+        check_correspondences(stage.correspondences, stage.inversion, stage.fingerprint)
+
+
+def editor_conditioning(stage: Stage) -> None:
+    prompts = dict(stage.prompts)
+    get_editor(stage.editor).check_conditioning(prompts["positive"], prompts["negative"])
+
+
+def usable_conditioning(stage: Stage, name: str, conditioning) -> None:
+    check_conditioning(conditioning, stage.model, name)
+
+
+def flow_conditioning(stage: Stage, name: str, conditioning) -> None:
+    check_flow_conditioning(conditioning, stage.model, name)
+
+
+def no_area(stage: Stage, name: str, conditioning) -> None:
+    check_no_area(conditioning, name, stage.frame_hw)
+
+
+def control_hints(stage: Stage, name: str, conditioning) -> None:
+    check_control_hints(conditioning, stage.n_frames, name)
+
+
+def each_prompt(*checks: PromptCheck) -> Check:
+    """One step: for every prompt in turn, ``checks`` in order."""
+    def step(stage: Stage) -> None:
+        for name, conditioning in stage.prompts:
+            for check in checks:
+                check(stage, name, conditioning)
+    return step
+
+
+# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's, the
+# inversion's own model, frames that fit the device.
+RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, inversion_model, inversion_fits)

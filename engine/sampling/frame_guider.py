@@ -18,8 +18,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
 
-from .attention_patches import PASS_KEY, PassContext
-from .validation import check_hint_count
+from ..checks import check_hint_count
+from ..patches.contract import KEY, PassContext
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         options = comfy.model_patcher.create_model_options_clone(model_options)
         options.pop("context_handler", None)  # TokenFlow does its own frame batching
         if context is not None:
-            options.setdefault("transformer_options", {})[PASS_KEY] = context
+            options.setdefault("transformer_options", {})[KEY] = context
         memo: dict = {}
         conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, frames_of(x, idx), frames_of(timestep, idx), options)

@@ -1,11 +1,12 @@
-"""The TokenFlow editing loop inside ComfyUI's sampler (the official run_tokenflow_pnp.py / run_tokenflow_sdedit.py
-``batched_denoise_step``).
+"""The TokenFlow editing step inside ComfyUI's sampler, shared by both sampling rules (the official
+run_tokenflow_pnp.py / run_tokenflow_sdedit.py ``batched_denoise_step``).
 
-``TokenFlowGuider.predict_noise`` is called once per DDIM step with the whole clip and runs it
-as few, large UNet calls: the keyframe pass (source, uncond and cond branches of every keyframe
-in one call) and the propagation pass (the three branches of every frame, as many frames per
-call as the device's memory allows; B only decides which keyframes a frame blends). What the
-source branch must do at a step comes from the editor's :class:`StepNeeds`.
+``TokenFlowGuider.predict_noise`` is called once per step with the whole clip and runs it as few, large
+model calls: the keyframe pass (source, uncond and cond branches of every keyframe in one call) and the
+propagation pass (the three branches of every frame, as many frames per call as the device's memory
+allows; B only decides which keyframes a frame blends). What the source branch must do at a step comes
+from the editor's :class:`StepNeeds`. A sampling rule (``ddpm/edit.py``, ``flow/edit.py``) says what the
+source branch's input is at a step and brings its sampler.
 """
 from __future__ import annotations
 
@@ -14,28 +15,18 @@ import math
 
 import torch
 
-import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
-from ..tokenflow_ops.inversion import add_noise, ddim_noise
-from ..tokenflow_ops.schedule import alpha_bar_from_sigma
-from .attention_patches import PassContext, Phase, StepBank
-from .call_sizing import even_chunks, fits, frames_per_call
-from .edit_plan import EditPlan, EditSettings, make_plan
-from .editors import get_editor
+from ...data.products import TokenFlowInversion
+from ..patches.contract import PassContext, Phase, StepBank
+from ..plan.call_sizing import even_chunks, fits, frames_per_call
+from ..plan.edit_plan import EditPlan
 from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
-from .patched_model import patched_clone
-from ..data.products import TokenFlowCorrespondences, TokenFlowInversion
-from .validation import check_correspondences, check_prompt, check_run_on_inversion
 
 log = logging.getLogger(__name__)
 
-SOURCE = "tokenflow_source"
-
-
-def _abar(sigma: float | torch.Tensor) -> float:
-    return float(alpha_bar_from_sigma(sigma))  # the one sigma -> alpha_bar rule, as a Python float
+SOURCE = "tokenflow_source"  # the source branch's conds: the inversion prompt
 
 
 class TokenFlowGuider(FrameSubsetGuider):
@@ -58,8 +49,17 @@ class TokenFlowGuider(FrameSubsetGuider):
         return lambda block, frames: corr.fields_at(row, block, frames)
 
     def source_latents(self, step: int) -> torch.Tensor:
-        """The source branch's model input at ``step``: the inverted x_t in ComfyUI's sigma space."""
-        return self.inversion.trajectory[self.plan.trajectory_steps[step]] / _abar(self.step_sigmas[step]) ** 0.5
+        """The source branch's model input at ``step``, by the sampling rule (``ddpm/edit.py``, ``flow/edit.py``)."""
+        raise NotImplementedError
+
+    def edit(self, positive, negative, latent_image: torch.Tensor, sampler, sigmas: torch.Tensor, callback, seed: int,
+             trace: list | None) -> torch.Tensor:
+        """Sample the edit from ``latent_image`` with the rule's ``sampler``; ``trace`` (a list) receives
+        (timestep, kind, where, phase) for every PnP injection."""
+        self.trace = trace
+        self.inner_set_conds({"positive": positive, "negative": negative, SOURCE: self.inversion.conditioning})
+        return self.sample(torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback, seed=seed,
+                           disable_pbar=True)
 
     def _source_shares_calls(self, edit_names: list[str | None]) -> bool:
         """Whether calc_cond_batch batches the source branch with the edit branches: only conds without
@@ -148,60 +148,3 @@ class TokenFlowGuider(FrameSubsetGuider):
                         "sigma": t_b, "model": self.inner_model, "model_options": model_options})
         cond_pred, uncond_pred = preds
         return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x_b, t_b, model_options)
-
-
-def _ddim_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, begin_step=None):
-    """Deterministic DDIM (eta 0) in ComfyUI's sigma space; the last sigma is the final level, not 0."""
-    extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        begin_step(i)  # the guider learns the step here, not by reading the sigma back from the device
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = denoised + (x - denoised) * (sigmas[i + 1] / sigmas[i])
-    return x
-
-
-def start_latent(inversion: TokenFlowInversion, sigmas_all: torch.Tensor, first_timestep: int) -> torch.Tensor:
-    """DDPM-space start: sqrt(abar_t0) x0 + sqrt(1-abar_t0) eps_T, eps_T from the fully inverted latent."""
-    abar_inv = _abar(float(sigmas_all[inversion.inverted_timestep].double()))
-    abar_0 = _abar(float(sigmas_all[first_timestep].double()))
-    noise = ddim_noise(inversion.inverted, inversion.x0, abar_inv)
-    return add_noise(inversion.x0, noise, abar_0)
-
-
-def prepare_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
-                 correspondences: TokenFlowCorrespondences | None):
-    """Validate everything and build the guider, sigmas and start latent before any heavy work."""
-    layout, fingerprint = check_run_on_inversion(model, inversion)
-    for name, conditioning in (("positive", positive), ("negative", negative)):
-        check_prompt(conditioning, model, name, inversion.latent_shape[-2:], inversion.n_frames)
-    get_editor(settings.editor).check_conditioning(positive, negative)
-    if correspondences is not None:
-        check_correspondences(correspondences, inversion, fingerprint)
-    sigmas_all = model.get_model_object("model_sampling").sigmas.float().cpu()
-    plan = make_plan(settings, inversion, layout, model.model.diffusion_model, correspondences)
-    sigmas = torch.cat([sigmas_all[plan.timesteps], sigmas_all[:1]])
-    guider = TokenFlowGuider(patched_clone(model, layout), inversion, plan, sigmas)
-    guider.set_cfg(settings.cfg)
-    start = start_latent(inversion, sigmas_all, plan.timesteps[0])
-    return guider, sigmas, start
-
-
-@torch.no_grad()
-def run_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
-             correspondences: TokenFlowCorrespondences | None = None, callback=None, trace: list | None = None) -> dict:
-    """Run the edit; ``trace`` (a list) receives (timestep, kind, where, phase) for every PnP injection."""
-    guider, sigmas, start = prepare_edit(model, positive, negative, inversion, settings, correspondences)
-    guider.trace = trace
-    guider.inner_set_conds({"positive": positive, "negative": negative, SOURCE: inversion.conditioning})
-    start_model_space = start / _abar(float(sigmas[0].double())) ** 0.5
-    latent_image = model.model.process_latent_out(start_model_space)
-    sampler = comfy.samplers.KSAMPLER(_ddim_sampler, extra_options={"begin_step": guider.begin_step})
-    log.info("TokenFlow: editing %d frames, %s editor, %d steps", inversion.n_frames, settings.editor, len(sigmas) - 1)
-    samples = guider.sample(torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback,
-                            seed=settings.seed, disable_pbar=True)
-    final_abar = _abar(float(sigmas[-1].double()))
-    return {"samples": samples.cpu() * final_abar ** 0.5}

@@ -1,31 +1,29 @@
-"""Extraction of TokenFlow's correspondences from a clean source pass (the paper's framing).
+"""Extraction of TokenFlow's correspondences, the loop both sampling rules share.
 
-At every editing step the inverted source latents run through the UNet with ordinary
-self-attention: first the step's keyframes (their ``norm1`` tokens are recorded per block),
-then every batch of frames, whose tokens are matched to their keyframes' tokens. Only the
-compact integer fields are kept.
+At every editing step the inverted source latents run through the patched clone with the source
+branch alone: first the step's keyframes (their tokens are recorded per block), then every batch of
+frames, whose tokens are matched to their keyframes' tokens (calls sized by memory). Only the compact
+integer fields are kept: the patches hand them to the guider's sink, which moves them to the host.
+Each rule brings the sampler that feeds the source latents as its model sees them.
 """
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-import comfy.model_management
-import comfy.samplers
 import comfy.utils
 
-from ..tokenflow_ops.correspondence import field_dtype
-from ..tokenflow_ops.schedule import alpha_bar_from_sigma
-from .attention_patches import PassContext, Phase, StepBank
-from .call_sizing import even_chunks, frames_per_call
+from ...data.products import TokenFlowCorrespondences, TokenFlowInversion
+from ...tokenflow_ops.correspondence import field_dtype
+from ..families.base import ModelLayout
+from ..patches.contract import PassContext, Phase, StepBank
+from ..patches.install import patched_clone
+from ..plan.call_sizing import even_chunks, frames_per_call
+from ..plan.edit_plan import planned_correspondences
 from .frame_guider import FrameSubsetGuider, frame_ids, to_host
-from .edit_plan import keyframe_schedule
-from .patched_model import patched_clone
-from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, inversion_fingerprint
-from .validation import check_run_on_inversion
 
 log = logging.getLogger(__name__)
 
@@ -73,43 +71,22 @@ class ExtractionGuider(FrameSubsetGuider):
         return x
 
 
-def _extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, source=None,
-                        host_sigmas: list[float] | None = None, begin_step=None):
-    """Evaluates the model on the stored source latents of every step; ``x`` is returned unchanged."""
-    extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
-    for i, sigma in enumerate(sigmas):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        begin_step(i)
-        abar = float(alpha_bar_from_sigma(host_sigmas[i]))
-        model(source[i].to(device=x.device, dtype=x.dtype, non_blocking=True) / abar ** 0.5, sigma * s_in, **extra_args)
-    return x
-
-
-def planned_correspondences(inversion: TokenFlowInversion, model_fingerprint: str, batch_size: int, keyframes: str,
-                            seed: int, blend: str, max_keyframes: int) -> TokenFlowCorrespondences:
-    """The product an extraction fills: its keyframe plan made, no fields yet (every sampling path)."""
-    schedule = keyframe_schedule(inversion.n_frames, inversion.steps, batch_size, max_keyframes, seed, keyframes, blend)
-    return TokenFlowCorrespondences(
-        timesteps=list(inversion.timesteps), keyframes=schedule.keyframes, group_size=schedule.group_size,
-        blend=schedule.blend, inversion_fingerprint=inversion_fingerprint(inversion),
-        model_fingerprint=model_fingerprint)
-
-
 @torch.no_grad()
-def run_ddpm_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
-                        blend: str = "official", max_keyframes: int = 0) -> TokenFlowCorrespondences:
-    layout, fingerprint = check_run_on_inversion(model, inversion)
+def extract(model, inversion: TokenFlowInversion, layout: ModelLayout, fingerprint: str, batch_size: int,
+            keyframes: str, seed: int, blend: str, max_keyframes: int,
+            make_sampler: Callable[[ExtractionGuider, torch.Tensor], Any], what: str = "") -> TokenFlowCorrespondences:
+    """The correspondences of ``inversion`` (its inputs already checked): the keyframe plan drawn, the source
+    run through the patched clone by the rule's sampler (``make_sampler(guider, sigmas)``), the fields stored.
+    ``what`` ends the log line (e.g. " on a flux model")."""
     n = inversion.n_frames
     corr = planned_correspondences(inversion, fingerprint, batch_size, keyframes, seed, blend, max_keyframes)
     sigmas = inversion.sigmas[:-1].float()
     guider = ExtractionGuider(patched_clone(model, layout), corr, n)
     guider.inner_set_conds({"positive": inversion.conditioning})
     guider.set_cfg(1.0)
-    sampler = comfy.samplers.KSAMPLER(_extraction_sampler, extra_options={
-        "source": inversion.trajectory, "host_sigmas": sigmas.double().tolist(), "begin_step": guider.begin_step})
+    sampler = make_sampler(guider, sigmas)
     zeros = torch.zeros((n,) + inversion.latent_shape)
-    log.info("TokenFlow: extracting correspondences for %d frames over %d steps", n, inversion.steps)
+    log.info("TokenFlow: extracting correspondences for %d frames over %d steps%s", n, inversion.steps, what)
     guider.sample(zeros, zeros, sampler, sigmas, seed=seed, disable_pbar=True)
     guider.store_fields()
     log.info("TokenFlow: correspondences hold %.1f MiB", corr.nbytes() / 2**20)

@@ -1,10 +1,11 @@
-"""The per-call wrappers of the patch layer (see :mod:`.attention_patches`) and their installation.
+"""The per-call wrappers of a TokenFlow-patched clone, all under the one key :data:`~.contract.KEY`.
 
-- :func:`tokenflow_call_wrapper` (``APPLY_MODEL``, outside the possibly compiled diffusion model):
-  the source latents of a shared call, the call's device tensors, the PnP ResBlock hooks for that
-  one call and the call key;
-- :func:`call_key_wrapper` (``DIFFUSION_MODEL``, inside it): reads the key, so compiled graphs guard on it;
-- :func:`install_tokenflow_patches`: the attention patches and both wrappers on a model clone.
+- :func:`clone_pass_wrapper` (``CALC_COND_BATCH``): hands the clone's settings (``model_options[KEY]``) to the
+  call's pass; on the Keyframe Joint Edit's model, which any sampler drives, it makes the joint pass;
+- :func:`tokenflow_call_wrapper` (``APPLY_MODEL``, outside the possibly compiled diffusion model): the source
+  latents of a shared call, the image-token count of a DiT call, the call's device tensors, the PnP ResBlock
+  hooks for that one call and the call key;
+- :func:`call_key_wrapper` (``DIFFUSION_MODEL``, inside it): reads the key, so compiled graphs guard on it.
 """
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import functools
 
 import torch
 
-import comfy.patcher_extension
+from ..families.base import FLOW
+from .contract import EXTRACT_PHASES, KEY, PassContext, Phase, StepBank, branches, pass_of
 
-from . import attention_patches
-from .attention_patches import EXTRACT_PHASES, PASS_KEY, WRAPPER_KEY, PassContext, Phase, _branches, _pass_of, _trace
-from .model_support import ModelLayout
+CALL_KEY = "tokenflow_call"  # keyword argument of the diffusion model: see PassContext.call_key
 
 
 class _SourceFeaturesRecorded(Exception):
@@ -26,7 +26,7 @@ class _SourceFeaturesRecorded(Exception):
 def _residual_hook(module, inputs, output, *, ctx: PassContext, path: str, chunks: int, src: int | None,
                    source_only: bool):
     if src is not None:
-        ctx.bank.residuals[path] = _branches(output, chunks)[src]
+        ctx.bank.residuals[path] = branches(output, chunks)[src]
         if source_only:
             # Eager only: a compiled UNet runs the (unused) rest; raising would break its graph.
             if (ctx.stop_after_residuals and not torch.compiler.is_compiling()
@@ -35,7 +35,7 @@ def _residual_hook(module, inputs, output, *, ctx: PassContext, path: str, chunk
             return None
     # Every edit chunk gets the source's features (the source chunk keeps its own, which are the same).
     source = ctx.bank.residuals[path]
-    _trace(ctx.bank, "residual", path, ctx.phase, 1)
+    ctx.bank.record_injection("residual", path, ctx.phase, 1)
     return source.repeat(chunks, *([1] * (source.ndim - 1))) if chunks > 1 else source
 
 
@@ -58,11 +58,25 @@ def _residual_hooks(unet: torch.nn.Module, ctx: PassContext, options: dict) -> l
     return handles
 
 
-CALL_KEY = "tokenflow_call"  # keyword argument of the diffusion model: see PassContext.call_key
+def clone_pass_wrapper(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper: the clone's settings reach the pass of every call made from here.
+
+    A TokenFlow guider's call already carries its pass; the Keyframe Joint Edit's model is sampled by any
+    sampler, so its pass is made here, one per batch of conds.
+    """
+    clone = model_options.get(KEY)
+    options = model_options.get("transformer_options", {})
+    ctx = pass_of(options)
+    if clone is not None and ctx is None and clone.joint:
+        ctx = PassContext(Phase.JOINT, bank=StepBank(), frames=torch.arange(x_in.shape[0]), clone=clone)
+        model_options = {**model_options, "transformer_options": {**options, KEY: ctx}}
+    elif ctx is not None and ctx.clone is None:
+        ctx.clone = clone
+    return executor(model, conds, x_in, timestep, model_options)
 
 
 def call_key_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper (inside a compiled UNet): reads the call key, so the graph guards on it.
+    """DIFFUSION_MODEL wrapper (inside a compiled model): reads the call key, so the graph guards on it.
 
     Dynamo guards only on what the traced code reads; comparing the keyword argument with the
     key the call was prepared with makes the key part of every compiled graph's guards.
@@ -71,27 +85,41 @@ def call_key_wrapper(executor, *args, **kwargs):
     options = kwargs.get("transformer_options")
     if options is None:  # positional: the UNet passes it 6th, Flux 8th; the dict that carries the pass
         for arg in args:
-            if isinstance(arg, dict) and PASS_KEY in arg:
+            if isinstance(arg, dict) and KEY in arg:
                 options = arg
                 break
-    ctx = _pass_of(options)
+    ctx = pass_of(options)
     if ctx is not None and key != ctx.key:
-        raise RuntimeError("TokenFlow: the UNet call was not prepared by the TokenFlow wrapper")
+        raise RuntimeError("TokenFlow: the model call was not prepared by the TokenFlow wrapper")
     return executor(*args, **kwargs)
+
+
+def _image_tokens(executor, ctx: PassContext, x: torch.Tensor, kwargs: dict) -> None:
+    """A DiT call: how many image tokens its latents give, for the attention override (by the family adapter)."""
+    if ctx.phase is Phase.JOINT and kwargs.get("ref_latents") is not None:
+        # Their tokens follow the image tokens: not the adapter's layout.
+        raise ValueError("positive/negative: the conditioning carries reference latents (Flux Kontext / "
+                         "ReferenceLatent), whose tokens TokenFlow Keyframe Joint Edit cannot tell from the "
+                         "frames' image tokens; remove the ReferenceLatent node or sample with the plain model")
+    dm = executor.class_obj.diffusion_model
+    ctx.image_tokens = ctx.clone.layout.adapter.image_tokens(dm, int(x.shape[-2]), int(x.shape[-1]))
 
 
 def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                            **kwargs):
-    """APPLY_MODEL wrapper: everything per call that must stay outside the (possibly compiled) UNet.
+    """APPLY_MODEL wrapper: everything per call that must stay outside the (possibly compiled) model.
 
     Runs outside ``diffusion_model`` (the host's torch.compile wrapper compiles only that): it gives
-    the source chunk of a shared call the source latents, prepares the call's device tensors,
-    hooks the PnP ResBlocks, passes the call's branch key to the UNet, and hands extracted fields
-    to the sink after the call. Hooks and host reads never happen inside the traced region.
+    the source chunk of a shared call the source latents, tells a DiT's attention how many image tokens the
+    call has, prepares the call's device tensors, hooks the PnP ResBlocks, passes the call's branch key to
+    the model, and hands extracted fields to the sink after the call. Hooks and host reads never happen
+    inside the traced region.
     """
-    ctx = _pass_of(transformer_options)
+    ctx = pass_of(transformer_options)
     if ctx is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if ctx.clone is not None and ctx.clone.layout.sampling == FLOW:
+        _image_tokens(executor, ctx, x, kwargs)
     src, _ = ctx.roles(transformer_options)
     if ctx.source_input is not None and src is not None:  # also when ComfyUI runs the source chunk alone
         parts = list(x.chunk(len(transformer_options["cond_or_uncond"])))
@@ -112,18 +140,3 @@ def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, cont
         for block, fields in ctx.bank.fields.items():
             ctx.field_sink(block, ctx.frames, fields)
     return out
-
-
-def install_tokenflow_patches(model_patcher, layout: ModelLayout) -> None:
-    """Add TokenFlow's patches to a model CLONE (idempotent)."""
-    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
-    # The patch functions are looked up on their module when installed (the parity tests record through them).
-    attn1_patch, attn1_replace = attention_patches.tokenflow_attn1_patch, attention_patches.tokenflow_attn1_replace
-    if attn1_patch not in patches.get("attn1_patch", []):
-        model_patcher.set_model_attn1_patch(attn1_patch)
-    for kind, block_id, index in layout.transformer_blocks:
-        model_patcher.set_model_attn1_replace(attn1_replace, kind, block_id, index)
-    for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, call_key_wrapper),
-                                  (comfy.patcher_extension.WrappersMP.APPLY_MODEL, tokenflow_call_wrapper)):
-        model_patcher.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-        model_patcher.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)

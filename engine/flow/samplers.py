@@ -1,0 +1,109 @@
+"""The flow rule's samplers, in the pack's own loops (``comfy.samplers.Sampler``), for flow-matching (CONST) models.
+
+No noise scaling at either end: KSAMPLER.sample scales the input by (1 - sigma_0) and ends with
+``inverse_noise_scaling``, a division by (1 - sigma_last), which is infinite on a schedule that ends (or
+starts) at sigma = 1, and a start latent that already is x_sigma (an inverted latent) is used as it is.
+
+- :class:`FlowEulerSampler`: ``x <- denoised + (x - denoised) * s_next / s`` on descending sigmas (the last
+  may be 0: the step then returns ``denoised``), the edit's sampler; :func:`sample_flow` plain sampling with it;
+- :class:`FlowInversionSampler`: Euler on ascending sigmas from the clean latent, each step evaluated at the
+  next sigma (the analogue of the official DDIM inversion), x kept at the editing levels;
+- :class:`FlowExtractionSampler`: the stored source latents of every step through the model, for extraction.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+
+from ...tokenflow_ops.flow_inversion import euler_from_denoised, euler_step, velocity
+from ..sampling.frame_guider import to_host
+
+
+class FlowEulerSampler(comfy.samplers.Sampler):
+    """Euler from ``latent_image`` (model space, already x_sigma_0) down ``sigmas``; ``begin_step(i)`` before each call."""
+
+    def __init__(self, levels: list[float], begin_step: Callable[[int], None] | None = None) -> None:
+        self.levels = levels  # the same sigmas as host floats: the step never reads a value back from the device
+        self.begin_step = begin_step
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        x = latent_image
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(self.levels) - 1):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if self.begin_step is not None:
+                self.begin_step(i)
+            denoised = model_wrap(x, sigmas[i] * s_in, **extra_args)
+            if callback is not None:
+                callback(i, denoised, x, len(self.levels) - 1)
+            x = euler_from_denoised(x, denoised, self.levels[i], self.levels[i + 1])
+        return x
+
+
+@torch.no_grad()
+def sample_flow(model, positive: list, start: torch.Tensor, levels: list[float], negative: list | None = None,
+                cfg: float = 1.0) -> torch.Tensor:
+    """Plain deterministic sampling (no TokenFlow) from a model-space x at ``levels[0]``; model-space result."""
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative if negative is not None else positive)
+    guider.set_cfg(cfg)
+    latent_image = model.model.process_latent_out(start)
+    out = guider.sample(torch.zeros_like(latent_image), latent_image, FlowEulerSampler(levels),
+                        torch.tensor(levels), seed=0, disable_pbar=True)
+    return model.model.process_latent_in(out)
+
+
+class FlowInversionSampler(comfy.samplers.Sampler):
+    """Euler on ascending sigmas from the clean latent; records x at the kept levels (no noise scaling)."""
+
+    def __init__(self, levels: list[float], keep: dict[int, int]) -> None:
+        self.levels = levels  # ascending sigmas of the inversion steps (host floats: no device reads)
+        self.keep = keep  # step index -> row of the saved trajectory
+        self.saved: dict[int, torch.Tensor] = {}
+        self.final: torch.Tensor | None = None
+        self.progress = comfy.utils.ProgressBar(len(levels))
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        x = latent_image  # model space (CFGGuider.inner_sample applied process_latent_in)
+        s_in = x.new_ones([x.shape[0]])
+        previous = 0.0
+        for i, sigma in enumerate(self.levels):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            denoised = model_wrap(x, sigmas[i] * s_in, **extra_args)
+            x = euler_step(x, velocity(x, denoised, sigma), previous, sigma)
+            previous = sigma
+            if i in self.keep:
+                self.saved[self.keep[i]] = to_host(x, torch.float32)
+            self.progress.update(1)
+        self.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
+        return x
+
+
+class FlowExtractionSampler(comfy.samplers.Sampler):
+    """Evaluates the model on the stored source latents of every step; ``x`` is returned unchanged.
+
+    The pack's own loop, not a KSAMPLER: no noise scaling at either end (a CONST schedule that starts
+    at sigma 1 would divide by zero in ``inverse_noise_scaling``).
+    """
+
+    def __init__(self, source: torch.Tensor, begin_step) -> None:
+        self.source = source  # (steps, n, C, H, W) x_sigma at each editing sigma, CPU
+        self.begin_step = begin_step
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        x = latent_image
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas)):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            self.begin_step(i)
+            model_wrap(self.source[i].to(device=x.device, dtype=x.dtype, non_blocking=True), sigmas[i] * s_in,
+                       **extra_args)
+        return x

@@ -1,0 +1,69 @@
+"""The one place a ModelPatcher is cloned and given TokenFlow's patches; the input model is never changed.
+
+:func:`patched_clone` is the model of every TokenFlow run (extraction, edit) and :func:`joint_edit_model` the
+Keyframe Joint Edit's. Both install, on a clone, the patches of the layout's sampling rule (the UNet's
+``attn1`` patches, or a DiT's block tags and attention override), the three per-call wrappers under one key,
+and the clone's :class:`~.contract.ClonePatches` in ``model_options[KEY]``.
+"""
+from __future__ import annotations
+
+import comfy.patcher_extension
+
+from ..families.base import FLOW, ModelLayout
+from ..families.registry import check_supported, sampling_rule
+from . import unet
+from .contract import KEY, ClonePatches
+from .dit import DiTBlockReplace, set_attention_override
+from .wrappers import call_key_wrapper, clone_pass_wrapper, tokenflow_call_wrapper
+
+
+def install_unet_patches(model_patcher, layout: ModelLayout) -> None:
+    """The ``attn1`` patch and one ``attn1`` replacement per transformer block (idempotent)."""
+    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
+    # Looked up on their module when installed, so that a replaced module function is the one installed.
+    attn1_patch, attn1_replace = unet.tokenflow_attn1_patch, unet.tokenflow_attn1_replace
+    if attn1_patch not in patches.get("attn1_patch", []):
+        model_patcher.set_model_attn1_patch(attn1_patch)
+    for kind, block_id, index in layout.transformer_blocks:
+        model_patcher.set_model_attn1_replace(attn1_replace, kind, block_id, index)
+
+
+def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
+    """A block patch per declared DiT block and TokenFlow's attention override, keeping the model's (idempotent)."""
+    calls: dict[tuple[str, int], set[int]] = {}
+    for kind, block_id, call in layout.transformer_blocks:
+        calls.setdefault((kind, block_id), set()).add(call)
+    for (kind, block_id), block_calls in calls.items():
+        model_patcher.set_model_patch_replace(DiTBlockReplace(kind, block_id, frozenset(block_calls)), "dit", kind,
+                                              block_id)
+    set_attention_override(model_patcher.model_options.setdefault("transformer_options", {}))
+
+
+def install_wrappers(model_patcher) -> None:
+    """The per-call wrappers (:mod:`.wrappers`), each under :data:`KEY`, replacing TokenFlow's own only."""
+    wrappers = comfy.patcher_extension.WrappersMP
+    for wrapper_type, wrapper in ((wrappers.CALC_COND_BATCH, clone_pass_wrapper),
+                                  (wrappers.DIFFUSION_MODEL, call_key_wrapper),
+                                  (wrappers.APPLY_MODEL, tokenflow_call_wrapper)):
+        model_patcher.remove_wrappers_with_key(wrapper_type, KEY)
+        model_patcher.add_wrapper_with_key(wrapper_type, KEY, wrapper)
+
+
+def patched_clone(model_patcher, layout: ModelLayout, joint: bool = False):
+    """A clone of ``model_patcher`` with TokenFlow's patches for the layout's sampling rule; the input ModelPatcher
+    is never changed. ``joint``: the Keyframe Joint Edit's model (every call extends attention across frames)."""
+    patched = model_patcher.clone()
+    if layout.sampling == FLOW:
+        install_dit_patches(patched, layout)
+    else:
+        install_unet_patches(patched, layout)
+    install_wrappers(patched)
+    patched.model_options[KEY] = ClonePatches(layout, joint)
+    return patched
+
+
+def joint_edit_model(model_patcher):
+    """The Keyframe Joint Edit's model: self-attention extended across every frame of the batch any sampler gives
+    it (on a DiT: each frame's image queries see every frame's image tokens, :mod:`.dit_joint`)."""
+    return patched_clone(model_patcher, check_supported(model_patcher, sampling=sampling_rule(model_patcher)),
+                         joint=True)
