@@ -15,10 +15,10 @@ import comfy.samplers
 
 from ...data.products import TokenFlowInversion
 from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, check_fixed_point_settings
-from ...tokenflow_ops.schedule import (alpha_bar_from_sigma, check_inversion_covers, check_step_count, editing_timesteps,
-                                       inversion_timesteps)
-from ..checks import (Stage, each_prompt, latent_fits, latent_frames, no_area, not_joint_edit_model, run_checks,
-                      supported_model, usable_conditioning, control_hints)
+from ...tokenflow_ops.schedule import (alpha_bar_from_sigma, check_inversion_covers, check_step_count,
+                                       editing_timesteps, inversion_timesteps)
+from ..checks import (Stage, control_hints, each_prompt, latent_fits, latent_frames, no_area, not_joint_edit_model,
+                      run_checks, supported_model, usable_conditioning)
 from ..families.base import DDPM
 from ..families.fingerprints import frames_fingerprint, model_fingerprint
 from ..sampling.inversion_guiders import ChunkGuider, FrameBatchGuider

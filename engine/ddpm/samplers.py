@@ -48,8 +48,9 @@ def ddim_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x
 
 
-def inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, recorder: InversionRecorder = None,
-                       abar_start: float = 1.0, host_sigmas: list[float] | None = None):
+def inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                      recorder: InversionRecorder = None, abar_start: float = 1.0,
+                      host_sigmas: list[float] | None = None):
     """KSAMPLER function: x starts as the clean latent; sigmas are the ASCENDING inversion levels.
 
     ``host_sigmas`` are the same levels on the CPU, so no step reads a value back from the device.
@@ -73,10 +74,11 @@ def inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, recorder: InversionRecorder = None,
-                         abar_start: float = 1.0, host_sigmas: list[float] | None = None,
-                         guider: ChunkGuider = None, max_iterations: int = DEFAULT_MAX_ITERATIONS,
-                         tolerance: float = DEFAULT_TOLERANCE):
+def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                        recorder: InversionRecorder = None, abar_start: float = 1.0,
+                        host_sigmas: list[float] | None = None,
+                        guider: ChunkGuider = None, max_iterations: int = DEFAULT_MAX_ITERATIONS,
+                        tolerance: float = DEFAULT_TOLERANCE):
     """KSAMPLER function: the implicit DDIM inversion step at each ASCENDING editing level, by fixed point.
 
     Every chunk of frames (``frame_batch`` / device memory) iterates on its own: one UNet call for all of
@@ -123,7 +125,7 @@ def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 def extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, source=None,
-                        host_sigmas: list[float] | None = None, begin_step=None):
+                       host_sigmas: list[float] | None = None, begin_step=None):
     """Evaluates the model on the stored source latents of every step; ``x`` is returned unchanged."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])

@@ -95,7 +95,8 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
 
 @torch.no_grad()
 def run_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
-                  correspondences: TokenFlowCorrespondences | None = None, callback=None, trace: list | None = None) -> dict:
+                  correspondences: TokenFlowCorrespondences | None = None, callback=None,
+                  trace: list | None = None) -> dict:
     """Run the TokenFlow edit on a Flux / SD3.x model; returns a LATENT (the DDPM ``run_edit``'s signature)."""
     guider, levels, start = prepare_flow_edit(model, positive, negative, inversion, settings, correspondences)
     latent_image = model.model.process_latent_out(start)
