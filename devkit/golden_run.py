@@ -28,7 +28,7 @@ import host_bootstrap  # noqa: E402  (devkit/host_bootstrap.py, beside this file
 N_FRAMES, STEPS, INVERSION_STEPS = 5, 4, 8
 
 
-def _tensors(prefix: str, value: Any, out: dict) -> None:
+def flatten_tensors(prefix: str, value: Any, out: dict) -> None:
     """Every tensor (and number) inside ``value``, flattened under ``prefix``."""
     import torch
 
@@ -40,13 +40,13 @@ def _tensors(prefix: str, value: Any, out: dict) -> None:
         out[prefix] = torch.tensor(value, dtype=torch.float64)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _tensors(f"{prefix}/{key}", item, out)
+            flatten_tensors(f"{prefix}/{key}", item, out)
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _tensors(f"{prefix}/{i}", item, out)
+            flatten_tensors(f"{prefix}/{i}", item, out)
     elif hasattr(value, "__dataclass_fields__"):
         for name in value.__dataclass_fields__:
-            _tensors(f"{prefix}/{name}", getattr(value, name), out)
+            flatten_tensors(f"{prefix}/{name}", getattr(value, name), out)
 
 
 def _run_family(name: str, model, src, pos, neg, latent: dict, cfg: float, out: dict,
@@ -60,12 +60,12 @@ def _run_family(name: str, model, src, pos, neg, latent: dict, cfg: float, out: 
     from comfyui_tokenflow.nodes.sampler_nodes import TokenFlowSampler
 
     inversion, inverted = TokenFlowInvert.execute(model, latent, src, STEPS, INVERSION_STEPS, 2).result
-    _tensors(f"{name}/invert", {"inversion": inversion, "inverted_latent": inverted}, out)
+    flatten_tensors(f"{name}/invert", {"inversion": inversion, "inverted_latent": inverted}, out)
     if fixed_point:
         fixed = TokenFlowInvert.execute(model, latent, src, STEPS, INVERSION_STEPS, 2, "fixed_point", 3, 1e-3).result
-        _tensors(f"{name}/invert_fixed_point", fixed, out)
+        flatten_tensors(f"{name}/invert_fixed_point", fixed, out)
     corr, preview = TokenFlowExtractCorrespondences.execute(model, inversion, 2, "random", 1).result
-    _tensors(f"{name}/extract", {"correspondences": corr, "preview": preview}, out)
+    flatten_tensors(f"{name}/extract", {"correspondences": corr, "preview": preview}, out)
 
     def sample(tag: str, editor: str, positive=pos, negative=neg, correspondences=None, **options) -> None:
         (latent_out,) = TokenFlowSampler.execute(model, positive, negative, inversion, editor, cfg, 2, "random", 1,
@@ -102,7 +102,7 @@ def _metric(out: dict, vae, latent: dict) -> None:
     source = vae.decode(latent["samples"]).float().clamp(0, 1)
     output = TokenFlowTemporalConsistency.execute(edited.reshape(-1, *edited.shape[-3:]),
                                                   source.reshape(-1, *source.shape[-3:]), "fast")
-    _tensors("metric", output.result, out)
+    flatten_tensors("metric", output.result, out)
     out["metric/inputs"] = torch.cat([edited, source]).contiguous()
 
 
