@@ -32,8 +32,9 @@ import comfy.samplers  # noqa: E402
 import tiny_dit_models  # noqa: E402
 from comfyui_tokenflow.engine.sampling_paths import run_extraction  # noqa: E402
 from comfyui_tokenflow.engine.plan.settings import EditSettings  # noqa: E402
-from comfyui_tokenflow.engine.flow.edit import prepare_flow_edit, run_flow_edit  # noqa: E402
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion  # noqa: E402
+from comfyui_tokenflow.engine.flow.edit import prepare_edit as prepare_flow_edit  # noqa: E402
+from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit  # noqa: E402
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion  # noqa: E402
 from comfyui_tokenflow.engine.flow.samplers import sample_flow  # noqa: E402
 
 

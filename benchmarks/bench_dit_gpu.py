@@ -108,8 +108,8 @@ def timed(fn, torch, device) -> tuple[float, float]:
 
 def run_family(family: str, args, torch, device) -> list[tuple]:
     from comfyui_tokenflow.engine.plan.settings import EditSettings
-    from comfyui_tokenflow.engine.flow.edit import prepare_flow_edit, run_flow_edit
-    from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+    from comfyui_tokenflow.engine.flow.edit import prepare_edit as prepare_flow_edit, run_edit as run_flow_edit
+    from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
     from comfyui_tokenflow.engine.flow.samplers import sample_flow
     from comfyui_tokenflow.engine.sampling_paths import run_extraction
 

@@ -2,13 +2,13 @@
 input and the fix.
 
 Every stage of every sampling rule opens the same way: :func:`run_checks` runs the rule's ordered list of
-checks (the ``*_CHECKS`` tuples of ``ddpm/`` and ``flow/``, built from the steps below) on a :class:`Stage`,
-which collects what they establish on the way (the model's layout, its fingerprint, the frames).
+checks (built from the steps below: ``EDIT_CHECKS`` of ``ddpm/edit.py`` and ``flow/edit.py``, the lists in each
+rule's ``run_inversion``, :data:`RUN_ON_INVERSION` for extraction) on a :class:`Stage`, which collects what they
+establish on the way (the model's layout, its fingerprint, the frames).
 :data:`RUN_ON_INVERSION` is the opening every run on an inversion shares (extraction, edit).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -21,8 +21,6 @@ from .families.fingerprints import model_fingerprint
 from .families.registry import check_supported
 from .patches.contract import KEY
 from .plan.call_sizing import call_bytes
-
-log = logging.getLogger(__name__)
 
 MAX_LATENT_SIDE = 1024  # 8192 px
 MIN_LATENT_SIDE = 8  # 64 px: the UNet downsamples three times
@@ -64,7 +62,7 @@ def check_latent_frames(latent: dict, input_name: str = "latent", channels: int 
     return samples
 
 
-def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, model_fp: str) -> None:
+def check_correspondences(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion) -> None:
     """Refuse correspondences that were extracted from another inversion or model."""
     if not extracted_from(corr.inversion_fingerprint, corr.model_fingerprint, inversion):
         raise ValueError("correspondences: they were extracted from a different inversion (another video, model or "
@@ -265,7 +263,7 @@ def correspondences_product(stage: Stage) -> None:
 def correspondences_match(stage: Stage) -> None:
     """Correspondences of another model, video or step count are refused by their fingerprints."""
     if stage.correspondences is not None:
-        check_correspondences(stage.correspondences, stage.inversion, stage.fingerprint)
+        check_correspondences(stage.correspondences, stage.inversion)
 
 
 def editor_conditioning(stage: Stage) -> None:

@@ -30,8 +30,8 @@ def paths() -> dict[str, SamplingPath]:
     return {
         DDPM: SamplingPath(DDPM, ddpm_invert.run_inversion, ddpm_edit.run_edit, ddpm_invert.inverted_latent_output,
                            ddpm_extract.run_extraction),
-        FLOW: SamplingPath(FLOW, flow_invert.run_flow_inversion, flow_edit.run_flow_edit,
-                           flow_invert.inverted_latent_output, flow_extract.run_flow_extraction),
+        FLOW: SamplingPath(FLOW, flow_invert.run_inversion, flow_edit.run_edit,
+                           flow_invert.inverted_latent_output, flow_extract.run_extraction),
     }
 
 

@@ -132,7 +132,7 @@ class OnlyPackRecords(logging.Filter):
 
 def short_logger_name(name: str) -> str:
     """A custom node pack's logger is named after its folder's absolute path (ComfyUI imports a folder pack as
-    ``/abs/path`` with "." -> "_x_"): keep the folder's name, ``ComfyUI-TokenFlow.engine.checks``."""
+    ``/abs/path`` with "." -> "_x_"): keep the folder's name, ``ComfyUI-TokenFlow.engine.plan.edit_plan``."""
     head, dot, tail = name.partition(".")
     if "/" in head or "\\" in head:
         head = head.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].replace("_x_", ".")

@@ -19,8 +19,8 @@ import torch
 
 import tiny_dit_models
 from comfyui_tokenflow.engine.plan.settings import EditSettings
-from comfyui_tokenflow.engine.flow.edit import run_flow_edit
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 from tokenflow_helpers import conds, double, edit, float64_copy, invert, random_latent
 
 OVERRIDE = "optimized_attention_override"

@@ -47,7 +47,7 @@ def world(tiny_sd15, tiny_controlnet, clip, tmp_path_factory):
                                                 frame_batch=INVERSION_FRAME_BATCH)
     other_corr = extract(tiny_sd15, other_inversion, batch_size=2)
     other_model_corr = extract(other, ddpm_invert.run_inversion(
-   other, clip["latent"], clip["src"], STEPS, INVERSION_STEPS, frame_batch=INVERSION_FRAME_BATCH), batch_size=2)
+        other, clip["latent"], clip["src"], STEPS, INVERSION_STEPS, frame_batch=INVERSION_FRAME_BATCH), batch_size=2)
     (x0_model,) = ModelSamplingDiscrete().patch(tiny_sd15, "x0", False)  # the core node, as a user would apply it
     mp4 = write_mp4(folder / "clip.mp4")
     truncated = folder / "truncated.mp4"

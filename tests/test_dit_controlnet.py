@@ -7,8 +7,8 @@ import torch
 import nodes as comfy_nodes
 import tiny_dit_models
 from comfyui_tokenflow.engine.plan.settings import EditSettings
-from comfyui_tokenflow.engine.flow.edit import run_flow_edit
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 
 
 def test_flux_controlnet_hints_reach_their_frames():

@@ -18,8 +18,8 @@ from comfyui_tokenflow.engine.plan import call_sizing
 from comfyui_tokenflow.engine.patches.contract import KEY, Phase
 from comfyui_tokenflow.engine.sampling_paths import run_extraction
 from comfyui_tokenflow.engine.plan.settings import EditSettings
-from comfyui_tokenflow.engine.flow.edit import run_flow_edit
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 
 STEPS = 4
 

@@ -13,8 +13,8 @@ import torch
 import tiny_dit_models
 from comfyui_tokenflow.engine.sampling_paths import run_extraction
 from comfyui_tokenflow.engine.plan.settings import EditSettings
-from comfyui_tokenflow.engine.flow.edit import run_flow_edit
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 
 STEPS, INVERSION_STEPS, FRAMES, BATCH = 4, 8, 5, 2
 # float64 edits that differ only by the batch layout of their model calls (the source chunk present or not):

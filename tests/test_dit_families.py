@@ -85,8 +85,8 @@ def test_the_call_key_is_checked_inside_the_dit_too(family):
 
     from comfyui_tokenflow.engine.patches.wrappers import CALL_KEY
     from comfyui_tokenflow.engine.plan.settings import EditSettings
-    from comfyui_tokenflow.engine.flow.edit import run_flow_edit
-    from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+    from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit
+    from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 
     make = tiny_dit_models.make_flux_model if family == "flux" else tiny_dit_models.make_sd3_model
     cond = tiny_dit_models.flux_conditioning if family == "flux" else tiny_dit_models.sd3_conditioning

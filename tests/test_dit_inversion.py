@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tiny_dit_models
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 from comfyui_tokenflow.engine.flow.samplers import sample_flow
 from comfyui_tokenflow.tokenflow_ops.flow_inversion import sigma_at
 from comfyui_tokenflow.tokenflow_ops.schedule import inversion_timesteps

@@ -12,8 +12,8 @@ import torch
 import tiny_dit_models
 from comfyui_tokenflow.engine.patches import dit
 from comfyui_tokenflow.engine.plan.settings import EditSettings
-from comfyui_tokenflow.engine.flow.edit import prepare_flow_edit, run_flow_edit
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.edit import prepare_edit as prepare_flow_edit, run_edit as run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 from comfyui_tokenflow.engine.flow.samplers import sample_flow
 
 STEPS, INVERSION_STEPS = 4, 8

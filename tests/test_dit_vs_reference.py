@@ -35,8 +35,8 @@ import tiny_dit_models
 from comfyui_tokenflow.engine.families import FLOW, registry
 from comfyui_tokenflow.engine.patches import contract, dit
 from comfyui_tokenflow.engine.plan.settings import EditSettings
-from comfyui_tokenflow.engine.flow.edit import run_flow_edit
-from comfyui_tokenflow.engine.flow.invert import run_flow_inversion
+from comfyui_tokenflow.engine.flow.edit import run_edit as run_flow_edit
+from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 from comfyui_tokenflow.tokenflow_ops import keyframes, schedule
 from comfyui_tokenflow.tokenflow_ops.flow_inversion import sigma_at
 from dit_reference import reference_flow_edit, reference_flow_inversion

@@ -26,7 +26,8 @@ from .samplers import ddim_sampler
 
 log = logging.getLogger(__name__)
 
-# Today's order of the edit's refusals: the run on an inversion, each prompt, the editor's, the correspondences.
+# The edit's refusals in the order they must keep: the run on an inversion, each prompt, the editor's, the
+# correspondences.
 EDIT_CHECKS = (*RUN_ON_INVERSION, each_prompt(usable_conditioning, no_area, control_hints), editor_conditioning,
                correspondences_match)
 

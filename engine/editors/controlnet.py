@@ -11,7 +11,9 @@ log = logging.getLogger(__name__)
 
 
 def has_controlnet(conditioning) -> bool:
-    """Whether any [cond, options] entry of a CONDITIONING carries a ControlNet (Apply ControlNet)."""
+    """Whether any [cond, options] entry of a CONDITIONING carries a ControlNet (Apply ControlNet).
+
+    Read here, not through ``engine.checks``: the editors stand below the checks, which read the editors."""
     return any(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
                and entry[1].get("control") is not None for entry in conditioning or ())
 

@@ -53,8 +53,8 @@ def no_residual_blocks(stage: Stage) -> None:
                          f"{_example_blocks(stage.layout)})")
 
 
-# Today's order of the flow edit's refusals (the frame-size check of the DDPM rule's run on an inversion is not
-# among them).
+# The flow edit's refusals in the order they must keep (the frame-size check of the DDPM rule's run on an
+# inversion is not among them).
 EDIT_CHECKS = (supported_model, not_joint_edit_model, inversion_model, correspondences_product, correspondences_match,
                each_prompt(usable_conditioning, flow_conditioning, no_area, control_hints), editor_conditioning,
                no_residual_blocks)
@@ -68,13 +68,13 @@ class FlowTokenFlowGuider(TokenFlowGuider):
         return self.inversion.trajectory[self.plan.trajectory_steps[step]]
 
 
-def flow_start_latent(inversion: TokenFlowInversion, sigma_0: float, sigma_inv: float) -> torch.Tensor:
+def start_latent(inversion: TokenFlowInversion, sigma_0: float, sigma_inv: float) -> torch.Tensor:
     x0 = inversion.x0.double()
     eps = (inversion.inverted.double() - (1.0 - sigma_inv) * x0) / sigma_inv
     return ((1.0 - sigma_0) * x0 + sigma_0 * eps).float()
 
 
-def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
+def prepare_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
                       correspondences: TokenFlowCorrespondences | None = None):
     """Validate everything (before any model call) and build the guider, sigmas and start latent."""
     stage = run_checks(Stage(model, FLOW, prompts=(("positive", positive), ("negative", negative)), inversion=inversion,
@@ -89,16 +89,16 @@ def prepare_flow_edit(model, positive, negative, inversion: TokenFlowInversion, 
     guider = FlowTokenFlowGuider(patched_clone(model, layout), inversion, plan, sigmas)
     guider.set_cfg(settings.cfg)
     table = model.get_model_object("model_sampling").sigmas.float().cpu()
-    start = flow_start_latent(inversion, levels[0], sigma_at(table, inversion.inverted_timestep))
+    start = start_latent(inversion, levels[0], sigma_at(table, inversion.inverted_timestep))
     return guider, levels, start
 
 
 @torch.no_grad()
-def run_flow_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
+def run_edit(model, positive, negative, inversion: TokenFlowInversion, settings: EditSettings,
                   correspondences: TokenFlowCorrespondences | None = None, callback=None,
                   trace: list | None = None) -> dict:
-    """Run the TokenFlow edit on a Flux / SD3.x model; returns a LATENT (the DDPM ``run_edit``'s signature)."""
-    guider, levels, start = prepare_flow_edit(model, positive, negative, inversion, settings, correspondences)
+    """Run the TokenFlow edit on a Flux / SD3.x model; returns a LATENT (the DDPM rule's ``run_edit``'s signature)."""
+    guider, levels, start = prepare_edit(model, positive, negative, inversion, settings, correspondences)
     latent_image = model.model.process_latent_out(start)
     sampler = FlowEulerSampler(levels, begin_step=guider.begin_step)
     log.info("TokenFlow: editing %d frames on a %s model, %s editor, %d steps", inversion.n_frames,

@@ -12,12 +12,12 @@ in an on-the-fly edit (:mod:`..patches.dit`), in the shared extraction loop
   outputs are propagated from the keyframes, as the on-the-fly source branch's are.
 
 So the stored fields are the ones an on-the-fly edit computes, and an edit that reads them
-(``run_flow_edit(..., correspondences=...)``) gives the on-the-fly result without the source
+(``run_edit(..., correspondences=...)``) gives the on-the-fly result without the source
 branch (SDEdit: none at all; PnP: the keyframe pass of the injection steps only, for the source's
 image keys/values). The DDPM rule extracts from a clean source pass instead (ordinary attention
 on every frame, :mod:`..ddpm.extract`), the paper's framing.
 
-The product is the DDPM rule's :class:`~...data.products.TokenFlowCorrespondences` with the same
+The product is the one both rules make (:class:`~...data.products.TokenFlowCorrespondences`) with the same
 fingerprints, so an edit checks it exactly as on a UNet.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..sampling.extraction_guider import extract
 from .samplers import FlowExtractionSampler
 
 
-def run_flow_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
+def run_extraction(model, inversion: TokenFlowInversion, batch_size: int, keyframes: str, seed: int,
                         blend: str = "official", max_keyframes: int = 0) -> TokenFlowCorrespondences:
     """The correspondences of a flow inversion (``sampling_paths.run_extraction``'s signature)."""
     stage = run_checks(Stage(model, FLOW, inversion=inversion), RUN_ON_INVERSION)

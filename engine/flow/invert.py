@@ -36,7 +36,7 @@ def check_inversion_settings(steps: int, inversion_steps: int, method: str, fami
 
 
 @torch.no_grad()
-def run_flow_inversion(model, latent: dict, conditioning: list, steps: int, inversion_steps: int,
+def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion_steps: int,
                        frame_batch: int = 0, method: str = "ddim", max_iterations: int = 0,
                        tolerance: float = 0.0) -> TokenFlowInversion:
     """Invert every frame of ``latent`` with ``inversion_steps`` Euler steps; keep x at the ``steps`` editing levels.

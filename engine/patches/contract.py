@@ -2,11 +2,12 @@
 
 One name, :data:`KEY`, carries all of TokenFlow's state, as core's EasyCache keeps one holder under one key:
 
-- ``model_options[KEY]``: the clone's :class:`ClonePatches` (its layout; whether it is the Keyframe Joint
+- ``model_options[KEY]``: the clone's :class:`CloneSettings` (its layout; whether it is the Keyframe Joint
   Edit's model), set once when the clone is patched;
-- ``transformer_options[KEY]``: the :class:`PassContext` of this model call (what the call is for, its frames
-  and branches, the step's :class:`StepBank`, and its per-call and per-block facts), created per call by the
-  TokenFlow guiders, or by the clone's ``CALC_COND_BATCH`` wrapper for the joint edit's model;
+- ``transformer_options[KEY]``: the :class:`PassContext` of the model calls of one batch of conds (what they are
+  for, their frames and branches, the step's :class:`StepBank`, and the per-call and per-block facts the
+  wrappers and block patches write), made by the TokenFlow guiders, or by the joint edit model's
+  ``CALC_COND_BATCH`` wrapper;
 - the key of every wrapper TokenFlow adds to the clone.
 
 Nothing happens unless a call carries a pass, so a patched clone behaves like the plain model elsewhere.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict
 
 import torch
 
@@ -44,8 +45,16 @@ FieldProvider = Callable[[BlockKey, torch.Tensor], torch.Tensor]  # (block, fram
 FieldSink = Callable[[BlockKey, torch.Tensor, torch.Tensor], None]  # (block, frame ids, fields)
 
 
+class DiTBlockTag(TypedDict):
+    """The DiT block running now (a plain dict: traced code reads and counts it cheaply)."""
+
+    block: tuple[str, int]  # the host's (block kind, block id)
+    calls: int  # attention calls of this block so far
+    declared: frozenset[int]  # the calls the family adapter declares in it
+
+
 @dataclass(frozen=True)
-class ClonePatches:
+class CloneSettings:
     """What a TokenFlow-patched clone is, in ``model_options[KEY]``: its layout, and whether it is the Keyframe
     Joint Edit's model (every call of any sampler is then a :attr:`Phase.JOINT` pass)."""
 
@@ -102,7 +111,9 @@ class StepBank:
 
 @dataclass
 class PassContext:
-    """One model call's pass, carried in ``transformer_options[KEY]``: the per-run state of the patches."""
+    """The pass of the model calls of one batch of conds, carried in ``transformer_options[KEY]``: the per-run
+    state of the patches. ComfyUI may split the batch into several model calls; the per-call facts (the call
+    key, a DiT's image tokens) are rewritten before each."""
 
     phase: Phase
     bank: StepBank
@@ -120,12 +131,11 @@ class PassContext:
     stop_after_residuals: bool = False
     keyframes: int = 0  # keyframes of this step (rows per branch in the keyframe outputs)
     field_blocks: tuple = ()  # the blocks whose extracted fields are prefetched per call (with field_provider)
-    clone: ClonePatches | None = None  # the patched clone's settings (set by its CALC_COND_BATCH wrapper)
+    clone_settings: CloneSettings | None = None  # the patched clone's settings (model_options[KEY])
     # Per call, set by the APPLY_MODEL wrapper: the call key, and on a DiT the image tokens of its latents.
     key: str | None = None
     image_tokens: int | None = None
-    # Per DiT block, set by its block patch while it runs: {"block": (kind, id), "calls": n, "declared": calls}.
-    dit_block: dict | None = None
+    dit_block: DiTBlockTag | None = None  # per DiT block, set by its block patch while it runs
     device_cache: dict = field(default_factory=dict, repr=False)  # this call's device tensors, made once
 
     def roles(self, extra: dict) -> tuple[int | None, list[int]]:

@@ -37,7 +37,7 @@ import torch
 from ...tokenflow_ops.correspondence import frame_fields, unit_tokens
 from ...tokenflow_ops.propagation import propagate
 from ..families.base import BlockKey
-from .contract import Phase, PassContext, chunk_count, join_roles, pass_of, split_roles
+from .contract import PassContext, Phase, chunk_count, join_roles, pass_of, split_roles
 from .dit_joint import joint_attention
 from .dit_kernel import Kernel, extended_image_attention, merge_heads
 
@@ -54,9 +54,10 @@ class DiTBlockReplace:
         if ctx is None or ctx.image_tokens is None:
             return extra["original_block"](args)
         ctx.dit_block = {"block": self.block, "calls": 0, "declared": self.calls}
-        out = extra["original_block"](args)
-        ctx.dit_block = None
-        return out
+        try:
+            return extra["original_block"](args)
+        finally:
+            ctx.dit_block = None
 
 
 class AttentionOverride:
@@ -64,7 +65,8 @@ class AttentionOverride:
 
     The host has one override slot per model. A node applied before TokenFlow (a kernel swap such as a
     SageAttention patch) keeps working: its override is kept as :attr:`previous`, and every attention TokenFlow
-    computes, or passes through, goes through it.
+    computes, or passes through, goes through it, also when a node applied later chains TokenFlow's override in
+    turn.
     """
 
     def __init__(self, previous=None) -> None:
@@ -122,7 +124,7 @@ def _keyframe_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassContext
         if block in ctx.pnp_attention:  # and its image keys / values for PnP
             ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:]) if k_s.shape[2] > n_img else (k_s, v_s)
     if edit:
-        injects = ctx.clone.layout.adapter.pnp_injects if block in ctx.pnp_attention else ""
+        injects = ctx.clone_settings.layout.adapter.pnp_injects if block in ctx.pnp_attention else ""
         src_kv = ctx.bank.pnp_qk[block] if injects else None
         if injects:
             ctx.bank.record_injection("attention", block, ctx.phase, len(edit))

@@ -60,7 +60,7 @@ class Kernel:
         return (v[:, -n_img:] if n_txt else v).flatten(2)
 
 
-def joint_kv(k: torch.Tensor, v: torch.Tensor, src_kv: tuple | None, injects: str, n_img: int,
+def extended_kv(k: torch.Tensor, v: torch.Tensor, src_kv: tuple | None, injects: str, n_img: int,
              branches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of the extended attention of C edit branches of K keyframes each, (C*K, H, K*T, D) each.
 
@@ -107,7 +107,7 @@ def extended_image_attention(q, k, v, src_kv: tuple | None, injects: str, kernel
     q, k, v: (C*K, H, T, D) of ``branches`` edit branches; out in the same layout.
     """
     n_txt = q.shape[2] - n_img
-    k_joint, v_joint = joint_kv(k, v, src_kv, injects, n_img, branches)
+    k_joint, v_joint = extended_kv(k, v, src_kv, injects, n_img, branches)
     if n_txt == 0:
         return kernel.heads_out(q, k_joint, v_joint)
     img_out = kernel.heads_out(q[:, :, n_txt:], k_joint, v_joint)

@@ -2,8 +2,8 @@
 
 :func:`patched_clone` is the model of every TokenFlow run (extraction, edit) and :func:`joint_edit_model` the
 Keyframe Joint Edit's. Both install, on a clone, the patches of the layout's sampling rule (the UNet's
-``attn1`` patches, or a DiT's block tags and attention override), the three per-call wrappers under one key,
-and the clone's :class:`~.contract.ClonePatches` in ``model_options[KEY]``.
+``attn1`` patches, or a DiT's block patches and attention override), the per-call wrappers under one key,
+and the clone's :class:`~.contract.CloneSettings` in ``model_options[KEY]``.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import comfy.patcher_extension
 from ..families.base import FLOW, ModelLayout
 from ..families.registry import check_supported, sampling_rule
 from . import unet
-from .contract import KEY, ClonePatches
+from .contract import KEY, CloneSettings
 from .dit import DiTBlockReplace, set_attention_override
-from .wrappers import call_key_wrapper, clone_pass_wrapper, tokenflow_call_wrapper
+from .wrappers import call_key_wrapper, joint_pass_wrapper, tokenflow_call_wrapper
 
 
 def install_unet_patches(model_patcher, layout: ModelLayout) -> None:
@@ -39,14 +39,16 @@ def install_dit_patches(model_patcher, layout: ModelLayout) -> None:
     set_attention_override(model_patcher.model_options.setdefault("transformer_options", {}))
 
 
-def install_wrappers(model_patcher) -> None:
-    """The per-call wrappers (:mod:`.wrappers`), each under :data:`KEY`, replacing TokenFlow's own only."""
+def install_wrappers(model_patcher, joint: bool) -> None:
+    """The per-call wrappers (:mod:`.wrappers`), each under :data:`KEY`, replacing TokenFlow's own only; the joint
+    pass wrapper on the Keyframe Joint Edit's model alone."""
     wrappers = comfy.patcher_extension.WrappersMP
-    for wrapper_type, wrapper in ((wrappers.CALC_COND_BATCH, clone_pass_wrapper),
+    for wrapper_type, wrapper in ((wrappers.CALC_COND_BATCH, joint_pass_wrapper if joint else None),
                                   (wrappers.DIFFUSION_MODEL, call_key_wrapper),
                                   (wrappers.APPLY_MODEL, tokenflow_call_wrapper)):
         model_patcher.remove_wrappers_with_key(wrapper_type, KEY)
-        model_patcher.add_wrapper_with_key(wrapper_type, KEY, wrapper)
+        if wrapper is not None:
+            model_patcher.add_wrapper_with_key(wrapper_type, KEY, wrapper)
 
 
 def patched_clone(model_patcher, layout: ModelLayout, joint: bool = False):
@@ -57,8 +59,8 @@ def patched_clone(model_patcher, layout: ModelLayout, joint: bool = False):
         install_dit_patches(patched, layout)
     else:
         install_unet_patches(patched, layout)
-    install_wrappers(patched)
-    patched.model_options[KEY] = ClonePatches(layout, joint)
+    install_wrappers(patched, joint)
+    patched.model_options[KEY] = CloneSettings(layout, joint)
     return patched
 
 

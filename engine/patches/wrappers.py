@@ -1,7 +1,7 @@
 """The per-call wrappers of a TokenFlow-patched clone, all under the one key :data:`~.contract.KEY`.
 
-- :func:`clone_pass_wrapper` (``CALC_COND_BATCH``): hands the clone's settings (``model_options[KEY]``) to the
-  call's pass; on the Keyframe Joint Edit's model, which any sampler drives, it makes the joint pass;
+- :func:`joint_pass_wrapper` (``CALC_COND_BATCH``, the Keyframe Joint Edit's model only): any sampler drives
+  that model, so its pass is made here, from the clone's settings (``model_options[KEY]``);
 - :func:`tokenflow_call_wrapper` (``APPLY_MODEL``, outside the possibly compiled diffusion model): the source
   latents of a shared call, the image-token count of a DiT call, the call's device tensors, the PnP ResBlock
   hooks for that one call and the call key;
@@ -58,20 +58,16 @@ def _residual_hooks(unet: torch.nn.Module, ctx: PassContext, options: dict) -> l
     return handles
 
 
-def clone_pass_wrapper(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: the clone's settings reach the pass of every call made from here.
+def joint_pass_wrapper(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper of the Keyframe Joint Edit's model: a joint pass for every batch of conds.
 
-    A TokenFlow guider's call already carries its pass; the Keyframe Joint Edit's model is sampled by any
-    sampler, so its pass is made here, one per batch of conds.
+    Its frames only size the call key (one more key per batch size); its bank stays empty.
     """
-    clone = model_options.get(KEY)
+    settings = model_options.get(KEY)
     options = model_options.get("transformer_options", {})
-    ctx = pass_of(options)
-    if clone is not None and ctx is None and clone.joint:
-        ctx = PassContext(Phase.JOINT, bank=StepBank(), frames=torch.arange(x_in.shape[0]), clone=clone)
+    if settings is not None and settings.joint and pass_of(options) is None:
+        ctx = PassContext(Phase.JOINT, bank=StepBank(), frames=torch.arange(x_in.shape[0]), clone_settings=settings)
         model_options = {**model_options, "transformer_options": {**options, KEY: ctx}}
-    elif ctx is not None and ctx.clone is None:
-        ctx.clone = clone
     return executor(model, conds, x_in, timestep, model_options)
 
 
@@ -90,7 +86,7 @@ def call_key_wrapper(executor, *args, **kwargs):
                 break
     ctx = pass_of(options)
     if ctx is not None and key != ctx.key:
-        raise RuntimeError("TokenFlow: the model call was not prepared by the TokenFlow wrapper")
+        raise RuntimeError("TokenFlow: the UNet call was not prepared by the TokenFlow wrapper")
     return executor(*args, **kwargs)
 
 
@@ -102,7 +98,7 @@ def _image_tokens(executor, ctx: PassContext, x: torch.Tensor, kwargs: dict) -> 
                          "ReferenceLatent), whose tokens TokenFlow Keyframe Joint Edit cannot tell from the "
                          "frames' image tokens; remove the ReferenceLatent node or sample with the plain model")
     dm = executor.class_obj.diffusion_model
-    ctx.image_tokens = ctx.clone.layout.adapter.image_tokens(dm, int(x.shape[-2]), int(x.shape[-1]))
+    ctx.image_tokens = ctx.clone_settings.layout.adapter.image_tokens(dm, int(x.shape[-2]), int(x.shape[-1]))
 
 
 def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -118,7 +114,10 @@ def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, cont
     ctx = pass_of(transformer_options)
     if ctx is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    if ctx.clone is not None and ctx.clone.layout.sampling == FLOW:
+    if ctx.clone_settings is None:
+        raise RuntimeError("TokenFlow: a pass reached a model without TokenFlow's settings; passes are made for "
+                           "the models patched_clone returns")
+    if ctx.clone_settings.layout.sampling == FLOW:
         _image_tokens(executor, ctx, x, kwargs)
     src, _ = ctx.roles(transformer_options)
     if ctx.source_input is not None and src is not None:  # also when ComfyUI runs the source chunk alone

@@ -19,7 +19,8 @@ from ..editors import StepNeeds, editor_options, get_editor
 from ..families.base import ModelLayout
 from .settings import EditSettings
 
-__all__ = ["EditPlan", "EditSettings", "make_plan"]
+__all__ = ["EditPlan", "check_blend", "check_correspondences_cover", "clamp_batch_size", "keyframe_schedule",
+           "make_plan", "planned_correspondences"]
 
 log = logging.getLogger(__name__)
 

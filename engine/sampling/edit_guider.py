@@ -10,7 +10,6 @@ source branch's input is at a step and brings its sampler.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -23,8 +22,6 @@ from ..patches.contract import PassContext, Phase, StepBank
 from ..plan.call_sizing import even_chunks, fits, frames_per_call
 from ..plan.edit_plan import EditPlan
 from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
-
-log = logging.getLogger(__name__)
 
 SOURCE = "tokenflow_source"  # the source branch's conds: the inversion prompt
 

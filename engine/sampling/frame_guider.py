@@ -154,6 +154,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         options = comfy.model_patcher.create_model_options_clone(model_options)
         options.pop("context_handler", None)  # TokenFlow does its own frame batching
         if context is not None:
+            context.clone_settings = model_options.get(KEY)  # the patched clone's, for the per-call wrappers
             options.setdefault("transformer_options", {})[KEY] = context
         memo: dict = {}
         conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
