@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 
 import _host
 

@@ -23,7 +23,6 @@ import _host  # noqa: E402
 
 _host.bootstrap("cpu", threads=1)
 
-import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
