@@ -58,7 +58,7 @@ def build(family: str, args, torch, device):
     import tiny_dit_models
 
     if family == "flux":
-        config = dict(tiny_dit_models.FLUX_CONFIG)
+        config = tiny_dit_models.flux_config()
         if args.size == "real":
             double, single = (int(v) for v in args.flux_blocks.split(","))
             config.update(REAL_FLUX, depth=double, depth_single_blocks=single)

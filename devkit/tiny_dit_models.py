@@ -16,6 +16,7 @@ models are made by building in float32 and converting the diffusion model (the h
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 import comfy.model_patcher
 import comfy.supported_models
+import tiny_models  # devkit/, beside this file
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,29 @@ SD3_CONFIG: dict[str, Any] = {
                                                                         "out_features": 128}},
     "qk_norm": "rms", "x_block_self_attn_layers": [0],
 }
+
+
+# What the host's model detection gives a Flux-1 checkpoint for the ``FluxParams`` fields that newer hosts
+# added without a default (v0.8.0: ``txt_ids_dims``, [] for Flux-1: text tokens carry no position ids).
+FLUX1_DETECTED_FIELDS: dict[str, Any] = {"txt_ids_dims": []}
+
+
+def flux_config(**overrides: Any) -> dict[str, Any]:
+    """The tiny Flux config as this host's ``FluxParams`` takes it: :data:`FLUX_CONFIG` plus ``overrides``, plus
+    the Flux-1 value of every required field the host declares and the config lacks, so no constructor
+    signature of one ComfyUI version is hard-coded."""
+    import comfy.ldm.flux.model
+
+    config = {**FLUX_CONFIG, **overrides}
+    for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams):
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if not required or field.name in config:
+            continue
+        if field.name not in FLUX1_DETECTED_FIELDS:
+            raise TypeError(f"this host's FluxParams requires '{field.name}', whose Flux-1 value the tiny builder does "
+                            "not know: add it to tiny_dit_models.FLUX1_DETECTED_FIELDS (see the host's model_detection)")
+        config[field.name] = copy.deepcopy(FLUX1_DETECTED_FIELDS[field.name])
+    return config
 
 
 def init_dit_weights(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
@@ -81,7 +106,7 @@ def _patcher(model_config, seed: int, dtype: torch.dtype) -> comfy.model_patcher
 
 def make_flux_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
     """A tiny Flux-dev style ``model_base.Flux`` ModelPatcher (ModelSamplingFlux, shift 1.15)."""
-    return _patcher(comfy.supported_models.Flux({**FLUX_CONFIG, **overrides}), seed, dtype)
+    return _patcher(comfy.supported_models.Flux(flux_config(**overrides)), seed, dtype)
 
 
 def make_sd3_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
@@ -90,12 +115,8 @@ def make_sd3_model(seed: int = 0, dtype: torch.dtype = torch.float32, **override
 
 
 def float64_dit(model_patcher):
-    """A float64 copy of a tiny DiT ModelPatcher (the original is untouched)."""
-    model = model_patcher.clone()
-    model.model = copy.deepcopy(model_patcher.model)
-    model.model.diffusion_model.to(torch.float64)
-    model.model.diffusion_model.dtype = torch.float64
-    return model
+    """A float64 copy of a tiny DiT ModelPatcher (the original is untouched): ``tiny_models.float64_copy``."""
+    return tiny_models.float64_copy(model_patcher)
 
 
 def flux_conditioning(seed: int = 0, tokens: int = 8, guidance: float | None = 3.5,
@@ -122,7 +143,7 @@ def make_flux_controlnet(seed: int = 5, **overrides: Any):
     import comfy.ldm.flux.controlnet
     import comfy.ops
 
-    config = {k: v for k, v in {**FLUX_CONFIG, **overrides}.items() if k != "image_model"}
+    config = {k: v for k, v in flux_config(**overrides).items() if k != "image_model"}
     control_model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init,
                                                              dtype=torch.float32, device=CPU, **config)
     init_dit_weights(control_model, seed)

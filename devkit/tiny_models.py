@@ -231,7 +231,7 @@ def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> di
 
 
 def float64_copy(model_patcher):
-    """A float64 copy of a tiny UNet ModelPatcher (the original is untouched).
+    """A float64 copy of a tiny UNet or DiT ModelPatcher (the original is untouched).
 
     The tiny random UNets' 1x1-pixel GroupNorms amplify float32 rounding enormously, so results of
     two call layouts (which frames and branches share a UNet call) differ visibly in float32
@@ -240,7 +240,10 @@ def float64_copy(model_patcher):
     import copy
 
     model = model_patcher.clone()
-    model.model = copy.deepcopy(model_patcher.model)
+    # The copy shares the model config: newer hosts' configs answer every missing attribute with None
+    # (a warning), __setstate__ included, so deep-copying one fails; nothing here changes the config.
+    config = model_patcher.model.model_config
+    model.model = copy.deepcopy(model_patcher.model, memo={id(config): config})
     model.model.diffusion_model.to(torch.float64)
     model.model.diffusion_model.dtype = torch.float64
     return model

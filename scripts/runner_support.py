@@ -278,6 +278,19 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def prompt_executor(execution, server):
+    """ComfyUI's ``PromptExecutor`` with the classic cache, made the way this host's ``main.py`` makes it: hosts
+    that take ``cache_args`` read its RAM headroom after every node (0.3.x took ``cache_size`` instead)."""
+    import inspect
+
+    options: dict = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        from comfy.cli_args import args
+
+        options["cache_args"] = {"lru": getattr(args, "cache_lru", 0), "ram": getattr(args, "cache_ram", 0)}
+    return execution.PromptExecutor(server, **options)
+
+
 def find_host(explicit: str | None, repo: Path) -> Path | None:
     """The ComfyUI host: ``explicit``, $COMFYUI_PATH, the ComfyUI holding ``repo`` in custom_nodes/, ~/comfy/ComfyUI."""
     candidates = [explicit, os.environ.get("COMFYUI_PATH")]

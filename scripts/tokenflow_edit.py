@@ -340,7 +340,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         with support.StopOnCtrlC() as stop:
             console = support.Console(prompt, titles, stop)
             comfy.utils.set_progress_bar_global_hook(console.progress)
-            executor = execution.PromptExecutor(console, cache_type=execution.CacheType.CLASSIC)
+            executor = support.prompt_executor(execution, console)
             on, flow = (family.words, family.flow) if family else ("the model", False)
             print(f"editing {video} -> {args.output} with {args.editor} on {on}, cfg {args.cfg:g}, {args.steps} steps "
                   f"(inversion {inversion_words(args, flow)}), batch {args.batch_size}", flush=True)

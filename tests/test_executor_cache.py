@@ -17,6 +17,8 @@ from input_files import write_frames
 from tokenflow_helpers import INVERSION_STEPS, STEPS
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import runner_support  # noqa: E402  (scripts/: the executor as the runner makes it, for this host)
 
 
 class RecordingServer:
@@ -157,7 +159,7 @@ def test_executor_cache_reuses_inversion_and_extraction(executor_nodes, tiny_sd1
     collected = executor_nodes
     frames = write_frames(tmp_path / "frames", 4)
     server = RecordingServer()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = runner_support.prompt_executor(execution, server)
     unet = tiny_sd15.model.diffusion_model
     all_nodes = [str(i) for i in range(1, 12)]
 
