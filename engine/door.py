@@ -14,7 +14,12 @@ Keys:
 ``"editors"``  name -> editor object: THE editor registry (``engine.editors.EDITORS`` is this dict).
                A pack adds ``door.setdefault("editors", {})[editor.name] = editor`` at import, before or
                after TokenFlow loads; the sampler's ``editor`` widget and ``get_editor`` read the dict
-               when they are used, so load order does not matter. The built-in editors come first.
+               when they are used, so load order does not matter. The built-in editors come first. Every
+               editor is checked when the registry is read (``engine/editors/validation.py``): one that
+               cannot be served (a required input, an input named like the sampler's own or another
+               editor's, a door API version this TokenFlow does not serve) is left out with one logged line.
+               An editor may say which version of this door it was written for: ``api_version = 1``
+               (an int; without it, 1).
 ``"api"``      set when TokenFlow loads (a ``SimpleNamespace``): ``version``, ``StepNeeds``, ``Editor``
                (the protocol), ``register_editor``, ``unregister_editor``, ``editing_timesteps``,
                ``sdedit_timesteps``, ``parse_block_list``, ``parse_residual_list``. An editor reads it
@@ -29,7 +34,10 @@ import sys
 from types import SimpleNamespace
 
 ATTRIBUTE = "tokenflow_door"
+# The door API this pack serves: API_VERSION rises when the API gains something (an editor written for the newer one
+# is skipped by an older TokenFlow); OLDEST_API_VERSION rises when something older editors rely on is taken away.
 API_VERSION = 1
+OLDEST_API_VERSION = 1
 
 
 _LOCAL: dict = {}  # the door while this process has not imported the host (see door())
@@ -67,3 +75,8 @@ def host_present() -> bool:
 def publish(api: SimpleNamespace) -> None:
     """Put this pack's editor API on the door (``door()["api"]``); the editor registry calls it when it is built."""
     door()["api"] = api
+
+
+def supports(version: int) -> bool:
+    """Whether an editor written for door API ``version`` can be served by this pack."""
+    return OLDEST_API_VERSION <= version <= API_VERSION

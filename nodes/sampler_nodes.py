@@ -8,7 +8,7 @@ import latent_preview
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
 from ..engine.plan.settings import EditSettings
-from ..engine.editors import EDITORS, EditorSetting, appended_inputs, editor_tooltip, stable_inputs
+from ..engine.editors import EditorSetting, appended_inputs, editor_names, editor_tooltip, stable_inputs
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.sampling_paths import path_for
 from .common import CATEGORY
@@ -48,7 +48,7 @@ class TokenFlowSampler(io.ComfyNode):
                                       "unrealistic, unaesthetic'). Unused at cfg 1, where ComfyUI skips the "
                                       "negative branch (Flux-dev: guidance-distilled, cfg 1 with FluxGuidance)."),
                 InversionType.Input("inversion", tooltip="Output of TokenFlow DDIM Inversion for the source video."),
-                io.Combo.Input("editor", options=list(EDITORS), default=DEFAULTS.editor, tooltip=editor_tooltip()),
+                io.Combo.Input("editor", options=editor_names(), default=DEFAULTS.editor, tooltip=editor_tooltip()),
                 io.Float.Input("cfg", default=DEFAULTS.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (official 7.5; Flux-dev: 1, "
                                        "its guidance comes from FluxGuidance)."),

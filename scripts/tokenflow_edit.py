@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_arguments(p)
     p.add_argument("--output", help="output mp4 (default: <video name>_tokenflow.mp4 in the current folder)")
     editors, defaults = _pack_module("engine.editors"), _pack_module("engine.plan.settings").EditSettings()
-    p.add_argument("--editor", choices=list(editors.EDITORS), default=defaults.editor,
+    p.add_argument("--editor", choices=editors.editor_names(), default=defaults.editor,
                    help=_help("image editor combined with TokenFlow. " + editors.editor_tooltip()))
     schedule = _schedule()
     p.add_argument("--steps", type=int, default=50, help=f"editing (DDIM) steps, 1 to {schedule.MAX_STEPS}; must "
@@ -162,7 +162,7 @@ def _pack_module(name: str) -> ModuleType:
 def editor_settings() -> list:
     """The settings the registered editors declare (the pack's own: plug-ins load with the host, after parsing)."""
     editors = _pack_module("engine.editors")
-    return [d for editor in editors.EDITORS.values() for d in editor.inputs if isinstance(d, editors.EditorSetting)]
+    return [d for editor in editors.usable_editors().values() for d in editor.inputs if isinstance(d, editors.EditorSetting)]
 
 
 def editor_flags() -> dict[str, str]:

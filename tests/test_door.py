@@ -5,7 +5,8 @@ from a second ``custom_nodes`` folder that ComfyUI scans before (``is_default: t
 paths file) or after the base directory's, where this pack is ``ComfyUI-TokenFlow``; its folder name
 sorts before (``aaa_...``) or after (``zzz_...``) too. In both orders its editor is in the sampler's
 ``editor`` widget (after the built-in ones, its input appended last) and an edit through POST /prompt
-runs with it. The in-process tests check the door's dict itself.
+runs with it; its second, faulty editor (an input named ``seed``) is left out with one logged line and the
+sampler stays. The in-process tests check the door's dict itself.
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ def test_a_second_pack_adds_an_editor_through_the_door_and_an_edit_runs_with_it(
     options = sampler["input"]["required"]["editor"][1]["options"] if len(sampler["input"]["required"]["editor"]) > 1 \
         and "options" in sampler["input"]["required"]["editor"][1] else sampler["input"]["required"]["editor"][0]
     assert list(options)[:3] == ["pnp", "sdedit", "controlnet"] and EDITOR in options, options
+    assert "door_bad_seed" not in options  # its input named seed would have dropped the whole sampler
+    assert door_server.log_text().count("editor 'door_bad_seed': input 'seed' is one of the TokenFlow Sampler's") == 1
     assert sampler["input_order"]["optional"][-1] == "door_attention_t"
 
     prompt = apply_test_overrides(workflow_format.ui_to_api(load_example("tokenflow_pnp"), info), tiny_files)

@@ -34,8 +34,13 @@ class Editor(Protocol):
     """An image editor.
 
     ``inputs``: the sampler inputs it declares (:class:`~.settings.EditorSetting`, or ComfyUI ``io``
-    inputs); a plug-in's must be optional (they are appended after the sampler's own). ``options``, in
-    every method, holds the values of exactly those inputs (their declared defaults where none is given).
+    inputs); a plug-in's must be optional (they are appended after the sampler's own) and named unlike the
+    sampler's own inputs and every other editor's. ``options``, in every method, holds the values of exactly
+    those inputs (their declared defaults where none is given).
+
+    Optional attribute ``api_version`` (an int): the version of the door's API (``engine.door.API_VERSION``,
+    ``door["api"].version``) the editor was written for; 1 when absent. An editor whose version this pack does
+    not serve is left out (:mod:`.validation`), as is one breaking any rule above.
     """
 
     name: str

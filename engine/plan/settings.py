@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..editors import DEFAULT_EDITOR, EDITORS
+from ..editors import DEFAULT_EDITOR, usable_editors
 from ..editors.settings import setting_name
 
 __all__ = ["EditSettings"]
@@ -39,7 +39,7 @@ class EditSettings:
         """Settings from flat values: the sampler's own fields, every other name an editor option."""
         own = {name: values.pop(name) for name in list(values) if name in cls.__dataclass_fields__}
         options = {**own.pop("editor_options", {}), **values}
-        known = {setting_name(d) for editor in EDITORS.values() for d in getattr(editor, "inputs", ())}
+        known = {setting_name(d) for editor in usable_editors().values() for d in getattr(editor, "inputs", ())}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"no registered editor declares {unknown}; the editors' inputs are {sorted(known)}")

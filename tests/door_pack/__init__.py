@@ -17,6 +17,7 @@ class DoorAttentionOnlyEditor:
     """Plug-and-Play with query/key injection only, for the first ``door_attention_t`` of the steps."""
 
     name = "door_attention_only"
+    api_version = 1  # the door API it was written for
     description = "Test pack's editor: source q/k injection in the first door_attention_t of the steps, no residuals."
     inputs = (io.Float.Input("door_attention_t", default=0.5, min=0.0, max=1.0, optional=True,
                              tooltip="door_attention_only: fraction of the steps with q/k injection."),)
@@ -37,7 +38,17 @@ class DoorAttentionOnlyEditor:
         return {t: api.StepNeeds(attention_injection=blocks if t in injected else frozenset()) for t in timesteps_full}
 
 
+class DoorSeedEditor(DoorAttentionOnlyEditor):
+    """A mistake TokenFlow must survive: an input named like the sampler's own ``seed`` (the sampler's schema would
+    repeat an input id and ComfyUI would drop the node). TokenFlow leaves this editor out with one logged line."""
+
+    name = "door_bad_seed"
+    description = "Test pack's editor that TokenFlow must leave out: it declares an input named seed."
+    inputs = (io.Int.Input("seed", default=0, optional=True, tooltip="door_bad_seed: clashes with the sampler's."),)
+
+
 door.setdefault("editors", {})[DoorAttentionOnlyEditor.name] = DoorAttentionOnlyEditor()
+door["editors"][DoorSeedEditor.name] = DoorSeedEditor()
 logging.info("tokenflow door test pack: editor registered; TokenFlow %s",
              "already loaded" if "api" in door else "not loaded yet")
 
