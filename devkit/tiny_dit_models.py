@@ -96,6 +96,8 @@ def _patcher(model_config, seed: int, dtype: torch.dtype) -> comfy.model_patcher
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=CPU)
     init_dit_weights(model.diffusion_model, seed)
+    if dtype == torch.float64:
+        tiny_models.rope_for_float64()
     if dtype != torch.float32:
         model.diffusion_model.to(dtype)
         model.diffusion_model.dtype = dtype

@@ -230,6 +230,40 @@ def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> di
     return {"samples": torch.randn(n, channels, size, size, generator=g)}
 
 
+def rope_for_float64() -> bool:
+    """Let the host's Flux rope take the float64 test worlds; True when it had to be changed.
+
+    Hosts with comfy-kitchen (v0.8.0) apply RoPE through its kernels, which take float16 / bfloat16 / float32
+    only, so a float64 tiny Flux cannot run there. For float64 inputs only, the rope becomes the formula the
+    host itself uses without comfy-kitchen (the one v0.3.64 always uses: the rotation in the float32 of the
+    position table, cast back); every other dtype still goes through comfy-kitchen. Test worlds only: the pack
+    never touches the host's functions.
+    """
+    import comfy.ldm.flux.math as flux_math
+
+    kitchen_rope, kitchen_rope1 = flux_math.apply_rope, flux_math.apply_rope1
+    if getattr(kitchen_rope, "takes_float64", False) or not kitchen_rope.__module__.startswith("comfy_kitchen"):
+        return False
+
+    def apply_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float64:
+            return kitchen_rope1(x, freqs_cis)
+        x_ = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+        x_out = freqs_cis[..., 0] * x_[..., 0]
+        x_out.addcmul_(freqs_cis[..., 1], x_[..., 1])
+        return x_out.reshape(*x.shape).type_as(x)
+
+    def apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+        if xq.dtype != torch.float64:
+            return kitchen_rope(xq, xk, freqs_cis)
+        return apply_rope1(xq, freqs_cis), apply_rope1(xk, freqs_cis)
+
+    apply_rope.takes_float64 = True  # type: ignore[attr-defined]
+    flux_math.apply_rope, flux_math.apply_rope1 = apply_rope, apply_rope1
+    log.info("float64 test worlds: the host's non-kitchen rope formula for float64 Flux inputs")
+    return True
+
+
 def float64_copy(model_patcher):
     """A float64 copy of a tiny UNet or DiT ModelPatcher (the original is untouched).
 
@@ -239,6 +273,7 @@ def float64_copy(model_patcher):
     """
     import copy
 
+    rope_for_float64()
     model = model_patcher.clone()
     # The copy shares the model config: newer hosts' configs answer every missing attribute with None
     # (a warning), __setstate__ included, so deep-copying one fails; nothing here changes the config.

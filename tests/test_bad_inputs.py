@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy.model_patcher
-import comfy.supported_models
 import tiny_dit_models
 import tiny_models
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
@@ -22,19 +20,11 @@ from input_files import write_frames, write_mp4
 from reliability_tools import INVERSION_FRAME_BATCH, N, ProgressHook, UNetCalls, apply_controlnet, hints
 from tokenflow_helpers import INVERSION_STEPS, STEPS, edit, extract, random_latent
 
-CPU = torch.device("cpu")
 
 
 def tiny_flux():
     """A real ComfyUI Flux model (comfy.model_base.Flux, a DiT) with a tiny config; never run."""
-    config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
-              "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
-              "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-    model_config = comfy.supported_models.Flux(config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=CPU)
-    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
-
+    return tiny_dit_models.make_flux_model(depth=1, depth_single_blocks=1)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ class DiTBlockTag(TypedDict):
     block: tuple[str, int]  # the host's (block kind, block id)
     calls: int  # attention calls of this block so far
     declared: frozenset[int]  # the calls the family adapter declares in it
+    reached: bool  # whether any attention call of the block reached TokenFlow's override
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import torch
 from ...tokenflow_ops.correspondence import frame_fields, unit_tokens
 from ...tokenflow_ops.propagation import propagate
 from ..families.base import BlockKey
-from .contract import PassContext, Phase, chunk_count, join_roles, pass_of, split_roles
+from .contract import DiTBlockTag, PassContext, Phase, chunk_count, join_roles, pass_of, split_roles
 from .dit_joint import joint_attention
 from .dit_kernel import Kernel, extended_image_attention, merge_heads
 
@@ -53,11 +53,20 @@ class DiTBlockReplace:
         ctx = pass_of(args.get("transformer_options"))
         if ctx is None or ctx.image_tokens is None:
             return extra["original_block"](args)
-        ctx.dit_block = {"block": self.block, "calls": 0, "declared": self.calls}
+        tag: DiTBlockTag = {"block": self.block, "calls": 0, "declared": self.calls, "reached": False}
+        ctx.dit_block = tag
         try:
-            return extra["original_block"](args)
+            out = extra["original_block"](args)
         finally:
             ctx.dit_block = None
+        if self.calls and not tag["reached"]:
+            # Another node's override replaced TokenFlow's in the model's one slot without calling it: the block
+            # ran plain attention, which would pass for an edit.
+            kind, index = self.block
+            raise RuntimeError(f"TokenFlow: no attention of block {kind} {index} reached TokenFlow's attention "
+                               "override: a node applied after TokenFlow replaced the model's attention override "
+                               "without chaining it; apply that node before the TokenFlow node")
+        return out
 
 
 class AttentionOverride:
@@ -91,6 +100,8 @@ def dit_attention_override(func, q, k, v, heads, *args, **kwargs):
     options = kwargs.get("transformer_options") or {}
     ctx = pass_of(options)
     tag = ctx.dit_block if ctx is not None else None
+    if tag is not None:
+        tag["reached"] = True
     if tag is None or args:
         return func(q, k, v, heads, *args, **kwargs)
     call = tag["calls"]

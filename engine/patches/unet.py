@@ -25,7 +25,12 @@ from .contract import EXTRACT_PHASES, PassContext, Phase, branches, chunk_count,
 
 
 def _block_key(extra: dict) -> BlockKey:
-    block = extra["block"]
+    # Read with .get(): hosts leave out the extra options they have no value for.
+    block = extra.get("block")
+    if block is None:
+        raise RuntimeError("TokenFlow: this ComfyUI calls the self-attention patch without naming its block "
+                           f"(extra options: {sorted(extra)}); TokenFlow needs the block to pair each frame's tokens "
+                           "with the keyframes', so it cannot run on this host version")
     return (block[0], int(block[1]), int(extra.get("block_index", 0)))
 
 
