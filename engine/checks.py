@@ -174,8 +174,9 @@ def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:
 
 
 def check_flow_conditioning(conditioning: list, model, name: str) -> None:
-    """Refuse conditioning a flow DiT cannot read: reference latents (Kontext), or a token width that is not the
-    model's text width (e.g. SD text embeddings into Flux)."""
+    """Refuse conditioning a flow DiT cannot read: reference latents (Kontext), an attention mask (TokenFlow's
+    attention on DiTs applies none), or a token width that is not the model's text width (e.g. SD text embeddings
+    into Flux)."""
     dm = model.model.diffusion_model
     width = getattr(getattr(dm, "params", None), "context_in_dim", None)
     embed = getattr(dm, "context_embedder", None)
@@ -185,6 +186,11 @@ def check_flow_conditioning(conditioning: list, model, name: str) -> None:
         if isinstance(extra, dict) and extra.get("reference_latents") is not None:
             raise ValueError(f"{name}: it carries reference latents (Flux Kontext / ReferenceLatent), whose tokens "
                              "TokenFlow cannot tell from the frame's image tokens; remove the ReferenceLatent node")
+        if isinstance(extra, dict) and extra.get("attention_mask") is not None:
+            raise ValueError(f"{name}: it carries an attention mask (attention_mask: from a text encoder that returns "
+                             "one, or Apply Style Model with strength_type attn_bias), which TokenFlow's attention "
+                             "on DiT models (Flux, SD3.x) does not apply; encode the prompt without the mask (Apply "
+                             "Style Model: strength_type multiply)")
         if width is not None and cond.shape[-1] != width:
             raise ValueError(f"{name}: its text embeddings are {cond.shape[-1]} wide but this model reads {width}-wide "
                              "ones; encode the prompt with the text encoders of this model (DualCLIPLoader / the "
