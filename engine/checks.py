@@ -212,7 +212,7 @@ class Stage:
     editor: str | None = None
     editor_options: dict | None = None
     layout: ModelLayout | None = None  # by supported_model
-    fingerprint: str | None = None  # by inversion_model
+    fingerprint: str | None = None  # by model_identity (inversion_model takes it too)
     samples: torch.Tensor | None = None  # by latent_frames
 
     @property
@@ -247,8 +247,14 @@ def not_joint_edit_model(stage: Stage) -> None:
     check_not_joint_edit_model(stage.model)
 
 
-def inversion_model(stage: Stage) -> None:
+def model_identity(stage: Stage) -> None:
+    """The model's fingerprint, taken before any model call: a product must name the base weights, and while a
+    prompt's weight hooks (comfy.hooks) are applied during sampling the weights in place are not those."""
     stage.fingerprint = model_fingerprint(stage.model)
+
+
+def inversion_model(stage: Stage) -> None:
+    model_identity(stage)
     check_inversion_model(stage.inversion, stage.fingerprint)
 
 
