@@ -20,6 +20,30 @@ def latent_to_rgb(latents: torch.Tensor, latent_format) -> torch.Tensor:
     return ((rgb + 1) / 2).clamp(0, 1)
 
 
+def token_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int, int]:
+    """(rows, columns, latent pixels per token side) of a field over ``tokens`` tokens of a frame.
+
+    A token covers ``scale`` x ``scale`` latent pixels, and a side that is not a multiple of it is padded up: a DiT's
+    patchify pads the latent to its patch size, a UNet's stride-2 convolutions round up the same way. So the grid
+    is ceil(h / scale) x ceil(w / scale) (a 9x10 latent in 2x2 patches: 5x5 tokens).
+    """
+    lh, lw = latent_hw
+    scale = 1
+    while scale <= max(lh, lw):
+        gh, gw = -(-lh // scale), -(-lw // scale)
+        if gh * gw == tokens:
+            return gh, gw, scale
+        scale *= 2
+    raise ValueError(f"cannot lay out {tokens} tokens on the {lh}x{lw} latent grid (no token side 1, 2, 4, ... "
+                     "gives that many)")
+
+
+def blank_preview(inversion: TokenFlowInversion) -> torch.Tensor:
+    """A black IMAGE of the preview's size, (1, H, 3W, 3): what the preview output holds when no picture was made."""
+    lh, lw = inversion.latent_shape[-2:]
+    return torch.zeros(1, lh * 8, 3 * lw * 8, 3)
+
+
 def preview_image(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion, latent_format, frame: int,
                   source_images: torch.Tensor | None = None) -> torch.Tensor:
     """IMAGE (1, H, 3W, 3): [real frame | frame rebuilt from its keyframe through the field | keyframe].
@@ -42,15 +66,12 @@ def preview_image(corr: TokenFlowCorrespondences, inversion: TokenFlowInversion,
         pixels = F.interpolate(pixels, scale_factor=8, mode="nearest")
     _, _, height, width = pixels.shape
     lh, lw = inversion.latent_shape[-2:]
-    tokens = field.numel()
-    scale = round((lh * lw / tokens) ** 0.5)
-    gh, gw = max(1, lh // scale), max(1, lw // scale)
-    if gh * gw != tokens:
-        raise ValueError(f"cannot lay out {tokens} tokens on the {lh}x{lw} latent grid")
-    ph, pw = height // gh, width // gw
-    crop = pixels[:, :, :gh * ph, :gw * pw]
+    gh, gw, scale = token_grid((lh, lw), field.numel())
+    # Pixels per token side; the padded grid reaches past the frame where a side is not a multiple of the token's.
+    ph, pw = scale * height // lh, scale * width // lw
+    padded = F.pad(pixels, (0, gw * pw - width, 0, gh * ph - height))
     # One patch per token (row-major over the token grid), then the keyframe patches each token matched.
-    patches = rearrange(crop[keyframe], "c (gh ph) (gw pw) -> (gh gw) c ph pw", gh=gh, gw=gw)
+    patches = rearrange(padded[keyframe], "c (gh ph) (gw pw) -> (gh gw) c ph pw", gh=gh, gw=gw)
     rebuilt = rearrange(patches[field], "(gh gw) c ph pw -> c (gh ph) (gw pw)", gh=gh, gw=gw)
-    row = torch.cat([crop[frame], rebuilt, crop[keyframe]], dim=-1)
+    row = torch.cat([part[:, :height, :width] for part in (padded[frame], rebuilt, padded[keyframe])], dim=-1)
     return row.movedim(0, -1).unsqueeze(0).clamp(0, 1)

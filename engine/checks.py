@@ -174,8 +174,9 @@ def check_control_hints(conditioning, n_frames: int, input_name: str) -> None:
 
 
 def check_flow_conditioning(conditioning: list, model, name: str) -> None:
-    """Refuse conditioning a flow DiT cannot read: reference latents (Kontext), or a token width that is not the
-    model's text width (e.g. SD text embeddings into Flux)."""
+    """Refuse conditioning a flow DiT cannot read: reference latents (Kontext), an attention mask (TokenFlow's
+    attention on DiTs applies none), or a token width that is not the model's text width (e.g. SD text embeddings
+    into Flux)."""
     dm = model.model.diffusion_model
     width = getattr(getattr(dm, "params", None), "context_in_dim", None)
     embed = getattr(dm, "context_embedder", None)
@@ -185,6 +186,11 @@ def check_flow_conditioning(conditioning: list, model, name: str) -> None:
         if isinstance(extra, dict) and extra.get("reference_latents") is not None:
             raise ValueError(f"{name}: it carries reference latents (Flux Kontext / ReferenceLatent), whose tokens "
                              "TokenFlow cannot tell from the frame's image tokens; remove the ReferenceLatent node")
+        if isinstance(extra, dict) and extra.get("attention_mask") is not None:
+            raise ValueError(f"{name}: it carries an attention mask (attention_mask: from a text encoder that returns "
+                             "one, or Apply Style Model with strength_type attn_bias), which TokenFlow's attention "
+                             "on DiT models (Flux, SD3.x) does not apply; encode the prompt without the mask (Apply "
+                             "Style Model: strength_type multiply)")
         if width is not None and cond.shape[-1] != width:
             raise ValueError(f"{name}: its text embeddings are {cond.shape[-1]} wide but this model reads {width}-wide "
                              "ones; encode the prompt with the text encoders of this model (DualCLIPLoader / the "
@@ -206,7 +212,7 @@ class Stage:
     editor: str | None = None
     editor_options: dict | None = None
     layout: ModelLayout | None = None  # by supported_model
-    fingerprint: str | None = None  # by inversion_model
+    fingerprint: str | None = None  # by model_identity (inversion_model takes it too)
     samples: torch.Tensor | None = None  # by latent_frames
 
     @property
@@ -241,8 +247,14 @@ def not_joint_edit_model(stage: Stage) -> None:
     check_not_joint_edit_model(stage.model)
 
 
-def inversion_model(stage: Stage) -> None:
+def model_identity(stage: Stage) -> None:
+    """The model's fingerprint, taken before any model call: a product must name the base weights, and while a
+    prompt's weight hooks (comfy.hooks) are applied during sampling the weights in place are not those."""
     stage.fingerprint = model_fingerprint(stage.model)
+
+
+def inversion_model(stage: Stage) -> None:
+    model_identity(stage)
     check_inversion_model(stage.inversion, stage.fingerprint)
 
 

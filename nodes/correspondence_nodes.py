@@ -1,15 +1,18 @@
 """TokenFlowExtractCorrespondences: nearest-neighbour fields from a clean source pass."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..tokenflow_ops.keyframes import BLEND_MODES, KEYFRAME_MODES
-from ..data.correspondence_preview import preview_image
+from ..data.correspondence_preview import blank_preview, preview_image
 from ..engine.sampling_paths import run_extraction
 from ..data.products import CorrespondencesType, InversionType
 from ..engine.checks import check_source_images
 from .common import CATEGORY
 
+log = logging.getLogger(__name__)
 
 
 class TokenFlowExtractCorrespondences(io.ComfyNode):
@@ -50,7 +53,9 @@ class TokenFlowExtractCorrespondences(io.ComfyNode):
                                            "fields for every block and step (kept in system RAM)."),
                 io.Image.Output(display_name="preview", tooltip="Left: the real frame. Middle: the same frame rebuilt "
                                 "from its keyframe's pixels through the finest block's field at the last step. Right: "
-                                "the keyframe. A good field makes the middle look like the left."),
+                                "the keyframe. A good field makes the middle look like the left. Black when no "
+                                "preview could be made (a warning in the log says why; the correspondences are "
+                                "complete)."),
             ],
         )
 
@@ -59,7 +64,12 @@ class TokenFlowExtractCorrespondences(io.ComfyNode):
                 preview_frame=-1, source_images=None) -> io.NodeOutput:
         check_source_images(source_images, inversion)
         corr = run_extraction(model, inversion, batch_size, keyframes, seed, blend, max_keyframes)
-        preview = preview_image(corr, inversion, model.model.latent_format, preview_frame, source_images)
+        try:
+            preview = preview_image(corr, inversion, model.model.latent_format, preview_frame, source_images)
+        except Exception as exc:  # the product took the whole extraction; a picture of it must never lose it
+            log.warning("TokenFlow Extract Correspondences: no preview (%s: %s); the correspondences are complete, the "
+                        "preview output is black", type(exc).__name__, exc)
+            preview = blank_preview(inversion)
         return io.NodeOutput(corr, preview)
 
 

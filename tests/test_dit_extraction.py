@@ -234,3 +234,56 @@ def test_the_dit_joint_edit_model_is_refused_by_the_tokenflow_stages(world):
         run_extraction(joint, world["inversion"], BATCH, "random", 1)
     with pytest.raises(ValueError, match="^model: this model comes from TokenFlow Keyframe Joint Edit"):
         run_flow_edit(joint, world["pos"], world["neg"], world["inversion"], EditSettings.of(cfg=world["cfg"]))
+
+
+@pytest.fixture(scope="module")
+def odd_clip(world):
+    """A static 3-frame clip of 72x80 px (a 9x10 latent: 2x2 patches pad it to 5x5 tokens), inverted, its frames."""
+    from comfyui_tokenflow.nodes import inversion_nodes
+
+    latent = world["frames"][:1, :, :, :].repeat(3, 1, 1, 1)
+    latent = torch.nn.functional.interpolate(latent, size=(9, 10), mode="bilinear")
+    inversion, _ = inversion_nodes.TokenFlowInvert.execute(world["model"], {"samples": latent}, world["src"], STEPS,
+                                                           INVERSION_STEPS).args
+    images = torch.rand(1, 72, 80, 3, generator=torch.Generator().manual_seed(3)).repeat(3, 1, 1, 1)
+    return inversion, images
+
+
+def test_the_preview_lays_out_the_padded_tokens_of_an_odd_latent_side(world, odd_clip, caplog):
+    """Through the node: the field's 25 tokens cover the 9x10 latent padded to 10x10; on a static clip every token
+    matches itself, so the rebuilt frame is the real one, pixel for pixel."""
+    from comfyui_tokenflow.nodes import correspondence_nodes
+
+    inversion, images = odd_clip
+    node = correspondence_nodes.TokenFlowExtractCorrespondences
+    with caplog.at_level(logging.WARNING):
+        corr, preview = node.execute(world["model"], inversion, BATCH, "random", 1, source_images=images).args
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert all(f.shape[-1] == 25 for f in corr.fields.values())
+    assert preview.shape == (1, 72, 3 * 80, 3)
+    real, rebuilt, key = preview[0, :, :80], preview[0, :, 80:160], preview[0, :, 160:]
+    assert torch.equal(rebuilt, real) and torch.equal(key, real)
+    _, latent_preview = node.execute(world["model"], inversion, BATCH, "random", 1).args
+    assert latent_preview.shape == (1, 72, 3 * 80, 3) and torch.isfinite(latent_preview).all()
+
+
+def test_a_failing_preview_keeps_the_product(world, odd_clip, monkeypatch, caplog):
+    """Whatever breaks the picture, the extraction's product comes out whole, with a black preview and one warning."""
+    from comfyui_tokenflow.nodes import correspondence_nodes
+
+    inversion, _ = odd_clip
+    expected = run_extraction(world["model"], inversion, BATCH, "random", 1)
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot lay out 25 tokens")
+
+    monkeypatch.setattr(correspondence_nodes, "preview_image", broken)
+    with caplog.at_level(logging.WARNING):
+        corr, preview = correspondence_nodes.TokenFlowExtractCorrespondences.execute(world["model"], inversion, BATCH,
+                                                                                     "random", 1).args
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "no preview (ValueError: cannot lay out 25 tokens)" in warnings[0], warnings
+    assert preview.shape == (1, 72, 3 * 80, 3) and not preview.any()
+    assert set(corr.fields) == set(expected.fields)
+    assert all(torch.equal(corr.fields[b], expected.fields[b]) for b in expected.fields)
+    assert torch.equal(corr.keyframes, expected.keyframes)

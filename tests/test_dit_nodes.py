@@ -108,3 +108,22 @@ def test_kontext_reference_latents_are_refused_before_any_model_call(flux):
     with _Calls(flux["model"]) as calls, pytest.raises(ValueError, match="positive: it carries reference latents"):
         _sample(flux["model"], pos, flux["neg"], flux["inversion"])
     assert calls.count == 0
+
+
+@pytest.mark.parametrize("stage", ["inversion", "sampler"])
+def test_a_flux_attention_mask_is_refused_before_any_model_call(flux, stage):
+    """A text encoder's attention mask on a Flux prompt: refused by name at the inversion and at the sampler."""
+    def masked(conditioning):
+        cond, extra = conditioning[0]
+        return [[cond, {**extra, "attention_mask": torch.ones(1, cond.shape[1])}]]
+
+    with _Calls(flux["model"]) as calls, pytest.raises(ValueError) as error:
+        if stage == "inversion":
+            inversion_nodes.TokenFlowInvert.execute(flux["model"], _frames(), masked(flux["src"]), 4, 8)
+        else:
+            _sample(flux["model"], masked(flux["pos"]), flux["neg"], flux["inversion"])
+    assert calls.count == 0
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        f"{'conditioning' if stage == 'inversion' else 'positive'}: it carries an attention mask"), message
+    assert "encode the prompt without the mask" in message

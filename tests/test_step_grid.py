@@ -172,3 +172,46 @@ def test_sampler_accepts_steps_on_the_grid_and_a_refusal_leaves_no_trace(tiny_sd
     again = _sample(tiny_sd15, inputs, inversion5, 5).result[0]["samples"]
     assert torch.equal(clean, again)
     assert _sample(tiny_sd15, inputs, inversion5, 1).result[0]["samples"].shape == clean.shape  # 1 divides all
+
+
+# ------------------------------------------------------------------ SDEdit's start
+
+def _sdedit_timesteps_seen(model, inputs, inversion, start: float) -> tuple[torch.Tensor, list[int]]:
+    """The edit of the sampler node with SDEdit at ``start``, and the timesteps the UNet was called at."""
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timesteps"]
+        seen.extend(round(float(v)) for v in t.flatten())
+
+    handle = model.model.diffusion_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        (latent,) = sampler_nodes.TokenFlowSampler.execute(
+            model=model, positive=inputs["pos"], negative=inputs["neg"], inversion=inversion, editor="sdedit",
+            cfg=7.5, pnp_attn_t=0.5, pnp_f_t=0.8, sdedit_start=start, batch_size=1, keyframes="random", seed=1).args
+    finally:
+        handle.remove()
+    return latent["samples"], sorted(set(seen))
+
+
+def test_a_start_below_2_over_steps_keeps_the_last_step_and_says_so(tiny_sd15, inputs, inversion5, caplog):
+    """sdedit_start 0.3 of 5 steps: the official slice timesteps[int(1 - 1.5):] = timesteps[0:] would start from full
+    noise (t = 801); the edit keeps the last step (t = 1), the one sdedit_start 0.4 = 2 / steps keeps, and says so."""
+    with caplog.at_level("WARNING"):
+        clamped, seen = _sdedit_timesteps_seen(tiny_sd15, inputs, inversion5, 0.3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["TokenFlow: sdedit_start 0.3 with 5 steps is below 2 / steps: the official slice would keep "
+                        "every step and start the edit from full noise; using sdedit_start 0.4 (2 / steps) instead: "
+                        "the last step only, from timestep 1"]
+    assert seen == [1]
+    caplog.clear()
+    named, named_seen = _sdedit_timesteps_seen(tiny_sd15, inputs, inversion5, 0.4)
+    assert named_seen == [1] and torch.equal(clamped, named) and not caplog.records
+    assert _sdedit_timesteps_seen(tiny_sd15, inputs, inversion5, 0.6)[1] == [1, 201]  # the official slice above it
+
+
+def test_sdedit_timesteps_keep_the_official_slice_except_where_it_keeps_every_step():
+    assert schedule.sdedit_timesteps(50, 0.04) == [1] == schedule.sdedit_timesteps(50, 0.01)
+    assert schedule.sdedit_timesteps(50, 0.06) == [21, 1] and len(schedule.sdedit_timesteps(50, 1.0)) == 49
+    assert schedule.sdedit_timesteps(1, 0.5) == [1]  # one step: nothing to keep but it
+    assert [schedule.sdedit_keeps_every_step(50, s) for s in (0.01, 0.039, 0.04)] == [True, True, False]

@@ -59,15 +59,28 @@ def inversion_timesteps(inversion_steps: int) -> list[int]:
     return leading_timesteps(inversion_steps)
 
 
+def sdedit_keeps_every_step(steps: int, start: float) -> bool:
+    """True where the official slice ``timesteps[int(1 - start * steps):]`` keeps every step of a run of several.
+
+    For start * steps < 2 the index ``int(1 - start * steps)`` truncates to 0: the smallest starts, which ask for
+    the least noise, would start the edit from full noise (the first editing timestep).
+    """
+    return steps > 1 and int(1 - start * steps) == 0
+
+
 def sdedit_timesteps(steps: int, start: float) -> list[int]:
     """The editing timesteps kept by the official SDEdit script.
 
-    It slices ``timesteps[int(1 - start * steps):]``: 44 of 50 steps for ``start=0.9``
-    (first t = 861). Python's slice semantics are kept on purpose, quirks included.
+    It slices ``timesteps[int(1 - start * steps):]``: 44 of 50 steps for ``start=0.9`` (first t = 861). Python's
+    slice semantics are kept (``start=1.0`` keeps 49 of 50), except where the slice would keep every step
+    (:func:`sdedit_keeps_every_step`): there the edit keeps the last step only, the least noise, which those
+    starts ask for (what ``start = 2 / steps`` keeps).
     """
     if not 0.0 < start <= 1.0:
         raise ValueError(f"sdedit_start must be in (0, 1], got {start}")
     full = editing_timesteps(steps)
+    if sdedit_keeps_every_step(steps, start):
+        return full[-1:]
     return full[int(1 - start * len(full)):]
 
 

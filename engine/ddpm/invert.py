@@ -17,10 +17,10 @@ from ...data.products import TokenFlowInversion
 from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, check_fixed_point_settings
 from ...tokenflow_ops.schedule import (alpha_bar_from_sigma, check_inversion_covers, check_step_count,
                                        editing_timesteps, inversion_timesteps)
-from ..checks import (Stage, control_hints, each_prompt, latent_fits, latent_frames, no_area, not_joint_edit_model,
-                      run_checks, supported_model, usable_conditioning)
+from ..checks import (Stage, control_hints, each_prompt, latent_fits, latent_frames, model_identity, no_area,
+                      not_joint_edit_model, run_checks, supported_model, usable_conditioning)
 from ..families.base import DDPM
-from ..families.fingerprints import frames_fingerprint, model_fingerprint
+from ..families.fingerprints import frames_fingerprint
 from ..sampling.inversion_guiders import ChunkGuider, FrameBatchGuider
 from .edit import start_latent
 from .samplers import InversionRecorder, ddim_sampler, fixed_point_sampler, inversion_sampler
@@ -63,7 +63,7 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
 
     stage = run_checks(Stage(model, DDPM, prompts=(("conditioning", conditioning),), latent=latent), (
         supported_model, settings, latent_frames, not_joint_edit_model, each_prompt(usable_conditioning, no_area),
-        latent_fits, each_prompt(control_hints)))
+        latent_fits, each_prompt(control_hints), model_identity))
     layout, samples = stage.layout, stage.samples
     sampling = model.get_model_object("model_sampling")
     model_sigmas = sampling.sigmas.float().cpu()
@@ -100,7 +100,7 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
         trajectory=trajectory, x0=x0, inverted=recorder.final, inverted_timestep=inv_ts[-1],
         conditioning=[[c[0].cpu(), {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c[1].items()}]
                       for c in conditioning],
-        model_fingerprint=model_fingerprint(model), frames_fingerprint=frames_fingerprint(model, samples), family=layout.family,
+        model_fingerprint=stage.fingerprint, frames_fingerprint=frames_fingerprint(model, samples), family=layout.family,
         method=method, max_iterations=max_iterations if fixed_point else 0, tolerance=tolerance if fixed_point else 0.0,
         evaluations=recorder.evaluations, residuals=recorder.residuals,
     )
