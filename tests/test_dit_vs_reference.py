@@ -216,6 +216,7 @@ def _mutate(setup, mutation: str, monkeypatch) -> dict:
         def plain_frames(func, q, k, v, heads, *args, **kwargs):
             ctx = (kwargs.get("transformer_options") or {}).get(contract.KEY)
             if ctx is not None and ctx.phase is contract.Phase.FRAMES:
+                ctx.dit_block["reached"] = True  # inside TokenFlow's override, as a wrong kernel there would be
                 return func(q, k, v, heads, *args, **kwargs)  # every frame attends to itself alone
             return original(func, q, k, v, heads, *args, **kwargs)
         monkeypatch.setattr(dit, "dit_attention_override", plain_frames)

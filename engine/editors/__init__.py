@@ -60,6 +60,14 @@ def _builtin_name(name: str) -> str:
             "of its own")
 
 
+def _another_copy_of(editor: Any, builtin: Editor) -> bool:
+    """Whether ``editor`` is ``builtin`` from another copy of this pack in the process (the runner imports the pack
+    beside the one ComfyUI loads; both share the door): the same class of the same module of the pack."""
+    mine, theirs = type(builtin), type(editor)
+    return (theirs.__qualname__ == mine.__qualname__
+            and theirs.__module__.split(".")[-3:] == mine.__module__.split(".")[-3:])
+
+
 def _inputs_of(editors: Mapping[str, Editor]) -> dict[str, str]:
     """Input name -> the editor that declares it."""
     return {setting_name(d): name for name, editor in editors.items() for d in getattr(editor, "inputs", ())}
@@ -71,7 +79,7 @@ def _review() -> tuple[dict[str, Editor], dict[str, str]]:
     refused: dict[str, str] = {}
     shared = door.editors()
     for name, builtin in _BUILTIN.items():
-        if name in shared and shared[name] is not builtin:
+        if name in shared and shared[name] is not builtin and not _another_copy_of(shared[name], builtin):
             refused[name] = _builtin_name(name)
         served[name] = builtin
     for name, editor in list(shared.items()):
@@ -179,6 +187,7 @@ register_editor(SDEditEditor(), builtin=True)
 register_editor(ControlNetEditor(), builtin=True)
 EDITORS.update({name: e for name, e in _registered_before_us.items() if name not in EDITORS})
 for _taken in sorted(_registered_before_us.keys() & _BUILTIN.keys()):  # dropped above: say so
-    _report(_taken, _builtin_name(_taken))
+    if not _another_copy_of(_registered_before_us[_taken], _BUILTIN[_taken]):
+        _report(_taken, _builtin_name(_taken))
 usable_editors()  # the editors other packs left before this one loaded: their refusals logged now, at load
 publish_api()
