@@ -97,8 +97,9 @@ def test_unet_edit_sends_its_self_attention_through_the_models_override(tiny_sd1
 def test_a_kept_override_that_changes_attention_changes_the_dit_edit(dit_world):
     """The kept override is really applied (not only called): one that scales attention outputs moves the edit."""
     world = dit_world
-    inversion = run_flow_inversion(world["model"], {"samples": world["frames"][:2]}, world["src"], 2, 4)
-    settings = EditSettings.of(editor="sdedit", cfg=world["cfg"], batch_size=2)
+    # 4 steps: SDEdit keeps 2 of them (with 2 steps only the last one, too little noise for a visible move)
+    inversion = run_flow_inversion(world["model"], {"samples": world["frames"][:2]}, world["src"], 4, 8)
+    settings = EditSettings.of(editor="sdedit", cfg=world["cfg"], batch_size=2, steps=4)
     plain = run_flow_edit(world["model"], world["pos"], world["neg"], inversion, settings)["samples"]
     model = world["model"].clone()
 
