@@ -7,9 +7,16 @@ host's ``calc_cond_batch`` (``get_area_and_mult`` + ``can_concat_cond``, grouped
 - GLIGEN boxes (``GLIGENTextBoxApply``) give every cond a patch of its own, so nothing batches with it;
 - masks without bounds (``ConditioningSetMask`` "default") weight a prompt over whole frames: honoured;
 - timestep ranges (``ConditioningSetTimestepRange``) on the edit prompts change which conds exist at a step:
-  honoured.
+  honoured; on the inversion prompt they would leave steps without a source branch: refused;
+- areas (``ConditioningSetArea``, its percentage form, mask bounds) crop the frames and copy the cond into the
+  other prompts: refused, even over the whole frame (a full-frame area is a no-op to the host, but not to
+  TokenFlow before this refusal).
+
+Each refusal is one line raised before any UNet call.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -17,6 +24,7 @@ import torch
 import nodes as comfy_nodes
 import tiny_models
 from comfyui_tokenflow.engine.patches import contract
+from reliability_tools import UNetCalls
 from tokenflow_helpers import conds, edit, extract, invert, random_latent
 
 N = 3
@@ -134,3 +142,52 @@ def test_a_mask_without_bounds_weights_the_prompt_over_whole_frames(tiny_sd15, w
     out, order = _run_recorded(tiny_sd15, regional, neg, inversion)
     assert torch.isfinite(out).all() and not order.first_calls_without_source()
     assert (out - base).abs().max() > 1e-3 * base.abs().max()
+
+
+# -- what it refuses, before any UNet call ------------------------------------------------------------------------
+
+def _area(conditioning):
+    return comfy_nodes.ConditioningSetArea().append(conditioning, 128, 128, 0, 0, 1.0)[0]  # the whole frame
+
+
+def _area_percentage(conditioning):
+    return comfy_nodes.ConditioningSetAreaPercentage().append(conditioning, 0.5, 0.5, 0.0, 0.0, 1.0)[0]
+
+
+REFUSED = [
+    ("mask-bounds", lambda m, w: edit(m, _mask(w["pos"], "mask bounds"), w["neg"], w["inversion"]),
+     ["positive:", "Conditioning Set Mask", "'mask bounds'", "Set set_cond_area to 'default'"]),
+    ("full-frame-area", lambda m, w: edit(m, w["pos"], _area(w["neg"]), w["inversion"]),
+     ["negative:", "Conditioning Set Area", "even over the whole frame", "Remove the Set Area node"]),
+    ("area-percentage", lambda m, w: edit(m, _area_percentage(w["pos"]), w["neg"], w["inversion"]),
+     ["positive:", "Conditioning Set Area"]),
+    ("inversion-timestep-range", lambda m, w: invert(m, w["latent"], _ranged(w["src"], 0.0, 0.5)),
+     ["conditioning:", "Conditioning Set Timestep Range", "from 50%", "remove the Set Timestep Range node"]),
+    ("inversion-ranges-with-a-gap", lambda m, w: invert(m, w["latent"], comfy_nodes.ConditioningCombine().combine(
+        _ranged(w["src"], 0.0, 0.4), _ranged(w["src"], 0.6, 1.0))[0]),
+     ["conditioning:", "Conditioning Set Timestep Range", "from 40%"]),
+    ("edit-on-a-ranged-inversion", lambda m, w: edit(m, w["pos"], w["neg"], dataclasses.replace(
+        w["inversion"], conditioning=_ranged(w["src"], 0.2, 1.0))),
+     ["inversion:", "Conditioning Set Timestep Range", "from 0%", "invert the video again"]),
+    ("extract-on-an-inversion-with-an-area", lambda m, w: extract(m, dataclasses.replace(
+        w["inversion"], conditioning=_area(w["src"]))), ["inversion:", "Conditioning Set Area"]),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused_in_one_line_before_any_unet_call(tiny_sd15, world, case):
+    _, run, fragments = case
+    with UNetCalls(tiny_sd15) as calls, pytest.raises(ValueError) as info:
+        run(tiny_sd15, world)
+    message = str(info.value)
+    assert calls.count == 0, f"{calls.count} UNet calls before the refusal"
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_inversion_ranges_that_cover_every_step_are_accepted(tiny_sd15, world):
+    turns = comfy_nodes.ConditioningCombine().combine(_ranged(world["src"], 0.0, 0.5),
+                                                      _ranged(world["src"], 0.5, 1.0))[0]
+    inversion = invert(tiny_sd15, world["latent"], turns)
+    assert torch.isfinite(edit(tiny_sd15, world["pos"], world["neg"], inversion)).all()
