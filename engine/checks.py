@@ -20,6 +20,7 @@ from .families.base import ModelLayout
 from .families.fingerprints import model_fingerprint
 from .families.registry import check_supported
 from .patches.contract import KEY
+from .patches.install import check_attention_patches
 from .plan.call_sizing import call_bytes
 
 MAX_LATENT_SIDE = 1024  # 8192 px
@@ -257,6 +258,10 @@ def not_joint_edit_model(stage: Stage) -> None:
     check_not_joint_edit_model(stage.model)
 
 
+def attention_patches(stage: Stage) -> None:
+    check_attention_patches(stage.model, stage.layout)
+
+
 def inversion_model(stage: Stage) -> None:
     stage.fingerprint = model_fingerprint(stage.model)
     check_inversion_model(stage.inversion, stage.fingerprint)
@@ -325,8 +330,8 @@ def each_prompt(*checks: PromptCheck) -> Check:
     return step
 
 
-# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's, the
-# inversion's own model, frames that fit the device, the inversion's prompt usable by the source branch at every
-# step.
-RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, inversion_model, inversion_fits,
-                                       inversion_prompt)
+# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's, whose other
+# attention patches TokenFlow's can be chained with, the inversion's own model, frames that fit the device, the
+# inversion's prompt usable by the source branch at every step.
+RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, attention_patches, inversion_model,
+                                       inversion_fits, inversion_prompt)

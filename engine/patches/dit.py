@@ -44,18 +44,26 @@ from .dit_kernel import Kernel, extended_image_attention, merge_heads
 
 class DiTBlockReplace:
     """``patches_replace["dit"][(kind, id)]``: while the block runs, its pass knows the block and counts its
-    attention calls (``calls``: the calls the adapter declares in it)."""
+    attention calls (``calls``: the calls the adapter declares in it).
 
-    def __init__(self, kind: str, block_id: int, calls: frozenset[int]) -> None:
-        self.block, self.calls = (kind, block_id), calls
+    ``previous``: the block patch another node had put there. It runs inside TokenFlow's (it gets the block's
+    arguments and the original block, as the host would have called it), so TokenFlow sees the attention calls
+    of whatever it runs of the block and nothing of the other node is dropped.
+    """
+
+    def __init__(self, kind: str, block_id: int, calls: frozenset[int], previous=None) -> None:
+        self.block, self.calls, self.previous = (kind, block_id), calls, previous
+
+    def _run(self, args: dict, extra: dict) -> dict:
+        return extra["original_block"](args) if self.previous is None else self.previous(args, extra)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         ctx = pass_of(args.get("transformer_options"))
         if ctx is None or ctx.image_tokens is None:
-            return extra["original_block"](args)
+            return self._run(args, extra)
         ctx.dit_block = {"block": self.block, "calls": 0, "declared": self.calls}
         try:
-            return extra["original_block"](args)
+            return self._run(args, extra)
         finally:
             ctx.dit_block = None
 
