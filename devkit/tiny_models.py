@@ -224,6 +224,27 @@ def make_controlnet(family: str = "sd15", seed: int = 0, model_channels: int = 3
     return comfy.controlnet.ControlNet(control_model, load_device=CPU)
 
 
+def make_gligen(model_patcher, seed: int = 0, text_width: int = 32, key_dim: int = 32):
+    """A tiny real GLIGEN (``comfy.gligen.Gligen``: a gated self-attention fuser per transformer block of
+    ``model_patcher``'s UNet, in the host's ``transformer_index`` order, and the box position net) as the
+    ModelPatcher GLIGENLoader gives, for the core ``GLIGENTextBoxApply`` node; ``text_width``: the pooled width of
+    the CLIP whose text it grounds (:func:`make_clip`'s 32).
+
+    Its gates (``alpha_attn``, ``alpha_dense``, zero in a fresh GLIGEN) get non-zero values, so the boxes change the
+    UNet's output.
+    """
+    import comfy.gligen
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    widths = [block.attn1.to_q.in_features for block in model_patcher.model.diffusion_model.modules()
+              if isinstance(block, BasicTransformerBlock)]
+    fusers = [comfy.gligen.GatedSelfAttentionDense(width, key_dim, 2, width // 2) for width in widths]
+    gligen = comfy.gligen.Gligen(fusers, comfy.gligen.PositionNet(text_width, key_dim), key_dim)
+    init_weights(gligen, seed)
+    gligen.eval()
+    return comfy.model_patcher.ModelPatcher(gligen, load_device=CPU, offload_device=CPU)
+
+
 def random_latent(n: int, size: int = 8, seed: int = 0, channels: int = 4) -> dict:
     """A LATENT of ``n`` random frames (seeded)."""
     g = torch.Generator().manual_seed(seed)

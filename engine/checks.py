@@ -20,6 +20,7 @@ from .families.base import ModelLayout
 from .families.fingerprints import model_fingerprint
 from .families.registry import check_supported
 from .patches.contract import KEY
+from .patches.install import check_attention_patches
 from .plan.call_sizing import call_bytes
 
 MAX_LATENT_SIDE = 1024  # 8192 px
@@ -96,23 +97,43 @@ def check_conditioning(conditioning, model, input_name: str) -> None:
                      "overflow: try --fp32-text-enc)")
 
 
-def _covers_frame(area, latent_hw: tuple[int, int]) -> bool:
-    if not isinstance(area, (list, tuple)) or len(area) != 4 or not all(isinstance(v, int) for v in area):
-        return False  # percentage areas and other forms: assume a crop
-    h, w, y, x = area
-    return y == 0 and x == 0 and h >= latent_hw[0] and w >= latent_hw[1]
+def check_no_area(conditioning, input_name: str) -> None:
+    """Refuse area conditioning, whatever its size: for every cond with an area (Conditioning Set Area, its
+    percentage form, or Conditioning Set Mask with set_cond_area "mask bounds") ComfyUI crops the model input to
+    the area and copies the cond, id and all, into every other prompt, the source branch's included. TokenFlow's
+    correspondences cover whole frames and its keyframe records are kept per cond id: it can follow neither.
 
-
-def check_no_area(conditioning, input_name: str, latent_hw: tuple[int, int]) -> None:
-    """Area conditioning crops the latent per cond: TokenFlow's token fields cover whole frames only.
-
-    An area that covers the whole frame changes nothing and is accepted.
+    A mask without bounds only weights a prompt's prediction over whole frames, which TokenFlow honours.
     """
     for options in _options_of(conditioning):
-        if options.get("area") is not None and not _covers_frame(options["area"], latent_hw):
-            raise ValueError(f"{input_name}: area conditioning (Conditioning Set Area) is not supported by TokenFlow: "
-                             "its correspondences and propagated attention cover whole frames. Remove the Set Area "
-                             "node (or combine full-frame prompts with Conditioning Combine)")
+        if options.get("mask") is not None and options.get("set_area_to_bounds"):
+            raise ValueError(f"{input_name}: Conditioning Set Mask with set_cond_area 'mask bounds' crops the frames "
+                             "to the mask's box, which TokenFlow does not support: its correspondences and propagated "
+                             "attention cover whole frames. Set set_cond_area to 'default' (the mask then weights the "
+                             "prompt over whole frames)")
+        if options.get("area") is not None:
+            raise ValueError(f"{input_name}: area conditioning (Conditioning Set Area) is not supported by TokenFlow, "
+                             "even over the whole frame: ComfyUI crops the frames to the area and copies the prompt "
+                             "into the other prompts, and TokenFlow's correspondences and propagated attention cover "
+                             "whole frames. Remove the Set Area node (or combine full-frame prompts with Conditioning "
+                             "Combine)")
+
+
+def check_every_step(conditioning, input_name: str, fix: str) -> None:
+    """Refuse an inversion prompt whose timestep ranges (Conditioning Set Timestep Range) leave steps without any
+    of its entries: the source branch runs it at every step (the steps' PnP features and correspondences come from
+    it), and a step without it would have no source branch. Ranges that together cover every step are accepted."""
+    spans = sorted((max(o.get("start_percent", 0.0), o.get("clip_start_percent", 0.0)),
+                    min(o.get("end_percent", 1.0), o.get("clip_end_percent", 1.0))) for o in _options_of(conditioning))
+    covered = 0.0
+    for start, end in spans:
+        if start > covered:
+            break
+        covered = max(covered, end)
+    if covered < 1.0:
+        raise ValueError(f"{input_name}: the inversion prompt's timestep range (Conditioning Set Timestep Range) "
+                         f"leaves the steps from {covered:.0%} of sampling on without a prompt, but TokenFlow's source "
+                         f"branch runs the inversion prompt at every step; {fix}")
 
 
 def _options_of(conditioning) -> list[dict]:
@@ -216,10 +237,6 @@ class Stage:
     samples: torch.Tensor | None = None  # by latent_frames
 
     @property
-    def frame_hw(self) -> tuple[int, int]:
-        return tuple(self.samples.shape[-2:]) if self.samples is not None else tuple(self.inversion.latent_shape[-2:])
-
-    @property
     def n_frames(self) -> int:
         return self.samples.shape[0] if self.samples is not None else self.inversion.n_frames
 
@@ -245,6 +262,10 @@ def latent_frames(stage: Stage) -> None:
 
 def not_joint_edit_model(stage: Stage) -> None:
     check_not_joint_edit_model(stage.model)
+
+
+def attention_patches(stage: Stage) -> None:
+    check_attention_patches(stage.model, stage.layout)
 
 
 def model_identity(stage: Stage) -> None:
@@ -292,7 +313,20 @@ def flow_conditioning(stage: Stage, name: str, conditioning) -> None:
 
 
 def no_area(stage: Stage, name: str, conditioning) -> None:
-    check_no_area(conditioning, name, stage.frame_hw)
+    check_no_area(conditioning, name)
+
+
+def every_step(stage: Stage, name: str, conditioning) -> None:
+    check_every_step(conditioning, name, "remove the Set Timestep Range node from it (or combine ranges that "
+                     "cover 0 to 1)")
+
+
+def inversion_prompt(stage: Stage) -> None:
+    """The source branch's prompt is the inversion's: refused as the inversion's own prompt would have been (an
+    inversion saved by an older version may carry an area or a partial timestep range)."""
+    fix = "invert the video again with a prompt without it"
+    check_no_area(stage.inversion.conditioning, "inversion")
+    check_every_step(stage.inversion.conditioning, "inversion", fix)
 
 
 def control_hints(stage: Stage, name: str, conditioning) -> None:
@@ -308,6 +342,8 @@ def each_prompt(*checks: PromptCheck) -> Check:
     return step
 
 
-# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's, the
-# inversion's own model, frames that fit the device.
-RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, inversion_model, inversion_fits)
+# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's, whose other
+# attention patches TokenFlow's can be chained with, the inversion's own model, frames that fit the device, the
+# inversion's prompt usable by the source branch at every step.
+RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, attention_patches, inversion_model,
+                                       inversion_fits, inversion_prompt)

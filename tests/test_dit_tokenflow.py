@@ -124,7 +124,7 @@ def test_source_in_calls_of_its_own_gives_the_same_edit(world, monkeypatch):
 
     inversion = _invert(world, world["frames"])
     shared = _edit(world, inversion, editor="pnp")
-    monkeypatch.setattr(flow_edit.FlowTokenFlowGuider, "_source_shares_calls", lambda self, names: False)
+    monkeypatch.setattr(flow_edit.FlowTokenFlowGuider, "_source_shares_calls", lambda self, names, x, timestep: False)
     separate = _edit(world, inversion, editor="pnp")
     torch.testing.assert_close(separate, shared, rtol=0, atol=1e-6 * shared.abs().max())
 

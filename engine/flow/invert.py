@@ -17,7 +17,7 @@ import torch
 from ...data.products import TokenFlowInversion
 from ...tokenflow_ops.flow_inversion import sigma_at
 from ...tokenflow_ops.schedule import check_inversion_covers, editing_timesteps, inversion_timesteps
-from ..checks import (Stage, control_hints, each_prompt, flow_conditioning, latent_fits, latent_frames,
+from ..checks import (Stage, control_hints, each_prompt, every_step, flow_conditioning, latent_fits, latent_frames,
                       model_identity, no_area, not_joint_edit_model, run_checks, supported_model,
                       usable_conditioning)
 from ..families.base import FLOW
@@ -49,7 +49,8 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
 
     stage = run_checks(Stage(model, FLOW, prompts=(("conditioning", conditioning),), latent=latent), (
         supported_model, settings, latent_frames, not_joint_edit_model,
-        each_prompt(usable_conditioning, flow_conditioning, control_hints, no_area), latent_fits, model_identity))
+        each_prompt(usable_conditioning, flow_conditioning, control_hints, no_area, every_step), latent_fits,
+        model_identity))
     layout, samples = stage.layout, stage.samples
     table = model.get_model_object("model_sampling").sigmas.float().cpu()
     edit_ts, inv_ts = editing_timesteps(steps), inversion_timesteps(inversion_steps)

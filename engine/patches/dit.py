@@ -44,24 +44,33 @@ from .dit_kernel import Kernel, extended_image_attention, merge_heads
 
 class DiTBlockReplace:
     """``patches_replace["dit"][(kind, id)]``: while the block runs, its pass knows the block and counts its
-    attention calls (``calls``: the calls the adapter declares in it)."""
+    attention calls (``calls``: the calls the adapter declares in it).
 
-    def __init__(self, kind: str, block_id: int, calls: frozenset[int]) -> None:
-        self.block, self.calls = (kind, block_id), calls
+    ``previous``: the block patch another node had put there. It runs inside TokenFlow's (it gets the block's
+    arguments and the original block, as the host would have called it), so TokenFlow sees the attention calls
+    of whatever it runs of the block and nothing of the other node is dropped.
+    """
+
+    def __init__(self, kind: str, block_id: int, calls: frozenset[int], previous=None) -> None:
+        self.block, self.calls, self.previous = (kind, block_id), calls, previous
+
+    def _run(self, args: dict, extra: dict) -> dict:
+        return extra["original_block"](args) if self.previous is None else self.previous(args, extra)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         ctx = pass_of(args.get("transformer_options"))
         if ctx is None or ctx.image_tokens is None:
-            return extra["original_block"](args)
+            return self._run(args, extra)
         tag: DiTBlockTag = {"block": self.block, "calls": 0, "declared": self.calls, "reached": False}
         ctx.dit_block = tag
         try:
-            out = extra["original_block"](args)
+            out = self._run(args, extra)
         finally:
             ctx.dit_block = None
-        if self.calls and not tag["reached"]:
-            # Another node's override replaced TokenFlow's in the model's one slot without calling it: the block
-            # ran plain attention, which would pass for an edit.
+        if self.calls and not tag["reached"] and self.previous is None:
+            # The host's own block always attends: another node's override replaced TokenFlow's in the model's one
+            # slot without calling it, and the block ran plain attention, which would pass for an edit. (Another
+            # node's block patch may skip the block's attention on purpose, e.g. a skip-layer guidance pass.)
             kind, index = self.block
             raise RuntimeError(f"TokenFlow: no attention of block {kind} {index} reached TokenFlow's attention "
                                "override: a node applied after TokenFlow replaced the model's attention override "

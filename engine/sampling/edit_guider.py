@@ -58,16 +58,33 @@ class TokenFlowGuider(FrameSubsetGuider):
         return self.sample(torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback, seed=seed,
                            disable_pbar=True)
 
-    def _source_shares_calls(self, edit_names: list[str | None]) -> bool:
-        """Whether calc_cond_batch batches the source branch with the edit branches: only conds without
-        ControlNet (the source has none) or hooks, whose model inputs concatenate (text lengths whose
-        padding stays within ComfyUI's limit). Otherwise the source branch gets calls of its own, first."""
-        source = self.conds.get(SOURCE) or []
-        edits = [c for name in edit_names if name for c in self.conds.get(name) or []]
-        if any(c.get("control") is not None or c.get("hooks") is not None for c in source + edits):
+    def _source_shares_calls(self, edit_names: list[str | None], x: torch.Tensor, timestep: torch.Tensor) -> bool:
+        """Whether calc_cond_batch runs the source branch in its first model call, i.e. before any edit cond.
+
+        Mirrors calc_cond_batch on the conds as the host processes them at this step
+        (``comfy.samplers.get_area_and_mult``: timestep ranges drop conds, GLIGEN adds a patch of its own, a mask or
+        an area changes the input): it groups conds by hooks, in order, and its first call holds the conds that
+        ``comfy.samplers.can_concat_cond`` (input shape, ControlNet and patch identity, model conds) lets it batch
+        with the first one. The source, listed last, is in that call only if every source cond is. Otherwise the
+        source branch gets calls of its own, first. One frame stands for all: processing repeats every cond to the
+        call's batch, so what batches does not depend on which frames a call holds.
+        """
+        x1, t1 = x[:1], timestep[:1]
+        processed = []
+        for name in [name for name in edit_names if name] + [SOURCE]:
+            for cond in self.conds.get(name) or []:
+                if "default" in cond:  # run after every other cond (finalize_default_conds)
+                    if name == SOURCE:
+                        return False
+                    continue
+                p = comfy.samplers.get_area_and_mult(cond, x1, t1)
+                if p is not None:
+                    processed.append((name, p))
+        sources = [p for name, p in processed if name == SOURCE]
+        if not sources:
             return False
-        return all(comfy.samplers.cond_equal_size(s.get("model_conds", {}), e.get("model_conds", {}))
-                   for s in source for e in edits)
+        first = processed[0][1]
+        return all(p.hooks == first.hooks and comfy.samplers.can_concat_cond(p, first) for p in sources)
 
     def _run_pass(self, phase: Phase, idx: range | torch.Tensor, x, source, edit_names, timestep, model_options,
                   common, n: int, separate_source: bool, stop_source_early: bool = False) -> list[torch.Tensor]:
@@ -109,7 +126,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         source = None
         if needs.source_in_keyframe_pass(on_the_fly):
             source = self.source_latents(step).to(device=x.device, dtype=x.dtype, non_blocking=True)
-        own_calls = source is not None and not self._source_shares_calls(edit_names)
+        own_calls = source is not None and not self._source_shares_calls(edit_names, x, timestep)
         model = self.inner_model
         out = torch.empty_like(x)
         try:
