@@ -10,7 +10,7 @@ through ComfyUI's own sampling path.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -159,10 +159,18 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         return options
 
     def calc_on_frames(self, names: list[str | None], x: torch.Tensor, timestep: torch.Tensor, idx: range | torch.Tensor,
-                       model_options: dict, context: PassContext | None, n_frames: int, cache: bool = True) -> list[torch.Tensor]:
-        """Denoised predictions for conds ``names`` on frames ``idx`` of ``x`` (already subset by the caller or not)."""
+                       model_options: dict, context: PassContext | None, n_frames: int, cache: bool = True,
+                       calc: Callable | None = None) -> list[torch.Tensor]:
+        """Denoised predictions for conds ``names`` on frames ``idx`` of ``x`` (already subset by the caller or not).
+
+        ``calc``: a ``sampler_calc_cond_batch_function`` (e.g. SkipLayerGuidanceDiTSimple's) to run the conds with,
+        given the arguments the host's ``sampling_function`` gives it, instead of ``calc_cond_batch``."""
         comfy.model_management.throw_exception_if_processing_interrupted()
         options = self.pass_options(model_options, context)
         memo: dict = {}
         conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
-        return comfy.samplers.calc_cond_batch(self.inner_model, conds, frames_of(x, idx), frames_of(timestep, idx), options)
+        x_sub, t_sub = frames_of(x, idx), frames_of(timestep, idx)
+        if calc is not None:
+            return calc({"conds": conds, "input": x_sub, "sigma": t_sub, "model": self.inner_model,
+                         "model_options": options})
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x_sub, t_sub, options)
