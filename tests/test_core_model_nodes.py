@@ -1,4 +1,5 @@
-"""Core ComfyUI model nodes with the TokenFlow Sampler: each works as with a plain sampler.
+"""Core ComfyUI model nodes with the TokenFlow Sampler: each works as with a plain sampler, or is refused by name
+before any model call.
 
 The real core nodes (comfy_extras, V3 ``execute`` as a graph runs them) on the tiny models, float64. The edits
 are ONE step long, so the edited latent is an affine map of the step's CFG result whose weights sum to one (flow:
@@ -14,17 +15,23 @@ pass on no cond moves them by >= 1e-3.
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
+import comfy.patcher_extension
 import tiny_dit_models
 import tiny_models
-from comfy_extras import nodes_fresca, nodes_pag, nodes_sd3, nodes_slg
+from comfy_extras import (nodes_context_windows, nodes_easycache, nodes_fresca, nodes_pag, nodes_sag, nodes_sd3,
+                          nodes_slg)
+from comfy_extras.nodes_torch_compile import TorchCompileModel
 from comfyui_tokenflow.engine.ddpm import edit as ddpm_edit
 from comfyui_tokenflow.engine.flow import edit as flow_edit
 from comfyui_tokenflow.engine.flow.invert import run_inversion as run_flow_inversion
 from comfyui_tokenflow.engine.plan.settings import EditSettings
 from comfyui_tokenflow.engine.sampling_paths import run_extraction
+from reliability_tools import UNetCalls
 from tokenflow_helpers import conds, double, extract, invert, random_latent
 
 try:
@@ -224,3 +231,92 @@ def test_hooks_get_the_real_per_frame_conds(sd15):
     seen.clear()
     sd15_edit(sd15, model, cfg=1.0, positive=pos)
     assert seen and not any(has_uncond for *_, has_uncond in seen)  # cfg 1: uncond None, as the host's
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+def stand_in_animatediff_evolved(model):
+    """What AnimateDiff-Evolved's Use Evolved Sampling installs on its clone (ModelPatcherHelper.set_all_properties
+    in animatediff/model_injection.py): an OUTER_SAMPLE and a CALC_COND_BATCH wrapper keyed "ADE", the
+    attachments "ADE_sample_settings" and "ADE_params", and with motion models their injection under "ADE"
+    (which inserts the motion modules into the UNet). Here the wrappers pass through and nothing is injected."""
+    wrappers = comfy.patcher_extension.WrappersMP
+    m = model.clone()
+    m.add_wrapper_with_key(wrappers.OUTER_SAMPLE, "ADE", lambda executor, *args, **kwargs: executor(*args, **kwargs))
+    m.add_wrapper_with_key(wrappers.CALC_COND_BATCH, "ADE", lambda executor, *args, **kwargs: executor(*args, **kwargs))
+    m.set_attachments("ADE_sample_settings", object())
+    m.set_attachments("ADE_params", object())
+    m.set_injections("ADE", [comfy.patcher_extension.PatcherInjection(inject=lambda patcher: None,
+                                                                      eject=lambda patcher: None)])
+    return m
+
+
+REFUSED = {
+    "Self-Attention Guidance": lambda m: node(nodes_sag, "SelfAttentionGuidance", m, scale=0.5, blur_sigma=2.0),
+    "EasyCache": lambda m: node(nodes_easycache, "EasyCacheNode", m, reuse_threshold=0.2, start_percent=0.0,
+                                end_percent=1.0, verbose=False),
+    "LazyCache": lambda m: node(nodes_easycache, "LazyCacheNode", m, reuse_threshold=0.2, start_percent=0.0,
+                                end_percent=1.0, verbose=False),
+    "AnimateDiff-Evolved": stand_in_animatediff_evolved,
+}
+
+
+def refusal(run, model) -> str:
+    with UNetCalls(model) as calls, pytest.raises(ValueError) as error:
+        run()
+    assert calls.count == 0, "the refusal came after a model call"
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("model: ")
+    return message
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_by_name_before_any_model_call(sd15, name):
+    model = REFUSED[name](sd15["model"])
+    message = refusal(lambda: sd15_edit(sd15, model), model)
+    assert name in message and ("Remove" in message or "without" in message)
+
+
+@pytest.mark.parametrize("name", ["EasyCache", "LazyCache", "AnimateDiff-Evolved"])
+def test_step_caches_and_animatediff_are_refused_at_every_stage(sd15, sd3, name):
+    model = REFUSED[name](sd15["model"])
+    assert name in refusal(lambda: invert(model, random_latent(3, seed=3), sd15["src"], 1, 2), model)
+    assert name in refusal(lambda: extract(model, sd15["inversion"]), model)
+    flow_model = REFUSED[name](sd3["model"])
+    assert name in refusal(lambda: sd3_edit(sd3, flow_model), flow_model)
+    assert name in refusal(lambda: run_flow_inversion(flow_model, {"samples": sd3["frames"]}, sd3["src"], 1, 2),
+                           flow_model)
+
+
+def test_self_attention_guidance_is_refused_on_a_dit_too(sd3):
+    model = REFUSED["Self-Attention Guidance"](sd3["model"])
+    assert "Self-Attention Guidance" in refusal(lambda: sd3_edit(sd3, model), model)
+
+
+# ---------------------------------------------------------------------------------------------- still working
+
+def test_core_context_windows_still_run_and_change_nothing(sd15):
+    """TokenFlow batches frames itself: the context handler is set aside (on 0.8.0 also with FreeNoise, which
+    shuffles the sampler's noise: TokenFlow's is zero)."""
+    inputs = dict(context_length=2, context_overlap=1, context_schedule="standard_static", context_stride=1,
+                  closed_loop=False, fuse_method="pyramid", dim=0)
+    execute = nodes_context_windows.ContextWindowsManualNode.execute
+    if "freenoise" in inspect.signature(execute).parameters:
+        inputs["freenoise"] = True
+    model = execute(sd15["model"], **inputs).args[0]
+    with UNetCalls(model) as calls:
+        out = sd15_edit(sd15, model)
+    assert calls.count > 0
+    assert torch.equal(out, sd15["plain"])
+
+
+@pytest.mark.parametrize("rule", ["ddpm", "flow"])
+def test_torch_compile_model_passes_the_checks(sd15, sd3, rule):
+    """The core node's wrapper is no refusal (tests/test_torch_compile.py runs its compiled edits)."""
+    world = sd15 if rule == "ddpm" else sd3
+    model = TorchCompileModel.execute(world["model"], "inductor").args[0]
+    prepare = ddpm_edit.prepare_edit if rule == "ddpm" else flow_edit.prepare_edit
+    settings = EditSettings.of(editor="sdedit", cfg=CFG, batch_size=2, seed=1)
+    with UNetCalls(model) as calls:
+        prepare(model, world["pos"], world["neg"], world["inversion"], settings, world["corr"])
+    assert calls.count == 0
