@@ -19,6 +19,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+import tiny_models
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 from comfyui_tokenflow.engine.patches import contract
 from tokenflow_helpers import conds, double, edit, extract, float64_copy, invert, random_latent
@@ -105,13 +106,15 @@ def test_core_torch_compile_node_with_inductor(setup, monkeypatch):
     assert breaks == 0
 
 
-def test_a_guidance_pass_with_its_own_attention_replacement_replays_no_stale_branch(tiny_sd15):
+def test_a_guidance_pass_with_its_own_attention_replacement_replays_no_stale_branch():
     """PerturbedAttentionGuidance's extra pass adds a replacement of the middle block's self-attention per call: that
     is part of the call key, so under the guard filter it does not replay the edit branch's graph (cfg 1, extracted
     SDEdit: both calls are one positive chunk of the same frames; measured without it, PAG's effect vanished)."""
     from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 
-    model = float64_copy(tiny_sd15)
+    model = tiny_models.make_unet_model("sd15", seed=0)  # a fresh one, made float64 in place (no deepcopy: 0.8.0)
+    model.model.diffusion_model.to(torch.float64)
+    model.model.diffusion_model.dtype = torch.float64
     pos, _, src = [double(c) for c in conds(model)]
     inversion = invert(model, random_latent(3, seed=3), src, steps=2, inversion_steps=4)
     corr = extract(model, inversion)
