@@ -219,13 +219,13 @@ class Probe:
 def instrument(probe: Probe):
     """Time/measure every ``calc_on_frames`` by pass and every model evaluation (step), for this block only."""
 
-    def calc_on_frames(self, names, x, timestep, idx, model_options, context, n_frames, cache=True):
+    def calc_on_frames(self, names, x, timestep, idx, model_options, context, n_frames, cache=True, calc=None):
         label = SUBPHASE.get(context.phase, "other") if context is not None else "other"
         probe.tracker.enter(label)
         probe.sync()
         start = probe.clock()
         try:
-            return _ORIGINAL_CALC(self, names, x, timestep, idx, model_options, context, n_frames, cache)
+            return _ORIGINAL_CALC(self, names, x, timestep, idx, model_options, context, n_frames, cache, calc)
         finally:
             probe.sync()
             elapsed = probe.clock() - start

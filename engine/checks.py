@@ -151,6 +151,55 @@ def check_not_joint_edit_model(model, input_name: str = "model") -> None:
                          "loaders) directly: TokenFlow Invert, Extract Correspondences and Sampler patch it themselves")
 
 
+# What other nodes install on a model that TokenFlow's stages cannot run, keyed on what each installs (never on a
+# foreign wrapper in general: TorchCompileModel's, core context windows' and other packs' keep working).
+CACHE_KEY = "easycache"  # transformer_options key of core's EasyCache and LazyCache holders (and their wrappers' keys)
+ADE_KEY = "ADE"  # AnimateDiff-Evolved's key (ModelPatcherHelper.ADE): its wrappers, motion models and injections
+ADE_PARAMS = "ADE_params"  # the attachment Use Evolved Sampling / Apply AnimateDiff Model always set
+
+
+def _keyed(model, key: str) -> bool:
+    """Whether ``model`` (a ModelPatcher) has wrappers, injections or additional models under ``key``."""
+    wrappers = getattr(model, "wrappers", {}) or {}
+    return (any(key in by_key for by_key in wrappers.values())
+            or key in (getattr(model, "injections", {}) or {}) or key in (getattr(model, "additional_models", {}) or {}))
+
+
+def check_runs_on_frame_subsets(model, input_name: str = "model") -> None:
+    """Refuse nodes whose state spans whole sampler steps or the whole batch: TokenFlow evaluates each step as a
+    keyframe pass and propagation passes on subsets of the frames (EasyCache, LazyCache, AnimateDiff-Evolved)."""
+    holder = model.model_options.get("transformer_options", {}).get(CACHE_KEY)
+    if holder is not None or _keyed(model, CACHE_KEY) or _keyed(model, "lazycache"):
+        name = "LazyCache" if type(holder).__name__ == "LazyCacheHolder" or _keyed(model, "lazycache") else "EasyCache"
+        raise ValueError(f"{input_name}: {name} is applied to it; {name} reuses a step's model outputs by comparing "
+                         "whole steps, but TokenFlow evaluates each step as keyframe and propagation calls on subsets "
+                         f"of the frames, so it cannot cache them. Remove the {name} node (connect the model before it)")
+    attachments = getattr(model, "attachments", {}) or {}
+    if ADE_PARAMS in attachments or _keyed(model, ADE_KEY):
+        raise ValueError(f"{input_name}: AnimateDiff-Evolved is applied to it (Use Evolved Sampling / Apply AnimateDiff "
+                         "Model); its motion modules and sampling wrappers expect the whole clip in every model call, "
+                         "but TokenFlow evaluates each step on subsets of the frames (and keeps them consistent "
+                         "itself). Connect the model without the AnimateDiff-Evolved nodes")
+
+
+def _post_cfg_of(fn, module: str, owner: str) -> bool:
+    """Whether ``fn`` is the post-CFG function that node class ``owner`` of core module ``module`` sets (ComfyUI loads
+    comfy_extras by file path in the server: its module name is then the path)."""
+    name = str(getattr(fn, "__module__", "") or "").replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+    return name == module and str(getattr(fn, "__qualname__", "")).startswith(f"{owner}.")
+
+
+def check_guidance(model, input_name: str = "model") -> None:
+    """Refuse guidance whose extra pass TokenFlow cannot run: Self-Attention Guidance blurs by the uncond branch's
+    middle-block self-attention map, which TokenFlow's propagated frames never compute."""
+    for fn in model.model_options.get("sampler_post_cfg_function", []):
+        if _post_cfg_of(fn, "nodes_sag", "SelfAttentionGuidance"):
+            raise ValueError(f"{input_name}: Self-Attention Guidance is applied to it; its extra pass needs the "
+                             "uncond branch's self-attention map of the middle block, which TokenFlow replaces (the "
+                             "frames take their self-attention from the keyframes). Remove the Self-Attention Guidance "
+                             "node (PerturbedAttentionGuidance and SkipLayerGuidance work with TokenFlow)")
+
+
 def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
     """Refuse frames so large that one UNet call on a single frame exceeds the device's memory."""
     import comfy.model_management
@@ -268,6 +317,14 @@ def attention_patches(stage: Stage) -> None:
     check_attention_patches(stage.model, stage.layout)
 
 
+def runs_on_frame_subsets(stage: Stage) -> None:
+    check_runs_on_frame_subsets(stage.model)
+
+
+def guidance(stage: Stage) -> None:
+    check_guidance(stage.model)
+
+
 def model_identity(stage: Stage) -> None:
     """The model's fingerprint, taken before any model call: a product must name the base weights, and while a
     prompt's weight hooks (comfy.hooks) are applied during sampling the weights in place are not those."""
@@ -342,8 +399,8 @@ def each_prompt(*checks: PromptCheck) -> Check:
     return step
 
 
-# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's, whose other
-# attention patches TokenFlow's can be chained with, the inversion's own model, frames that fit the device, the
-# inversion's prompt usable by the source branch at every step.
-RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, attention_patches, inversion_model,
-                                       inversion_fits, inversion_prompt)
+# The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's nor a per-step
+# cache's or AnimateDiff's, whose other attention patches TokenFlow's can be chained with, the inversion's own
+# model, frames that fit the device, the inversion's prompt usable by the source branch at every step.
+RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, runs_on_frame_subsets,
+                                       attention_patches, inversion_model, inversion_fits, inversion_prompt)

@@ -6,7 +6,8 @@ traced region. These tests compile a tiny float64 UNet with ``aot_eager`` (fast:
 generation; dynamo's ``eager`` backend for the guard-filter run) and check that a 4-step PnP edit (on the fly) equals the eager edit, that the UNet
 has no graph break, that it compiles at most once per distinct call (its ``call_key``), and that a
 ``guard_filter_fn`` that drops every guard on ``transformer_options`` (what newer hosts pass)
-still gives the eager result: no stale branch is replayed. One inductor run through the core
+still gives the eager result: no stale branch is replayed, also for a post-CFG guidance pass that replaces a
+block's self-attention per call (PerturbedAttentionGuidance). One inductor run through the core
 node itself is marked ``slow`` (``TOKENFLOW_COMPILE_INDUCTOR=1`` runs it).
 """
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+import tiny_models
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 from comfyui_tokenflow.engine.patches import contract
-from tokenflow_helpers import conds, double, edit, float64_copy, invert, random_latent
+from tokenflow_helpers import conds, double, edit, extract, float64_copy, invert, random_latent
 
 FRAMES, STEPS = 4, 4
 # float64: compiled and eager differ by reordered float64 rounding only (measured below 1e-9 on a
@@ -97,6 +99,34 @@ def test_core_torch_compile_node_with_inductor(setup, monkeypatch):
     counters.clear()
     try:
         out = edit(compiled, pos, neg, inversion, editor="pnp", steps=STEPS)
+        breaks = int(sum(counters["graph_break"].values()))
+    finally:
+        torch._dynamo.reset()
+    assert (out - eager).abs().max().item() < TOLERANCE
+    assert breaks == 0
+
+
+def test_a_guidance_pass_with_its_own_attention_replacement_replays_no_stale_branch():
+    """PerturbedAttentionGuidance's extra pass adds a replacement of the middle block's self-attention per call: that
+    is part of the call key, so under the guard filter it does not replay the edit branch's graph (cfg 1, extracted
+    SDEdit: both calls are one positive chunk of the same frames; measured without it, PAG's effect vanished)."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    model = tiny_models.make_unet_model("sd15", seed=0)  # a fresh one, made float64 in place (no deepcopy: 0.8.0)
+    model.model.diffusion_model.to(torch.float64)
+    model.model.diffusion_model.dtype = torch.float64
+    pos, _, src = [double(c) for c in conds(model)]
+    inversion = invert(model, random_latent(3, seed=3), src, steps=2, inversion_steps=4)
+    corr = extract(model, inversion)
+    guided = PerturbedAttentionGuidance.execute(model, scale=3.0).args[0]
+    eager = edit(guided, pos, pos, inversion, corr, editor="sdedit", cfg=1.0)
+    assert (eager - edit(model, pos, pos, inversion, corr, editor="sdedit", cfg=1.0)).abs().max() > 1e-3
+    compiled = guided.clone()
+    set_torch_compile_wrapper(compiled, backend="eager", options={"guard_filter_fn": skip_transformer_options})
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = edit(compiled, pos, pos, inversion, corr, editor="sdedit", cfg=1.0)
         breaks = int(sum(counters["graph_break"].values()))
     finally:
         torch._dynamo.reset()

@@ -18,7 +18,8 @@ from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERAN
 from ...tokenflow_ops.schedule import (alpha_bar_from_sigma, check_inversion_covers, check_step_count,
                                        editing_timesteps, inversion_timesteps)
 from ..checks import (Stage, control_hints, each_prompt, every_step, latent_fits, latent_frames, model_identity,
-                      no_area, not_joint_edit_model, run_checks, supported_model, usable_conditioning)
+                      no_area, not_joint_edit_model, run_checks, runs_on_frame_subsets, supported_model,
+                      usable_conditioning)
 from ..families.base import DDPM
 from ..families.fingerprints import frames_fingerprint
 from ..sampling.inversion_guiders import ChunkGuider, FrameBatchGuider
@@ -62,7 +63,7 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
         check_inversion_settings(steps, inversion_steps, method, max_iterations, tolerance)
 
     stage = run_checks(Stage(model, DDPM, prompts=(("conditioning", conditioning),), latent=latent), (
-        supported_model, settings, latent_frames, not_joint_edit_model,
+        supported_model, settings, latent_frames, not_joint_edit_model, runs_on_frame_subsets,
         each_prompt(usable_conditioning, no_area, every_step), latent_fits, each_prompt(control_hints), model_identity))
     layout, samples = stage.layout, stage.samples
     sampling = model.get_model_object("model_sampling")

@@ -27,8 +27,9 @@ import torch
 from ...data.products import TokenFlowCorrespondences, TokenFlowInversion
 from ...tokenflow_ops.flow_inversion import sigma_at
 from ..checks import (Stage, attention_patches, control_hints, correspondences_match, correspondences_product,
-                      each_prompt, editor_conditioning, flow_conditioning, inversion_model, inversion_prompt, no_area,
-                      not_joint_edit_model, run_checks, supported_model, usable_conditioning)
+                      each_prompt, editor_conditioning, flow_conditioning, guidance, inversion_model,
+                      inversion_prompt, no_area, not_joint_edit_model, run_checks, runs_on_frame_subsets,
+                      supported_model, usable_conditioning)
 from ..families.base import FLOW
 from ..patches.install import patched_clone
 from ..plan.edit_plan import clamp_batch_size, make_plan
@@ -55,7 +56,8 @@ def no_residual_blocks(stage: Stage) -> None:
 
 # The flow edit's refusals in the order they must keep (the frame-size check of the DDPM rule's run on an
 # inversion is not among them).
-EDIT_CHECKS = (supported_model, not_joint_edit_model, attention_patches, inversion_model, inversion_prompt,
+EDIT_CHECKS = (supported_model, not_joint_edit_model, runs_on_frame_subsets, attention_patches, guidance,
+               inversion_model, inversion_prompt,
                correspondences_product, correspondences_match,
                each_prompt(usable_conditioning, flow_conditioning, no_area, control_hints), editor_conditioning,
                no_residual_blocks)

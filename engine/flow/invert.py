@@ -18,8 +18,8 @@ from ...data.products import TokenFlowInversion
 from ...tokenflow_ops.flow_inversion import sigma_at
 from ...tokenflow_ops.schedule import check_inversion_covers, editing_timesteps, inversion_timesteps
 from ..checks import (Stage, control_hints, each_prompt, every_step, flow_conditioning, latent_fits, latent_frames,
-                      model_identity, no_area, not_joint_edit_model, run_checks, supported_model,
-                      usable_conditioning)
+                      model_identity, no_area, not_joint_edit_model, run_checks, runs_on_frame_subsets,
+                      supported_model, usable_conditioning)
 from ..families.base import FLOW
 from ..families.fingerprints import frames_fingerprint
 from ..sampling.inversion_guiders import FrameBatchGuider
@@ -48,7 +48,7 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
         check_inversion_settings(steps, inversion_steps, method, stage.layout.family)
 
     stage = run_checks(Stage(model, FLOW, prompts=(("conditioning", conditioning),), latent=latent), (
-        supported_model, settings, latent_frames, not_joint_edit_model,
+        supported_model, settings, latent_frames, not_joint_edit_model, runs_on_frame_subsets,
         each_prompt(usable_conditioning, flow_conditioning, control_hints, no_area, every_step), latent_fits,
         model_identity))
     layout, samples = stage.layout, stage.samples

@@ -133,9 +133,14 @@ class PassContext:
     keyframes: int = 0  # keyframes of this step (rows per branch in the keyframe outputs)
     field_blocks: tuple = ()  # the blocks whose extracted fields are prefetched per call (with field_provider)
     clone_settings: CloneSettings | None = None  # the patched clone's settings (model_options[KEY])
+    # A UNet's attn1 replacements in the options the pass was made with. One that a call adds on top (the perturbed
+    # pass of a guidance node such as PerturbedAttentionGuidance) runs its block instead of TokenFlow's, as it would
+    # run instead of the plain model's self-attention.
+    base_attn1: dict = field(default_factory=dict, repr=False)
     # Per call, set by the APPLY_MODEL wrapper: the call key, and on a DiT the image tokens of its latents.
     key: str | None = None
     image_tokens: int | None = None
+    foreign_attn1: dict = field(default_factory=dict)  # per UNet call: the blocks another attn1 replacement runs
     dit_block: DiTBlockTag | None = None  # per DiT block, set by its block patch while it runs
     device_cache: dict = field(default_factory=dict, repr=False)  # this call's device tensors, made once
 
@@ -210,7 +215,8 @@ class PassContext:
         return "|".join(str(v) for v in (
             self.phase.value, order, self.source_index, sorted(self.pnp_attention), self.pnp_residual,
             self.stop_after_residuals, self.field_provider is not None, self.field_sink is not None, self.keyframes,
-            len(self.frames), None if pairs is None else pairs.rows.shape[0], rows, self.bank.trace is not None))
+            len(self.frames), None if pairs is None else pairs.rows.shape[0], rows, self.bank.trace is not None,
+            sorted(map(str, self.foreign_attn1))))
 
 
 def pass_of(options: dict | None) -> PassContext | None:

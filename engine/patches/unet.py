@@ -61,6 +61,8 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
                                               keys_are_unit=True)
     if ctx.phase is Phase.EXTRACT_FRAMES:  # handed to the sink after the call (by the APPLY_MODEL wrapper)
         return n, context, value
+    if block in ctx.foreign_attn1 or block[:2] in ctx.foreign_attn1:  # another replacement attends: whole tokens
+        return n, context, value
     # Propagated frames never compute self-attention: hand the q/k/v projections a single token
     # each so that their cost vanishes too (the replacement below rebuilds the full token count).
     one = n[:, :1]
@@ -114,6 +116,9 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     if ctx.phase is Phase.JOINT:
         return _joint_attention(q, k, v, extra)
     block = _block_key(extra)
+    foreign = ctx.foreign_attn1.get(block[:2])
+    if foreign is not None:  # added by this call over TokenFlow's (a guidance node's perturbed pass): it runs
+        return foreign(q, k, v, extra)
     if ctx.phase is Phase.KEYFRAMES:
         return _keyframe_attention(q, k, v, extra, ctx, block)
     # Propagation: self-attention is not computed; keyframe outputs are gathered through the fields.
@@ -125,3 +130,16 @@ def tokenflow_attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
                            f"({values.shape[1]} vs {fields.shape[-1]}); area conditioning is not supported")
     out = propagate(values, fields, ctx.gather_rows(rows, values.shape[1], values.device), ctx.frame_weights(values))
     return out.reshape(-1, *out.shape[2:])
+
+
+def foreign_attn1(ctx: PassContext, transformer_options: dict) -> dict:
+    """The self-attention replacements of a call that are not TokenFlow's and run their block (per call, by the
+    APPLY_MODEL wrapper; not for the Keyframe Joint Edit's passes): one the host picks over TokenFlow's (a block and
+    transformer index of its own), or one for a whole block that this call added to the options its pass was made
+    with (TokenFlow's own replacement defers to it). Their blocks keep all tokens in ``attn1_patch``."""
+    if ctx.phase is Phase.JOINT:
+        return {}
+    replaces = (transformer_options.get("patches_replace") or {}).get("attn1") or {}
+    ours = tokenflow_attn1_replace
+    return {key: fn for key, fn in replaces.items()
+            if fn is not ours and (len(key) == 3 or ctx.base_attn1.get(key) is not fn)}

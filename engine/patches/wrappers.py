@@ -14,6 +14,7 @@ import functools
 import torch
 
 from ..families.base import FLOW
+from .unet import foreign_attn1
 from .contract import EXTRACT_PHASES, KEY, PassContext, Phase, StepBank, branches, pass_of
 
 CALL_KEY = "tokenflow_call"  # keyword argument of the diffusion model: see PassContext.call_key
@@ -119,6 +120,8 @@ def tokenflow_call_wrapper(executor, x, t, c_concat=None, c_crossattn=None, cont
                            "the models patched_clone returns")
     if ctx.clone_settings.layout.sampling == FLOW:
         _image_tokens(executor, ctx, x, kwargs)
+    else:
+        ctx.foreign_attn1 = foreign_attn1(ctx, transformer_options)
     src, _ = ctx.roles(transformer_options)
     if ctx.source_input is not None and src is not None:  # also when ComfyUI runs the source chunk alone
         parts = list(x.chunk(len(transformer_options["cond_or_uncond"])))

@@ -21,6 +21,7 @@ from ...data.products import TokenFlowInversion
 from ..patches.contract import PassContext, Phase, StepBank
 from ..plan.call_sizing import even_chunks, fits, frames_per_call
 from ..plan.edit_plan import EditPlan
+from .cfg_hooks import apply_cfg, guidance_banks
 from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
 
 SOURCE = "tokenflow_source"  # the source branch's conds: the inversion prompt
@@ -88,18 +89,20 @@ class TokenFlowGuider(FrameSubsetGuider):
 
     def _run_pass(self, phase: Phase, idx: range | torch.Tensor, x, source, edit_names, timestep, model_options,
                   common, n: int, separate_source: bool, stop_source_early: bool = False) -> list[torch.Tensor]:
-        """One pass over frames ``idx``: the source branch with the edit branches, or before them."""
+        """One pass over frames ``idx``: the source branch with the edit branches, or before them. A
+        ``sampler_calc_cond_batch_function`` runs the edit branches' calls (then never shared with the source)."""
         ids = frame_ids(idx)
         cache = phase is Phase.FRAMES  # propagation subsets recur every step; keyframe subsets do not
+        calc = model_options.get("sampler_calc_cond_batch_function")
         if source is None:
             return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
-                                       PassContext(phase, frames=ids, **common), n, cache=cache)
+                                       PassContext(phase, frames=ids, **common), n, cache=cache, calc=calc)
         if separate_source:
             self.calc_on_frames([SOURCE], source, timestep, idx, model_options,
                                 PassContext(phase, frames=ids, source_index=0, stop_after_residuals=stop_source_early,
                                             **common), n, cache=cache)
             return self.calc_on_frames(edit_names, x, timestep, idx, model_options,
-                                       PassContext(phase, frames=ids, **common), n, cache=cache)
+                                       PassContext(phase, frames=ids, **common), n, cache=cache, calc=calc)
         # Listed LAST: short of memory, calc_cond_batch runs a call's conds in parts, last listed first
         # (it reverses the batchable list), so the source branch still runs before the edit branches.
         names = edit_names + [SOURCE]
@@ -126,15 +129,21 @@ class TokenFlowGuider(FrameSubsetGuider):
         source = None
         if needs.source_in_keyframe_pass(on_the_fly):
             source = self.source_latents(step).to(device=x.device, dtype=x.dtype, non_blocking=True)
-        own_calls = source is not None and not self._source_shares_calls(edit_names, x, timestep)
+        # A calc_cond_batch function is handed the edit branches' conds alone: the source gets calls of its own.
+        calc_function = "sampler_calc_cond_batch_function" in model_options
+        own_calls = source is not None and (calc_function or not self._source_shares_calls(edit_names, x, timestep))
         model = self.inner_model
         out = torch.empty_like(x)
+        guides = guidance_banks(model_options, bank)
         try:
             # Keyframe pass: it cannot be split by frames (extended attention spans every keyframe).
             with_source = branches + (source is not None)
             keyframes_fit = fits(model, with_source * len(keyframes), latent_shape, x.device)
-            self._run_pass(Phase.KEYFRAMES, keyframes, x, source, edit_names, timestep, model_options, common, n,
-                           separate_source=own_calls or not keyframes_fit)
+            keyframe_preds = self._run_pass(Phase.KEYFRAMES, keyframes, x, source, edit_names, timestep,
+                                            model_options, common, n, separate_source=own_calls or not keyframes_fit)
+            if guides:  # the post-CFG functions' own keyframe passes, recorded in their banks (the CFG is unused)
+                self._combine(keyframe_preds, x, timestep, keyframes, model_options, edit_names, Phase.KEYFRAMES,
+                              guides, common, cache=False)
             bank.pnp_qk.clear()  # only the keyframe pass computes (and injects into) self-attention
             # Propagation pass: every frame, as many per call as memory allows.
             frame_source = source if needs.source_in_propagation(on_the_fly) else None
@@ -147,18 +156,25 @@ class TokenFlowGuider(FrameSubsetGuider):
                 bank.residuals.clear()
                 preds = self._run_pass(Phase.FRAMES, frames, x, frame_source, edit_names, timestep, model_options,
                                        common, n, separate_source=separate, stop_source_early=stop_early)
-                out[frames.start:frames.stop] = self._combine(preds, x, timestep, frames, model_options)
+                out[frames.start:frames.stop] = self._combine(preds, x, timestep, frames, model_options, edit_names,
+                                                              Phase.FRAMES, guides, common)
                 self.progress.update(len(frames))
         finally:
             if self.trace is not None:
                 self.trace.extend((t, *event) for event in bank.trace)
             bank.clear()
+            for guide in guides:
+                guide.clear()
         return out
 
-    def _combine(self, preds: list[torch.Tensor], x, timestep, idx, model_options) -> torch.Tensor:
-        x_b, t_b = frames_of(x, idx), frames_of(timestep, idx)
-        for fn in model_options.get("sampler_pre_cfg_function", []):
-            preds = fn({"conds": None, "conds_out": preds, "cond_scale": self.cfg, "timestep": t_b, "input": x_b,
-                        "sigma": t_b, "model": self.inner_model, "model_options": model_options})
-        cond_pred, uncond_pred = preds
-        return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x_b, t_b, model_options)
+    def _combine(self, preds: list[torch.Tensor], x, timestep, idx, model_options, edit_names, phase: Phase,
+                 guides: list[StepBank], common: dict, cache: bool = True) -> torch.Tensor:
+        """The CFG of frames ``idx`` (:func:`.cfg_hooks.apply_cfg`): the hooks get these frames' own conds, and each
+        post-CFG function's model calls are a ``phase`` pass on its bank in ``guides``."""
+        memo: dict = {}
+        cond, uncond = (self.conds_for(name, idx, x.shape[0], cache, memo) if name else None for name in edit_names)
+        ids = frame_ids(idx)
+        post = [self.pass_options(model_options, PassContext(phase, frames=ids, **{**common, "bank": guide}))
+                for guide in guides]
+        return apply_cfg(self.inner_model, preds, cond, uncond, self.cfg, frames_of(x, idx), frames_of(timestep, idx),
+                         model_options, post)

@@ -10,7 +10,7 @@ through ComfyUI's own sampling path.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -147,15 +147,30 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         return subset
 
     # -- model calls -----------------------------------------------------------------------
-    def calc_on_frames(self, names: list[str | None], x: torch.Tensor, timestep: torch.Tensor, idx: range | torch.Tensor,
-                       model_options: dict, context: PassContext | None, n_frames: int, cache: bool = True) -> list[torch.Tensor]:
-        """Denoised predictions for conds ``names`` on frames ``idx`` of ``x`` (already subset by the caller or not)."""
-        comfy.model_management.throw_exception_if_processing_interrupted()
+    def pass_options(self, model_options: dict, context: PassContext | None) -> dict:
+        """A copy of ``model_options`` for calls on a frame subset, carrying ``context`` (and the clone's settings)."""
         options = comfy.model_patcher.create_model_options_clone(model_options)
         options.pop("context_handler", None)  # TokenFlow does its own frame batching
         if context is not None:
             context.clone_settings = model_options.get(KEY)  # the patched clone's, for the per-call wrappers
-            options.setdefault("transformer_options", {})[KEY] = context
+            transformer_options = options.setdefault("transformer_options", {})
+            context.base_attn1 = transformer_options.get("patches_replace", {}).get("attn1", {})
+            transformer_options[KEY] = context
+        return options
+
+    def calc_on_frames(self, names: list[str | None], x: torch.Tensor, timestep: torch.Tensor, idx: range | torch.Tensor,
+                       model_options: dict, context: PassContext | None, n_frames: int, cache: bool = True,
+                       calc: Callable | None = None) -> list[torch.Tensor]:
+        """Denoised predictions for conds ``names`` on frames ``idx`` of ``x`` (already subset by the caller or not).
+
+        ``calc``: a ``sampler_calc_cond_batch_function`` (e.g. SkipLayerGuidanceDiTSimple's) to run the conds with,
+        given the arguments the host's ``sampling_function`` gives it, instead of ``calc_cond_batch``."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        options = self.pass_options(model_options, context)
         memo: dict = {}
         conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
-        return comfy.samplers.calc_cond_batch(self.inner_model, conds, frames_of(x, idx), frames_of(timestep, idx), options)
+        x_sub, t_sub = frames_of(x, idx), frames_of(timestep, idx)
+        if calc is not None:
+            return calc({"conds": conds, "input": x_sub, "sigma": t_sub, "model": self.inner_model,
+                         "model_options": options})
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x_sub, t_sub, options)
