@@ -400,7 +400,8 @@ def each_prompt(*checks: PromptCheck) -> Check:
 
 
 # The opening of every run on an inversion: a model of the stage's rule that is not the Joint Edit's nor a per-step
-# cache's or AnimateDiff's, whose other attention patches TokenFlow's can be chained with, the inversion's own
-# model, frames that fit the device, the inversion's prompt usable by the source branch at every step.
-RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, runs_on_frame_subsets,
+# cache's or AnimateDiff's, no guidance TokenFlow cannot propagate (named before the attention patch it installs),
+# other attention patches TokenFlow's can be chained with, the inversion's own model, frames that fit the device,
+# the inversion's prompt usable by the source branch at every step.
+RUN_ON_INVERSION: tuple[Check, ...] = (supported_model, not_joint_edit_model, runs_on_frame_subsets, guidance,
                                        attention_patches, inversion_model, inversion_fits, inversion_prompt)

@@ -15,8 +15,8 @@
 # (scripts/hosts.sh) into ~/comfy/ComfyUI when GitHub is reachable.
 # Host with TOKENFLOW_HOST=<tag> (what `scripts/test.sh --all-hosts` sets for each tested host):
 # $COMFYUI_PATH_<TAG> (v0.8.0 -> COMFYUI_PATH_V0_8_0); for the minimum host the places above;
-# for a newer one ComfyUI-<tag> beside the minimum host (~/comfy/ComfyUI-v0.8.0); else a clone of
-# the tag there when GitHub is reachable. The host's comfyui_version.py must say that tag.
+# for a newer one ComfyUI-<tag> beside the minimum host (~/comfy/ComfyUI-v0.8.0 by default); else a
+# clone of the tag there when GitHub is reachable. The host's comfyui_version.py must say that tag.
 # Otherwise it fails and says how to provide one; it never skips silently.
 #
 # Python: $TOKENFLOW_VENV (with TOKENFLOW_HOST: $TOKENFLOW_VENV_<TAG>), else ~/comfy/venv for the
@@ -107,18 +107,30 @@ _tf_find_host() {
         _tf_find_minimum_host
         return
     fi
-    local tag="$TOKENFLOW_HOST" variable
+    local tag="$TOKENFLOW_HOST" variable first_variable
     variable="COMFYUI_PATH_$(_tf_tag_suffix "$tag")"
+    first_variable="COMFYUI_PATH_$(_tf_tag_suffix "$TOKENFLOW_MIN_HOST")"
     if [ -n "${!variable:-}" ]; then
         _tf_use_root "${!variable}" "$variable" || return 1
     elif [ "$tag" = "$TOKENFLOW_MIN_HOST" ]; then
-        _tf_find_minimum_host || return 1
+        if [ -n "${COMFYUI_PATH:-}" ]; then  # the usual variable names the minimum host too
+            _tf_use_root "$COMFYUI_PATH" COMFYUI_PATH || return 1
+        else
+            _tf_find_minimum_host || return 1
+        fi
     else
-        # Beside the minimum host, wherever that one was put.
-        local first_variable first
-        first_variable="COMFYUI_PATH_$(_tf_tag_suffix "$TOKENFLOW_MIN_HOST")"
-        first="${!first_variable:-$HOME/comfy/ComfyUI}"
-        _tf_place_or_clone "$(dirname "$first")/ComfyUI-$tag" "$tag" "$variable" || return 1
+        # Beside the minimum host, wherever that one is (its own variable, COMFYUI_PATH, the ComfyUI holding
+        # this pack, else ~/comfy/ComfyUI).
+        local first="${!first_variable:-${COMFYUI_PATH:-}}" parent
+        if [ -z "$first" ]; then
+            parent="$(dirname "$TOKENFLOW_REPO")"
+            first="$HOME/comfy/ComfyUI"
+            if [ "$(basename "$parent")" = "custom_nodes" ] && _tf_is_comfy_root "$(dirname "$parent")"; then
+                first="$(dirname "$parent")"
+            fi
+        fi
+        _tf_place_or_clone "$(cd "$(dirname "$first")" 2>/dev/null && pwd || dirname "$first")/ComfyUI-$tag" \
+            "$tag" "$variable" || return 1
     fi
     local version
     version="$(_tf_host_version "$COMFYUI_PATH")"
@@ -175,7 +187,8 @@ _tf_setup_venv() {
     local py="$venv/bin/python"
     local stamp_file="$venv/.tokenflow-requirements" stamp versions
     stamp="$(_tf_requirements_stamp)"
-    if versions="$(_tf_env_ok "$py")" && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
+    versions="$(_tf_env_ok "$py")" || versions=""
+    if [ -n "$versions" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
         _tf_log "python: reusing $venv ($versions)"
     else
         if [ ! -x "$py" ]; then
@@ -186,16 +199,19 @@ _tf_setup_venv() {
             fi
             _tf_log "creating virtual environment $venv with $("$boot" --version 2>&1)"
             "$boot" -m venv "$venv" >&2 || { _tf_log "ERROR: python -m venv $venv failed."; return 1; }
-        else
-            _tf_log "python: $venv was not made from $COMFYUI_PATH/requirements.txt and this pack's; installing"
         fi
         local pip=("$py" -m pip install --disable-pip-version-check)
-        local torch_index=()
-        [ -n "${TOKENFLOW_TORCH_INDEX_URL:-}" ] && torch_index=(--index-url "$TOKENFLOW_TORCH_INDEX_URL")
-        _tf_log "pip install $_TF_TORCH_PINS"
-        # shellcheck disable=SC2086  # the pins are words
-        "${pip[@]}" ${torch_index[@]+"${torch_index[@]}"} $_TF_TORCH_PINS >&2 \
-            || { _tf_log "ERROR: installing torch failed."; return 1; }
+        if [ -n "$versions" ]; then
+            # A working venv (its torch kept as it is, a CUDA build included) only gets what the host lists.
+            _tf_log "python: $venv was not made from $COMFYUI_PATH/requirements.txt and this pack's; completing it"
+        else
+            local torch_index=()
+            [ -n "${TOKENFLOW_TORCH_INDEX_URL:-}" ] && torch_index=(--index-url "$TOKENFLOW_TORCH_INDEX_URL")
+            _tf_log "pip install $_TF_TORCH_PINS"
+            # shellcheck disable=SC2086  # the pins are words
+            "${pip[@]}" ${torch_index[@]+"${torch_index[@]}"} $_TF_TORCH_PINS >&2 \
+                || { _tf_log "ERROR: installing torch failed."; return 1; }
+        fi
         _tf_log "pip install -r $COMFYUI_PATH/requirements.txt, test tools and $TOKENFLOW_REPO/requirements.txt"
         "${pip[@]}" -r "$COMFYUI_PATH/requirements.txt" requests pytest opencv-python-headless \
             -r "$TOKENFLOW_REPO/requirements.txt" >&2 \

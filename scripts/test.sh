@@ -15,8 +15,13 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-if [ "${1:-}" = "--all-hosts" ]; then
-    shift
+all_hosts=0
+passed=()
+for arg in "$@"; do
+    if [ "$arg" = "--all-hosts" ]; then all_hosts=1; else passed+=("$arg"); fi
+done
+set -- ${passed[@]+"${passed[@]}"}
+if [ "$all_hosts" -eq 1 ]; then
     # shellcheck source=scripts/hosts.sh
     source "$repo/scripts/hosts.sh"
     overall=0

@@ -82,9 +82,10 @@ def _tome(model):
 
 
 REFUSED = [
+    # SAG's post-CFG function is recognised first and names the node; its attn1 replacement, the block
     ("sag-edit", _sag, lambda m, w: edit(m, w["pos"], w["neg"], w["inversion"]),
-     ["model:", "transformer block ('middle', 0, 0)", "nodes_sag", "attn_and_record", "Self-Attention Guidance"]),
-    ("sag-extract", _sag, lambda m, w: extract(m, w["inversion"]), ["model:", "('middle', 0, 0)", "attn_and_record"]),
+     ["model:", "Self-Attention Guidance", "middle block", "Remove the Self-Attention Guidance node"]),
+    ("sag-extract", _sag, lambda m, w: extract(m, w["inversion"]), ["model:", "Self-Attention Guidance"]),
     ("sag-joint-edit", _sag, lambda m, w: TokenFlowKeyframeJointEdit.execute(m), ["model:", "('middle', 0, 0)"]),
     ("block-level-replace", lambda m: _with_block_replace(m), lambda m, w: edit(m, w["pos"], w["neg"], w["inversion"]),
      ["model:", "transformer block ('input', 1)", "halve_attention"]),

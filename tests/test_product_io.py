@@ -31,7 +31,8 @@ N_FRAMES = 4
 @pytest.fixture(scope="module")
 def products(tiny_sd15):
     src, pos, neg = conds(tiny_sd15)
-    src[0][1]["area"] = (8, 8, 0, 0)  # a tuple and a float option must come back as they were
+    # a tuple and a float option must come back as they were (not "area": TokenFlow refuses area conditioning)
+    src[0][1]["tuple_option"] = (8, 8, 0, 0)
     src[0][1]["strength"] = 0.75
     latent = random_latent(N_FRAMES)
     inversion = invert(tiny_sd15, latent, src)
@@ -82,7 +83,7 @@ def test_inversion_round_trip_is_exact(products, saved):
     loaded = product_io.load_inversion(saved["inversion"])
     assert isinstance(loaded, TokenFlowInversion)
     assert_same_product(products["inversion"], loaded)
-    assert loaded.conditioning[0][1]["area"] == (8, 8, 0, 0)
+    assert loaded.conditioning[0][1]["tuple_option"] == (8, 8, 0, 0)
 
 
 def test_correspondences_round_trip_is_exact(products, saved):
@@ -229,7 +230,7 @@ def test_corrupt_files_are_refused(saved, tmp_path, damage):
     elif damage == "syntax":
         data[8] = ord("x")  # the header is no longer JSON
     else:
-        at = data.index(b'\\"area\\"', 8)  # inside the conditioning metadata value, same length
+        at = data.index(b'\\"tuple_option\\"', 8)  # inside the conditioning metadata value, same length
         data[at + 3] = ord("X")
     path = tmp_path / f"{damage}.safetensors"
     path.write_bytes(bytes(data))

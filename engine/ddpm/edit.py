@@ -16,7 +16,7 @@ from ...data.products import TokenFlowCorrespondences, TokenFlowInversion
 from ...tokenflow_ops.inversion import add_noise, ddim_noise
 from ...tokenflow_ops.schedule import alpha_bar_from_sigma
 from ..checks import (RUN_ON_INVERSION, Stage, control_hints, correspondences_match, each_prompt, editor_conditioning,
-                      guidance, no_area, run_checks, usable_conditioning)
+                      no_area, run_checks, usable_conditioning)
 from ..families.base import DDPM
 from ..patches.install import patched_clone
 from ..plan.edit_plan import make_plan
@@ -26,9 +26,9 @@ from .samplers import ddim_sampler
 
 log = logging.getLogger(__name__)
 
-# The edit's refusals in the order they must keep: the run on an inversion, the model's guidance, each prompt, the
-# editor's, the correspondences.
-EDIT_CHECKS = (*RUN_ON_INVERSION, guidance, each_prompt(usable_conditioning, no_area, control_hints), editor_conditioning,
+# The edit's refusals in the order they must keep: the run on an inversion (the model's guidance included), each
+# prompt, the editor's, the correspondences.
+EDIT_CHECKS = (*RUN_ON_INVERSION, each_prompt(usable_conditioning, no_area, control_hints), editor_conditioning,
                correspondences_match)
 
 

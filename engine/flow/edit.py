@@ -56,7 +56,7 @@ def no_residual_blocks(stage: Stage) -> None:
 
 # The flow edit's refusals in the order they must keep (the frame-size check of the DDPM rule's run on an
 # inversion is not among them).
-EDIT_CHECKS = (supported_model, not_joint_edit_model, runs_on_frame_subsets, attention_patches, guidance,
+EDIT_CHECKS = (supported_model, not_joint_edit_model, runs_on_frame_subsets, guidance, attention_patches,
                inversion_model, inversion_prompt,
                correspondences_product, correspondences_match,
                each_prompt(usable_conditioning, flow_conditioning, no_area, control_hints), editor_conditioning,

@@ -54,8 +54,18 @@ class DiTBlockReplace:
     def __init__(self, kind: str, block_id: int, calls: frozenset[int], previous=None) -> None:
         self.block, self.calls, self.previous = (kind, block_id), calls, previous
 
-    def _run(self, args: dict, extra: dict) -> dict:
-        return extra["original_block"](args) if self.previous is None else self.previous(args, extra)
+    def _run(self, args: dict, extra: dict, ran: list | None = None) -> dict:
+        if self.previous is None:
+            return extra["original_block"](args)
+        if ran is None:
+            return self.previous(args, extra)
+        original = extra["original_block"]
+
+        def original_block(block_args: dict) -> dict:
+            ran.append(True)
+            return original(block_args)
+
+        return self.previous(args, {**extra, "original_block": original_block})
 
     def __call__(self, args: dict, extra: dict) -> dict:
         ctx = pass_of(args.get("transformer_options"))
@@ -63,14 +73,14 @@ class DiTBlockReplace:
             return self._run(args, extra)
         tag: DiTBlockTag = {"block": self.block, "calls": 0, "declared": self.calls, "reached": False}
         ctx.dit_block = tag
+        ran: list = []  # whether the host's own block ran (another node's block patch may skip it on purpose)
         try:
-            out = self._run(args, extra)
+            out = self._run(args, extra, ran)
         finally:
             ctx.dit_block = None
-        if self.calls and not tag["reached"] and self.previous is None:
+        if self.calls and not tag["reached"] and (self.previous is None or ran):
             # The host's own block always attends: another node's override replaced TokenFlow's in the model's one
-            # slot without calling it, and the block ran plain attention, which would pass for an edit. (Another
-            # node's block patch may skip the block's attention on purpose, e.g. a skip-layer guidance pass.)
+            # slot without calling it, and the block ran plain attention, which would pass for an edit.
             kind, index = self.block
             raise RuntimeError(f"TokenFlow: no attention of block {kind} {index} reached TokenFlow's attention "
                                "override: a node applied after TokenFlow replaced the model's attention override "

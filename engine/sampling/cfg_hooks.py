@@ -1,5 +1,5 @@
 """The model's CFG hooks on one frame subset of a TokenFlow step, called as the host's ``sampling_function`` and
-``cfg_function`` call them (comfy/samplers.py; the same arguments on 0.3.64 and 0.8.0).
+``cfg_function`` call them (comfy/samplers.py; the same arguments on every tested host, scripts/hosts.sh).
 
 A plain sampler hands its hooks the whole batch's processed conds; a TokenFlow step combines its predictions per
 frame subset, so every hook gets that subset's own conds (``FrameSubsetGuider.conds_for``):

@@ -176,5 +176,8 @@ class TokenFlowGuider(FrameSubsetGuider):
         ids = frame_ids(idx)
         post = [self.pass_options(model_options, PassContext(phase, frames=ids, **{**common, "bank": guide}))
                 for guide in guides]
+        hooks = model_options
+        if phase is Phase.KEYFRAMES:  # only the post-CFG functions' model calls count here: a stateful pre-CFG
+            hooks = {**model_options, "sampler_pre_cfg_function": []}  # hook (a momentum) sees each frame once a step
         return apply_cfg(self.inner_model, preds, cond, uncond, self.cfg, frames_of(x, idx), frames_of(timestep, idx),
-                         model_options, post)
+                         hooks, post)
