@@ -16,6 +16,10 @@ class StepNeeds:
 
     attention_injection: "frozenset[BlockKey]" = frozenset()  # source q/k into the edit keyframes' self-attention
     residual_injection: tuple[str, ...] = ()  # ResBlocks whose residual features the source hands the edit branches
+    # On a DiT, what the source hands each injected block: (block, "v" | "kv") pairs
+    # (:func:`~..families.block_lists.parse_attention_injection`); a block not listed gets what the family's
+    # default preset injects.
+    attention_tensors: "tuple[tuple[BlockKey, str], ...]" = ()
 
     def source_in_keyframe_pass(self, on_the_fly: bool) -> bool:
         """The source branch runs on the keyframes: its tokens (on the fly), q/k or features are needed."""

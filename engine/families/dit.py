@@ -8,8 +8,10 @@ A :class:`DiTFamily` declares, for one ComfyUI diffusion-model class:
 - ``image_tokens``: how many image tokens a latent of (h, w) gives. In every declared attention
   the image tokens are the LAST ones (Flux: ``cat(txt, img)``; SD3: ``cat(context, x)``; SD3.5's
   second attention holds image tokens only), so the split is the same rule for every family.
-- ``pnp_attention``: the default blocks of Plug-and-Play-style source injection, with the method
-  cited (:attr:`pnp_source`) and what it injects (:attr:`pnp_injects`: "v" or "kv" of the image tokens).
+- ``pnp_attention``: the default blocks of Plug-and-Play-style source injection (``auto``), with the method
+  cited (:attr:`pnp_source`) and what it injects (:attr:`pnp_injects`: "v" or "kv" of the image tokens);
+  ``presets``: the named injection presets of :mod:`.injection_presets` (Flux: ``rf_solver``, the default,
+  and ``stable_flow``), values of ``pnp_attention_blocks`` like ``auto``.
 - the sampling rule: CONST (rectified flow) on the model's own sigmas.
 
 Another DiT family is one more :class:`DiTFamily` in :data:`.registry.FAMILIES`.
@@ -26,6 +28,7 @@ import torch
 import comfy.model_sampling
 
 from .base import FLOW, BlockKey, ModelLayout
+from .injection_presets import RF_SOLVER, SD3_HEURISTIC, STABLE_FLOW, InjectionPreset
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ class DiTFamily:
     pnp_attention: Callable[[tuple[BlockKey, ...]], tuple[BlockKey, ...]]
     pnp_injects: str  # "v": the source's image-token values; "kv": its image-token keys and values
     pnp_source: str  # the method the default injection follows
+    # Named values of pnp_attention_blocks; ``auto`` is (pnp_attention, pnp_injects), listed here under its method's
+    # name where it has one (Flux: rf_solver).
+    presets: tuple[InjectionPreset, ...] = ()
 
     def claims(self, model_patcher) -> bool:
         cls = _class_named(self.model_class)
@@ -82,27 +88,6 @@ def _flux_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
             + tuple(("single_block", i, 0) for i in range(len(dm.single_blocks))))
 
 
-# RF-Solver-Edit's Flux-dev setting (wangjiangshan0725/RF-Solver-Edit, FLUX_Image_Edit/src/flux/modules/layers.py
-# SingleStreamBlock.forward: ``if info['inject'] and info['id'] > 19``): single blocks 20..37 of Flux-dev's 38.
-RF_SOLVER_FIRST_SINGLE_BLOCK, FLUX_DEV_SINGLE_BLOCKS = 20, 38
-
-
-def _rf_solver_blocks(blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
-    """RF-Solver-Edit (Wang et al., "Taming Rectified Flow for Inversion and Editing", 2024): in the first
-    ``inject`` denoising steps, the attention values V of the single-stream blocks 20..37 (of 38; none in the
-    double-stream blocks) are the ones its inversion recorded at the same timestep. Scaled to the model: the
-    single blocks from 20/38 of their count on (Flux-dev and Flux-schnell: exactly 20..37), at least the last one.
-
-    What is injected differs in one point: RF-Solver-Edit replaces the whole V of a single block, the text
-    tokens' values (the source prompt's) included; the pack injects the image tokens' values only (``"v"``
-    of the image tokens), the edit's text tokens keep their own."""
-    single = [b for b in blocks if b[0] == "single_block"]
-    if not single:
-        return ()
-    first = min(round(len(single) * RF_SOLVER_FIRST_SINGLE_BLOCK / FLUX_DEV_SINGLE_BLOCKS), len(single) - 1)
-    return tuple(single[first:])
-
-
 def _sd3_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
     keys: list[BlockKey] = []
     for i, block in enumerate(dm.joint_blocks):
@@ -112,25 +97,16 @@ def _sd3_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
     return tuple(keys)
 
 
-def _stable_flow_blocks(blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
-    """Stable Flow (Avrahami et al., CVPR 2025) swaps the source's IMAGE-token keys and values into the edit, in
-    every denoising step, in its "vital layers", found for Flux-dev by layer bypassing (snap-research/stable-flow,
-    run_stable_flow.py: double blocks 0, 1, 17, 18 and single blocks 6, 9, 34, 35, 37; keys/values taken before
-    the q/k norm and RoPE, which the source and the edit share). Its code defines vital layers for Flux-dev
-    only: for SD3.x the joint attention of the second quarter of the blocks is used, and the choice is an input
-    (pnp_attention_blocks)."""
-    joint = [b for b in blocks if b[2] == 0]
-    quarter = max(1, len(joint) // 4)
-    return tuple(joint[quarter:2 * quarter])
-
-
 FLUX = DiTFamily(
     name="flux", model_class="comfy.ldm.flux.model.Flux", blocks=_flux_blocks, image_tokens=_patched_tokens,
-    pnp_attention=_rf_solver_blocks, pnp_injects="v",
-    pnp_source="RF-Solver-Edit (Wang et al. 2024): share the source's attention values V in single blocks 20..37 of 38")
+    pnp_attention=RF_SOLVER.blocks, pnp_injects=RF_SOLVER.injects,
+    pnp_source="RF-Solver-Edit (Wang et al. 2024): share the source's attention values V in single blocks 20..37 of 38",
+    presets=(RF_SOLVER, STABLE_FLOW))
 SD3 = DiTFamily(
     name="sd3", model_class="comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",
-    blocks=_sd3_blocks, image_tokens=_patched_tokens, pnp_attention=_stable_flow_blocks, pnp_injects="kv",
-    pnp_source="Stable Flow (Avrahami et al. 2025): swap image keys/values in the chosen (vital) layers")
+    blocks=_sd3_blocks, image_tokens=_patched_tokens, pnp_attention=SD3_HEURISTIC.blocks,
+    pnp_injects=SD3_HEURISTIC.injects,
+    pnp_source="a heuristic with Stable Flow's injection (Avrahami et al. 2025): swap image keys/values in the joint "
+               "blocks of the second quarter (no published vital layers for SD3.x)")
 
 DIT_FAMILIES: tuple[DiTFamily, ...] = (FLUX, SD3)

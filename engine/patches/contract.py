@@ -123,6 +123,7 @@ class PassContext:
     source_input: torch.Tensor | None = None  # model-space source latents of ``frames`` for shared calls
     pairing: FramePairing | None = None
     pnp_attention: frozenset = frozenset()
+    pnp_tensors: dict = field(default_factory=dict)  # DiT: block -> "v" | "kv" (unlisted: the family's default)
     pnp_residual: tuple[str, ...] = ()
     field_provider: FieldProvider | None = None  # extracted fields; None: on the fly from source tokens
     field_sink: FieldSink | None = None
@@ -213,7 +214,8 @@ class PassContext:
         rows = self.bank.owner_rows(list(options.get("uuids", [None])), self.keyframes) \
             if self.phase is Phase.FRAMES else ()
         return "|".join(str(v) for v in (
-            self.phase.value, order, self.source_index, sorted(self.pnp_attention), self.pnp_residual,
+            self.phase.value, order, self.source_index, sorted(self.pnp_attention), sorted(self.pnp_tensors.items()),
+            self.pnp_residual,
             self.stop_after_residuals, self.field_provider is not None, self.field_sink is not None, self.keyframes,
             len(self.frames), None if pairs is None else pairs.rows.shape[0], rows, self.bank.trace is not None,
             sorted(map(str, self.foreign_attn1))))

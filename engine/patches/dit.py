@@ -15,8 +15,9 @@ A patched DiT clone has (installed by :mod:`.install`):
   * keyframe pass, edit branches: each keyframe's IMAGE queries attend to its own text keys/values
     (repeated once per keyframe, which keeps plain attention's text/image balance) plus the image
     keys/values of ALL keyframes (extended attention); text queries attend as in plain sampling. PnP
-    (``pnp_attention`` blocks): the source's image values (RF-Solver-Edit, adapter ``pnp_injects="v"``) or
-    keys and values (Stable Flow, ``"kv"``) replace the edit's;
+    (``pnp_attention`` blocks): the source's image values (``"v"``: RF-Solver-Edit) or keys and values
+    (``"kv"``: Stable Flow) replace the edit's, as the pass's ``pnp_tensors`` say (the preset or block list),
+    else as the adapter's ``pnp_injects`` (the family's default preset);
   * propagation pass, every branch: image-token outputs are the two-keyframe blend of keyframe
     outputs gathered along the nearest neighbours of the source branch's image tokens, per block;
     text queries attend as in plain sampling;
@@ -154,7 +155,8 @@ def _keyframe_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassContext
         if block in ctx.pnp_attention:  # and its image keys / values for PnP
             ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:]) if k_s.shape[2] > n_img else (k_s, v_s)
     if edit:
-        injects = ctx.clone_settings.layout.adapter.pnp_injects if block in ctx.pnp_attention else ""
+        injects = ctx.pnp_tensors.get(block, ctx.clone_settings.layout.adapter.pnp_injects) \
+            if block in ctx.pnp_attention else ""
         src_kv = ctx.bank.pnp_qk[block] if injects else None
         if injects:
             ctx.bank.record_injection("attention", block, ctx.phase, len(edit))

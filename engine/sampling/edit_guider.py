@@ -119,7 +119,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         keyframes = self.plan.schedule.keyframes[step]
         bank = StepBank(trace=[] if self.trace is not None else None)
         common = dict(bank=bank, pairing=self.plan.schedule.pairing(step, n), pnp_attention=needs.attention_injection,
-                      pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
+                      pnp_tensors=dict(needs.attention_tensors), pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
                       field_blocks=tuple(self.plan.correspondences.fields) if not on_the_fly else (),
                       keyframes=len(keyframes))
         edit_names = ["positive", "negative"]
