@@ -24,6 +24,8 @@ from pathlib import Path
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default
 # The cfg ComfyUI's own SD3.5 template samples with (4.01); the official TokenFlow cfg (7.5) is an SD 1.x/2.x setting.
 SD3_CFG = 4.0
+# Editor settings whose default follows the family: unset on the command line (None) until resolve_family_settings.
+FAMILY_EDITOR_DEFAULTS = ("pnp_attn_t",)
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,8 @@ def add_flux_dev_nodes(prompt: dict, guidance: float, frame_size: tuple[int, int
 
 
 def resolve_family_settings(args: argparse.Namespace, family: Family | None, default_cfg: float) -> str | None:
-    """--cfg and --guidance for the detected family (Flux: cfg 1; Flux-dev: guidance 3.5; SD3.x: cfg 4); a message
-    if misused."""
+    """--cfg, --guidance and --pnp-attn-t for the detected family (Flux: cfg 1, pnp_attn_t 0.2; Flux-dev: guidance
+    3.5; SD3.x: cfg 4); a message if misused."""
     flux = family is not None and family.flux
     words = family.words if family is not None else "not detected as Flux"
     if args.flux_route and not flux:
@@ -192,7 +194,19 @@ def resolve_family_settings(args: argparse.Namespace, family: Family | None, def
         args.cfg = 1.0 if flux else SD3_CFG if sd3 else default_cfg
     if args.guidance is None:
         args.guidance = FLUX_GUIDANCE
+    if getattr(args, "pnp_attn_t", 0.0) is None:
+        args.pnp_attn_t = pnp_fraction(flux)
     return None
+
+
+def pnp_fraction(flux: bool) -> float:
+    """--pnp-attn-t left unset: on Flux the published fraction of its default injection preset (rf_solver: RF-Solver-
+    Edit's demo injects in 5 of 25 steps, 0.2), else the PnP editor's declared default."""
+    from comfyui_tokenflow.engine.editors.pnp import PlugAndPlayEditor
+    from comfyui_tokenflow.engine.families.injection_presets import RF_SOLVER
+
+    declared = next(s.default for s in PlugAndPlayEditor.inputs if s.name == "pnp_attn_t")
+    return RF_SOLVER.fraction if flux else declared
 
 
 def frame_size(args: argparse.Namespace, video: Path, source_size) -> tuple[int, int] | None:

@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: 1 on Flux, "
                    f"which is guidance-distilled and then skips the negative; 4 on SD3.x; {defaults.cfg} otherwise)")
     for setting in editor_settings():  # --pnp-attn-t, --pnp-f-t, --sdedit-start, ...: the editors' declarations
-        p.add_argument(setting.flag, type=setting.kind, default=setting.default, help=_help(setting.tooltip))
+        by_family = setting.name in models.FAMILY_EDITOR_DEFAULTS  # set once the model's family is known
+        p.add_argument(setting.flag, type=setting.kind, default=None if by_family else setting.default,
+                       help=_help(setting.tooltip + (f" (default: {models.pnp_fraction(True):g} on Flux, its default "
+                                                     f"preset's published fraction; {setting.default:g} otherwise)"
+                                                     if by_family else "")))
     p.add_argument("--controlnet", help="ControlNet file (path or name in ComfyUI/models/controlnet) for "
                    "--editor controlnet; hints are canny edges of each frame")
     p.add_argument("--controlnet-strength", type=float, default=1.0, help="ControlNet strength")

@@ -48,6 +48,9 @@ CLIP_L_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/m
 T5XXL = "t5xxl_fp16.safetensors"
 T5XXL_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default, Flux-dev's usual distilled guidance
+# pnp_attn_t on Flux: the published fraction of its default injection preset, rf_solver (RF-Solver-Edit's demo: 5 of 25
+# steps; engine/families/injection_presets.py RF_SOLVER.fraction).
+FLUX_PNP_ATTN_T = 0.2
 # SD3.5 Large as ComfyUI's own SD3.5 template loads it: one all-in-one file (MMDiT + CLIP-L/G + T5-XXL + VAE) through
 # CheckpointLoaderSimple, cfg about 4.
 SD35_LARGE = "sd3.5_large_fp8_scaled.safetensors"
@@ -270,7 +273,7 @@ def _flux() -> Example:
         N(5, "CLIPTextEncode", "Edit", widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
         N(6, "CLIPTextEncode", "Edit", widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt (unused at cfg 1)"),
         N(28, "FluxGuidance", "Edit", 1, widgets={"guidance": FLUX_GUIDANCE}),
-        _sampler(10, "pnp", col=2, cfg=1.0),
+        _sampler(10, "pnp", col=2, cfg=1.0, pnp_attn_t=FLUX_PNP_ATTN_T),
     ]
     links = [
         (1, "MODEL", 26, "model"), (2, 0, 3, "pixels"), (25, "VAE", 3, "vae"),
@@ -292,7 +295,10 @@ def _flux() -> Example:
         f"({FLUX_GUIDANCE}) on the inversion and edit prompts. At cfg 1 the sampler skips the negative prompt; it is "
         "wired so that a cfg above 1 works.\n\n**ModelSamplingFlux** shifts the noise schedule by the frame size, as "
         "Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): keep its width / "
-        "height equal to the loader's.\n\nFlux " + TINY_ONLY + NOTE_GROUPS)
+        "height equal to the loader's.\n\n**PnP on Flux**: *pnp_attention_blocks* auto is the `rf_solver` preset "
+        "(RF-Solver-Edit: image values in single blocks 20-37 of 38) and *pnp_attn_t* is its published fraction, "
+        f"**{FLUX_PNP_ATTN_T:g}**; `stable_flow` (Stable Flow: image keys and values in its vital layers) injects in "
+        "every step in its paper: set *pnp_attn_t* 1 with it.\n\nFlux " + TINY_ONLY + NOTE_GROUPS)
     nodes += out + [_note(note, (440, 900))]
     return Example("tokenflow_flux", nodes, links + out_links,
                    thumbnail=("TokenFlow + PnP on Flux-dev", f"edit prompt: {EDIT_PROMPT}"))
@@ -313,7 +319,8 @@ def _sd3() -> Example:
         "\n\nOther SD3 / SD3.5 all-in-one checkpoints load the same way (SD3.5 Medium's second image attention is "
         f"extended and propagated too). **cfg {SD35_CFG:g}** with the negative prompt; the flow inversion takes Euler "
         "steps on the model's own shifted schedule. PnP on SD3.x swaps the source's image keys and values (Stable "
-        "Flow's injection) in the second quarter of the joint blocks by default: *pnp_attention_blocks* takes e.g. "
+        "Flow's injection) in the second quarter of the joint blocks by default, a heuristic (no published vital "
+        "layers for SD3.x; scripts/find_vital_layers.py finds a model's own): *pnp_attention_blocks* takes e.g. "
         "`double_block:9-17` (SD3.5 Large's default). SD3.5 is trained at 1024x1024: raise the loader's width / "
         "height for sharper frames (memory grows with the pixel count).\n\nSD3.x " + TINY_ONLY + NOTE_GROUPS)
     nodes += out + [_note(note, (440, 900))]

@@ -60,6 +60,18 @@ def test_the_runner_flags_come_from_the_declarations():
     assert sampler["sdedit_start"] == 0.7 and sampler["pnp_residual_blocks"] == "none" and sampler["pnp_f_t"] == 0.8
 
 
+def test_the_runner_takes_pnp_attn_t_from_the_familys_default_preset():
+    """Unset, --pnp-attn-t is the published fraction of the family's default preset on Flux (rf_solver: 0.2, RF-Solver-
+    Edit's demo), the editor's declared default elsewhere; given, it is kept."""
+    runner = _runner()
+    flux, sd3 = runner.models.Family("Flux", True, True, True), runner.models.Family("SD3", True)
+    for family, argv, expected in ((flux, [], 0.2), (sd3, [], 0.5), (None, [], 0.5), (flux, ["--pnp-attn-t", "0.7"], 0.7)):
+        args = runner.build_parser().parse_args(argv)
+        args.flux_route = False
+        assert runner.models.resolve_family_settings(args, family, EditSettings().cfg) is None
+        assert args.pnp_attn_t == expected, (family, argv)
+
+
 def test_an_editor_is_handed_only_what_it_declared(tiny_sd15):
     seen: list[dict] = []
 

@@ -203,3 +203,13 @@ def test_a_value_the_family_lacks_is_refused_before_any_model_call(world, value,
     assert message.startswith("pnp_attention_blocks: ") and words in message and "\n" not in message
     assert "'auto', 'none'" in message and "double_block:1" in message, message  # the values that work
     assert calls.count == 0
+
+
+def test_the_flux_example_uses_the_default_presets_published_fraction():
+    import example_specs
+    from comfyui_tokenflow.engine.families.injection_presets import RF_SOLVER
+
+    flux = next(e for e in example_specs.example_specs() if e.name == "tokenflow_flux")
+    sampler = next(n for n in flux.nodes if n.type == "TokenFlowSampler")
+    assert sampler.widgets["pnp_attn_t"] == RF_SOLVER.fraction == 0.2
+    assert sampler.widgets["pnp_attention_blocks"] == "auto" and dit.FLUX.pnp_attention is RF_SOLVER.blocks

@@ -24,7 +24,7 @@ def injection_choices(layout: ModelLayout) -> str:
     presets = [p.name for p in getattr(layout.adapter, "presets", ())]
     suffix = " (an entry may end in ':v' or ':kv': inject image values, or keys and values)" \
         if _family_injects(layout) else ""
-    return f"a block list such as '{_block_list_example(layout.default_pnp_attention)}'{suffix}, or " + \
+    return f"'{_block_list_example(layout.default_pnp_attention)}'{suffix}, or " + \
         ", ".join(f"'{name}'" for name in ["auto", "none", *presets])
 
 
@@ -39,7 +39,7 @@ def _not_a_value(word: str, layout: ModelLayout) -> ValueError:
     owners = [f.name for f in DIT_FAMILIES if word in {p.name for p in f.presets}]
     whose = f" (a {'/'.join(owners)} preset)" if owners else ""
     return ValueError(f"pnp_attention_blocks: {word!r}{whose} is not a value for this {layout.family} model; "
-                      f"write {injection_choices(layout)}")
+                      f"write e.g. {injection_choices(layout)}")
 
 
 def parse_attention_injection(text: str, layout: ModelLayout,
