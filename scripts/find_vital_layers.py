@@ -28,6 +28,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import runner_models as models  # scripts/runner_models.py, beside this file
 import runner_support as support  # scripts/runner_support.py, beside this file
@@ -35,6 +36,9 @@ import runner_support as support  # scripts/runner_support.py, beside this file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "devkit"))
 import pack_import  # noqa: E402  (devkit/pack_import.py: outside ComfyUI the pack is the package comfyui_tokenflow)
+
+if TYPE_CHECKING:  # pragma: no cover  (torch is imported with the host, after the arguments are read)
+    import torch
 
 PROMPTS = (
     "a photo of a red fox in a snowy forest", "a city street at night with neon signs, rain on the ground",
