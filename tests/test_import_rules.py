@@ -21,8 +21,10 @@ COMFYUI = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_path
            "server", "execution", "node_helpers"}
 COMFYUI_ALLOWED = {"tokenflow_ops": set(), "metric": set(), "data": {"comfy_api"}}  # engine, nodes: all of ComfyUI
 COMFYUI_FREE = ["engine/plan/settings.py", "engine/plan/__init__.py", "engine/door.py",
+                "engine/families/__init__.py", "engine/families/base.py", "engine/families/injection_presets.py",
                 *sorted(str(p.relative_to(REPO)) for p in (REPO / "engine/editors").glob("*.py"))]
-COMFYUI_FREE_IMPORTS = ("engine.editors", "engine.plan.settings", "engine.door", "tokenflow_ops")
+COMFYUI_FREE_IMPORTS = ("engine.editors", "engine.plan.settings", "engine.door", "tokenflow_ops",
+                        "engine.families.base", "engine.families.injection_presets")
 # The engine's rooms (docs/architecture.md) and the rooms each may import: one way, bottom to top.
 ENGINE_ROOMS = {
     "door": set(),
