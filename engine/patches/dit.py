@@ -27,7 +27,10 @@ The image-token count of a call comes from the APPLY_MODEL wrapper (:mod:`.wrapp
 
 Cost: the edit branches of a call share one extended attention (one kernel call for their image queries, one
 for their text queries), kernels return the heads layout and a call's pieces are merged once, and the
-keyframe outputs are kept whole so that propagation gathers their image rows in place.
+banks keep contiguous copies of the image rows they read, never views of a call's whole tensors: a view would
+pin the call's text rows (and, in a Flux single block, the whole fused linear output behind k and v), and the
+keyframe pass's calls may differ in text length (ComfyUI does not batch prompts of different token counts), so
+only image rows of every call can be joined.
 """
 from __future__ import annotations
 
@@ -153,7 +156,7 @@ def _keyframe_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassContext
             v_given = v_s if kernel.in_heads else split_roles(v, chunks, src)[0]
             ctx.bank.keyframe_tokens[block] = unit_tokens(kernel.image_values(v_given, n_img))
         if block in ctx.pnp_attention:  # and its image keys / values for PnP
-            ctx.bank.pnp_qk[block] = (k_s[:, :, -n_img:], v_s[:, :, -n_img:]) if k_s.shape[2] > n_img else (k_s, v_s)
+            ctx.bank.pnp_qk[block] = (image_rows(k_s, n_img, 2), image_rows(v_s, n_img, 2))
     if edit:
         injects = ctx.pnp_tensors.get(block, ctx.clone_settings.layout.adapter.pnp_injects) \
             if block in ctx.pnp_attention else ""
@@ -162,8 +165,8 @@ def _keyframe_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassContext
             ctx.bank.record_injection("attention", block, ctx.phase, len(edit))
         out_e = extended_image_attention(q_e, k_e, v_e, src_kv, injects, kernel, n_img, len(edit))
     out = merge_heads(join_roles(out_s, out_e, chunks, src))
-    # The whole output is kept (text tokens first): propagation gathers its image rows in place, no copy.
-    ctx.bank.keyframe_outputs.setdefault(block, []).append((out, list(options.get("uuids", [None]))))
+    ctx.bank.keyframe_outputs.setdefault(block, []).append((image_rows(out, n_img, 1),
+                                                             list(options.get("uuids", [None]))))
     return out
 
 
@@ -180,11 +183,9 @@ def _propagated_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassConte
             ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,
                                                   ctx.max_elements, plan=ctx.pair_plan(q.device), keys_are_unit=True)
     uuids = list(options.get("uuids", [None]))
-    values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, T_kf, d): text first, then image
+    values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, n_img, d): image rows only
     fields = ctx.fields_for(block, values.device)
-    n_txt_kf = values.shape[1] - n_img
-    base = _image_rows(ctx, rows, values.shape[1], n_txt_kf, values.device)
-    img = propagate(values, fields, base, ctx.frame_weights(values))
+    img = propagate(values, fields, ctx.gather_rows(rows, n_img, values.device), ctx.frame_weights(values))
     img = img.reshape(-1, n_img, img.shape[-1])
     n_txt = (q.shape[2] if kernel.in_heads else q.shape[1]) - n_img
     if n_txt == 0:
@@ -192,16 +193,10 @@ def _propagated_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassConte
     return torch.cat([kernel(kernel.text_tokens(q, n_txt), k, v), img], 1)
 
 
-def _image_rows(ctx: PassContext, rows: tuple[int, ...], tokens: int, n_txt: int, device: torch.device) -> torch.Tensor:
-    """Flat rows of the keyframes' image tokens in whole keyframe outputs of ``tokens`` tokens (text first), for
-    :func:`propagate`; prepared once per call and layout (SD3.5 has two: joint and image-only attention)."""
-    def make() -> torch.Tensor:
-        first = ctx.device_cache.get(("dit_first_layout", rows, device))
-        if first is None:  # the call's first layout: the shared gather rows, offset past the text
-            ctx.device_cache[("dit_first_layout", rows, device)] = tokens
-            base = ctx.gather_rows(rows, tokens, device)
-        else:  # another layout: rescaled from the first one's rows (no second host-built tensor)
-            base = ctx.gather_rows(rows, first, device) // first * tokens
-        return base + n_txt if n_txt else base
-
-    return ctx.cached(("dit_rows", rows, tokens, n_txt, device), make)
+def image_rows(tensor: torch.Tensor, n_img: int, dim: int) -> torch.Tensor:
+    """The last ``n_img`` tokens of ``tensor`` along ``dim`` in storage of their own (copied unless ``tensor`` is
+    already exactly that): what a bank keeps must not hold the rest of the call's storage alive."""
+    own = tensor.shape[dim] == n_img and tensor.is_contiguous() \
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if own else tensor.narrow(dim, tensor.shape[dim] - n_img, n_img).clone(
+        memory_format=torch.contiguous_format)
