@@ -180,3 +180,22 @@ def test_extended_attention_runs_on_comfyui_fused_attention():
     out = attention.extended_attention(q, k, v, 2, fused)
     assert calls == [torch.Size([1, 30, 16])]  # one fused call, keys never repeated per keyframe
     assert torch.allclose(out, _brute_extended(q, k, v, 2), atol=1e-5)  # float32 kernel vs restatement (observed <= 0.03)
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 3 * 256 * 256, 100])  # one matmul, batches of pairs, token rows
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tokens_are_compared_in_float32(dtype, budget):
+    """bf16 / fp16 tokens (Flux, SDXL in half precision): the similarities are computed in float32, so the
+    nearest neighbours are those of float32 brute force on the same (rounded) tokens, not ties broken by a
+    dot product rounded to 8 or 11 mantissa bits."""
+    g = torch.Generator().manual_seed(3)
+    n, tokens, dim = 6, 256, 64
+    frames = correspondence.unit_tokens(torch.randn(n, tokens, dim, generator=g)).to(dtype)
+    pairing = keyframes.official_pairing(n, 3)
+    plan = keyframes.keyframe_plan(n, 3, 1, seed=0)[0]
+    fields = correspondence.frame_fields(frames, torch.arange(n), frames[plan], pairing, max_elements=budget,
+                                         keys_are_unit=True)
+    wide = frames.float()
+    for i in range(n):
+        for column, slot in enumerate(pairing.slots[i].tolist()):
+            assert torch.equal(fields[i, column], (wide[i] @ wide[plan[slot]].T).argmax(-1))

@@ -17,7 +17,7 @@ import torch
 
 from .keyframes import FramePairing
 
-DEFAULT_MAX_ELEMENTS = 1 << 26  # 64M similarities (128 MiB in fp16, 256 MiB in fp32) per chunk
+DEFAULT_MAX_ELEMENTS = 1 << 26  # 64M similarities (256 MiB: computed in at least float32) per chunk
 
 
 def unit_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -70,23 +70,35 @@ def pair_nearest_neighbours(frame_units: torch.Tensor, key_units: torch.Tensor, 
     n, m = frame_units.shape[1], key_units.shape[1]
     pairs = plan.rows.shape[0]
     keys_t = key_units.transpose(1, 2)  # (K, d, M)
+
+    def select(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # Similarities in at least float32: a bf16 dot product keeps 8 mantissa bits, so the nearest
+        # neighbour would often be a tie broken by rounding. Stored tokens keep their dtype; only the
+        # selected batch is promoted.
+        return similarity_operand(tokens.index_select(0, index))
+
     per_chunk = max_elements // max(1, n * m)
     if per_chunk >= pairs:  # the common case: one batched matmul for the whole call
-        return torch.bmm(frame_units.index_select(0, plan.rows), keys_t.index_select(0, plan.slots)).argmax(dim=-1)
+        return torch.bmm(select(frame_units, plan.rows), select(keys_t, plan.slots)).argmax(dim=-1)
     out = torch.empty(pairs, n, dtype=torch.long, device=frame_units.device)
     if per_chunk >= 1:
         for start in range(0, pairs, per_chunk):
             stop = start + per_chunk
-            queries = frame_units.index_select(0, plan.rows[start:stop])
-            out[start:stop] = torch.bmm(queries, keys_t.index_select(0, plan.slots[start:stop])).argmax(dim=-1)
+            queries = select(frame_units, plan.rows[start:stop])
+            out[start:stop] = torch.bmm(queries, select(keys_t, plan.slots[start:stop])).argmax(dim=-1)
         return out
     tokens = max(1, max_elements // max(1, m))  # one pair does not fit: split its tokens
     for p in range(pairs):  # index_select with device indices: no host read
-        query = frame_units.index_select(0, plan.rows[p:p + 1])[0]
-        key = keys_t.index_select(0, plan.slots[p:p + 1])[0]
+        query = select(frame_units, plan.rows[p:p + 1])[0]
+        key = select(keys_t, plan.slots[p:p + 1])[0]
         for start in range(0, n, tokens):
             out[p, start:start + tokens] = (query[start:start + tokens] @ key).argmax(dim=-1)
     return out
+
+
+def similarity_operand(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` in a dtype of at least float32's precision (float32 and float64 pass unchanged)."""
+    return tokens if tokens.dtype in (torch.float32, torch.float64) else tokens.float()
 
 
 def frame_fields(frame_tokens: torch.Tensor, frame_ids: torch.Tensor, keyframe_tokens: torch.Tensor,
