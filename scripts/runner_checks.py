@@ -82,8 +82,8 @@ def check_output(args: argparse.Namespace) -> str | None:
     """--output must name an .mp4 file (what Save Video writes) that is not a folder."""
     output = Path(args.output).expanduser()
     if output.is_dir():
-        return (f"error: --output {args.output} is a folder: pass a file name in it, e.g. "
-                f"--output {output / (Path(args.video).stem + '_tokenflow.mp4')}.")
+        return (f"error: --output {args.output} is a folder: pass --output "
+                f"{output / (Path(args.video).stem + '_tokenflow.mp4')} (a file in it).")
     if output.suffix.lower() not in OUTPUT_EXTENSIONS:
         return (f"error: --output {args.output}: the runner writes H.264 video in {' / '.join(OUTPUT_EXTENSIONS)} "
                 f"only: pass --output {output.with_suffix('.mp4')}.")
