@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..data.frame_size import MAX_SIZE, MIN_SIDE
 from ..data.products import TokenFlowCorrespondences, TokenFlowInversion, extracted_from
 from .editors import get_editor
 from .families.base import ModelLayout
@@ -23,8 +24,7 @@ from .patches.contract import KEY
 from .patches.install import check_attention_patches
 from .plan.call_sizing import call_bytes
 
-MAX_LATENT_SIDE = 1024  # 8192 px
-MIN_LATENT_SIDE = 8  # 64 px: the UNet downsamples three times
+MAX_LATENT_SIDE, MIN_LATENT_SIDE = MAX_SIZE // 8, MIN_SIDE // 8  # the loader's and the runner's px limits, in latents
 
 
 def check_finite(values: torch.Tensor, what: str, fix: str) -> None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
-import runner_support as support  # scripts/runner_support.py, beside this file
+import model_links  # devkit/model_links.py (the runner puts devkit/ on sys.path)
+from comfyui_tokenflow.data import frame_size
+from comfyui_tokenflow.tokenflow_ops import schedule
 
 
-CHECKPOINT_HELP = """\
+CHECKPOINT_HELP = f"""\
 Pass the Stable Diffusion checkpoint to edit with:
 
     --checkpoint /path/to/model.safetensors        (a .safetensors or .ckpt file, SD1.x / SD2.x / SDXL, or an
@@ -21,9 +22,9 @@ Pass the Stable Diffusion checkpoint to edit with:
     --unet flux1-dev.safetensors --clip-l clip_l.safetensors --t5 t5xxl_fp16.safetensors --vae ae.safetensors
                                                    (Flux's separate files, names as in ComfyUI/models/)
 
-TokenFlow's official setting uses Stable Diffusion 2.1-base, file v2-1_512-ema-pruned.safetensors from
-https://huggingface.co/stabilityai/stable-diffusion-2-1-base (any SD1.5 checkpoint works too, e.g.
-v1-5-pruned-emaonly-fp16.safetensors from https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive).
+TokenFlow's official setting uses Stable Diffusion 2.1-base, file {model_links.SD21_BASE.name} from
+{model_links.SD21_BASE.url}
+(any SD1.5 checkpoint works too, e.g. {model_links.SD15.url}).
 Put it in ComfyUI/models/checkpoints/ or anywhere and pass its path. Example:
 
     bash scripts/run.sh --video wolf.mp4 --prompt "a shiny silver robotic wolf" --inversion-prompt "a wolf" \\
@@ -96,25 +97,84 @@ def validation_errors(error: dict, node_errors: dict | None, editor_flags: dict[
     return lines
 
 
-def size_note(args: argparse.Namespace, video: Path) -> str | None:
+def size_note(args: argparse.Namespace, output_size: tuple[int, int] | None) -> str | None:
     """Say so when --width / --height are rounded to other sizes (a multiple of --size-multiple)."""
-    if not args.width and not args.height:
+    if output_size is None or (not args.width and not args.height):
         return None
-    from comfyui_tokenflow.data import video_decode
-
-    size = support.source_size(video, video_decode)
-    if size is None:
-        return None
-    try:
-        out_w, out_h = video_decode.compute_output_size(*size, args.width, args.height, args.size_multiple)
-    except ValueError:
-        return None  # the loader refuses it with its own message
-    asked = [f"--{name} {value}" for name, value, got in (("width", args.width, out_w), ("height", args.height, out_h))
+    asked = [f"--{name} {value}" for name, value, got in zip(("width", "height"), (args.width, args.height), output_size)
              if value and value != got]
     if not asked:
         return None
     return (f"note: {' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} rounded: the frames will be "
-            f"{out_w}x{out_h} (sizes are multiples of --size-multiple {args.size_multiple}).")
+            f"{output_size[0]}x{output_size[1]} (sizes are multiples of --size-multiple {args.size_multiple}).")
+
+
+def inversion_words(args: argparse.Namespace, flow: bool = False) -> str:
+    """What the inversion runs: DDIM steps on an SD UNet, Euler steps on a flow model's sigmas (Flux, SD3.x)."""
+    if args.inversion_method == "fixed_point":
+        return f"fixed point on the editing grid, at most {args.max_iterations} evaluations per step"
+    return f"{args.inversion_steps} {'Euler' if flow else 'DDIM'} steps"
+
+
+def inversion_title(args: argparse.Namespace, flow: bool) -> str:
+    """The inversion node's line: what it runs on this family (DDIM on SD UNets, Euler on flow models)."""
+    rule = "flow inversion (Euler steps up the model's sigmas)" if flow else "DDIM inversion"
+    if args.inversion_method == "fixed_point":
+        return (f"fixed-point {rule.split(' (')[0]} on the {args.steps} editing steps, at most {args.max_iterations} "
+                "evaluations per step")
+    return f"{rule}, {args.inversion_steps} steps"
+
+
+def edit_steps(args: argparse.Namespace) -> int:
+    """The editing steps the sampler runs (SDEdit keeps the last ones, from --sdedit-start)."""
+    if args.editor == "sdedit":
+        return len(schedule.sdedit_timesteps(args.steps, args.sdedit_start))
+    return args.steps
+
+
+def work_words(args: argparse.Namespace, source, flow: bool) -> str:
+    """The work ahead, so a long run can be told from a hung one: frames, steps and model evaluations of one frame."""
+    frames = frame_size.expected_kept(source.frames, args.skip_frames, args.every_nth, args.frames) \
+        if source.frames else args.frames
+    if not frames:
+        return "the frames of the video (their count is not in its header)"
+    size = f" at {source.output_size[0]}x{source.output_size[1]}" if source.output_size else ""
+    if args.inversion_method == "fixed_point":
+        inversion = args.steps * frames * args.max_iterations
+        inverted = f"inversion: {args.steps} steps x {frames} frames x up to {args.max_iterations} = up to {inversion}"
+    else:
+        inversion = args.inversion_steps * frames
+        inverted = f"inversion: {args.inversion_steps} steps x {frames} frames = {inversion}"
+    steps, keyframes = edit_steps(args), -(-frames // args.batch_size)
+    branches = 1 if args.cfg == 1 else 2  # at cfg 1 the negative prompt is skipped
+    edit = steps * (frames + keyframes) * branches
+    words = f"edit: {steps} steps x ({frames} frames + {keyframes} keyframes) x {branches} (prompts)"
+    if args.editor == "pnp":  # the source branch runs while its features are injected
+        injected = round(steps * max(args.pnp_f_t, args.pnp_attn_t))
+        edit += injected * (frames + keyframes)
+        words += f" + {injected} steps of the source branch"
+    return (f"{frames} frames{size}; about {inversion + edit} model evaluations of one frame ({inverted}; "
+            f"{words} = {edit})")
+
+
+def progress_units(args: argparse.Namespace, flow: bool) -> dict:
+    """What each node's progress bar counts, in words: class type -> (value, total) -> label."""
+    steps = edit_steps(args)
+    value_totals = [0]  # the largest total the sampler's bars have had (its frame bar: steps x frames)
+
+    def edit(value: int, total: int) -> str | None:
+        if total == steps and steps < value_totals[0]:  # the preview callback's bar: the frame bar says it already
+            return None
+        value_totals[0] = max(value_totals[0], total)
+        if total % steps:
+            return f"edit {value}/{total} frame steps"
+        frames = total // steps
+        step = max(1, -(-value // frames))
+        return f"edit step {step}/{steps} (frame {value - (step - 1) * frames}/{frames})"
+
+    return {"TokenFlowLoadVideo": lambda value, total: f"frame {value}/{total} loaded",
+            "TokenFlowInvert": lambda value, total: f"{'Euler ' if flow else ''}inversion step {value}/{total}",
+            "TokenFlowSampler": edit}
 
 
 def node_error(args: argparse.Namespace, data: dict, inputs: dict | None = None) -> str:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+
+import model_links  # devkit/model_links.py (the runner puts devkit/ on sys.path)
 
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default
 # The cfg ComfyUI's own SD3.5 template samples with (4.01); the official TokenFlow cfg (7.5) is an SD 1.x/2.x setting.
@@ -30,20 +31,27 @@ FAMILY_EDITOR_DEFAULTS = ("pnp_attn_t",)
 
 @dataclass(frozen=True)
 class ModelFile:
-    """One of Flux's separate files: its option, ComfyUI's models folder, the usual file name, what it is."""
+    """One of Flux's separate files: its option, the usual file (name, URL, ComfyUI's models folder), what it is."""
 
     attr: str
     flag: str
-    folder: str
-    example: str
+    link: model_links.ModelLink
     what: str
+
+    @property
+    def folder(self) -> str:
+        return self.link.folder
+
+    @property
+    def example(self) -> str:
+        return self.link.name
 
 
 FLUX_FILES = (
-    ModelFile("unet", "--unet", "diffusion_models", "flux1-dev.safetensors", "the Flux diffusion model"),
-    ModelFile("clip_l", "--clip-l", "text_encoders", "clip_l.safetensors", "the CLIP-L text encoder"),
-    ModelFile("t5", "--t5", "text_encoders", "t5xxl_fp16.safetensors", "the T5-XXL text encoder"),
-    ModelFile("vae", "--vae", "vae", "ae.safetensors", "the Flux VAE"),
+    ModelFile("unet", "--unet", model_links.FLUX_DEV, "the Flux diffusion model"),
+    ModelFile("clip_l", "--clip-l", model_links.CLIP_L, "the CLIP-L text encoder"),
+    ModelFile("t5", "--t5", model_links.T5XXL, "the T5-XXL text encoder"),
+    ModelFile("vae", "--vae", model_links.FLUX_AE, "the Flux VAE"),
 )
 
 
@@ -56,15 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_model_args(args: argparse.Namespace) -> str | None:
-    """A one-line message when the model options do not fit together (nothing is loaded yet), or None."""
+    """A message when the model options do not fit together (nothing is read yet): one line per missing Flux
+    option, or None."""
     given = [f for f in FLUX_FILES if getattr(args, f.attr)]
     if args.checkpoint and given:
         return (f"error: --checkpoint and {given[0].flag} given: pass either one all-in-one checkpoint "
                 "(--checkpoint) or Flux's separate files (--unet, --clip-l, --t5, --vae), not both.")
     if given and len(given) < len(FLUX_FILES):
-        missing = next(f for f in FLUX_FILES if f not in given)
-        return (f"error: {given[0].flag} given but {missing.flag} missing: pass {missing.flag} {missing.example} "
-                f"({missing.what}, a path or a file name in ComfyUI/models/{missing.folder}/).")
+        return "\n".join(f"error: {given[0].flag} given but {f.flag} missing: pass {f.flag} {f.example} ({f.what}, a "
+                         f"path or a file name in ComfyUI/models/{f.folder}/; download: {f.link.url})."
+                         for f in FLUX_FILES if f not in given)
     if args.guidance is not None and args.guidance < 0:
         return "error: --guidance must be >= 0 (Flux-dev's usual value is 3.5)."
     return None
@@ -72,18 +81,6 @@ def check_model_args(args: argparse.Namespace) -> str | None:
 
 def flux_files_given(args: argparse.Namespace) -> bool:
     return all(getattr(args, f.attr) for f in FLUX_FILES)
-
-
-def register_flux_files(args: argparse.Namespace, folder_paths, register_model) -> tuple[dict[str, str], str | None]:
-    """The loader names of Flux's separate files, or a one-line error naming the option whose file is missing."""
-    names = {}
-    for f in FLUX_FILES:
-        name = register_model(f.folder, getattr(args, f.attr), folder_paths)
-        if name is None:
-            return names, (f"error: {f.flag} {getattr(args, f.attr)}: no such file (and no file of that name in "
-                           f"{', '.join(folder_paths.get_folder_paths(f.folder))}).")
-        names[f.attr] = name
-    return names, None
 
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -208,15 +205,3 @@ def pnp_fraction(flux: bool) -> float:
     declared = next(s.default for s in PlugAndPlayEditor.inputs if s.name == "pnp_attn_t")
     return RF_SOLVER.fraction if flux else declared
 
-
-def frame_size(args: argparse.Namespace, video: Path, source_size) -> tuple[int, int] | None:
-    """The loader's output frame size for ``video`` (None when it cannot be read: the loader then says why)."""
-    from comfyui_tokenflow.data import video_decode
-
-    size = source_size(video, video_decode)
-    if size is None:
-        return None
-    try:
-        return video_decode.compute_output_size(*size, args.width, args.height, args.size_multiple)
-    except ValueError:
-        return None

@@ -47,16 +47,19 @@ class StopOnCtrlC:
 
 
 class Console:
-    """What ComfyUI's server would send to the browser, printed instead."""
+    """What ComfyUI's server would send to the browser, printed instead: a line per node, ended by its time, and
+    its progress in the words of ``units`` (class type -> (value, total) -> "edit step 2/4 ...")."""
 
-    def __init__(self, prompt: dict, titles: dict[str, str], stop: StopOnCtrlC):
-        self.prompt, self.titles, self.stop = prompt, titles, stop
+    def __init__(self, prompt: dict, titles: dict[str, str], stop: StopOnCtrlC, units: dict | None = None):
+        self.prompt, self.titles, self.stop, self.units = prompt, titles, stop, units or {}
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
         self.sockets_metadata: dict = {}
         self.started = time.monotonic()
         self.node_started = self.started
+        self._node: str | None = None  # the running node's id
+        self._open = False  # its line waits for its time (no progress line came)
         self._last_fraction = -1.0
         self._tty = sys.stdout.isatty()
         self._done = 0
@@ -73,14 +76,28 @@ class Console:
         self.stop.reassert()
         if event == "execution_cached":
             self._done += len(data.get("nodes", []))
-        elif event == "executing" and isinstance(data, dict) and data.get("node") is not None:
-            if self.stop.requested:  # after Ctrl-C the node is refused before it runs: no header for it
+        elif event == "executing" and isinstance(data, dict):
+            self.end_node()
+            if data.get("node") is None or self.stop.requested:  # after Ctrl-C the node is refused: no line for it
                 return
-            self._end_line()
             self._done += 1
+            self._node, self._open = str(data["node"]), True
             self.node_started = time.monotonic()
             self._last_fraction = -1.0
-            print(f"[{self._done}/{self._total}] {self._name(data['node'])}", flush=True)
+            print(f"[{self._done}/{self._total}] {self._name(data['node'])}", end="", flush=True)
+
+    def end_node(self) -> None:
+        """End the running node's line with its time (a line of its own after progress lines)."""
+        if self._node is None:
+            return
+        elapsed = time.monotonic() - self.node_started
+        if self._tty and 0 <= self._last_fraction < 1:  # a progress line left open by "\r"
+            print(flush=True)
+        if self._open:
+            print(f" ({elapsed:.1f} s)", flush=True)
+        else:
+            print(f"[{self._done}/{self._total}] {self._name(self._node)}: done in {elapsed:.1f} s", flush=True)
+        self._node, self._open = None, False
 
     def queue_updated(self) -> None:
         pass
@@ -102,17 +119,20 @@ class Console:
             pass
         total = max(int(total or 1), 1)
         fraction = min(value / total, 1.0)
-        elapsed = time.monotonic() - self.node_started
-        line = f"    {value}/{total} ({100 * fraction:3.0f}%, {elapsed:.0f} s)"
+        words = self.units.get(self.prompt.get(str(node_id), {}).get("class_type"), lambda v, t: f"{v}/{t}")
+        counted = words(int(value), total)
+        if counted is None:  # a second bar of the node that counts what another already shows
+            return
+        if self._open:  # the node's line ends here; its time comes on the line after the progress
+            print(flush=True)
+            self._open = False
+        line = f"    {counted} ({100 * fraction:3.0f}%, {time.monotonic() - self.node_started:.0f} s)"
         if self._tty:
             print("\r" + line, end="" if value < total else "\n", flush=True)
+            self._last_fraction = fraction
         elif fraction >= 1.0 or fraction - self._last_fraction >= 0.1:
             print(line, flush=True)
             self._last_fraction = fraction
-
-    def _end_line(self) -> None:
-        if self._tty and self._last_fraction >= 0:
-            print(flush=True)
 
 
 class NoExecutorTracebacks(logging.Filter):
@@ -168,44 +188,6 @@ def setup_logging(verbose: bool) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def source_size(path: Path, video_decode) -> tuple[int, int] | None:
-    """(width, height) of a video file's first stream or of a folder's first image (as the loader reads them);
-    None when it cannot be read (the loader then says why)."""
-    try:
-        if path.is_dir():
-            from PIL import Image, ImageOps
-
-            files = video_decode.list_image_files(str(path))
-            if not files:
-                return None
-            with Image.open(files[0]) as first:
-                return ImageOps.exif_transpose(first).size
-        import av
-
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            return int(stream.width), int(stream.height)
-    except Exception:  # noqa: BLE001 - only a note
-        return None
-
-
-def unreadable_safetensors(path: str | None, verbose: bool) -> str | None:
-    """Why a .safetensors model file cannot be read (its header is checked; cheap), or None."""
-    if not path or not path.lower().endswith(".safetensors"):
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            f.keys()
-    except Exception as e:  # noqa: BLE001 - any failure to parse the header means a damaged file
-        if verbose:
-            logging.exception("reading %s", path)
-        return (f"not a readable .safetensors file ({type(e).__name__}: {e}); it is damaged or incomplete: "
-                "download it again.")
-    return None
 
 
 def default_threads(available: int, torch_default: int) -> int:

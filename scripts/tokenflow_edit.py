@@ -30,13 +30,15 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-import runner_messages as messages  # scripts/runner_messages.py, beside this file
-import runner_models as models  # scripts/runner_models.py, beside this file
-import runner_support as support  # scripts/runner_support.py, beside this file
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "devkit"))
 import pack_import  # noqa: E402  (devkit/pack_import.py: outside ComfyUI the pack is the package comfyui_tokenflow)
+
+pack_import.import_pack()
+import runner_checks as checks  # noqa: E402  (scripts/runner_checks.py, beside this file: no ComfyUI, no torch)
+import runner_messages as messages  # noqa: E402  (scripts/runner_messages.py)
+import runner_models as models  # noqa: E402  (scripts/runner_models.py)
+import runner_support as support  # noqa: E402  (scripts/runner_support.py)
 OFFICIAL_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
 
 
@@ -103,49 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load this custom node pack (repeatable), e.g. one that adds model types")
     p.add_argument("--verbose", action="store_true", help="show ComfyUI's log and the traceback of errors")
     return p
-
-
-def check_args(args: argparse.Namespace) -> str | None:
-    """A message for the first problem in the arguments, or None."""
-    problem = models.check_model_args(args)
-    if problem:
-        return problem
-    if not args.checkpoint and not models.flux_files_given(args):
-        return "error: no checkpoint given (--checkpoint). " + messages.CHECKPOINT_HELP
-    if not args.video:
-        return "error: no video given: pass --video /path/to/video.mp4 (or a folder of numbered images)."
-    if not os.path.exists(os.path.expanduser(args.video)):
-        return f"error: --video {args.video}: no such file or folder."
-    if not args.prompt:
-        return "error: no edit prompt given: pass --prompt 'what the video should become'."
-    try:
-        schedule = _schedule()
-        schedule.check_fixed_point_settings(args.inversion_method, args.max_iterations, args.tolerance,
-                                            method_name="--inversion-method", iterations_name="--max-iterations",
-                                            tolerance_name="--tolerance")
-        if args.inversion_method == "fixed_point":  # inverts on the editing grid: --inversion-steps is not used
-            schedule.check_step_count(args.steps, "--steps")
-        else:
-            schedule.check_inversion_covers(args.steps, args.inversion_steps, steps_name="--steps",
-                                            inversion_name="--inversion-steps")
-    except ValueError as e:
-        return f"error: {e}."
-    if args.editor == "controlnet" and not args.controlnet:
-        return ("error: --editor controlnet needs --controlnet /path/to/controlnet.safetensors "
-                "(e.g. a canny ControlNet).")
-    if args.batch_size < 1 or args.frames < 0 or args.skip_frames < 0 or args.every_nth < 1:
-        return "error: --batch-size and --every-nth must be >= 1, --frames and --skip-frames >= 0."
-    if args.width < 0 or args.height < 0:
-        return "error: --width and --height must be >= 0."
-    if args.threads < 0:
-        return "error: --threads must be >= 0 (0: automatic)."
-    return None
-
-
-def inversion_words(args: argparse.Namespace, flow: bool = False) -> str:
-    if args.inversion_method == "fixed_point":
-        return f"fixed point on the editing grid, at most {args.max_iterations} evaluations per step"
-    return f"{args.inversion_steps} {'Euler' if flow else 'DDIM'} steps"
 
 
 def _schedule() -> ModuleType:
@@ -222,12 +181,14 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str | Non
     return prompt, "11"
 
 
-def _run(args: argparse.Namespace, host: Path) -> int:
+def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dict[str, Path]) -> int:
     # Import the host exactly as ComfyUI's main.py would see it: its folder first on sys.path.
     script_dir = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p not in ("", script_dir, str(REPO))]
     sys.path.insert(0, str(host))
     support.setup_logging(args.verbose)
+    print(f"ComfyUI host: {host}", flush=True)
+    t0 = time.monotonic()
     from comfy.cli_args import args as comfy_args
 
     if not args.cpu and not support.accelerator_available():
@@ -250,40 +211,14 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         folder_paths.set_input_directory(str(work / "input"))
         folder_paths.set_output_directory(str(work / "output"))
         folder_paths.set_temp_directory(str(work / "temp"))
+        # The files the checks found (and read the headers of): their folders join the loaders' lists.
+        names = {flag: support.register_model(folder, str(files[flag]), folder_paths) for flag, folder in
+                 [("--checkpoint", "checkpoints"), ("--controlnet", "controlnet")] +
+                 [(f.flag, f.folder) for f in models.FLUX_FILES] if flag in files}
+        ckpt_name, controlnet_name = names.get("--checkpoint"), names.get("--controlnet")
+        flux_names = None if ckpt_name else {f.attr: names[f.flag] for f in models.FLUX_FILES}
 
-        ckpt_name = flux_names = None
-        if args.checkpoint:
-            ckpt_name = support.register_model("checkpoints", args.checkpoint, folder_paths)
-            if ckpt_name is None:
-                folders = ", ".join(folder_paths.get_folder_paths("checkpoints"))
-                print(f"error: --checkpoint {args.checkpoint}: no such file (and no file of that name in {folders})."
-                      f"\n{messages.CHECKPOINT_HELP}", file=sys.stderr)
-                return 2
-            files = {"--checkpoint": ("checkpoints", ckpt_name, args.checkpoint)}
-        else:
-            flux_names, problem = models.register_flux_files(args, folder_paths, support.register_model)
-            if problem:
-                print(problem, file=sys.stderr)
-                return 2
-            files = {f.flag: (f.folder, flux_names[f.attr], getattr(args, f.attr)) for f in models.FLUX_FILES}
-        for flag, (folder, name, given) in files.items():
-            damage = support.unreadable_safetensors(folder_paths.get_full_path(folder, name), args.verbose)
-            if damage:
-                print(f"error: {flag} {given}: {damage}", file=sys.stderr)
-                return 2
-        controlnet_name = None
-        if args.editor == "controlnet":
-            controlnet_name = support.register_model("controlnet", args.controlnet, folder_paths)
-            if controlnet_name is None:
-                print(f"error: --controlnet {args.controlnet}: no such file.", file=sys.stderr)
-                return 2
-            damage = support.unreadable_safetensors(folder_paths.get_full_path("controlnet", controlnet_name),
-                                                    args.verbose)
-            if damage:
-                print(f"error: --controlnet {args.controlnet}: {damage}", file=sys.stderr)
-                return 2
-
-        video = Path(args.video).expanduser().resolve()
+        video = source.path
         video_name = ""  # a folder of numbered images goes through the loader's path input
         inputs = {}  # paths ComfyUI sees -> what the user passed, for the error messages
         if video.is_file():  # a video file: linked into the input folder, chosen like an upload
@@ -293,8 +228,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             inputs[os.path.realpath(work / "input" / video_name)] = args.video
         inputs[str(video)] = args.video
 
-        print(f"ComfyUI host: {host}", flush=True)
-        t0 = time.monotonic()
+        _at("loading ComfyUI's nodes and the custom node packs")
         import execution
         import nodes
 
@@ -314,11 +248,11 @@ def _run(args: argparse.Namespace, host: Path) -> int:
 
         threads, available = support.set_threads(args.threads)
         print(f"device: {comfy.model_management.get_torch_device()}; PyTorch uses {threads} CPU thread(s) of "
-              f"{available} available (--threads to change); nodes loaded in {time.monotonic() - t0:.1f} s",
+              f"{available} available (--threads to change); ComfyUI started in {time.monotonic() - t0:.1f} s",
               flush=True)
 
-        model_path = folder_paths.get_full_path(*files["--checkpoint" if ckpt_name else "--unet"][:2])
-        family = models.detect_family(model_path, whole_checkpoint=ckpt_name is not None)
+        _at("checking the model and the graph")
+        family = models.detect_family(str(files.get("--checkpoint") or files["--unet"]), ckpt_name is not None)
         problem = models.resolve_family_settings(args, family, _pack_module("engine.plan.settings").EditSettings().cfg)
         if problem:
             print(problem, file=sys.stderr)
@@ -326,7 +260,7 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         prefix = f"tokenflow_{uuid.uuid4().hex[:8]}"
         prompt, save_id = build_prompt(args, video_name, ckpt_name, controlnet_name, prefix, flux_names)
         if family is not None and family.guidance_distilled:
-            models.add_flux_dev_nodes(prompt, args.guidance, models.frame_size(args, video, support.source_size))
+            models.add_flux_dev_nodes(prompt, args.guidance, source.output_size)
         if not video_name:
             prompt["2"]["inputs"]["path"] = str(video)
         prompt_id = str(uuid.uuid4())
@@ -335,21 +269,23 @@ def _run(args: argparse.Namespace, host: Path) -> int:
             for line in messages.validation_errors(error, node_errors, editor_flags()):
                 print(line, file=sys.stderr)
             return 2
-        size_note = messages.size_note(args, video)
-        if size_note:
-            print(size_note, flush=True)
-
+        note = messages.size_note(args, source.output_size)
+        if note:
+            print(note, flush=True)
+        flow = family is not None and family.flow
+        prompt["7"]["_meta"] = {"title": messages.inversion_title(args, flow)}
         titles = {name: getattr(nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}).get(name, name) for name in
-                  {n["class_type"] for n in prompt.values()}}
+                  {n["class_type"] for n in prompt.values()}} | {"TokenFlowInvert": "TokenFlow Inversion"}
+        print(f"editing {video} -> {args.output} with {args.editor} on {family.words if family else 'the model'}, "
+              f"cfg {args.cfg:g}, {args.steps} steps (inversion {messages.inversion_words(args, flow)}), batch "
+              f"{args.batch_size}\nwork: {messages.work_words(args, source, flow)}", flush=True)
+        _at("")  # from here Ctrl-C stops the graph (StopOnCtrlC)
         with support.StopOnCtrlC() as stop:
-            console = support.Console(prompt, titles, stop)
+            console = support.Console(prompt, titles, stop, messages.progress_units(args, flow))
             comfy.utils.set_progress_bar_global_hook(console.progress)
             executor = support.prompt_executor(execution, console)
-            on, flow = (family.words, family.flow) if family else ("the model", False)
-            print(f"editing {video} -> {args.output} with {args.editor} on {on}, cfg {args.cfg:g}, {args.steps} steps "
-                  f"(inversion {inversion_words(args, flow)}), batch {args.batch_size}", flush=True)
             executor.execute(prompt, prompt_id, {"client_id": "tokenflow-edit"}, outputs)
-        console._end_line()
+        console.end_node()
         if stop.requested or any(event == "execution_interrupted" for event, _ in executor.status_messages):
             print(f"interrupted: nothing was written to {args.output}", file=sys.stderr, flush=True)
             return 130
@@ -363,34 +299,40 @@ def _run(args: argparse.Namespace, host: Path) -> int:
         if not saved:
             print("error: Save Video reported no file.", file=sys.stderr)
             return 1
-        source = work / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
         destination = Path(args.output).expanduser()
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(source), destination)
+        shutil.move(str(work / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]), destination)
         print(f"wrote {destination} ({support.describe(destination)}) in {time.monotonic() - t0:.0f} s", flush=True)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+_STAGE = ["checking the command line"]  # what start-up is doing, for the message of a Ctrl-C there
+
+
+def _at(stage: str) -> None:
+    _STAGE[0] = stage
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    host = support.find_host(args.comfyui, REPO)
-    if host is None:
-        print("error: ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
-              "(bash scripts/run.sh finds or sets one up for you).", file=sys.stderr)
-        return 2
-    if not args.output:
-        args.output = f"{Path(args.video).stem}_tokenflow.mp4"
-    args.flux_route = models.flux_files_given(args)
     try:
-        return _run(args, host)
+        args = build_parser().parse_args(argv)
+        host = support.find_host(args.comfyui, REPO)
+        if host is None:
+            print("error: ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
+                  "(bash scripts/run.sh finds or sets one up for you).", file=sys.stderr)
+            return 2
+        source, files, problems = checks.check_before_host(args, host)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            return 2
+        args.flux_route = models.flux_files_given(args)
+        _at("starting ComfyUI (importing PyTorch and the host)")
+        return _run(args, host, source, files)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        where = f" while {_STAGE[0]}" if _STAGE[0] else ""
+        print(f"\ninterrupted{where}: nothing was written (no output file)", file=sys.stderr)
         return 130
 
 

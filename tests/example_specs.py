@@ -22,45 +22,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-from input_files import VIDEO_DIR
-from workflow_builder import Example, N, build_ui_workflow, write_thumbnail
-from workflow_format import check_ui_workflow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "devkit"))  # also when run as a script
+import model_links  # noqa: E402  (devkit/model_links.py: the model files' names, URLs and folders)
+from input_files import VIDEO_DIR  # noqa: E402
+from workflow_builder import Example, N, build_ui_workflow, write_thumbnail  # noqa: E402
+from workflow_format import check_ui_workflow  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
 
-SD21_BASE = "v2-1_512-ema-pruned.safetensors"
-SD21_BASE_URL = ("https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
-                 "v2-1_512-ema-pruned.safetensors")
-SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
-SD15_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
-            "v1-5-pruned-emaonly-fp16.safetensors")
-CANNY_CN = "control_v11p_sd15_canny_fp16.safetensors"
-CANNY_CN_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
-                "control_v11p_sd15_canny_fp16.safetensors")
-# Flux-dev for the core loaders (UNETLoader, DualCLIPLoader type flux, VAELoader), the file names ComfyUI's own
-# Flux templates use; FLUX.1-dev is gated on Hugging Face (accept its license first).
-FLUX_DEV = "flux1-dev.safetensors"
-FLUX_DEV_URL = "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"
-FLUX_AE = "ae.safetensors"
-FLUX_AE_URL = "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"
-CLIP_L = "clip_l.safetensors"
-CLIP_L_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"
-T5XXL = "t5xxl_fp16.safetensors"
-T5XXL_URL = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
+SD21_BASE, SD21_BASE_URL = model_links.SD21_BASE.name, model_links.SD21_BASE.url
+SD15, SD15_URL = model_links.SD15.name, model_links.SD15.url
+CANNY_CN, CANNY_CN_URL = model_links.CANNY_CN.name, model_links.CANNY_CN.url
+FLUX_DEV, FLUX_DEV_URL = model_links.FLUX_DEV.name, model_links.FLUX_DEV.url
+FLUX_AE, FLUX_AE_URL = model_links.FLUX_AE.name, model_links.FLUX_AE.url
+CLIP_L, CLIP_L_URL = model_links.CLIP_L.name, model_links.CLIP_L.url
+T5XXL, T5XXL_URL = model_links.T5XXL.name, model_links.T5XXL.url
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default, Flux-dev's usual distilled guidance
 # pnp_attn_t on Flux: the published fraction of its default injection preset, rf_solver (RF-Solver-Edit's demo: 5 of 25
 # steps; engine/families/injection_presets.py RF_SOLVER.fraction).
 FLUX_PNP_ATTN_T = 0.2
-# SD3.5 Large as ComfyUI's own SD3.5 template loads it: one all-in-one file (MMDiT + CLIP-L/G + T5-XXL + VAE) through
-# CheckpointLoaderSimple, cfg about 4.
-SD35_LARGE = "sd3.5_large_fp8_scaled.safetensors"
-SD35_LARGE_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
-                  "sd3.5_large_fp8_scaled.safetensors")
+SD35_LARGE, SD35_LARGE_URL = model_links.SD35_LARGE.name, model_links.SD35_LARGE.url
 SD35_CFG = 4.0
-MODEL_LINKS = {SD21_BASE: (SD21_BASE_URL, "checkpoints"), SD15: (SD15_URL, "checkpoints"),
-               CANNY_CN: (CANNY_CN_URL, "controlnet"), FLUX_DEV: (FLUX_DEV_URL, "diffusion_models"),
-               FLUX_AE: (FLUX_AE_URL, "vae"), CLIP_L: (CLIP_L_URL, "text_encoders"),
-               T5XXL: (T5XXL_URL, "text_encoders"), SD35_LARGE: (SD35_LARGE_URL, "checkpoints")}
+MODEL_LINKS = {link.name: (link.url, link.folder) for link in model_links.ALL}
 WOLF_URL = "https://github.com/omerbt/TokenFlow/blob/master/data/wolf.mp4"
 
 EDIT_PROMPT = "a shiny silver robotic wolf"

@@ -288,9 +288,9 @@ def test_runner_flags(tmp_path, flags, words):
     video.write_bytes(b"")
     args = runner.build_parser().parse_args(["--video", str(video), "--prompt", "p", "--checkpoint", "c.safetensors",
                                              *flags])
-    message = runner.check_args(args)
+    message = runner.checks.check_args(args)
     if words is None:
-        assert message is None and "fixed point" in runner.inversion_words(args)
+        assert message is None and "fixed point" in runner.messages.inversion_words(args)
     else:
         assert message is not None and words in message and "\n" not in message, message
     defaults = runner.build_parser().parse_args([])

@@ -6,7 +6,10 @@ and SDXL checkpoints with non-default schedules keep working.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_TIMESTEPS = 1000
 # The largest step count whose leading grid k * (1000 // S) + 1 stays inside the schedule (t = 0..999):
@@ -171,5 +174,7 @@ def check_fixed_point_settings(method: str, max_iterations: int, tolerance: floa
 
 def alpha_bar_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor:
     """ComfyUI's discrete sigma is sqrt((1 - abar) / abar); invert it."""
+    import torch  # here only: the step-grid rule above is plain arithmetic, checked by the runner before torch loads
+
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return 1.0 / (1.0 + sigma * sigma)
