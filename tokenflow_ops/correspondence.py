@@ -44,9 +44,9 @@ class PairPlan:
     slots: torch.Tensor
     where: torch.Tensor
 
-    def to(self, device: torch.device) -> "PairPlan":
-        # Host-built indices go over without a stream synchronisation (non_blocking).
-        return PairPlan(*(t.to(device, non_blocking=True) for t in (self.rows, self.slots, self.where)))
+    def to(self, device: torch.device, non_blocking: bool = True) -> "PairPlan":
+        # Host-built indices go over without a stream synchronisation where the device allows it.
+        return PairPlan(*(t.to(device, non_blocking=non_blocking) for t in (self.rows, self.slots, self.where)))
 
 
 def pair_plan(slots: torch.Tensor) -> PairPlan:

@@ -17,6 +17,7 @@ import comfy.utils
 from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, solve_inversion_step
 from ...tokenflow_ops.inversion import ddim_inversion_step
 from ...tokenflow_ops.schedule import alpha_bar_from_sigma
+from ..patches.contract import to_device
 from ..sampling.frame_guider import to_host
 from ..sampling.inversion_guiders import ChunkGuider
 
@@ -133,5 +134,5 @@ def extraction_sampler(model, x, sigmas, extra_args=None, callback=None, disable
         comfy.model_management.throw_exception_if_processing_interrupted()
         begin_step(i)
         abar = float(alpha_bar_from_sigma(host_sigmas[i]))
-        model(source[i].to(device=x.device, dtype=x.dtype, non_blocking=True) / abar ** 0.5, sigma * s_in, **extra_args)
+        model(to_device(source[i], x.device, x.dtype) / abar ** 0.5, sigma * s_in, **extra_args)
     return x

@@ -21,6 +21,7 @@ import comfy.samplers
 import comfy.utils
 
 from ...tokenflow_ops.flow_inversion import euler_from_denoised, euler_step, velocity
+from ..patches.contract import to_device
 from ..sampling.frame_guider import to_host
 
 
@@ -104,6 +105,6 @@ class FlowExtractionSampler(comfy.samplers.Sampler):
         for i in range(len(sigmas)):
             comfy.model_management.throw_exception_if_processing_interrupted()
             self.begin_step(i)
-            model_wrap(self.source[i].to(device=x.device, dtype=x.dtype, non_blocking=True), sigmas[i] * s_in,
+            model_wrap(to_device(self.source[i], x.device, x.dtype), sigmas[i] * s_in,
                        **extra_args)
         return x

@@ -23,6 +23,8 @@ from typing import Any, Callable, TypedDict
 
 import torch
 
+import comfy.model_management
+
 from ...tokenflow_ops.correspondence import DEFAULT_MAX_ELEMENTS, PairPlan, pair_plan
 from ...tokenflow_ops.keyframes import FramePairing
 from ...tokenflow_ops.propagation import blend_weights, gather_base
@@ -168,37 +170,38 @@ class PassContext:
         if self.pairing is None or self.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
             return
         slots = self.pairing.slots[self.frames]
-        self.cached(("slots", device), lambda: slots.to(device, non_blocking=True))
-        self.cached(("weights", device), lambda: blend_weights(self.pairing.weights[self.frames], torch.float32)
-                    .to(device, non_blocking=True))
+        self.cached(("slots", device), lambda: to_device(slots, device))
+        self.cached(("weights", device), lambda: to_device(blend_weights(self.pairing.weights[self.frames],
+                                                                          torch.float32), device))
         if self.field_provider is not None:
             for block in self.field_blocks:
                 if block not in self.bank.fields:
-                    self.bank.fields[block] = self.field_provider(block, self.frames).to(device, non_blocking=True)
+                    self.bank.fields[block] = to_device(self.field_provider(block, self.frames), device)
         else:
-            self.cached(("pairs", device), lambda: pair_plan(slots).to(device))
+            self.cached(("pairs", device), lambda: pair_plan(slots).to(device, copies_async(device)))
 
     def frame_weights(self, values: torch.Tensor) -> torch.Tensor:
         """This call's blend weights for ``propagate``, in the values' dtype (prepared per call)."""
-        return self.cached(("weights", values.device), lambda: blend_weights(
-            self.pairing.weights[self.frames], torch.float32).to(values.device, non_blocking=True)).to(values.dtype)
+        return self.cached(("weights", values.device), lambda: to_device(blend_weights(
+            self.pairing.weights[self.frames], torch.float32), values.device)).to(values.dtype)
 
     def gather_rows(self, branch_rows: tuple[int, ...], tokens: int, device: torch.device) -> torch.Tensor:
         """Flat keyframe rows for ``propagate`` (once per call, chunk layout and token count)."""
-        slots = self.cached(("slots", device), lambda: self.pairing.slots[self.frames].to(device, non_blocking=True))
+        slots = self.cached(("slots", device), lambda: to_device(self.pairing.slots[self.frames], device))
         return self.cached(("rows", branch_rows, tokens, device), lambda: gather_base(
-            torch.tensor(branch_rows).to(device, non_blocking=True), slots, tokens))  # no stream sync
+            to_device(torch.tensor(branch_rows), device), slots, tokens))  # no stream sync
 
     def pair_plan(self, device: torch.device) -> PairPlan:
         """Which (frame, keyframe) searches this call's frames need (prepared per call)."""
-        return self.cached(("pairs", device), lambda: pair_plan(self.pairing.slots[self.frames]).to(device))
+        return self.cached(("pairs", device),
+                           lambda: pair_plan(self.pairing.slots[self.frames]).to(device, copies_async(device)))
 
     def fields_for(self, block: BlockKey, device: torch.device) -> torch.Tensor:
         fields = self.bank.fields.get(block)
         if fields is None:
             if self.field_provider is None:
                 raise RuntimeError(f"TokenFlow: no correspondences for block {block}; the source branch did not run")
-            fields = self.bank.fields[block] = self.field_provider(block, self.frames).to(device, non_blocking=True)
+            fields = self.bank.fields[block] = to_device(self.field_provider(block, self.frames), device)
         return fields
 
     def call_key(self, options: dict) -> str:
@@ -267,3 +270,15 @@ def join_roles(source: torch.Tensor | None, edit: torch.Tensor | None, chunks: i
         return torch.cat([edit, source])
     parts = list(branches(edit, chunks - 1))
     return torch.cat(parts[:src] + [source] + parts[src:])
+
+
+def copies_async(device: torch.device | str) -> bool:
+    """Whether a host-to-device copy may skip the stream synchronisation (``non_blocking``): the host's rule
+    (``device_supports_non_blocking``: not on MPS, Intel XPU, DirectML or under ``--deterministic``)."""
+    return bool(comfy.model_management.device_supports_non_blocking(torch.device(device)))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` on the hot path (host-built indices, fields, source latents once per call),
+    without a stream synchronisation where the device allows it."""
+    return tensor.to(device=device, dtype=dtype, non_blocking=copies_async(device))

@@ -41,7 +41,8 @@ import torch
 from ...tokenflow_ops.correspondence import frame_fields, unit_tokens
 from ...tokenflow_ops.propagation import propagate
 from ..families.base import BlockKey
-from .contract import DiTBlockTag, PassContext, Phase, chunk_count, join_roles, pass_of, split_roles
+from .contract import (DiTBlockTag, PassContext, Phase, chunk_count, join_roles, pass_of, split_roles,
+                       to_device)
 from .dit_joint import joint_attention
 from .dit_kernel import Kernel, extended_image_attention, merge_heads
 
@@ -177,7 +178,7 @@ def _propagated_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassConte
     src, _ = ctx.roles(options)
     if block not in ctx.bank.fields:
         if ctx.field_provider is not None:
-            ctx.bank.fields[block] = ctx.field_provider(block, ctx.frames).to(q.device, non_blocking=True)
+            ctx.bank.fields[block] = to_device(ctx.field_provider(block, ctx.frames), q.device)
         elif src is not None:
             tokens = kernel.image_values(split_roles(v, chunks, src)[0], n_img)
             ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,

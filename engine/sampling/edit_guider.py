@@ -18,7 +18,7 @@ import comfy.samplers
 import comfy.utils
 
 from ...data.products import TokenFlowInversion
-from ..patches.contract import PassContext, Phase, StepBank
+from ..patches.contract import PassContext, Phase, StepBank, to_device
 from ..plan.call_sizing import even_chunks, fits, frames_per_call
 from ..plan.edit_plan import EditPlan
 from .cfg_hooks import apply_cfg, guidance_banks
@@ -128,7 +128,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         branches = sum(1 for name in edit_names if name)
         source = None
         if needs.source_in_keyframe_pass(on_the_fly):
-            source = self.source_latents(step).to(device=x.device, dtype=x.dtype, non_blocking=True)
+            source = to_device(self.source_latents(step), x.device, x.dtype)
         # A calc_cond_batch function is handed the edit branches' conds alone: the source gets calls of its own.
         calc_function = "sampler_calc_cond_batch_function" in model_options
         own_calls = source is not None and (calc_function or not self._source_shares_calls(edit_names, x, timestep))

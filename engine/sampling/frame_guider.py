@@ -19,7 +19,7 @@ import comfy.model_patcher
 import comfy.samplers
 
 from ..checks import check_hint_count
-from ..patches.contract import KEY, PassContext
+from ..patches.contract import KEY, PassContext, to_device
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def frames_of(tensor: torch.Tensor, frames: range | torch.Tensor) -> torch.Tenso
         if frames.start == 0 and frames.stop == tensor.shape[0]:
             return tensor
         return tensor[frames.start:frames.stop]
-    return tensor[frames.to(tensor.device, non_blocking=True)]
+    return tensor[to_device(frames, tensor.device)]
 
 
 def frame_ids(frames: range | torch.Tensor) -> torch.Tensor:
