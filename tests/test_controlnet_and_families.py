@@ -104,3 +104,23 @@ def test_other_families_static_video_and_untouched_model(family, request):
     corr = extract(model, video)
     assert torch.isfinite(edit(model, pos, neg, video, correspondences=corr)).all()
     assert repr(model.model_options) == options
+
+
+def test_keyframe_controlnet_copies_are_freed_within_their_step(tiny_sd15, tiny_controlnet, clip, monkeypatch):
+    """A step's keyframes are a subset used once: the ControlNet copies made for it (each with the subset's hint on
+    the device) are cleaned when its pass returns, so the copies alive at the end of each step do not grow with the
+    step count (the frames' recurring subsets keep theirs until sampling ends)."""
+    from comfyui_tokenflow.engine.sampling.edit_guider import TokenFlowGuider
+
+    src, pos, neg, inversion = clip
+    alive: list[int] = []
+    predict = TokenFlowGuider.predict_noise
+
+    def counting(self, *args, **kwargs):
+        out = predict(self, *args, **kwargs)
+        alive.append(sum(getattr(c, "cond_hint", None) is not None for c in self._control_copies))
+        return out
+
+    monkeypatch.setattr(TokenFlowGuider, "predict_noise", counting)
+    edit(tiny_sd15, *_apply(pos, neg, tiny_controlnet, _hints(N)), inversion, editor="controlnet", batch_size=2)
+    assert len(alive) >= 3 and len(set(alive)) == 1 and alive[0] > 0, alive

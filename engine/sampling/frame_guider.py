@@ -82,14 +82,18 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
 
     def release_subsets(self, raise_errors: bool = True) -> None:
         """Drop cached cond subsets and clean every ControlNet copy made for them (all of them, even if one fails)."""
+        copies = list(self._control_copies)
+        self._control_copies.clear()
+        self._subset_cache.clear()
+        self._clean_controls(copies, raise_errors)
+
+    def _clean_controls(self, copies: list, raise_errors: bool) -> None:
         errors = []
-        for control in self._control_copies:
+        for control in copies:
             try:
                 control.cleanup()
             except Exception as e:  # noqa: BLE001 - every copy must still be cleaned
                 errors.append(e)
-        self._control_copies.clear()
-        self._subset_cache.clear()
         if errors and raise_errors:
             raise errors[0]
         for error in errors:
@@ -168,9 +172,16 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         comfy.model_management.throw_exception_if_processing_interrupted()
         options = self.pass_options(model_options, context)
         memo: dict = {}
-        conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
-        x_sub, t_sub = frames_of(x, idx), frames_of(timestep, idx)
-        if calc is not None:
-            return calc({"conds": conds, "input": x_sub, "sigma": t_sub, "model": self.inner_model,
-                         "model_options": options})
-        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x_sub, t_sub, options)
+        try:
+            conds = [self.conds_for(name, idx, n_frames, cache, memo) if name else None for name in names]
+            x_sub, t_sub = frames_of(x, idx), frames_of(timestep, idx)
+            if calc is not None:
+                return calc({"conds": conds, "input": x_sub, "sigma": t_sub, "model": self.inner_model,
+                             "model_options": options})
+            return comfy.samplers.calc_cond_batch(self.inner_model, conds, x_sub, t_sub, options)
+        finally:
+            if not cache and memo:  # a subset used once (a step's keyframes): its ControlNet copies go now
+                made = {id(copy) for copy in memo.values()}
+                self._control_copies[:] = [c for c in self._control_copies if id(c) not in made]
+                # Dropped either way; a failing cleanup is logged, never raised over the pass's own result or error.
+                self._clean_controls(list(memo.values()), raise_errors=False)
