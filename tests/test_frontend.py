@@ -37,6 +37,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -57,6 +58,7 @@ INSTALL_SCRIPT = REPO / "scripts" / "install_browser.sh"
 CHROMIUM = os.environ.get("TOKENFLOW_CHROMIUM", "/usr/bin/chromium")
 RUN_TIMEOUT_S = float(os.environ.get("TOKENFLOW_FRONTEND_RUN_S", "120"))
 VIEWPORT = {"width": 1920, "height": 1080}
+OPENING_VIEWPORTS = [VIEWPORT, {"width": 1366, "height": 768}]  # a full-HD screen and a common laptop's
 PAGE_TIMEOUT_MS = 30_000
 STARTUP_WATCHDOG_S = 300  # browser launch + first page load
 FLUX_CHECKPOINT = "tokenflow_tiny_flux.safetensors"  # tests/stand_in_nodes/tiny_files.py
@@ -250,10 +252,10 @@ def server_url(server: Any) -> str:
 @pytest.fixture(scope="module")
 def page(playwright_sync_api: Any, server_url: str, test_artifacts: Path) -> Iterator[Any]:
     """The frontend open in headless chromium, instrumented; page errors collected in ``page.tf_errors``."""
-    # A fresh user would get the template browser on top of the canvas; a returning one would not.
-    # Full detail at any zoom and no minimap make the screenshots of whole workflows readable.
-    _http(f"{server_url}/api/settings", {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0,
-                                         "Comfy.Minimap.Visible": False})
+    # A fresh user would get the template browser on top of the canvas; a returning one would not. Every other
+    # setting keeps the frontend's default (low-quality rendering when zoomed out and the minimap included): the
+    # examples must read as a user sees them.
+    _http(f"{server_url}/api/settings", {"Comfy.TutorialCompleted": True})
     with playwright_sync_api.sync_playwright() as pw:
         with _watchdog(STARTUP_WATCHDOG_S):
             browser = pw.chromium.launch(
@@ -313,6 +315,13 @@ def _log_tail(server: Any) -> str:
     return ""
 
 
+def _is_number(text: Any) -> bool:
+    try:
+        return isinstance(text, str) and math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _close_dialogs(pg: Any) -> None:
     for _ in range(3):
         if not _eval(pg, frontend_js.OPEN_DIALOGS_JS):
@@ -337,6 +346,46 @@ def test_frontend_is_the_pinned_one(page: Any, server_url: str) -> None:
     assert page.url.startswith(server_url)
 
 
+
+
+@pytest.fixture(scope="module")
+def screenshots(test_artifacts: Path) -> Path:
+    """Where the opened examples are photographed: ``$TOKENFLOW_SCREENSHOTS``, else ``test-artifacts/screenshots``."""
+    path = Path(os.environ.get("TOKENFLOW_SCREENSHOTS") or test_artifacts / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("viewport", OPENING_VIEWPORTS, ids=[f"{v['width']}x{v['height']}" for v in OPENING_VIEWPORTS])
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_example_opens_readable(workflow: Path, viewport: dict, page: Any, screenshots: Path) -> None:
+    """Opened at the frontend's default settings, the example draws its text (zoom at or above the frontend's
+    low-quality threshold), shows its whole Read me note, cuts no title and keeps every node in its group."""
+    name = f"{workflow.stem}.{viewport['width']}x{viewport['height']}"
+    page.tf_errors.clear()
+    try:
+        with _watchdog(3 * PAGE_TIMEOUT_MS / 1000 + 60):
+            page.set_viewport_size(viewport)
+            page.wait_for_timeout(500)
+            _close_dialogs(page)
+            result = _eval(page, frontend_js.DROP_AND_INSPECT_JS,
+                           {"text": workflow.read_text(), "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
+                           timeout_ms=PAGE_TIMEOUT_MS + 5000)
+            assert "error" not in result and not result["loadError"], result
+            page.wait_for_timeout(800)  # the note's text element follows the canvas on the next frames
+            opened = _eval(page, frontend_js.OPENED_VIEW_JS)
+            page.screenshot(path=str(screenshots / f"{name}.opened.png"))
+            (screenshots / f"{name}.opened.json").write_text(json.dumps(opened, indent=1))
+    finally:
+        page.set_viewport_size(VIEWPORT)
+        with contextlib.suppress(Exception):
+            _close_dialogs(page)
+    view = opened["view"]
+    assert view["lowQuality"] is False and view["scale"] >= (view["threshold"] or 0), \
+        (f"{name} opens at zoom {view['scale']}, below the frontend's {view['threshold']} under which it draws no "
+         f"text (min font {view['minFontSizeForLod']} px / node text {view['nodeTextSize']} px)")
+    assert not opened["problems"], f"{name}:\n  " + "\n  ".join(opened["problems"])
+    assert not page.tf_errors, f"page errors while opening {name}: {page.tf_errors}"
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
@@ -369,7 +418,6 @@ def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings:
                    timeout_ms=PAGE_TIMEOUT_MS + 5000)
     timings["load_s"] = round(time.monotonic() - started, 2)
     report["load"] = result
-    _eval(page, "() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts / f"{workflow.stem}.loaded.png"))
     events = _eval(page, frontend_js.EVENTS_JS)
@@ -434,7 +482,15 @@ def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings
         f"the queued run failed: {json.dumps(errors or status)[:3000]}\n{_log_tail(server)}"
     page.wait_for_function("() => !window.app.runningNodeId", timeout=PAGE_TIMEOUT_MS)
     page.wait_for_timeout(1000)  # let the previews arrive and paint
+    _eval(page, frontend_js.SHOW_NODE_JS, "TokenFlowTemporalConsistency")
+    page.wait_for_timeout(300)
     page.screenshot(path=str(artifacts / f"{workflow.stem}.queued.png"))
+    texts = _eval(page, frontend_js.PREVIEW_TEXTS_JS)
+    report["preview_texts"] = texts
+    consistency = sum(1 for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "TokenFlowTemporalConsistency")
+    assert len(texts) == 2 * consistency, f"{len(texts)} Preview Any nodes for {consistency} warp-error nodes: {texts}"
+    for title, shown in texts.items():  # each shows its number on the canvas
+        assert shown and all(_is_number(value) for value in shown), f"Preview Any {title!r} shows {shown}"
     events = _eval(page, frontend_js.EVENTS_JS)
     report["queue_events"] = events
     bad = [e for e in events if e["kind"] == "dialog" or (e["kind"] == "toast" and e["severity"] == "error")]

@@ -157,6 +157,24 @@ def expected_videos(prompt: dict) -> dict[str, tuple[int, float]]:
     return expected
 
 
+def check_consistency_texts(prompt: dict, history_entry: dict) -> dict[str, float]:
+    """Every warp-error node's two numbers reach a Preview Any node, whose UI message (what the frontend shows on
+    the canvas) carries the number as text. Returns Preview Any node id -> the number shown."""
+    shown = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] != "TokenFlowTemporalConsistency":
+            continue
+        feeds = {preview["inputs"]["source"][1]: preview_id for preview_id, preview in prompt.items()
+                 if preview["class_type"] == "PreviewAny" and str(preview["inputs"]["source"][0]) == node_id}
+        assert sorted(feeds) == [0, 1], f"warp-error node {node_id}: outputs {sorted(feeds)} shown, expected 0 and 1"
+        for slot, preview_id in feeds.items():
+            (text,) = history_entry["outputs"][preview_id]["text"]
+            shown[preview_id] = float(text)
+            assert math.isfinite(shown[preview_id]) and (slot == 0 or 0.0 <= shown[preview_id] <= 1.0), text
+    assert shown, "no warp-error node in the prompt"
+    return shown
+
+
 def read_video(path: Path) -> tuple[int, int, int, Fraction]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -283,6 +301,7 @@ def test_example_workflow_runs_on_the_server(comfy_server, object_info, tiny_mod
         assert path.suffix == ".mp4" and path.is_file()
         shutil.copy(path, artifacts / f"{name}_{prompt[node_id]['inputs']['filename_prefix'].split('/')[-1]}.mp4")
         assert read_video(path) == (frames, CLIP_SIZE, CLIP_SIZE, Fraction(fps).limit_denominator(1000)), path
+    check_consistency_texts(prompt, entry)
 
 
 def test_server_refuses_an_out_of_range_widget(comfy_server, object_info, tiny_model_files):
