@@ -262,12 +262,16 @@ PREVIEW_TEXTS_JS = r"""
   (n.widgets || []).filter((w) => w.name === 'preview').map((w) => w.value)]))
 """
 
-# Puts the view on a node (graph coordinates, at the saved zoom) so a screenshot shows it.
-SHOW_NODE_JS = r"""
-(nodeType) => {
-  const c = window.app.canvas, node = window.app.graph.nodes.find((n) => n.type === nodeType);
-  if (!node) return false;
-  c.ds.offset = [40 / c.ds.scale - node.pos[0], 120 / c.ds.scale - node.pos[1]];
+# Puts the view on the first group whose title starts with the argument (at the saved zoom, its top left where the
+# Read me note opens) so a screenshot shows it.
+SHOW_GROUP_JS = r"""
+(title) => {
+  const c = window.app.canvas, graph = window.app.graph;
+  const group = (graph._groups || graph.groups || []).find((g) => g.title.startsWith(title));
+  if (!group) return false;
+  const [x, y] = group._bounding || group.bounding;
+  c.ds.offset[0] = 80 / c.ds.scale - x;
+  c.ds.offset[1] = 110 / c.ds.scale - y;
   c.setDirty(true, true);
   return true;
 }

@@ -482,7 +482,7 @@ def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings
         f"the queued run failed: {json.dumps(errors or status)[:3000]}\n{_log_tail(server)}"
     page.wait_for_function("() => !window.app.runningNodeId", timeout=PAGE_TIMEOUT_MS)
     page.wait_for_timeout(1000)  # let the previews arrive and paint
-    _eval(page, frontend_js.SHOW_NODE_JS, "TokenFlowTemporalConsistency")
+    _eval(page, frontend_js.SHOW_GROUP_JS, "Output")  # the video, the warp-error plot and its numbers
     page.wait_for_timeout(300)
     page.screenshot(path=str(artifacts / f"{workflow.stem}.queued.png"))
     texts = _eval(page, frontend_js.PREVIEW_TEXTS_JS)

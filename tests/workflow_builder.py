@@ -42,6 +42,10 @@ NOTE_VIEW_MARGIN = (80, 110)
 TITLE_CHAR_WIDTH = 8.4
 TITLE_PADDING = 50
 # Loader node type -> how many of its first widgets name model files (listed in its "models" property).
+# Nodes whose only widgets are the frontend's own display widgets (Preview Any's text, and on frontend 1.35 its
+# Markdown toggle, saved as [null, null, false]; 1.27 saves []): saved without widgets_values, so that each
+# frontend keeps its own defaults.
+DISPLAY_ONLY_NODES = {"PreviewAny"}
 MODEL_WIDGETS = {"CheckpointLoaderSimple": 1, "ControlNetLoader": 1, "UNETLoader": 1, "DualCLIPLoader": 2,
                  "VAELoader": 1}
 
@@ -156,6 +160,8 @@ def _ui_node(example: Example, node: N, info: dict | None, incoming: dict, link_
                                                                                      len(outputs), len(values)),
              "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs, "properties": properties,
              "widgets_values": values}
+    if node.type in DISPLAY_ONLY_NODES and not values:
+        del entry["widgets_values"]
     if node.title:
         entry["title"] = node.title
     return entry
