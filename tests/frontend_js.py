@@ -188,10 +188,10 @@ EVENTS_JS = "() => window.__tf.events"
 # and whether the canvas draws text at it (the frontend's own low_quality decision, from its default font-size
 # threshold), the "Read me" note on screen and not covered by the app's bars (elementFromPoint at 3x3 points of its
 # title bar and body hits the canvas or the note's own text element), the note's text whole (no scrolling inside
-# it), every title uncut (measured with the title font, the room the frontend's computeSize gives a title), and every
-# node, at the size the frontend gave it on loading, inside one group frame.
+# it), every title uncut (measured with the title font, the room the frontend's computeSize gives a title), no node
+# resized by the frontend on loading (``savedSizes``: node id -> the file's size), and every node inside one group.
 OPENED_VIEW_JS = r"""
-() => {
+(savedSizes) => {
   const app = window.app, c = app.canvas, graph = app.graph;
   const rect = c.canvas.getBoundingClientRect();
   const [ox, oy] = c.ds.offset, scale = c.ds.scale, TITLE = LiteGraph.NODE_TITLE_HEIGHT;
@@ -239,9 +239,13 @@ OPENED_VIEW_JS = r"""
   for (const node of graph.nodes) {
     const title = node.getTitle ? node.getTitle() : node.title;
     ctx.font = node.titleFontStyle || `${LiteGraph.NODE_TEXT_SIZE}px ${LiteGraph.NODE_FONT}`;
-    const needs = Math.ceil(TITLE + ctx.measureText(title).width + TITLE * 0.33);
+    const needs = TITLE + ctx.measureText(title).width + TITLE * 0.33;
     const where = `node ${node.id} "${title}"`;
-    if (needs > node.size[0]) problems.push(`${where}: title cut (needs ${needs} px, the node is ${node.size[0]})`);
+    if (needs > node.size[0] + 0.5)
+      problems.push(`${where}: title cut (needs ${Math.round(needs)} px, the node is ${Math.round(node.size[0])})`);
+    const saved = savedSizes[String(node.id)];  // newer frontends widen a node its title or widgets do not fit
+    if (saved && (node.size[0] > saved[0] + 0.5 || node.size[1] > saved[1] + 0.5))
+      problems.push(`${where}: the frontend resized it on loading from ${saved} to ${node.size.map(Math.round)}`);
     if (notes.includes(node)) continue;
     const inside = groups.filter((g) => {
       const [gx, gy, gw, gh] = g._bounding || g.bounding;

@@ -251,7 +251,8 @@ def test_example_opens_readable(workflow: Path, viewport: dict, page: Any, scree
                            timeout_ms=PAGE_TIMEOUT_MS + 5000)
             assert "error" not in result and not result["loadError"], result
             page.wait_for_timeout(800)  # the note's text element follows the canvas on the next frames
-            opened = fh.page_eval(page, frontend_js.OPENED_VIEW_JS)
+            opened = fh.page_eval(page, frontend_js.OPENED_VIEW_JS, {str(n["id"]): n["size"] for n in
+                                                                     json.loads(workflow.read_text())["nodes"]})
             page.screenshot(path=str(screenshots / f"{name}.opened.png"))
             (screenshots / f"{name}.opened.json").write_text(json.dumps(opened, indent=1))
     finally:
