@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,26 @@ def test_example_workflows_are_offered_as_templates(comfy_server):
         assert comfy_server.get_json(base + ".json") == load_example(name)
         status, body = comfy_server.request(base + ".jpg")  # the frontend asks for <name>.jpg
         assert status == 200 and body[:3] == b"\xff\xd8\xff", f"{name}.jpg not served as a JPEG"
+
+
+def test_thumbnails_and_readme_give_the_reading_order_and_a_one_line_caption(tmp_path):
+    """The template browser shows a pack's examples by file name and thumbnail only, in the server's file order."""
+    from workflow_builder import write_thumbnail
+
+    specs = example_specs.example_specs()
+    assert specs[0].name == "tokenflow_pnp"  # the paper's setting first
+    assert [ex.thumbnail[0].split(".")[0] for ex in specs] == [str(i) for i in range(1, len(specs) + 1)]
+    for ex in specs:
+        title, caption = ex.thumbnail
+        assert ("checked on tiny models only" in caption) == (ex.name in ("tokenflow_flux", "tokenflow_sd3")), caption
+        assert "SD" in caption or "Flux" in caption, f"{ex.name}: the caption names no model: {caption}"
+        write_thumbnail(tmp_path / f"{ex.name}.jpg", title, caption, video=None)  # one line each, else ValueError
+    with pytest.raises(ValueError, match="does not fit one line"):
+        write_thumbnail(tmp_path / "long.jpg", "title", "a caption far longer than one line of the thumbnail " * 2,
+                        video=None)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\d+\. `(\w+)\.json`", readme.split("### Example workflows", 1)[1], re.M)
+    assert listed == [ex.name for ex in specs], listed
 
 
 @pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
