@@ -80,8 +80,9 @@ def _source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
 
 def _output(first_id: int, sampler_id: int, prefix: str, band: int = 0, frames_from: int = 2,
             consistency: bool = True, vae_from: tuple[int, str] = (1, "VAE")) -> tuple[list[N], list[tuple]]:
-    """Output: VAE Decode -> Create Video (fps from the loader) -> Save Video (+ warp error and its plot)."""
-    decode, create, save, warp, plot = range(first_id, first_id + 5)
+    """Output: VAE Decode -> Create Video (fps from the loader) -> Save Video (+ warp error, its plot, and its two
+    numbers in core Preview Any nodes: the frontend shows a text result only on that node)."""
+    decode, create, save, warp, plot, error_text, occluded_text = range(first_id, first_id + 7)
     nodes = [N(decode, "VAEDecode", "Output", 0, band), N(create, "CreateVideo", "Output", 1, band,
                                                           widgets={"fps": 20.0}),
              N(save, "SaveVideo", "Output", 2, band, widgets={"filename_prefix": prefix, "format": "auto",
@@ -90,9 +91,12 @@ def _output(first_id: int, sampler_id: int, prefix: str, band: int = 0, frames_f
              (decode, 0, create, "images"), (frames_from, "fps", create, "fps"), (create, 0, save, "video")]
     if consistency:
         nodes += [N(warp, "TokenFlowTemporalConsistency", "Output", 1, band, widgets={"flow_preset": "medium"}),
-                  N(plot, "PreviewImage", "Output", 2, band, title="Warp error per frame pair")]
+                  N(plot, "PreviewImage", "Output", 2, band, title="Warp error per frame pair"),
+                  N(error_text, "PreviewAny", "Output", 3, band, title="Warp error (x1e-3)"),
+                  N(occluded_text, "PreviewAny", "Output", 3, band, title="Occluded fraction (0..1)")]
         links += [(decode, 0, warp, "edited_frames"), (frames_from, "IMAGE", warp, "source_frames"),
-                  (warp, "plot", plot, "images")]
+                  (warp, "plot", plot, "images"), (warp, "warp_error", error_text, "source"),
+                  (warp, "occluded_fraction", occluded_text, "source")]
     return nodes, links
 
 
@@ -126,7 +130,9 @@ NOTE_VIDEO = (f"Put **wolf.mp4** (the paper's clip, from the `data/` folder of t
               "schedule's end). For a quick look use `inversion_steps` 50 and fewer frames.")
 TINY_ONLY = ("support is checked on tiny random-weight models only; the edit quality on the real weights has not "
              "been measured. ")
-NOTE_GROUPS = "The groups read left to right: **Load**, **Invert**, **Edit**, **Output**."
+NOTE_GROUPS = ("The groups read left to right: **Load**, **Invert**, **Edit**, **Output**. After a run, *Output* "
+               "shows the warp error (x1e-3, lower = more consistent; the paper measured 3.0 for TokenFlow, 11.3 for "
+               "per-frame editing) and the share of pixels it leaves out as occluded.")
 ON_THE_FLY = ("Correspondences are computed **on the fly**, exactly as the official code does: the sampler's "
               "*correspondences* input is left unconnected on purpose.")
 EXTRACTED = ("Correspondences are **extracted** once (TokenFlow Extract Correspondences, in *Invert*: the paper's "
@@ -143,8 +149,9 @@ def _pnp() -> Example:
     out, out_links = _output(11, 10, "video/tokenflow_pnp")
     nodes += out + [_note("### TokenFlow + Plug-and-Play (the official setting)\n\n" + NOTE_VIDEO + "\n\n"
                           + ON_THE_FLY + "\n\nSD 2.1-base (`" + SD21_BASE + "`) in `models/checkpoints/`. "
-                          + NOTE_GROUPS, (420, 460))]
-    return Example("tokenflow_pnp", nodes, links + out_links, thumbnail=("TokenFlow + PnP", f"edit prompt: {EDIT_PROMPT}"))
+                          + NOTE_GROUPS, (480, 280))]
+    return Example("tokenflow_pnp", nodes, links + out_links,
+                   thumbnail=("1. TokenFlow + PnP", "the paper's video edit; needs SD 2.1-base"))
 
 
 def _sdedit() -> Example:
@@ -156,8 +163,9 @@ def _sdedit() -> Example:
     out, out_links = _output(11, 10, "video/tokenflow_sdedit")
     nodes += out + [_note("### TokenFlow + SDEdit\n\n" + NOTE_VIDEO + "\n\n" + EXTRACTED + "\n\n`sdedit_start` sets "
                           "how much noise the edit starts from (0.9: 44 of 50 steps). Higher changes more, keeps less "
-                          "of the source. " + NOTE_GROUPS, (420, 560))]
-    return Example("tokenflow_sdedit", nodes, links + out_links, thumbnail=("TokenFlow + SDEdit", f"edit prompt: {EDIT_PROMPT}"))
+                          "of the source. " + NOTE_GROUPS, (480, 300))]
+    return Example("tokenflow_sdedit", nodes, links + out_links,
+                   thumbnail=("2. TokenFlow + SDEdit", "edit from partial noise; needs SD 2.1-base"))
 
 
 def _controlnet() -> Example:
@@ -177,9 +185,9 @@ def _controlnet() -> Example:
     out, out_links = _output(11, 10, "video/tokenflow_controlnet")
     nodes += out + [_note("### TokenFlow + ControlNet (canny)\n\n" + NOTE_VIDEO + "\n\n" + EXTRACTED + "\n\nSD 1.5 (`"
                           + SD15 + "`) in `models/checkpoints/`, `" + CANNY_CN + "` in `models/controlnet/`. Every "
-                          "frame gets its own canny hint, also in the keyframe pass. " + NOTE_GROUPS, (420, 580))]
+                          "frame gets its own canny hint, also in the keyframe pass. " + NOTE_GROUPS, (480, 320))]
     return Example("tokenflow_controlnet", nodes, links + out_links,
-                   thumbnail=("TokenFlow + ControlNet", f"edit prompt: {EDIT_PROMPT}"))
+                   thumbnail=("3. TokenFlow + ControlNet", "edit along canny edges; SD 1.5 + canny CN"))
 
 
 def _baselines() -> Example:
@@ -224,29 +232,30 @@ def _baselines() -> Example:
         "unconnected).\n2. **Per-frame editing**: each frame edited alone from its own inverted noise "
         "(flickers).\n3. **Keyframes only**: every 5th frame edited jointly with extended attention (consistent, "
         "but only 8 frames; cost grows with the square of the frame count).\n\nCompare the warp errors (lower = "
-        "more consistent). " + NOTE_GROUPS, (420, 640)))
+        "more consistent). " + NOTE_GROUPS, (480, 330)))
     return Example("baselines", nodes, links,
                    bands=["TokenFlow (PnP)", "per-frame editing", "keyframe joint edit only"],
                    titles={("Load", 0): "Load", ("Invert", 0): "Invert (used by the first two rows)"},
-                   thumbnail=("Baselines", "TokenFlow | per-frame | keyframes only"))
+                   thumbnail=("4. Baselines side by side", "vs per-frame, keyframes only; SD 2.1-base"))
 
 
-FLUX_SIZE = 512  # the loader's frame size, also ModelSamplingFlux's width / height
+FLUX_SIZE = 512  # the loader's frame size; ModelSamplingFlux's width / height follow the loaded frames
 
 
 def _flux() -> Example:
     """TokenFlow + PnP on Flux-dev through the core loaders: UNETLoader (1), DualCLIPLoader (24), VAELoader (25),
-    ModelSamplingFlux (26) for the frame size, FluxGuidance on the inversion (27) and edit (28) prompts, cfg 1."""
+    ModelSamplingFlux (26) at the loaded frames' size (Get Image Size, 29), FluxGuidance on the inversion (27) and
+    edit (28) prompts, cfg 1."""
     nodes = [
-        N(1, "UNETLoader", "Load", widgets={"unet_name": FLUX_DEV, "weight_dtype": "default"}),
-        N(24, "DualCLIPLoader", "Load", widgets={"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"}),
-        N(25, "VAELoader", "Load", widgets={"vae_name": FLUX_AE}),
         N(2, "TokenFlowLoadVideo", "Load", widgets={"video": VIDEO, "frame_load_cap": 40, "skip_first_frames": 0,
                                                     "select_every_nth": 1, "width": FLUX_SIZE, "height": FLUX_SIZE,
                                                     "size_multiple": 64, "path": ""}),
-        N(26, "ModelSamplingFlux", "Load", 1, widgets={"max_shift": 1.15, "base_shift": 0.5, "width": FLUX_SIZE,
-                                                       "height": FLUX_SIZE},
-          title="ModelSamplingFlux (width / height = the frames')"),
+        N(25, "VAELoader", "Load", widgets={"vae_name": FLUX_AE}),
+        N(1, "UNETLoader", "Load", 1, widgets={"unet_name": FLUX_DEV, "weight_dtype": "default"}),
+        N(24, "DualCLIPLoader", "Load", 1, widgets={"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"}),
+        N(29, "GetImageSize", "Load", 1, title="Frame size"),
+        N(26, "ModelSamplingFlux", "Load", 2, widgets={"max_shift": 1.15, "base_shift": 0.5, "width": FLUX_SIZE,
+                                                       "height": FLUX_SIZE}),
         N(3, "VAEEncode", "Invert"),
         N(4, "CLIPTextEncode", "Invert", widgets={"text": INVERSION_PROMPT},
           title="Inversion prompt (describes the source)"),
@@ -259,7 +268,8 @@ def _flux() -> Example:
         _sampler(10, "pnp", col=2, cfg=1.0, pnp_attn_t=FLUX_PNP_ATTN_T),
     ]
     links = [
-        (1, "MODEL", 26, "model"), (2, 0, 3, "pixels"), (25, "VAE", 3, "vae"),
+        (1, "MODEL", 26, "model"), (2, 0, 29, "image"), (29, 0, 26, "width"), (29, 1, 26, "height"),
+        (2, 0, 3, "pixels"), (25, "VAE", 3, "vae"),
         (24, "CLIP", 4, "clip"), (24, "CLIP", 5, "clip"), (24, "CLIP", 6, "clip"),
         (4, 0, 27, "conditioning"), (26, "MODEL", 7, "model"), (3, 0, 7, "latent"), (27, 0, 7, "conditioning"),
         (5, 0, 28, "conditioning"),
@@ -277,14 +287,15 @@ def _flux() -> Example:
         "Flux-dev is guidance-distilled: **cfg 1** on the sampler, the guidance comes from **FluxGuidance** "
         f"({FLUX_GUIDANCE}) on the inversion and edit prompts. At cfg 1 the sampler skips the negative prompt; it is "
         "wired so that a cfg above 1 works.\n\n**ModelSamplingFlux** shifts the noise schedule by the frame size, as "
-        "Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): keep its width / "
-        "height equal to the loader's.\n\n**PnP on Flux**: *pnp_attention_blocks* auto is the `rf_solver` preset "
-        "(RF-Solver-Edit: image values in single blocks 20-37 of 38) and *pnp_attn_t* is its published fraction, "
-        f"**{FLUX_PNP_ATTN_T:g}**; `stable_flow` (Stable Flow: image keys and values in its vital layers) injects in "
-        "every step in its paper: set *pnp_attn_t* 1 with it.\n\nFlux " + TINY_ONLY + NOTE_GROUPS)
-    nodes += out + [_note(note, (440, 900))]
+        "Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): its width / height "
+        "are wired from the loaded frames (**Frame size**), so they follow the loader's.\n\n**PnP on Flux**: "
+        "*pnp_attention_blocks* auto is the `rf_solver` preset (RF-Solver-Edit: image values in single blocks 20-37 of "
+        f"38) and *pnp_attn_t* is its published fraction, **{FLUX_PNP_ATTN_T:g}**; `stable_flow` (Stable Flow: image "
+        "keys and values in its vital layers) injects in every step in its paper: set *pnp_attn_t* 1 with it.\n\nFlux "
+        + TINY_ONLY + NOTE_GROUPS)
+    nodes += out + [_note(note, (560, 560))]
     return Example("tokenflow_flux", nodes, links + out_links,
-                   thumbnail=("TokenFlow + PnP on Flux-dev", f"edit prompt: {EDIT_PROMPT}"))
+                   thumbnail=("5. TokenFlow + PnP on Flux-dev", "Flux-dev files; checked on tiny models only"))
 
 
 def _sd3() -> Example:
@@ -306,9 +317,9 @@ def _sd3() -> Example:
         "layers for SD3.x; scripts/find_vital_layers.py finds a model's own): *pnp_attention_blocks* takes e.g. "
         "`double_block:9-17` (SD3.5 Large's default). SD3.5 is trained at 1024x1024: raise the loader's width / "
         "height for sharper frames (memory grows with the pixel count).\n\nSD3.x " + TINY_ONLY + NOTE_GROUPS)
-    nodes += out + [_note(note, (440, 900))]
+    nodes += out + [_note(note, (560, 400))]
     return Example("tokenflow_sd3", nodes, links + out_links,
-                   thumbnail=("TokenFlow + PnP on SD3.5", f"edit prompt: {EDIT_PROMPT}"))
+                   thumbnail=("6. TokenFlow + PnP on SD3.5", "SD3.5 Large; checked on tiny models only"))
 
 
 def example_specs() -> list[Example]:

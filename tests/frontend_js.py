@@ -183,3 +183,100 @@ FLUX_LOADERS_TO_CHECKPOINT_JS = r"""
 """
 
 EVENTS_JS = "() => window.__tf.events"
+
+# What the user sees when a workflow opens, measured in the page after the drop (tests/test_frontend.py): the zoom
+# and whether the canvas draws text at it (the frontend's own low_quality decision, from its default font-size
+# threshold), the "Read me" note on screen and not covered by the app's bars (elementFromPoint at 3x3 points of its
+# title bar and body hits the canvas or the note's own text element), the note's text whole (no scrolling inside
+# it), every title uncut (measured with the title font, the room the frontend's computeSize gives a title), no node
+# resized by the frontend on loading (``savedSizes``: node id -> the file's size), and every node inside one group.
+OPENED_VIEW_JS = r"""
+(savedSizes) => {
+  const app = window.app, c = app.canvas, graph = app.graph;
+  const rect = c.canvas.getBoundingClientRect();
+  const [ox, oy] = c.ds.offset, scale = c.ds.scale, TITLE = LiteGraph.NODE_TITLE_HEIGHT;
+  const toPage = (x, y) => [rect.left + (x + ox) * scale, rect.top + (y + oy) * scale];
+  const problems = [];
+  const view = {scale, offset: [ox, oy], lowQuality: c.low_quality, threshold: c._lowQualityZoomThreshold ?? null,
+                minFontSizeForLod: c.min_font_size_for_lod ?? null, nodeTextSize: LiteGraph.NODE_TEXT_SIZE,
+                devicePixelRatio: window.devicePixelRatio, window: [innerWidth, innerHeight],
+                canvasRect: [rect.left, rect.top, rect.width, rect.height]};
+  const notes = graph.nodes.filter((n) => n.type === 'MarkdownNote' || n.type === 'Note');
+  if (notes.length !== 1) problems.push(`${notes.length} notes, expected the one Read me note`);
+  for (const note of notes) {
+    const [x0, y0] = toPage(note.pos[0], note.pos[1] - TITLE);
+    const [x1, y1] = toPage(note.pos[0] + note.size[0], note.pos[1] + note.size[1]);
+    view.note = [Math.round(x0), Math.round(y0), Math.round(x1), Math.round(y1)];
+    const own = (note.widgets || []).map((w) => w.element || w.inputEl).filter(Boolean);
+    for (const fy of [0.02, 0.5, 0.98]) for (const fx of [0.02, 0.5, 0.98]) {
+      const x = x0 + fx * (x1 - x0), y = y0 + fy * (y1 - y0);
+      if (x < 0 || y < 0 || x >= innerWidth || y >= innerHeight) {
+        problems.push(`the note's point (${Math.round(x)}, ${Math.round(y)}) is outside the window`); continue;
+      }
+      const hit = document.elementFromPoint(x, y);
+      if (hit !== c.canvas && !own.some((el) => el.contains(hit)))
+        problems.push(`the note's point (${Math.round(x)}, ${Math.round(y)}) is covered by ` +
+                      `<${hit && hit.tagName.toLowerCase()} class="${hit && String(hit.className).slice(0, 80)}">`);
+    }
+    for (const el of own) {
+      const style = getComputedStyle(el);
+      if (style.display === 'none' || style.visibility === 'hidden' || !el.getClientRects().length)
+        problems.push('the note\'s text element is not shown');
+      let bottom = el.getBoundingClientRect().top;
+      const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+      for (let text = walker.nextNode(); text; text = walker.nextNode()) {
+        const range = document.createRange();
+        range.selectNodeContents(text);
+        bottom = Math.max(bottom, range.getBoundingClientRect().bottom);
+      }
+      view.noteText = [Math.round(bottom - el.getBoundingClientRect().top), el.clientHeight];  // screen px: text, room
+      if (el.scrollHeight > el.clientHeight + 2)
+        problems.push(`the note's text needs scrolling: ${el.scrollHeight} px of text in ${el.clientHeight} px`);
+    }
+  }
+  const ctx = document.createElement('canvas').getContext('2d');
+  const groups = graph._groups || graph.groups || [];
+  for (const node of graph.nodes) {
+    const title = node.getTitle ? node.getTitle() : node.title;
+    ctx.font = node.titleFontStyle || `${LiteGraph.NODE_TEXT_SIZE}px ${LiteGraph.NODE_FONT}`;
+    const needs = TITLE + ctx.measureText(title).width + TITLE * 0.33;
+    const where = `node ${node.id} "${title}"`;
+    if (needs > node.size[0] + 0.5)
+      problems.push(`${where}: title cut (needs ${Math.round(needs)} px, the node is ${Math.round(node.size[0])})`);
+    const saved = savedSizes[String(node.id)];  // newer frontends widen a node its title or widgets do not fit
+    if (saved && (node.size[0] > saved[0] + 0.5 || node.size[1] > saved[1] + 0.5))
+      problems.push(`${where}: the frontend resized it on loading from ${saved} to ${node.size.map(Math.round)}`);
+    if (notes.includes(node)) continue;
+    const inside = groups.filter((g) => {
+      const [gx, gy, gw, gh] = g._bounding || g.bounding;
+      return gx <= node.pos[0] && node.pos[0] + node.size[0] <= gx + gw && gy <= node.pos[1] - TITLE &&
+             node.pos[1] + node.size[1] <= gy + gh;
+    });
+    if (inside.length !== 1) problems.push(`${where}: inside ${inside.length} group frames, expected 1`);
+  }
+  return {view, problems};
+}
+"""
+
+# After a run: the text each Preview Any node shows (its "preview" widgets, as the frontend's PreviewAny extension
+# sets them from the node's executed message), by node id and title.
+PREVIEW_TEXTS_JS = r"""
+() => Object.fromEntries(window.app.graph.nodes.filter((n) => n.type === 'PreviewAny').map((n) => [
+  `${n.id} ${n.getTitle ? n.getTitle() : n.title}`,
+  (n.widgets || []).filter((w) => w.name === 'preview').map((w) => w.value)]))
+"""
+
+# Puts the view on the first group whose title starts with the argument (at the saved zoom, its top left where the
+# Read me note opens) so a screenshot shows it.
+SHOW_GROUP_JS = r"""
+(title) => {
+  const c = window.app.canvas, graph = window.app.graph;
+  const group = (graph._groups || graph.groups || []).find((g) => g.title.startsWith(title));
+  if (!group) return false;
+  const [x, y] = group._bounding || group.bounding;
+  c.ds.offset[0] = 80 / c.ds.scale - x;
+  c.ds.offset[1] = 110 / c.ds.scale - y;
+  c.setDirty(true, true);
+  return true;
+}
+"""

@@ -10,8 +10,8 @@ loaders for one ``CheckpointLoaderSimple`` (MODEL, CLIP, VAE from slots 0, 1, 2)
 all-in-one Flux checkpoint of ``tests/stand_in_nodes/tiny_files.py``, which ComfyUI detects as the
 stand-in ``TinyFlux`` config (``tests/stand_in_nodes/__init__.py``), the way the SD server tests
 load their tiny checkpoint. Every other node of the example runs as shipped, with the test-time
-sizes of ``tests/test_server_workflows.py`` (``apply_test_overrides``) and ModelSamplingFlux's
-width / height set to the test frames'.
+sizes of ``tests/test_server_workflows.py`` (``apply_test_overrides``); ModelSamplingFlux's width / height
+come from the loaded frames (Get Image Size), so they are the test frames'.
 
 The SD3.5 example loads one all-in-one checkpoint through ``CheckpointLoaderSimple``, as ComfyUI's own SD3.5
 template does; the run here only points its ``ckpt_name`` at the tiny all-in-one SD3 checkpoint (stand-in
@@ -113,7 +113,11 @@ def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_forma
     assert str(sampler["positive"][0]) in guided and str(invert["conditioning"][0]) in guided
     assert prompt[str(sampler["negative"][0])]["class_type"] == "CLIPTextEncode"  # unused at cfg 1
     (shift,) = _of_type(prompt, "ModelSamplingFlux")
-    assert (shift["width"], shift["height"]) == (loader["width"], loader["height"]) == (512, 512)
+    assert (loader["width"], loader["height"]) == (512, 512)
+    size_id = str(shift["width"][0])  # the shift's width / height are the loaded frames' (Get Image Size)
+    assert prompt[size_id]["class_type"] == "GetImageSize" and (shift["width"], shift["height"]) == \
+        ([shift["width"][0], 0], [shift["width"][0], 1])
+    assert prompt[str(prompt[size_id]["inputs"]["image"][0])]["class_type"] == "TokenFlowLoadVideo"
     sampling_id = next(i for i, n in prompt.items() if n["class_type"] == "ModelSamplingFlux")
     assert [str(sampler["model"][0]), str(invert["model"][0])] == [sampling_id, sampling_id]
     texts = {n["text"] for n in _of_type(prompt, "CLIPTextEncode")}
@@ -163,6 +167,7 @@ def _run_and_check_videos(server, prompt: dict, name: str, object_info: dict, te
         shutil.copy(path, artifacts / f"{name}.mp4")
         assert sd_server.read_video(path) == (frames, input_files.CLIP_SIZE, input_files.CLIP_SIZE,
                                               Fraction(fps).limit_denominator(1000)), path
+    sd_server.check_consistency_texts(prompt, entry)
     return server.log_text()[log_before:]  # this run's lines only
 
 
@@ -170,8 +175,6 @@ def test_flux_example_runs_on_the_server_with_the_tiny_flux_checkpoint(flux_serv
                                                                         test_artifacts):
     prompt = workflow_format.ui_to_api(sd_server.load_example(NAME), object_info)
     prompt = sd_server.apply_test_overrides(swap_flux_loaders(prompt, flux_files["checkpoint_name"]), flux_files)
-    for shift in _of_type(prompt, "ModelSamplingFlux"):
-        shift.update(width=input_files.CLIP_SIZE, height=input_files.CLIP_SIZE)
     log = _run_and_check_videos(flux_server, prompt, NAME, object_info, test_artifacts)
     assert "model_type FLUX" in log, "the checkpoint was not loaded as a Flux model"
     assert "TokenFlow: flow inversion of 5 frames" in log, "the inversion did not take the flow (Flux) path"

@@ -19,14 +19,24 @@ and, for each ``example_workflows/*.json``:
    answered 200 with a ``prompt_id`` and no ``node_errors``, the prompt is in ``/api/queue`` or
    ``/api/history``), then that the run ends with ``success`` within ``TOKENFLOW_FRONTEND_RUN_S``
    seconds (default 120) and the page shows no error;
-4. keeps ``<workflow>.loaded.png`` (official settings, fit to view), ``<workflow>.queued.png``
-   (after the run, with the previews) and ``<workflow>.frontend.json`` (what the page reported) in
+4. checks after the run that each Preview Any node shows its warp-error number on the canvas;
+5. keeps ``<workflow>.loaded.png`` (as it opens), ``<workflow>.queued.png`` (the Output group after
+   the run, with the previews and the numbers) and ``<workflow>.frontend.json`` (what the page reported) in
    the ``test_artifacts`` directory, plus ``frontend.console.log``.
+
+The page runs with the frontend's default settings (only the first-run tutorial is marked done), so
+the examples are seen as a user sees them: ``test_example_opens_readable`` opens each one in a
+1920x1080 and a 1366x768 window (device pixel ratio 1) and fails when it opens below the zoom under
+which the frontend draws no text (its ``low_quality``: "LiteGraph.Canvas.MinFontSizeForLOD" 8 px over
+the 14 px node font, 0.571, on frontends 1.27 and 1.35), when the Read me note is out of the window,
+covered by the app's bars or needs scrolling, when a title is cut, or when a node lies outside its group;
+it photographs each (``<workflow>.<window>.opened.png`` and ``.json`` in ``$TOKENFLOW_SCREENSHOTS``, default
+``test-artifacts/screenshots``).
 
 What a user of the examples would have installed is provided: the model file names the workflows
 use are links to the tiny stand-in files, and the videos they name are short clips in ``input/``.
 
-Browser tools come from ``scripts/install_browser.sh`` (apt's chromium + the ``playwright`` Python
+Browser tools (``tests/frontend_harness.py``) come from ``scripts/install_browser.sh`` (apt's chromium + the ``playwright`` Python
 package, never ``playwright install``), run by a session fixture so a fresh machine works. If it
 cannot install them the tests FAIL saying why; ``TOKENFLOW_SKIP_FRONTEND=1`` skips them explicitly.
 ``TOKENFLOW_CHROMIUM`` names another chromium binary (default ``/usr/bin/chromium``).
@@ -34,30 +44,27 @@ cannot install them the tests FAIL saying why; ``TOKENFLOW_SKIP_FRONTEND=1`` ski
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+import frontend_harness as fh
 import frontend_js
+from frontend_harness import playwright_sync_api  # noqa: F401 (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
-INSTALL_SCRIPT = REPO / "scripts" / "install_browser.sh"
-CHROMIUM = os.environ.get("TOKENFLOW_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM, PAGE_TIMEOUT_MS = fh.CHROMIUM, fh.PAGE_TIMEOUT_MS
 RUN_TIMEOUT_S = float(os.environ.get("TOKENFLOW_FRONTEND_RUN_S", "120"))
 VIEWPORT = {"width": 1920, "height": 1080}
-PAGE_TIMEOUT_MS = 30_000
+OPENING_VIEWPORTS = [VIEWPORT, {"width": 1366, "height": 768}]  # a full-HD screen and a common laptop's
 STARTUP_WATCHDOG_S = 300  # browser launch + first page load
 FLUX_CHECKPOINT = "tokenflow_tiny_flux.safetensors"  # tests/stand_in_nodes/tiny_files.py
 SD3_CHECKPOINT = "sd3.5_large_fp8_scaled.safetensors"  # example_specs.SD35_LARGE (tokenflow_sd3.json)
@@ -67,101 +74,8 @@ if os.environ.get("TOKENFLOW_SKIP_FRONTEND") == "1":
 
 
 # --------------------------------------------------------------------------------------------------
-# Browser tools
-# --------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def playwright_sync_api() -> Any:
-    """``playwright.sync_api`` with Debian's chromium present; installs both when missing, or fails."""
-    env = dict(os.environ, PYTHON=sys.executable, TOKENFLOW_CHROMIUM=CHROMIUM)
-    try:
-        proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{INSTALL_SCRIPT} did not finish within 900 s (apt-get/pip hanging?). "
-                    "Set TOKENFLOW_SKIP_FRONTEND=1 to skip the frontend tests explicitly.")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"could not install the browser tools for the frontend test ({INSTALL_SCRIPT} exited "
-            f"{proc.returncode}):\n{proc.stderr[-3000:]}\nInstall Debian's chromium (apt-get install chromium) and "
-            f"`{sys.executable} -m pip install playwright`, or set TOKENFLOW_SKIP_FRONTEND=1 to skip explicitly.")
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module("playwright.sync_api")
-    except ImportError as exc:  # installed into another interpreter?
-        pytest.fail(f"playwright is not importable from {sys.executable} after {INSTALL_SCRIPT}: {exc}")
-
-
-@contextlib.contextmanager
-def _watchdog(seconds: float) -> Iterator[None]:
-    """Kill this process's Playwright driver (and so its browser) if the block runs over ``seconds``.
-
-    Playwright's own timeouts bound every wait; this is the backstop for a hung renderer or driver:
-    the pending Playwright call then raises and the test fails instead of hanging the suite.
-    """
-    import threading
-
-    def fire() -> None:
-        try:
-            import psutil
-
-            for child in psutil.Process().children(recursive=False):
-                with contextlib.suppress(psutil.Error):
-                    if "playwright" in " ".join(child.cmdline()):
-                        for proc in child.children(recursive=True) + [child]:
-                            with contextlib.suppress(psutil.Error):
-                                proc.kill()
-        except Exception:  # noqa: BLE001 (a watchdog must not raise in its thread)
-            pass
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def _eval(pg: Any, js: str, arg: Any = None, timeout_ms: int = PAGE_TIMEOUT_MS) -> Any:
-    """``page.evaluate`` of an (async) function expression, rejected in the page after ``timeout_ms``."""
-    bounded = (f"async (arg) => Promise.race([({js.strip()})(arg), new Promise((_, reject) => "
-               f"setTimeout(() => reject(new Error('page call timed out after {timeout_ms} ms')), {timeout_ms}))])")
-    return pg.evaluate(bounded, arg)
-
-
-# --------------------------------------------------------------------------------------------------
 # Server
 # --------------------------------------------------------------------------------------------------
-
-def _comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser().resolve()
-
-
-def _http(url: str, data: Any = None, timeout: float = 10.0) -> Any:
-    body = None if data is None else json.dumps(data).encode()
-    request = urllib.request.Request(url, data=body, method="GET" if data is None else "POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        raw = response.read()
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return raw.decode(errors="replace")
-
-
-def _tiny_files_module() -> Any:
-    path = REPO / "tests" / "stand_in_nodes" / "tiny_files.py"
-    spec = importlib.util.spec_from_file_location("tokenflow_frontend_tiny_files", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _input_files() -> Any:
-    import input_files
-
-    return input_files
-
 
 def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
     """What a user of the examples has installed: their model names and their input videos.
@@ -170,12 +84,12 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
     become links to the tiny stand-in files; each video the loaders name becomes a short clip in the
     server's input folder (unless already there).
     """
-    flux = _tiny_files_module().write_flux_checkpoint(Path(tiny["checkpoint"]).parent / FLUX_CHECKPOINT)
+    flux = fh.tiny_files_module().write_flux_checkpoint(Path(tiny["checkpoint"]).parent / FLUX_CHECKPOINT)
     stand_ins = {"checkpoints": Path(tiny["checkpoint"]), "controlnet": Path(tiny["controlnet"]),
                  # the Flux example's core loaders: names only, swapped for the tiny Flux checkpoint before Run
                  "diffusion_models": flux, "text_encoders": flux, "vae": flux}
     # the SD3.5 example's checkpoint name: the tiny all-in-one SD3 checkpoint (a flow model, as the real one)
-    by_name = {SD3_CHECKPOINT: _tiny_files_module().write_tiny_sd3_files(Path(tiny["checkpoint"]).parent.parent)[
+    by_name = {SD3_CHECKPOINT: fh.tiny_files_module().write_tiny_sd3_files(Path(tiny["checkpoint"]).parent.parent)[
         "checkpoint"]}
     folders = {d: (stand_ins[d].parent if d in ("checkpoints", "controlnet") else Path(server.base_dir) / "models" / d)
                for d in stand_ins}
@@ -199,7 +113,7 @@ def _provide_workflow_files(server: Any, tiny: dict) -> dict[str, list[str]]:
             if directory == "videos":
                 target = Path(server.input_dir) / name
                 if not target.exists():
-                    _input_files().write_test_clip(target)
+                    fh.input_files().write_test_clip(target)
                 continue
             folders[directory].mkdir(parents=True, exist_ok=True)
             alias = folders[directory] / name
@@ -225,7 +139,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         shared.tf_files = _provide_workflow_files(shared, tiny)
         yield shared
         return
-    tiny = _tiny_files_module().write_tiny_model_files(tmp_path_factory.mktemp("frontend-tiny-models"))
+    tiny = fh.tiny_files_module().write_tiny_model_files(tmp_path_factory.mktemp("frontend-tiny-models"))
     base = harness.make_base_dir(tmp_path_factory.mktemp("frontend-comfy-base"))
     own = harness.ComfyServer(base, extra_model_paths=tiny["extra_model_paths"], python=sys.executable)
     try:
@@ -250,18 +164,18 @@ def server_url(server: Any) -> str:
 @pytest.fixture(scope="module")
 def page(playwright_sync_api: Any, server_url: str, test_artifacts: Path) -> Iterator[Any]:
     """The frontend open in headless chromium, instrumented; page errors collected in ``page.tf_errors``."""
-    # A fresh user would get the template browser on top of the canvas; a returning one would not.
-    # Full detail at any zoom and no minimap make the screenshots of whole workflows readable.
-    _http(f"{server_url}/api/settings", {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0,
-                                         "Comfy.Minimap.Visible": False})
+    # A fresh user would get the template browser on top of the canvas; a returning one would not. Every other
+    # setting keeps the frontend's default (low-quality rendering when zoomed out and the minimap included): the
+    # examples must read as a user sees them.
+    fh.http(f"{server_url}/api/settings", {"Comfy.TutorialCompleted": True})
     with playwright_sync_api.sync_playwright() as pw:
-        with _watchdog(STARTUP_WATCHDOG_S):
+        with fh.watchdog(STARTUP_WATCHDOG_S):
             browser = pw.chromium.launch(
                 executable_path=CHROMIUM, headless=True, timeout=60_000,
                 args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"])
         pg = None
         try:
-            with _watchdog(STARTUP_WATCHDOG_S):
+            with fh.watchdog(STARTUP_WATCHDOG_S):
                 context = browser.new_context(viewport=VIEWPORT)
                 context.set_default_timeout(PAGE_TIMEOUT_MS)
                 pg = context.new_page()
@@ -273,7 +187,7 @@ def page(playwright_sync_api: Any, server_url: str, test_artifacts: Path) -> Ite
                 pg.wait_for_function("() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
                                      " && document.querySelector('[data-testid=\"queue-button\"]')", timeout=90_000)
                 pg.tf_startup_s = round(time.monotonic() - started, 2)
-                _eval(pg, frontend_js.INSTRUMENT_JS)
+                fh.page_eval(pg, frontend_js.INSTRUMENT_JS)
             # Errors thrown while the app booted (host frontend noise, before any workflow is loaded)
             # go to the console log but are not held against the workflows.
             pg.tf_startup_errors = list(pg.tf_errors)
@@ -289,36 +203,9 @@ def page(playwright_sync_api: Any, server_url: str, test_artifacts: Path) -> Ite
 
 
 def _pinned_frontend_version() -> str | None:
-    requirements = _comfyui_path() / "requirements.txt"
+    requirements = fh.comfyui_path() / "requirements.txt"
     match = re.search(r"^comfyui-frontend-package==(\S+)", requirements.read_text(), re.M) if requirements.is_file() else None
     return match.group(1) if match else None
-
-
-def _clear_server_queue(server_url: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        _http(f"{server_url}/api/queue", {"clear": True})
-        _http(f"{server_url}/api/interrupt", {})
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            queue = _http(f"{server_url}/api/queue")
-            if not queue["queue_running"] and not queue["queue_pending"]:
-                return
-            _http(f"{server_url}/api/interrupt", {})
-            time.sleep(0.5)
-
-
-def _log_tail(server: Any) -> str:
-    with contextlib.suppress(Exception):
-        return "--- server log ---\n" + server.log_tail(4000)
-    return ""
-
-
-def _close_dialogs(pg: Any) -> None:
-    for _ in range(3):
-        if not _eval(pg, frontend_js.OPEN_DIALOGS_JS):
-            return
-        pg.keyboard.press("Escape")
-        pg.wait_for_timeout(300)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,13 +217,54 @@ def test_example_workflows_exist() -> None:
 
 
 def test_frontend_is_the_pinned_one(page: Any, server_url: str) -> None:
-    version = _eval(page, "() => window.__COMFYUI_FRONTEND_VERSION__ || null")
+    version = fh.page_eval(page, "() => window.__COMFYUI_FRONTEND_VERSION__ || null")
     pinned = _pinned_frontend_version()
-    assert pinned, f"no comfyui-frontend-package pin in {_comfyui_path() / 'requirements.txt'}"
+    assert pinned, f"no comfyui-frontend-package pin in {fh.comfyui_path() / 'requirements.txt'}"
     assert version == pinned, f"the server serves frontend {version}, the host pins {pinned}"
     assert page.url.startswith(server_url)
 
 
+
+
+@pytest.fixture(scope="module")
+def screenshots(test_artifacts: Path) -> Path:
+    """Where the opened examples are photographed: ``$TOKENFLOW_SCREENSHOTS``, else ``test-artifacts/screenshots``."""
+    path = Path(os.environ.get("TOKENFLOW_SCREENSHOTS") or test_artifacts / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("viewport", OPENING_VIEWPORTS, ids=[f"{v['width']}x{v['height']}" for v in OPENING_VIEWPORTS])
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_example_opens_readable(workflow: Path, viewport: dict, page: Any, screenshots: Path) -> None:
+    """Opened at the frontend's default settings, the example draws its text (zoom at or above the frontend's
+    low-quality threshold), shows its whole Read me note, cuts no title and keeps every node in its group."""
+    name = f"{workflow.stem}.{viewport['width']}x{viewport['height']}"
+    page.tf_errors.clear()
+    try:
+        with fh.watchdog(3 * PAGE_TIMEOUT_MS / 1000 + 60):
+            page.set_viewport_size(viewport)
+            page.wait_for_timeout(500)
+            fh.close_dialogs(page)
+            result = fh.page_eval(page, frontend_js.DROP_AND_INSPECT_JS,
+                           {"text": workflow.read_text(), "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
+                           timeout_ms=PAGE_TIMEOUT_MS + 5000)
+            assert "error" not in result and not result["loadError"], result
+            page.wait_for_timeout(800)  # the note's text element follows the canvas on the next frames
+            opened = fh.page_eval(page, frontend_js.OPENED_VIEW_JS, {str(n["id"]): n["size"] for n in
+                                                                     json.loads(workflow.read_text())["nodes"]})
+            page.screenshot(path=str(screenshots / f"{name}.opened.png"))
+            (screenshots / f"{name}.opened.json").write_text(json.dumps(opened, indent=1))
+    finally:
+        page.set_viewport_size(VIEWPORT)
+        with contextlib.suppress(Exception):
+            fh.close_dialogs(page)
+    view = opened["view"]
+    assert view["lowQuality"] is False and view["scale"] >= (view["threshold"] or 0), \
+        (f"{name} opens at zoom {view['scale']}, below the frontend's {view['threshold']} under which it draws no "
+         f"text (min font {view['minFontSizeForLod']} px / node text {view['nodeTextSize']} px)")
+    assert not opened["problems"], f"{name}:\n  " + "\n  ".join(opened["problems"])
+    assert not page.tf_errors, f"page errors while opening {name}: {page.tf_errors}"
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
@@ -347,9 +275,9 @@ def test_frontend_loads_and_queues_workflow(workflow: Path, page: Any, server: A
     timings: dict[str, float] = {}
     page.tf_errors.clear()
     try:
-        with _watchdog(RUN_TIMEOUT_S + 3 * PAGE_TIMEOUT_MS / 1000 + 60):
-            _close_dialogs(page)
-            _eval(page, "() => { window.__tf.events = []; window.__tf.loadError = null; }")
+        with fh.watchdog(RUN_TIMEOUT_S + 3 * PAGE_TIMEOUT_MS / 1000 + 60):
+            fh.close_dialogs(page)
+            fh.page_eval(page, "() => { window.__tf.events = []; window.__tf.loadError = null; }")
             _load_and_check(page, workflow, text, report, timings, test_artifacts)
             _queue_and_run(page, server, workflow, report, timings, test_artifacts)
     finally:
@@ -357,22 +285,21 @@ def test_frontend_loads_and_queues_workflow(workflow: Path, page: Any, server: A
         report["page_errors"] = list(page.tf_errors)
         with contextlib.suppress(Exception):
             (test_artifacts / f"{workflow.stem}.frontend.json").write_text(json.dumps(report, indent=1, default=str))
-        _clear_server_queue(url)
+        fh.clear_server_queue(url)
         with contextlib.suppress(Exception):
-            _close_dialogs(page)
+            fh.close_dialogs(page)
 
 
 def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings: dict, artifacts: Path) -> None:
     # Drop the file on the canvas; the page waits (bounded) for the app's loadGraphData to finish.
     started = time.monotonic()
-    result = _eval(page, frontend_js.DROP_AND_INSPECT_JS, {"text": text, "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
+    result = fh.page_eval(page, frontend_js.DROP_AND_INSPECT_JS, {"text": text, "fileName": workflow.name, "timeoutMs": PAGE_TIMEOUT_MS},
                    timeout_ms=PAGE_TIMEOUT_MS + 5000)
     timings["load_s"] = round(time.monotonic() - started, 2)
     report["load"] = result
-    _eval(page, "() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts / f"{workflow.stem}.loaded.png"))
-    events = _eval(page, frontend_js.EVENTS_JS)
+    events = fh.page_eval(page, frontend_js.EVENTS_JS)
     report["load_events"] = events
 
     assert "error" not in result, result["error"]
@@ -380,7 +307,7 @@ def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings:
     assert result["missing"] is not None, "the app's afterConfigureGraph hook did not run (load aborted?)"
     assert result["missing"] == [], f"the app reports missing node types: {result['missing']}"
     assert not result["unregistered"], f"node types not registered in the frontend: {result['unregistered']}"
-    dialogs = _eval(page, frontend_js.OPEN_DIALOGS_JS)
+    dialogs = fh.page_eval(page, frontend_js.OPEN_DIALOGS_JS)
     shown = [e for e in events if e["kind"] == "dialog"]
     assert not dialogs and not shown, f"the app showed dialogs while loading: {dialogs or shown}"
     toasts = [e for e in events if e["kind"] == "toast" and e["severity"] in ("error", "warn")]
@@ -392,8 +319,8 @@ def _load_and_check(page: Any, workflow: Path, text: str, report: dict, timings:
 
 def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings: dict, artifacts: Path) -> None:
     url = server.url
-    report["flux_loaders_swapped"] = _eval(page, frontend_js.FLUX_LOADERS_TO_CHECKPOINT_JS, FLUX_CHECKPOINT)
-    report["overrides"] = _eval(page, frontend_js.TINY_OVERRIDES_JS)
+    report["flux_loaders_swapped"] = fh.page_eval(page, frontend_js.FLUX_LOADERS_TO_CHECKPOINT_JS, FLUX_CHECKPOINT)
+    report["overrides"] = fh.page_eval(page, frontend_js.TINY_OVERRIDES_JS)
 
     # Click Run, as a user would; the frontend builds the prompt and POSTs it.
     started = time.monotonic()
@@ -404,43 +331,51 @@ def _queue_and_run(page: Any, server: Any, workflow: Path, report: dict, timings
         response = response_info.value
     except Exception as exc:  # noqa: BLE001 (playwright's TimeoutError): say what the page showed instead
         pytest.fail(f"clicking Run sent no POST /api/prompt within {PAGE_TIMEOUT_MS} ms ({exc}); dialogs "
-                    f"{_eval(page, frontend_js.OPEN_DIALOGS_JS)}, events {_eval(page, frontend_js.EVENTS_JS)}, page errors {page.tf_errors}")
+                    f"{fh.page_eval(page, frontend_js.OPEN_DIALOGS_JS)}, events {fh.page_eval(page, frontend_js.EVENTS_JS)}, page errors {page.tf_errors}")
     body = response.json()
     report["queue_response"] = {"status": response.status, "body": body}
     assert response.status == 200, f"the server refused the prompt ({response.status}): {json.dumps(body)[:3000]}"
     prompt_id = body.get("prompt_id")
     assert prompt_id, f"no prompt_id in the server's answer: {body}"
     assert not body.get("node_errors"), f"node errors: {body['node_errors']}"
-    queue = _http(f"{url}/api/queue")
+    queue = fh.http(f"{url}/api/queue")
     held = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
-    assert prompt_id in held or prompt_id in (_http(f"{url}/api/history/{prompt_id}") or {}), \
+    assert prompt_id in held or prompt_id in (fh.http(f"{url}/api/history/{prompt_id}") or {}), \
         f"prompt {prompt_id} is neither in /api/queue nor in /api/history"
 
     # It runs to the end on the server, and the page shows no error.
     entry, deadline = None, time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
-        entry = (_http(f"{url}/api/history/{prompt_id}") or {}).get(prompt_id)
+        entry = (fh.http(f"{url}/api/history/{prompt_id}") or {}).get(prompt_id)
         if entry and entry.get("status", {}).get("completed") is not None:
             break
         entry = None
         time.sleep(0.5)
     timings["queue_to_done_s"] = round(time.monotonic() - started, 2)
     assert entry is not None, (f"the queued run did not finish within {RUN_TIMEOUT_S:.0f} s "
-                               f"(TOKENFLOW_FRONTEND_RUN_S)\n{_log_tail(server)}")
+                               f"(TOKENFLOW_FRONTEND_RUN_S)\n{fh.log_tail(server)}")
     status = entry["status"]
     report["run_status"] = status
     errors = [m for m in status.get("messages", []) if m and m[0] == "execution_error"]
     assert not errors and status.get("status_str") == "success", \
-        f"the queued run failed: {json.dumps(errors or status)[:3000]}\n{_log_tail(server)}"
+        f"the queued run failed: {json.dumps(errors or status)[:3000]}\n{fh.log_tail(server)}"
     page.wait_for_function("() => !window.app.runningNodeId", timeout=PAGE_TIMEOUT_MS)
     page.wait_for_timeout(1000)  # let the previews arrive and paint
+    fh.page_eval(page, frontend_js.SHOW_GROUP_JS, "Output")  # the video, the warp-error plot and its numbers
+    page.wait_for_timeout(300)
     page.screenshot(path=str(artifacts / f"{workflow.stem}.queued.png"))
-    events = _eval(page, frontend_js.EVENTS_JS)
+    texts = fh.page_eval(page, frontend_js.PREVIEW_TEXTS_JS)
+    report["preview_texts"] = texts
+    consistency = sum(1 for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "TokenFlowTemporalConsistency")
+    assert len(texts) == 2 * consistency, f"{len(texts)} Preview Any nodes for {consistency} warp-error nodes: {texts}"
+    for title, shown in texts.items():  # each shows its number on the canvas
+        assert shown and all(fh.is_number(value) for value in shown), f"Preview Any {title!r} shows {shown}"
+    events = fh.page_eval(page, frontend_js.EVENTS_JS)
     report["queue_events"] = events
     bad = [e for e in events if e["kind"] == "dialog" or (e["kind"] == "toast" and e["severity"] == "error")]
     assert not bad, f"the app showed errors after queueing: {bad}"
-    assert not _eval(page, "() => window.app.lastNodeErrors || null"), "the app holds node errors"
-    assert not _eval(page, "() => window.app.lastExecutionError || null"), "the app holds an execution error"
+    assert not fh.page_eval(page, "() => window.app.lastNodeErrors || null"), "the app holds node errors"
+    assert not fh.page_eval(page, "() => window.app.lastExecutionError || null"), "the app holds an execution error"
     assert not page.tf_errors, f"page errors while queueing: {page.tf_errors}"
     if workflow.stem == "tokenflow_sd3":  # its checkpoint name is the tiny SD3 file: loaded as the flow model it is
-        assert "model_type FLOW" in server.log_text(), f"the SD3.5 example did not load an SD3 model\n{_log_tail(server)}"
+        assert "model_type FLOW" in server.log_text(), f"the SD3.5 example did not load an SD3 model\n{fh.log_tail(server)}"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,24 @@ def expected_videos(prompt: dict) -> dict[str, tuple[int, float]]:
     return expected
 
 
+def check_consistency_texts(prompt: dict, history_entry: dict) -> dict[str, float]:
+    """Every warp-error node's two numbers reach a Preview Any node, whose UI message (what the frontend shows on
+    the canvas) carries the number as text. Returns Preview Any node id -> the number shown."""
+    shown = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] != "TokenFlowTemporalConsistency":
+            continue
+        feeds = {preview["inputs"]["source"][1]: preview_id for preview_id, preview in prompt.items()
+                 if preview["class_type"] == "PreviewAny" and str(preview["inputs"]["source"][0]) == node_id}
+        assert sorted(feeds) == [0, 1], f"warp-error node {node_id}: outputs {sorted(feeds)} shown, expected 0 and 1"
+        for slot, preview_id in feeds.items():
+            (text,) = history_entry["outputs"][preview_id]["text"]
+            shown[preview_id] = float(text)
+            assert math.isfinite(shown[preview_id]) and (slot == 0 or 0.0 <= shown[preview_id] <= 1.0), text
+    assert shown, "no warp-error node in the prompt"
+    return shown
+
+
 def read_video(path: Path) -> tuple[int, int, int, Fraction]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -205,6 +224,26 @@ def test_example_workflows_are_offered_as_templates(comfy_server):
         assert comfy_server.get_json(base + ".json") == load_example(name)
         status, body = comfy_server.request(base + ".jpg")  # the frontend asks for <name>.jpg
         assert status == 200 and body[:3] == b"\xff\xd8\xff", f"{name}.jpg not served as a JPEG"
+
+
+def test_thumbnails_and_readme_give_the_reading_order_and_a_one_line_caption(tmp_path):
+    """The template browser shows a pack's examples by file name and thumbnail only, in the server's file order."""
+    from workflow_builder import write_thumbnail
+
+    specs = example_specs.example_specs()
+    assert specs[0].name == "tokenflow_pnp"  # the paper's setting first
+    assert [ex.thumbnail[0].split(".")[0] for ex in specs] == [str(i) for i in range(1, len(specs) + 1)]
+    for ex in specs:
+        title, caption = ex.thumbnail
+        assert ("checked on tiny models only" in caption) == (ex.name in ("tokenflow_flux", "tokenflow_sd3")), caption
+        assert "SD" in caption or "Flux" in caption, f"{ex.name}: the caption names no model: {caption}"
+        write_thumbnail(tmp_path / f"{ex.name}.jpg", title, caption, video=None)  # one line each, else ValueError
+    with pytest.raises(ValueError, match="does not fit one line"):
+        write_thumbnail(tmp_path / "long.jpg", "title", "a caption far longer than one line of the thumbnail " * 2,
+                        video=None)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\d+\. `(\w+)\.json`", readme.split("### Example workflows", 1)[1], re.M)
+    assert listed == [ex.name for ex in specs], listed
 
 
 @pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
@@ -283,6 +322,7 @@ def test_example_workflow_runs_on_the_server(comfy_server, object_info, tiny_mod
         assert path.suffix == ".mp4" and path.is_file()
         shutil.copy(path, artifacts / f"{name}_{prompt[node_id]['inputs']['filename_prefix'].split('/')[-1]}.mp4")
         assert read_video(path) == (frames, CLIP_SIZE, CLIP_SIZE, Fraction(fps).limit_denominator(1000)), path
+    check_consistency_texts(prompt, entry)
 
 
 def test_server_refuses_an_out_of_range_widget(comfy_server, object_info, tiny_model_files):

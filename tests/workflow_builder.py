@@ -4,9 +4,16 @@ Every example reads left to right in groups, one per stage: **Load**, **Invert**
 **Output** (``GROUPS``). A node names its group, a sub-column inside it and a band (row);
 columns are laid out group after group, bands top to bottom, and each (group, band) gets one
 group frame titled with the stage (and the band's title when an example has several rows).
+
+Every example opens at ``READABLE_SCALE`` (saved in ``extra.ds``), above the zoom under which the frontend
+draws no text (its default "LiteGraph.Canvas.MinFontSizeForLOD" of 8 px over the 14 px node font: 0.571 at
+device pixel ratio 1, on frontends 1.27 and 1.35), with the "Read me" note at the top left of the view, and
+every node is wide enough for its title (``title_width``), so the frontend neither cuts a title nor widens the
+node past its group.
 """
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -23,7 +30,22 @@ GROUP_GAP = 110  # between groups (their frames take 20 px on each side)
 BAND_GAP = 80
 GROUP_TITLE = 90  # room above a band's nodes for the group title
 TITLE_BAR = 30
+# The zoom the examples open at: text is drawn from 8 / 14 = 0.571 on (the frontend's default); at 100% the note's
+# text is 10 px high, the smallest that reads, and the notes are sized to fit a 1366x768 window under the
+# frontend's bars.
+READABLE_SCALE = 1.0
+# Screen pixels from the canvas's top left to the note's title bar: frontend 1.35 draws the canvas under its side bar
+# (58 px) and its tabs and breadcrumb (95 px); 1.27 starts the canvas right of and below them.
+NOTE_VIEW_MARGIN = (80, 110)
+# LiteGraph's own estimate of a character of the 14 px node title (0.6 em), and the title bar's room left and
+# right of the text (the collapse dot and the margins): the frontend widens a node whose title needs more.
+TITLE_CHAR_WIDTH = 8.4
+TITLE_PADDING = 50
 # Loader node type -> how many of its first widgets name model files (listed in its "models" property).
+# Nodes whose only widgets are the frontend's own display widgets (Preview Any's text, and on frontend 1.35 its
+# Markdown toggle, saved as [null, null, false]; 1.27 saves []): saved without widgets_values, so that each
+# frontend keeps its own defaults.
+DISPLAY_ONLY_NODES = {"PreviewAny"}
 MODEL_WIDGETS = {"CheckpointLoaderSimple": 1, "ControlNetLoader": 1, "UNETLoader": 1, "DualCLIPLoader": 2,
                  "VAELoader": 1}
 
@@ -50,7 +72,9 @@ class Example:
     links: list[tuple[int, str | int, int, str]]  # (from id, output name or index, to id, input name)
     bands: list[str] = field(default_factory=lambda: [""])  # suffix of the group titles per band
     titles: dict[tuple[str, int], str] = field(default_factory=dict)  # (group, band) -> title, overriding
-    thumbnail: tuple[str, str] = ("", "")  # title, subtitle
+    # The template browser lists a pack's examples by file name and thumbnail only, in no set order: the title
+    # carries the example's place in the reading order, the caption (one line) what it does and what it needs.
+    thumbnail: tuple[str, str] = ("", "")  # title, caption
 
 
 def group_title(group: str, band_title: str) -> str:
@@ -61,17 +85,25 @@ def group_title(group: str, band_title: str) -> str:
 # specification -> UI-format JSON
 # --------------------------------------------------------------------------------------------
 
-def _node_size(node: N, n_sockets: int, n_outputs: int, n_widgets: int) -> list[int]:
+def title_width(title: str) -> int:
+    """The width a node needs for ``title`` uncut (a conservative estimate; the frontend test measures it)."""
+    return math.ceil(TITLE_PADDING + TITLE_CHAR_WIDTH * len(title))
+
+
+def _node_size(node: N, title: str, n_sockets: int, n_outputs: int, n_widgets: int) -> list[int]:
     if node.size:
         return list(node.size)
     if node.type == "CLIPTextEncode":
-        return [400, 160]
-    if node.type in ("PreviewImage", "SaveVideo"):
-        return [340, 480]  # room for the image/video preview shown after a run
-    height = 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets
-    if node.type == "TokenFlowLoadVideo":
-        height += 300  # the upload widget's video preview
-    return [320, height]
+        width, height = 400, 160
+    elif node.type in ("PreviewImage", "SaveVideo"):
+        width, height = 340, 480  # room for the image/video preview shown after a run
+    elif node.type == "PreviewAny":
+        width, height = 320, 160  # the text result (and, on newer frontends, its Markdown toggle)
+    else:
+        width, height = 320, 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets
+        if node.type == "TokenFlowLoadVideo":  # the upload widget's video preview, as wide as the frontend makes it
+            width, height = 440, height + 400
+    return [max(width, title_width(title)), height]
 
 
 def _ui_node(example: Example, node: N, info: dict | None, incoming: dict, link_rows: list,
@@ -123,10 +155,13 @@ def _ui_node(example: Example, node: N, info: dict | None, incoming: dict, link_
     if files:  # the frontend offers these for download when they are missing
         properties["models"] = [{"name": name, "url": model_links[name][0], "directory": model_links[name][1]}
                                 for name in files]
-    entry = {"id": node.id, "type": node.type, "pos": [0, 0], "size": _node_size(node, len(inputs), len(outputs),
-                                                                                     len(values)),
+    title = node.title or info.get("display_name") or node.type
+    entry = {"id": node.id, "type": node.type, "pos": [0, 0], "size": _node_size(node, title, len(inputs),
+                                                                                     len(outputs), len(values)),
              "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs, "properties": properties,
              "widgets_values": values}
+    if node.type in DISPLAY_ONLY_NODES and not values:
+        del entry["widgets_values"]
     if node.title:
         entry["title"] = node.title
     return entry
@@ -155,7 +190,7 @@ def build_ui_workflow(example: Example, object_info: dict, model_links: dict[str
         "links": link_rows,
         "groups": _groups(example, ui_nodes),
         "config": {},
-        "extra": {"ds": {"scale": 0.5, "offset": [60, 60]}},
+        "extra": {"ds": _opening_view(example, ui_nodes)},
         "version": 0.4,
     }
 
@@ -185,6 +220,16 @@ def _layout(example: Example, ui_nodes: list[dict]) -> None:
                     yy += ui["size"][1] + GAP + TITLE_BAR
             bottom = max(bottom, yy)
         y = bottom + BAND_GAP
+
+
+def _opening_view(example: Example, ui_nodes: list[dict]) -> dict:
+    """The saved view: ``READABLE_SCALE``, the "Read me" note's title bar ``NOTE_VIEW_MARGIN`` from the canvas's top
+    left (the graph starts right of it); screen = (graph + offset) * scale."""
+    notes = [ui for ui in ui_nodes if ui["type"] in FRONTEND_ONLY_NODES]
+    left = min(ui["pos"][0] for ui in (notes or ui_nodes))
+    top = min(ui["pos"][1] for ui in (notes or ui_nodes)) - TITLE_BAR
+    return {"scale": READABLE_SCALE, "offset": [round(NOTE_VIEW_MARGIN[0] / READABLE_SCALE - left, 2),
+                                                round(NOTE_VIEW_MARGIN[1] / READABLE_SCALE - top, 2)]}
 
 
 def _execution_order(ui_nodes: list[dict], link_rows: list[list]) -> None:
@@ -222,8 +267,9 @@ def _groups(example: Example, ui_nodes: list[dict]) -> list[dict]:
 
 
 def write_thumbnail(path: Path, title: str, subtitle: str, video: str | None, kind: str = "") -> None:
-    """A 512x384 JPEG: a frame of the SOURCE clip (or a neutral card), captioned as the source on the image, with a
-    label. No edited frame: without real model weights none can be made honestly, so the picture says what it is."""
+    """A 512x384 JPEG: a frame of the SOURCE clip (or a neutral card), captioned as the source on the image, with the
+    title and a one-line caption (``subtitle``) below. No edited frame: without real model weights none can be made
+    honestly, so the picture says what it is."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -268,8 +314,22 @@ def write_thumbnail(path: Path, title: str, subtitle: str, video: str | None, ki
         draw.rectangle([(0, 0), (box[2] + 16, box[3] + 12)], fill=(14, 16, 22))
         draw.text((8, 5), caption, fill=(255, 214, 90), font=caption_font)
     draw.rectangle([(0, height - 96), (width, height)], fill=(14, 16, 22))
-    title_font = ImageFont.load_default(size=32)
-    sub_font = ImageFont.load_default(size=20)
-    draw.text((18, height - 88), title, fill=(255, 255, 255), font=title_font)
-    draw.text((18, height - 44), subtitle, fill=(190, 200, 215), font=sub_font)
+    margin = 18
+    draw.text((margin, height - 88), title, fill=(255, 255, 255), font=_font_fitting(draw, title, 32, width - 2 * margin))
+    draw.text((margin, height - 44), subtitle, fill=(190, 200, 215),
+              font=_font_fitting(draw, subtitle, 20, width - 2 * margin))
     canvas.save(path, "JPEG", quality=85, optimize=True)
+
+
+THUMBNAIL_MIN_FONT = 16  # smaller is unreadable once the template browser shrinks the thumbnail
+
+
+def _font_fitting(draw: Any, text: str, size: int, room: int) -> Any:
+    """The default font at the largest size up to ``size`` that draws ``text`` on one line within ``room`` pixels."""
+    from PIL import ImageFont
+
+    for points in range(size, THUMBNAIL_MIN_FONT - 1, -1):
+        font = ImageFont.load_default(size=points)
+        if draw.textlength(text, font=font) <= room:
+            return font
+    raise ValueError(f"thumbnail text {text!r} does not fit one line of {room} px at {THUMBNAIL_MIN_FONT} pt: shorten it")
