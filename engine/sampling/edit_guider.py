@@ -39,6 +39,13 @@ class TokenFlowGuider(FrameSubsetGuider):
         self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * inversion.n_frames)
         self.trace: list[tuple] | None = None  # set to [] to log (timestep, kind, where, phase) of PnP injections
 
+    def largest_call_images(self, n_frames: int) -> int:
+        """The keyframe pass: every keyframe in one call (extended attention), in each edit branch and the source's."""
+        keyframes = max((len(k) for k in self.plan.schedule.keyframes), default=1)
+        branches = 1 if math.isclose(self.cfg, 1.0) else 2
+        source = any(needs.source_in_keyframe_pass(self.plan.on_the_fly) for needs in self.plan.needs)
+        return keyframes * (branches + source)
+
     def _field_provider(self, step: int):
         corr = self.plan.correspondences
         if corr is None:

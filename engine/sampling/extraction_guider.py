@@ -50,6 +50,10 @@ class ExtractionGuider(FrameSubsetGuider):
             store[step, frames] = fields
         self._pending.clear()
 
+    def largest_call_images(self, n_frames: int) -> int:
+        """The keyframe pass of the source branch: every keyframe in one call."""
+        return max((len(k) for k in self.corr.keyframes), default=1)
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = self.current_step
         n = x.shape[0]

@@ -16,6 +16,7 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.samplers
 
 from ..checks import check_hint_count
@@ -79,6 +80,28 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
             raise
         self.release_subsets()
         return output
+
+    def outer_sample(self, *args, **kwargs):
+        # ``sample`` has made this run's copy of the model options: the wrapper lives and dies with the run.
+        comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, KEY,
+                                                     self._prepare_sampling_for_calls, self.model_options,
+                                                     is_model_options=True)
+        return super().outer_sample(*args, **kwargs)
+
+    def largest_call_images(self, n_frames: int) -> int | None:
+        """The images of the largest model call this guider cannot split by frames (None: the host's estimate)."""
+        return None
+
+    def _prepare_sampling_for_calls(self, executor, model, noise_shape, *args, **kwargs):
+        """ComfyUI sizes the model's load for the whole latent batch (every frame, twice for CFG) and loads the
+        weights partly when that does not fit; each TokenFlow call holds a few frames and the guider splits its
+        calls to what fits after loading, so the load is sized for the largest call that cannot be split (core
+        context windows cap the same estimate). The host's other arguments pass through unchanged: they differ
+        between ComfyUI versions."""
+        images = self.largest_call_images(int(noise_shape[0]))
+        if images is not None:  # the host estimates two images (CFG) per frame of noise_shape
+            noise_shape = [min(int(noise_shape[0]), max(1, -(-images // 2))), *noise_shape[1:]]
+        return executor(model, noise_shape, *args, **kwargs)
 
     def release_subsets(self, raise_errors: bool = True) -> None:
         """Drop cached cond subsets and clean every ControlNet copy made for them (all of them, even if one fails)."""

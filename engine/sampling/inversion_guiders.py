@@ -26,6 +26,10 @@ class FrameBatchGuider(FrameSubsetGuider):
         super().__init__(model_patcher)
         self.frame_batch = frame_batch
 
+    def largest_call_images(self, n_frames: int) -> int:
+        """Calls split down to one frame: the user's ``frame_batch`` frames, or one (more when memory allows)."""
+        return min(n_frames, self.frame_batch) if self.frame_batch > 0 else 1
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         n = x.shape[0]
         per_call = frames_per_call(self.inner_model, 1, tuple(x.shape[1:]), x.device, n, cap=self.frame_batch)
