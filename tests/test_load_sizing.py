@@ -6,7 +6,6 @@ an extraction, one frame_batch of an inversion."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import comfy.patcher_extension
 import comfy.sampler_helpers
