@@ -22,7 +22,7 @@ from .families.fingerprints import model_fingerprint
 from .families.registry import check_supported
 from .patches.contract import KEY
 from .patches.install import check_attention_patches
-from .plan.call_sizing import call_bytes
+from .plan.call_sizing import check_frame_size_fits
 
 MAX_LATENT_SIDE, MIN_LATENT_SIDE = MAX_SIZE // 8, MIN_SIDE // 8  # the loader's and the runner's px limits, in latents
 
@@ -198,20 +198,6 @@ def check_guidance(model, input_name: str = "model") -> None:
                              "uncond branch's self-attention map of the middle block, which TokenFlow replaces (the "
                              "frames take their self-attention from the keyframes). Remove the Self-Attention Guidance "
                              "node (PerturbedAttentionGuidance and SkipLayerGuidance work with TokenFlow)")
-
-
-def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
-    """Refuse frames so large that one UNet call on a single frame exceeds the device's memory."""
-    import comfy.model_management
-
-    device = comfy.model_management.get_torch_device()
-    need = call_bytes(model.model, 1, latent_shape) + model.model_size()
-    total = comfy.model_management.get_total_memory(device)
-    if need > total:
-        h, w = latent_shape[-2:]
-        raise ValueError(f"{input_name}: one UNet call on a single {w * 8}x{h * 8} px frame needs about "
-                         f"{need / 2**30:.1f} GiB, more than this device has ({total / 2**30:.1f} GiB); lower the "
-                         "resolution (TokenFlow Load Video's width/height, or scale the images before VAE Encode)")
 
 
 def check_source_images(images, inversion: TokenFlowInversion, input_name: str = "source_images") -> None:

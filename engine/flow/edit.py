@@ -27,7 +27,7 @@ import torch
 from ...data.products import TokenFlowCorrespondences, TokenFlowInversion
 from ...tokenflow_ops.flow_inversion import sigma_at
 from ..checks import (Stage, attention_patches, control_hints, correspondences_match, correspondences_product,
-                      each_prompt, editor_conditioning, flow_conditioning, guidance, inversion_model,
+                      each_prompt, editor_conditioning, flow_conditioning, guidance, inversion_fits, inversion_model,
                       inversion_prompt, no_area, not_joint_edit_model, run_checks, runs_on_frame_subsets,
                       supported_model, usable_conditioning)
 from ..families.base import FLOW
@@ -54,10 +54,9 @@ def no_residual_blocks(stage: Stage) -> None:
                          f"{_example_blocks(stage.layout)})")
 
 
-# The flow edit's refusals in the order they must keep (the frame-size check of the DDPM rule's run on an
-# inversion is not among them).
+# The flow edit's refusals in the order they must keep.
 EDIT_CHECKS = (supported_model, not_joint_edit_model, runs_on_frame_subsets, guidance, attention_patches,
-               inversion_model, inversion_prompt,
+               inversion_model, inversion_fits, inversion_prompt,
                correspondences_product, correspondences_match,
                each_prompt(usable_conditioning, flow_conditioning, no_area, control_hints), editor_conditioning,
                no_residual_blocks)

@@ -64,3 +64,27 @@ def even_chunks(n_frames: int, per_call: int) -> list[range]:
     base, extra = divmod(n_frames, calls)
     starts = [i * base + min(i, extra) for i in range(calls + 1)]
     return [range(a, b) for a, b in zip(starts, starts[1:])]
+
+
+def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
+    """Refuse frames so large that one model call on a single frame cannot run on the device at all: its
+    activations and ComfyUI's minimum inference memory. The weights are not counted: ComfyUI loads them partly and
+    streams the rest when they do not fit (Flux-dev bf16 on a 24 GB card), so they never make a size impossible."""
+    total = comfy.model_management.get_total_memory(comfy.model_management.get_torch_device())
+    reserve = comfy.model_management.minimum_inference_memory()
+    h, w = latent_shape[-2:]
+
+    def need(lh: int, lw: int) -> float:
+        return call_bytes(model.model, 1, (*latent_shape[:-2], lh, lw)) + reserve
+
+    if need(h, w) <= total:
+        return
+    # The largest frame of the same aspect, in 64 px steps, that fits: a value the user can set.
+    fitting = next(((lw, max(8, round(h * lw / w / 8) * 8)) for lw in range(w - w % 8 or w - 8, 7, -8)
+                    if need(max(8, round(h * lw / w / 8) * 8), lw) <= total), None)
+    advice = (f"lower the resolution to {fitting[0] * 8}x{fitting[1] * 8} px or less" if fitting else
+              "this device cannot run the model at any frame size; use a smaller model")
+    raise ValueError(f"{input_name}: one model call on a single {w * 8}x{h * 8} px frame needs about "
+                     f"{need(h, w) / 2**30:.1f} GiB besides the weights (ComfyUI can keep those off the device), more "
+                     f"than this device has ({total / 2**30:.1f} GiB); {advice} (TokenFlow Load Video's "
+                     "width/height, or scale the images before VAE Encode)")
