@@ -10,7 +10,11 @@ Parts (``--parts``, comma-separated):
   per frame. Rows: Euler (``ddim``) at 50, 200, 500 steps; fixed point at k = 1, 2, 3, 5 evaluations per step
   (tolerance 0: exactly k), at the defaults (cap and tolerance) and ``auto``; the final residual per step at k = 5;
 - ``count``: the whole Flux PnP edit on ``--count-frames`` frames (inversion + ``--steps`` editing steps, B = 8),
-  counted in images at the diffusion model's entry, for Euler 500 and ``auto``.
+  counted in images at the diffusion model's entry, for Euler 500 and ``auto``;
+- ``fireflow``: FireFlow's second-order scheme (arXiv 2412.07517: a midpoint step whose half-step velocity is the
+  previous step's midpoint velocity, one evaluation per step plus one) inverted and sampled back with itself (its
+  matching edit step) at 25, 50, 75 and 150 steps, on the grid of the model's own sigmas: round trip against
+  evaluations, for the question whether it is better per evaluation than the fixed point. Not in the engine.
 
 Flux inverts at guidance 1 (what RF-Solver, FireFlow and Stable Flow do; the example and the runner do too).
 The trained toy flow model's rows are not here yet (that model does not exist yet).
@@ -35,6 +39,9 @@ from _counting import ImageCounter  # noqa: E402
 from comfyui_tokenflow.engine.flow import edit as flow_edit, invert as flow_invert  # noqa: E402
 from comfyui_tokenflow.engine.plan.settings import EditSettings  # noqa: E402
 from comfyui_tokenflow.tokenflow_ops import fixed_point  # noqa: E402
+from comfyui_tokenflow.tokenflow_ops.flow_inversion import sigma_at  # noqa: E402
+from comfyui_tokenflow.tokenflow_ops.schedule import editing_timesteps  # noqa: E402
+import comfy.samplers  # noqa: E402
 
 EULER_STEPS = (50, 200, 500)
 FP_K = (1, 2, 3, 5)
@@ -107,6 +114,63 @@ def count_part(frames: int, steps: int) -> dict:
     return out
 
 
+class FireFlowSampler(comfy.samplers.Sampler):
+    """FireFlow's step along ``levels`` (ascending: inversion, descending: sampling): x_mid = x + (d/2) v_prev,
+    x <- x + d v(x_mid, s + d/2), v_prev <- that midpoint velocity; the first v_prev is evaluated at the start (at
+    half the first level when the start is sigma 0, where a CONST model's velocity cannot be read back)."""
+
+    def __init__(self, levels: list[float]) -> None:
+        self.levels = levels
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        x = latent_image
+        s_in = x.new_ones([x.shape[0]])
+
+        def v(latent: torch.Tensor, sigma: float) -> torch.Tensor:
+            return (latent - model_wrap(latent, torch.tensor(sigma, dtype=torch.float32) * s_in, **extra_args)) / sigma
+
+        first = self.levels[0] or self.levels[1] / 2
+        v_prev = v(x, first)
+        for s, s_next in zip(self.levels, self.levels[1:]):
+            d = s_next - s
+            v_prev = v(x + 0.5 * d * v_prev, s + 0.5 * d)
+            x = x + d * v_prev
+        return x
+
+
+def _fireflow(model, cond, x_start: torch.Tensor, levels: list[float]) -> torch.Tensor:
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(cond, cond)
+    guider.set_cfg(1.0)
+    latent_image = model.model.process_latent_out(x_start)
+    out = guider.sample(torch.zeros_like(latent_image), latent_image, FireFlowSampler(levels), torch.tensor(levels),
+                        seed=0, disable_pbar=True)
+    return model.model.process_latent_in(out)
+
+
+def fireflow_rows(family: str, dtype: str, frames: int, rows_file: str = "") -> list[dict]:
+    model, cond = _world(family, dtype)
+    latent = {"samples": torch.randn(frames, 16, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.5}
+    x0 = model.model.process_latent_in(latent["samples"])
+    table = model.get_model_object("model_sampling").sigmas.float().cpu()
+    rows = []
+    for steps in (25, 50, 75, 150):
+        levels = [sigma_at(table, t) for t in editing_timesteps(steps)] + [0.0]  # descending, as the edit samples
+        with ImageCounter(model) as counter:
+            inverted = _fireflow(model, cond, x0, levels[::-1])
+        rec = _fireflow(model, cond, inverted, levels)
+        rows.append(dict(family=family, dtype=dtype, label=f"fireflow {steps}", evaluations=counter.images / frames,
+                         psnr=psnr(rec, x0), max_error=float((rec.double() - x0.double()).abs().max()), residuals=[]))
+        r = rows[-1]
+        print(f"{family} {dtype} {r['label']}: PSNR {r['psnr']:.1f} dB, max error {r['max_error']:.2e}, "
+              f"{r['evaluations']:.0f} evaluations per frame", flush=True)
+        if rows_file:
+            with open(rows_file, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+    return rows
+
+
 def markdown(rows: list[dict], steps: int) -> str:
     columns = list(dict.fromkeys((r["family"], r["dtype"]) for r in rows))
     labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -124,7 +188,7 @@ def markdown(rows: list[dict], steps: int) -> str:
               "| family dtype | largest (step) | median | first | last |", "|---|---|---:|---:|---:|"]
     for f, d in columns:
         r = found.get((f, d, "fixed_point k=5"))
-        if not r:
+        if not r or not r["residuals"]:
             continue
         res = r["residuals"]
         worst = max(range(len(res)), key=res.__getitem__)
@@ -156,6 +220,9 @@ def main() -> None:
                 for r in table_rows(f, d, args.steps, args.frames, args.rows)]
         result["table"] = rows
         print(markdown(rows, args.steps))
+    if "fireflow" in parts:
+        result["fireflow"] = [r for f in args.families.split(",") for d in args.dtypes.split(",")
+                              for r in fireflow_rows(f, d, args.frames, args.rows)]
     if "count" in parts:
         result["count"] = count_part(args.count_frames, args.steps)
     if args.json:

@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{schedule.MAX_STEPS} (1000 would pass the end of the model's schedule; {schedule.MAX_STEPS} is "
                    f"the finest grid, the paper's 1000; 50 is a fast preview). Rule: "
                    f"{schedule.step_grid_rule('--steps', '--inversion-steps')}")
-    p.add_argument("--inversion-method", choices=schedule.INVERSION_METHODS, default=schedule.DEFAULT_INVERSION_METHOD,
-                   help="ddim: the official code's DDIM inversion on the grid of --inversion-steps (Euler steps on "
-                   "Flux / SD3.x); fixed_point: exact inversion on the editing grid of --steps (--inversion-steps is not "
+    p.add_argument("--inversion-method", choices=schedule.INVERSION_METHODS,
+                   default=schedule.DEFAULT_INVERSION_METHOD, help="ddim: the official code's DDIM inversion on the "
+                   "grid of --inversion-steps (Euler steps on Flux / SD3.x); fixed_point: exact inversion on the editing grid of --steps (--inversion-steps is not "
                    "used), each step solved by fixed-point iteration; auto: fixed_point on Flux / SD3.x, ddim on SD "
                    "UNets (the graph names the one it resolves to; see benchmarks/README.md for the measured cost and "
                    "reconstruction)")
@@ -118,10 +118,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "error: no edit prompt given: pass --prompt 'what the video should become'."
     try:
         schedule = _schedule()
-        # "auto" is checked as fixed point here (the grid of --steps), and as what it stands for once the model's
-        # family is known (models.resolve_family_settings)
+        # "auto" is checked here as ddim on a --checkpoint (it may hold an SD UNet: the grid rule is refused before
+        # anything loads), as fixed point on Flux's files, and again for the detected family (resolve_family_settings)
         schedule.check_inversion_settings(args.steps, args.inversion_steps, args.inversion_method, args.max_iterations,
-                                          args.tolerance, flow=True, **models.INVERSION_FLAGS)
+                                          args.tolerance, flow=models.flux_files_given(args), **models.INVERSION_FLAGS)
     except ValueError as e:
         return f"error: {e}."
     if args.editor == "controlnet" and not args.controlnet:
