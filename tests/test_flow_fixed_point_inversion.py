@@ -117,7 +117,8 @@ def test_one_model_call_per_chunk_and_iteration_within_the_cost_bound(world):
     with CountUNetCalls(world["model"]) as calls:
         chunked = _invert(world, steps=4, frame_batch=1, method="fixed_point", max_iterations=3, tolerance=0.0)
     assert calls.count == 2 * 3 * 4  # 2 chunks of 1 frame, 3 iterations, 4 steps
-    assert (chunked.trajectory - whole.trajectory).abs().max() < 1e-5 * whole.trajectory.abs().max()
+    # the same arithmetic per frame (float64 model): measured equal on the CPU; rounding allowed, as on the UNets
+    assert (chunked.trajectory - whole.trajectory).abs().max() < 1e-9 * whole.trajectory.abs().max()
     with CountUNetCalls(world["model"]) as calls:
         default = _invert(world, steps=10, latent=_latent(3), method="auto")
     # at most 3 evaluations per frame and editing step (all 3 frames in one call per iteration)
