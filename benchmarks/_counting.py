@@ -8,6 +8,7 @@ mode puts Python code on every op, which would distort the seconds):
   while ComfyUI loads models (``comfy.model_management.load_models_gpu``) are not counted. Ops are
   attributed to the model evaluation (step, the guider's ``predict_noise``) they happen in; the
   rest (cond processing, sampler updates, set-up) is counted apart.
+- **images** (:class:`ImageCounter`): images entering the diffusion model, the unit of the inversion benchmarks;
 - **UNet calls**: a forward pre-hook on ``model.model.diffusion_model`` records the batch size of
   every call (also calls that the pack stops early); a pre-hook on a ControlNet's
   ``control_model`` does the same for the ControlNet.
@@ -32,6 +33,27 @@ from _probes import step_kind, wrap_steps
 
 _PACK_DIRS = tuple(str(_host.REPO / d) + "/" for d in ("nodes", "tokenflow_ops"))
 _COMFY_DIR = str(_host.comfyui_path() / "comfy") + "/"
+
+
+class ImageCounter:
+    """Images entering the UNet (a forward pre-hook on ``diffusion_model``; removed on exit)."""
+
+    def __init__(self, model) -> None:
+        self.module = model.model.diffusion_model
+        self.images = 0
+        self.calls = 0
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        self.images += int(x.shape[0])
+        self.calls += 1
+
+    def __enter__(self) -> "ImageCounter":
+        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
 
 
 def op_origin() -> str:

@@ -32,6 +32,7 @@ _host.bootstrap("cpu", threads=1)
 import torch  # noqa: E402
 
 import tiny_models  # noqa: E402  (devkit/tiny_models.py, through _host's path)
+from _counting import ImageCounter  # noqa: E402
 from tiny_models import double, float64_copy, random_latent  # noqa: E402
 from comfyui_tokenflow.engine.ddpm import edit as ddpm_edit, invert as ddpm_invert  # noqa: E402
 from comfyui_tokenflow.engine.plan.settings import EditSettings  # noqa: E402
@@ -40,27 +41,6 @@ from comfyui_tokenflow.tokenflow_ops import fixed_point  # noqa: E402
 DDIM_STEPS = (50, 200, 500, 999)
 FP_K = (1, 2, 3, 5)
 STEPS = 50
-
-
-class ImageCounter:
-    """Images entering the UNet (a forward pre-hook on ``diffusion_model``; removed on exit)."""
-
-    def __init__(self, model) -> None:
-        self.module = model.model.diffusion_model
-        self.images = 0
-        self.calls = 0
-
-    def _hook(self, module, args, kwargs):
-        x = args[0] if args else kwargs.get("x")
-        self.images += int(x.shape[0])
-        self.calls += 1
-
-    def __enter__(self) -> "ImageCounter":
-        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 def _model(family: str, dtype: str):

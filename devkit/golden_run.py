@@ -59,7 +59,8 @@ def _run_family(name: str, model, src, pos, neg, latent: dict, cfg: float, out: 
     from comfyui_tokenflow.nodes.joint_edit_nodes import TokenFlowKeyframeJointEdit
     from comfyui_tokenflow.nodes.sampler_nodes import TokenFlowSampler
 
-    inversion, inverted = TokenFlowInvert.execute(model, latent, src, STEPS, INVERSION_STEPS, 2).result
+    # the method named, so these entries stay the DDIM / Euler inversion (the default, auto, is the fixed point on flows)
+    inversion, inverted = TokenFlowInvert.execute(model, latent, src, STEPS, INVERSION_STEPS, 2, "ddim").result
     flatten_tensors(f"{name}/invert", {"inversion": inversion, "inverted_latent": inverted}, out)
     if fixed_point:
         fixed = TokenFlowInvert.execute(model, latent, src, STEPS, INVERSION_STEPS, 2, "fixed_point", 3, 1e-3).result

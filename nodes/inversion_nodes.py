@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..tokenflow_ops.fixed_point import (DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, MAX_ITERATIONS_LIMIT, METHODS,
-                                         TOLERANCE_LIMIT)
+from ..tokenflow_ops.fixed_point import (DEFAULT_INVERSION_METHOD, DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE,
+                                         MAX_ITERATIONS_LIMIT, METHODS, TOLERANCE_LIMIT)
 from ..tokenflow_ops.schedule import MAX_STEPS, step_grid_rule
 from ..engine.sampling_paths import path_for
 from ..data.products import InversionType
@@ -20,12 +20,13 @@ class TokenFlowInvert(io.ComfyNode):
             display_name="TokenFlow DDIM Inversion",  # the name saved workflows and docs know, also for fixed_point
             category=CATEGORY,
             description="DDIM-inverts every frame of the source video (deterministic, no CFG) and keeps the latent "
-                        "trajectory at every editing timestep (method ddim: the official code's inversion; "
-                        "fixed_point: exact inversion on the editing grid). Its output feeds correspondence extraction and the "
+                        "trajectory at every editing timestep (method ddim: the official code's inversion, Euler steps "
+                        "on Flux / SD3.x; fixed_point: exact inversion on the editing grid; auto: fixed_point on "
+                        "Flux / SD3.x, ddim on SD UNets). Its output feeds correspondence extraction and the "
                         "TokenFlow sampler.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to invert with. Use the same "
-                               "checkpoint for editing."),
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL, Flux or SD3.x model to invert with. "
+                               "Use the same checkpoint for editing."),
                 io.Latent.Input("latent", tooltip="The source video frames encoded with VAE Encode (one latent per frame)."),
                 io.Conditioning.Input("conditioning", tooltip="The inversion prompt, describing the source video "
                                       "(e.g. 'a wolf'); an empty prompt also works. The source branch reuses it."),
@@ -41,20 +42,25 @@ class TokenFlowInvert(io.ComfyNode):
                              "call during inversion; 0: as many as the device's memory allows (all frames in one "
                              "call when they fit). It does not change the result beyond float rounding."),
                 # Appended inputs (saved workflows store widget values by position; older ones get the defaults).
-                io.Combo.Input("method", options=list(METHODS), default="ddim", optional=True, tooltip="ddim: the "
-                               "official code's DDIM inversion on the grid of inversion_steps. fixed_point: exact "
-                               "inversion directly on the editing grid of steps (inversion_steps is NOT used): each "
-                               "DDIM step is solved by fixed-point iteration, so the editing sampler maps the saved "
-                               "latents back to the source; a few model evaluations per editing step instead of "
-                               "inversion_steps / steps. Its inversion serves edits with the same steps (or a grid "
-                               "they cover)."),
+                io.Combo.Input("method", options=list(METHODS), default=DEFAULT_INVERSION_METHOD, optional=True,
+                               tooltip="ddim: the official code's DDIM inversion on the grid of inversion_steps (on "
+                               "Flux / SD3.x: inversion_steps Euler steps). fixed_point: exact inversion directly on "
+                               "the editing grid of steps (inversion_steps is NOT used): each editing step (DDIM, or "
+                               "Euler on Flux / SD3.x) is solved by fixed-point iteration, so the editing sampler maps "
+                               "the saved latents back to the source; a few model evaluations per editing step instead "
+                               "of inversion_steps / steps. Its inversion serves edits with the same steps (or a grid "
+                               "they cover). auto: fixed_point on Flux / SD3.x (measured more faithful than 500 Euler "
+                               "steps at a fraction of the cost), ddim on SD UNets (fixed_point is not more faithful "
+                               "there on every model)."),
                 io.Int.Input("max_iterations", default=DEFAULT_MAX_ITERATIONS, min=1, max=MAX_ITERATIONS_LIMIT,
-                             optional=True, tooltip="fixed_point only: the most model evaluations per editing step "
-                             f"(1 to {MAX_ITERATIONS_LIMIT}; 1 is plain DDIM inversion on the editing grid). A step "
-                             "stops earlier when its residual reaches tolerance."),
+                             optional=True, tooltip="fixed_point (and auto on Flux / SD3.x) only: the most model "
+                             f"evaluations per editing step (1 to {MAX_ITERATIONS_LIMIT}; 1 is plain DDIM / Euler "
+                             "inversion on the editing grid). A step stops earlier when its residual reaches "
+                             "tolerance."),
                 io.Float.Input("tolerance", default=DEFAULT_TOLERANCE, min=0.0, max=0.999, step=0.0001,
-                               round=0.00001, optional=True, tooltip="fixed_point only: a step's iteration stops "
-                               "when the relative change of its latents (|x_k - x_k-1| / |x_k| over a frame_batch "
+                               round=0.00001, optional=True, tooltip="fixed_point (and auto on Flux / SD3.x) "
+                               "only: a step's iteration stops when the relative change of its latents "
+                               "(|x_k - x_k-1| / |x_k| over a frame_batch "
                                f"chunk) is at most this (0 to below {TOLERANCE_LIMIT:g}; 0 always runs "
                                "max_iterations). The first evaluation of a step has no residual, so each step "
                                "takes at least 2 evaluations when max_iterations is 2 or more."),
@@ -68,8 +74,9 @@ class TokenFlowInvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latent, conditioning, steps, inversion_steps, frame_batch=0, method="ddim",
-                max_iterations=DEFAULT_MAX_ITERATIONS, tolerance=DEFAULT_TOLERANCE) -> io.NodeOutput:
+    def execute(cls, model, latent, conditioning, steps, inversion_steps, frame_batch=0,
+                method=DEFAULT_INVERSION_METHOD, max_iterations=DEFAULT_MAX_ITERATIONS,
+                tolerance=DEFAULT_TOLERANCE) -> io.NodeOutput:
         path = path_for(model)  # DDIM for SD UNets, flow inversion for Flux / SD3.x
         inversion = path.invert(model, latent, conditioning, steps, inversion_steps, frame_batch, method,
                                 max_iterations, tolerance)

@@ -53,14 +53,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not args.prompt:
         return "error: no edit prompt given: pass --prompt 'what the video should become'."
     try:
-        schedule.check_fixed_point_settings(args.inversion_method, args.max_iterations, args.tolerance,
-                                            method_name="--inversion-method", iterations_name="--max-iterations",
-                                            tolerance_name="--tolerance")
-        if args.inversion_method == "fixed_point":  # inverts on the editing grid: --inversion-steps is not used
-            schedule.check_step_count(args.steps, "--steps")
-        else:
-            schedule.check_inversion_covers(args.steps, args.inversion_steps, steps_name="--steps",
-                                            inversion_name="--inversion-steps")
+        # "auto" is checked here as ddim on a --checkpoint (it may hold an SD UNet: the grid rule is refused before
+        # anything loads), as fixed point on Flux's files, and again for the detected family (resolve_family_settings)
+        schedule.check_inversion_settings(args.steps, args.inversion_steps, args.inversion_method, args.max_iterations,
+                                          args.tolerance, flow=models.flux_files_given(args), **models.INVERSION_FLAGS)
     except ValueError as e:
         return f"error: {e}."
     if args.editor == "controlnet" and not args.controlnet:

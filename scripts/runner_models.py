@@ -8,10 +8,12 @@ Two routes, as ComfyUI's own loaders take them:
   flux) and ``VAELoader``, each a path or a file name in ComfyUI's models folder of that loader.
 
 The family is what ComfyUI detects (:func:`detect_family`: ``comfy.model_detection`` on the tensor shapes of
-the .safetensors header, nothing loaded). On Flux-dev (guidance-distilled) the graph adds FluxGuidance
-(``--guidance``, default 3.5) on the inversion and edit prompts and ModelSamplingFlux at the frame size, the
-same graph as ``example_workflows/tokenflow_flux.json``; cfg defaults to 1 on every Flux model and to 4 on
-SD3.x (as ``example_workflows/tokenflow_sd3.json``).
+the .safetensors header, nothing loaded). On Flux-dev (guidance-distilled) the graph adds FluxGuidance on the
+inversion prompt (1: RF-Solver, FireFlow and Stable Flow invert at guidance 1) and on the edit prompt
+(``--guidance``, default 3.5) and ModelSamplingFlux at the frame size, the same graph as
+``example_workflows/tokenflow_flux.json``; cfg defaults to 1 on every Flux model and to 4 on SD3.x (as
+``example_workflows/tokenflow_sd3.json``). ``--inversion-method auto`` becomes the method it stands for on the
+detected family (fixed_point on Flux / SD3.x, ddim on SD UNets), so the graph names it.
 Imported by ``scripts/tokenflow_edit.py`` from its own folder; ComfyUI modules inside the functions.
 """
 from __future__ import annotations
@@ -23,6 +25,11 @@ from dataclasses import dataclass
 import model_links  # devkit/model_links.py (the runner puts devkit/ on sys.path)
 
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default
+# The inversion prompt's distilled guidance: RF-Solver, FireFlow and Stable Flow invert Flux-dev at guidance 1.
+INVERSION_GUIDANCE = 1.0
+# The runner's flags for the inversion's inputs, as its messages name them.
+INVERSION_FLAGS = dict(steps_name="--steps", inversion_name="--inversion-steps", method_name="--inversion-method",
+                       iterations_name="--max-iterations", tolerance_name="--tolerance")
 # The cfg ComfyUI's own SD3.5 template samples with (4.01); the official TokenFlow cfg (7.5) is an SD 1.x/2.x setting.
 SD3_CFG = 4.0
 # Editor settings whose default follows the family: unset on the command line (None) until resolve_family_settings.
@@ -59,8 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in FLUX_FILES:
         p.add_argument(f.flag, dest=f.attr, help=f"Flux, instead of --checkpoint: {f.what}, e.g. {f.example} "
                        f"(a path, or a file name in ComfyUI/models/{f.folder}/)")
-    p.add_argument("--guidance", type=float, default=None, help="Flux-dev's distilled guidance (FluxGuidance on the "
-                   f"inversion and edit prompts; default {FLUX_GUIDANCE}); Flux runs at --cfg 1 unless told otherwise")
+    p.add_argument("--guidance", type=float, default=None, help="Flux-dev's distilled guidance of the edit "
+                   f"(FluxGuidance on the edit prompt; default {FLUX_GUIDANCE}; the inversion prompt gets "
+                   f"{INVERSION_GUIDANCE:g}, as RF-Solver, FireFlow and Stable Flow invert); Flux runs at --cfg 1 "
+                   "unless told otherwise")
 
 
 def check_model_args(args: argparse.Namespace) -> str | None:
@@ -159,10 +168,11 @@ def loader_nodes(ckpt_name: str | None, flux_names: dict[str, str] | None) -> tu
 
 
 def add_flux_dev_nodes(prompt: dict, guidance: float, frame_size: tuple[int, int] | None) -> None:
-    """FluxGuidance on the inversion (node 4) and edit (node 5) prompts; ModelSamplingFlux at ``frame_size`` (the
-    schedule shift Flux-dev's own sampler uses for that many image tokens) feeding the inversion and the sampler."""
-    for node_id, text_id in (("18", "4"), ("19", "5")):
-        prompt[node_id] = {"class_type": "FluxGuidance", "inputs": {"conditioning": [text_id, 0], "guidance": guidance}}
+    """FluxGuidance on the inversion (node 4: :data:`INVERSION_GUIDANCE`) and edit (node 5: ``guidance``) prompts;
+    ModelSamplingFlux at ``frame_size`` (the schedule shift Flux-dev's own sampler uses for that many image tokens)
+    feeding the inversion and the sampler."""
+    for node_id, text_id, value in (("18", "4", INVERSION_GUIDANCE), ("19", "5", guidance)):
+        prompt[node_id] = {"class_type": "FluxGuidance", "inputs": {"conditioning": [text_id, 0], "guidance": value}}
     prompt["7"]["inputs"]["conditioning"] = ["18", 0]
     for node in prompt.values():
         if node["inputs"].get("positive") == ["5", 0]:
@@ -193,6 +203,20 @@ def resolve_family_settings(args: argparse.Namespace, family: Family | None, def
         args.guidance = FLUX_GUIDANCE
     if getattr(args, "pnp_attn_t", 0.0) is None:
         args.pnp_attn_t = pnp_fraction(flux)
+    return resolve_inversion_method(args, family is not None and family.flow)
+
+
+def resolve_inversion_method(args: argparse.Namespace, flow: bool) -> str | None:
+    """``--inversion-method auto`` as the method it stands for on the model's family (the graph names that one), with
+    the settings checked for it (ddim: --steps on the grid of --inversion-steps); a message if they do not fit."""
+    from comfyui_tokenflow.tokenflow_ops import schedule
+
+    args.inversion_method = schedule.resolve_method(args.inversion_method, flow)
+    try:
+        schedule.check_inversion_settings(args.steps, args.inversion_steps, args.inversion_method,
+                                          args.max_iterations, args.tolerance, flow, **INVERSION_FLAGS)
+    except ValueError as e:
+        return f"error: {e}."
     return None
 
 

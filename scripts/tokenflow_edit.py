@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{schedule.MAX_STEPS} (1000 would pass the end of the model's schedule; {schedule.MAX_STEPS} is "
                    f"the finest grid, the paper's 1000; 50 is a fast preview). Rule: "
                    f"{schedule.step_grid_rule('--steps', '--inversion-steps')}")
-    p.add_argument("--inversion-method", choices=schedule.INVERSION_METHODS, default="ddim", help="ddim: the "
-                   "official code's DDIM inversion on the grid of --inversion-steps; fixed_point: exact inversion on "
-                   "the editing grid of --steps (--inversion-steps is not used), each step solved by fixed-point "
-                   "iteration (see benchmarks/README.md for the measured cost and reconstruction)")
+    p.add_argument("--inversion-method", choices=schedule.INVERSION_METHODS,
+                   default=schedule.DEFAULT_INVERSION_METHOD, help="ddim: the official code's DDIM inversion on the "
+                   "grid of --inversion-steps (Euler steps on Flux / SD3.x); fixed_point: exact inversion on the "
+                   "editing grid of --steps (--inversion-steps is not used), each step solved by fixed-point "
+                   "iteration; auto: fixed_point on Flux / SD3.x, ddim on SD UNets (the graph names the one it "
+                   "resolves to; see benchmarks/README.md for the measured cost and reconstruction)")
     p.add_argument("--max-iterations", type=int, default=schedule.DEFAULT_MAX_ITERATIONS, help="fixed_point: most "
                    f"model evaluations per editing step (1 to {schedule.MAX_ITERATIONS_LIMIT})")
     p.add_argument("--tolerance", type=float, default=schedule.DEFAULT_TOLERANCE, help="fixed_point: relative "

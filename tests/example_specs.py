@@ -52,10 +52,15 @@ NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 # The inversion method of the examples: DDIM (official) stays, because the fixed-point inversion was not measured
 # at least as faithful as 500-step DDIM on every family (benchmarks/README.md, issue 16).
 INVERSION_METHOD = {"method": "ddim", "max_iterations": 3, "tolerance": 0.001}
+# The flow examples (Flux, SD3.5) name the exact inversion on the editing grid ("auto" resolves to it there): measured
+# more faithful than 500 Euler steps at under a third of the evaluations (benchmarks/README.md).
+FLOW_INVERSION_METHOD = {"method": "fixed_point", "max_iterations": 3, "tolerance": 0.001}
+# Flux-dev inverts at guidance 1 (RF-Solver, FireFlow and Stable Flow do); the edit keeps FluxGuidance's default.
+FLUX_INVERSION_GUIDANCE = 1.0
 VIDEO = "wolf.mp4"
 
 
-def _source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
+def _source(ckpt: str, frames: int = 40, method: dict = INVERSION_METHOD) -> tuple[list[N], list[tuple]]:
     """Load (checkpoint 1, video 2), Invert (VAE Encode 3, inversion prompt 4, inversion 7), Edit prompts 5, 6."""
     nodes = [
         N(1, "CheckpointLoaderSimple", "Load", widgets={"ckpt_name": ckpt}),
@@ -66,7 +71,7 @@ def _source(ckpt: str, frames: int = 40) -> tuple[list[N], list[tuple]]:
         N(4, "CLIPTextEncode", "Invert", widgets={"text": INVERSION_PROMPT},
           title="Inversion prompt (describes the source)"),
         N(7, "TokenFlowInvert", "Invert", 1, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 0,
-                                                            **INVERSION_METHOD}),
+                                                            **method}),
         N(5, "CLIPTextEncode", "Edit", widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
         N(6, "CLIPTextEncode", "Edit", widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt"),
     ]
@@ -259,9 +264,10 @@ def _flux() -> Example:
         N(3, "VAEEncode", "Invert"),
         N(4, "CLIPTextEncode", "Invert", widgets={"text": INVERSION_PROMPT},
           title="Inversion prompt (describes the source)"),
-        N(27, "FluxGuidance", "Invert", 1, widgets={"guidance": FLUX_GUIDANCE}),
+        N(27, "FluxGuidance", "Invert", 1, widgets={"guidance": FLUX_INVERSION_GUIDANCE},
+          title="FluxGuidance 1 (inversion)"),
         N(7, "TokenFlowInvert", "Invert", 2, widgets={"steps": 50, "inversion_steps": 500, "frame_batch": 0,
-                                                      **INVERSION_METHOD}),
+                                                      **FLOW_INVERSION_METHOD}),
         N(5, "CLIPTextEncode", "Edit", widgets={"text": EDIT_PROMPT}, title="Edit prompt"),
         N(6, "CLIPTextEncode", "Edit", widgets={"text": NEGATIVE_PROMPT}, title="Negative prompt (unused at cfg 1)"),
         N(28, "FluxGuidance", "Edit", 1, widgets={"guidance": FLUX_GUIDANCE}),
@@ -284,16 +290,18 @@ def _flux() -> Example:
         f"* `{CLIP_L}` and `{T5XXL}` in `models/text_encoders/` (https://huggingface.co/comfyanonymous/"
         "flux_text_encoders)\n"
         f"* `{FLUX_AE}` in `models/vae/` (from the FLUX.1-dev repository)\n\n"
-        "Flux-dev is guidance-distilled: **cfg 1** on the sampler, the guidance comes from **FluxGuidance** "
-        f"({FLUX_GUIDANCE}) on the inversion and edit prompts. At cfg 1 the sampler skips the negative prompt; it is "
-        "wired so that a cfg above 1 works.\n\n**ModelSamplingFlux** shifts the noise schedule by the frame size, as "
-        "Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): its width / height "
-        "are wired from the loaded frames (**Frame size**), so they follow the loader's.\n\n**PnP on Flux**: "
-        "*pnp_attention_blocks* auto is the `rf_solver` preset (RF-Solver-Edit: image values in single blocks 20-37 of "
-        f"38) and *pnp_attn_t* is its published fraction, **{FLUX_PNP_ATTN_T:g}**; `stable_flow` (Stable Flow: image "
-        "keys and values in its vital layers) injects in every step in its paper: set *pnp_attn_t* 1 with it.\n\nFlux "
-        + TINY_ONLY + NOTE_GROUPS)
-    nodes += out + [_note(note, (560, 560))]
+        "Flux-dev is guidance-distilled: **cfg 1** on the sampler, the guidance comes from **FluxGuidance**: "
+        f"{FLUX_INVERSION_GUIDANCE:g} on the inversion prompt (RF-Solver, FireFlow and Stable Flow invert at guidance "
+        f"1), {FLUX_GUIDANCE} on the edit prompt. At cfg 1 the sampler skips the negative prompt; it is "
+        "wired so that a cfg above 1 works. The inversion is **fixed_point**: exact on the 50 editing steps, at most "
+        "3 evaluations per step (inversion_steps is not used).\n\n**ModelSamplingFlux** shifts the noise schedule by "
+        "the frame size, as Flux-dev's own sampler does (without it ComfyUI uses the 1024x1024 shift at every size): "
+        "its width / height are wired from the loaded frames (**Frame size**), so they follow the loader's.\n\n"
+        "**PnP on Flux**: *pnp_attention_blocks* auto is the `rf_solver` preset (RF-Solver-Edit: image values in "
+        f"single blocks 20-37 of 38) and *pnp_attn_t* is its published fraction, **{FLUX_PNP_ATTN_T:g}**; `stable_flow` "
+        "(Stable Flow: image keys and values in its vital layers) injects in every step in its paper: set *pnp_attn_t* "
+        "1 with it.\n\nFlux " + TINY_ONLY + NOTE_GROUPS)
+    nodes += out + [_note(note, (560, 600))]
     return Example("tokenflow_flux", nodes, links + out_links,
                    thumbnail=("5. TokenFlow + PnP on Flux-dev", "Flux-dev files; checked on tiny models only"))
 
@@ -301,7 +309,7 @@ def _flux() -> Example:
 def _sd3() -> Example:
     """TokenFlow + PnP on SD3.5 Large through one CheckpointLoaderSimple (the model's own shift, no sampling node),
     cfg 4 with the negative prompt."""
-    nodes, links = _source(SD35_LARGE)
+    nodes, links = _source(SD35_LARGE, method=FLOW_INVERSION_METHOD)
     nodes.append(_sampler(10, "pnp", cfg=SD35_CFG))
     links += [(1, "MODEL", 10, "model"), (5, 0, 10, "positive"), (6, 0, 10, "negative"),
               (7, "inversion", 10, "inversion")]
@@ -311,10 +319,11 @@ def _sd3() -> Example:
         "one ComfyUI's SD3.5 template loads):\n\n"
         f"* `{SD35_LARGE}` in `models/checkpoints/` (MMDiT, CLIP-L/G, T5-XXL and VAE in one file; {SD35_LARGE_URL})"
         "\n\nOther SD3 / SD3.5 all-in-one checkpoints load the same way (SD3.5 Medium's second image attention is "
-        f"extended and propagated too). **cfg {SD35_CFG:g}** with the negative prompt; the flow inversion takes Euler "
-        "steps on the model's own shifted schedule. PnP on SD3.x swaps the source's image keys and values (Stable "
-        "Flow's injection) in the second quarter of the joint blocks by default, a heuristic (no published vital "
-        "layers for SD3.x; scripts/find_vital_layers.py finds a model's own): *pnp_attention_blocks* takes e.g. "
+        f"extended and propagated too). **cfg {SD35_CFG:g}** with the negative prompt; the inversion (fixed_point) "
+        "solves the edit's own Euler steps on the model's shifted schedule exactly, at most 3 evaluations per step. "
+        "PnP on SD3.x swaps the source's image keys and values (Stable Flow's injection) in the second quarter of the "
+        "joint blocks by default, a heuristic (no published vital layers for SD3.x; scripts/find_vital_layers.py "
+        "finds a model's own): *pnp_attention_blocks* takes e.g. "
         "`double_block:9-17` (SD3.5 Large's default). SD3.5 is trained at 1024x1024: raise the loader's width / "
         "height for sharper frames (memory grows with the pixel count).\n\nSD3.x " + TINY_ONLY + NOTE_GROUPS)
     nodes += out + [_note(note, (560, 400))]

@@ -65,10 +65,12 @@ def test_runner_edits_with_an_all_in_one_flux_checkpoint(tmp_path, clip, flux_ch
     result = _run(clip, output, "--checkpoint", str(flux_checkpoint))
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     out = result.stdout
-    assert "with pnp on Flux (TinyFlux), cfg 1, 2 steps (inversion 4 Euler steps)" in out  # ComfyUI detects Flux; cfg 1
+    # ComfyUI detects Flux; cfg 1; --inversion-method auto is the fixed point there
+    assert ("with pnp on Flux (TinyFlux), cfg 1, 2 steps (inversion fixed point on the editing grid, at most 3 "
+            "evaluations per step)") in out
     for node in ("Load Checkpoint", "FluxGuidance", "ModelSamplingFlux",
-                 "TokenFlow Inversion: flow inversion (Euler steps up the model's sigmas), 4 steps", "TokenFlow Sampler",
-                 "    Euler inversion step 4/4 (100%"):
+                 "TokenFlow Inversion: fixed-point flow inversion on the 2 editing steps, at most 3 evaluations per step",
+                 "TokenFlow Sampler"):
         assert node in out, node
     assert f"wrote {output}" in out
     (test_artifacts / "dit_runner").mkdir(exist_ok=True)
@@ -82,7 +84,8 @@ def test_runner_edits_with_an_all_in_one_sd3_checkpoint(tmp_path, clip):
     output = tmp_path / "edited.mp4"
     result = _run(clip, output, "--checkpoint", str(sd3), "--editor", "sdedit")
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    assert "with sdedit on TinySD3, cfg 4, 2 steps (inversion 4 Euler steps)" in result.stdout
+    assert ("with sdedit on TinySD3, cfg 4, 2 steps (inversion fixed point on the editing grid, at most 3 evaluations "
+            "per step)") in result.stdout
     assert "FluxGuidance" not in result.stdout and "ModelSamplingFlux" not in result.stdout
     assert _read(output) == (5, input_files.CLIP_SIZE, input_files.CLIP_SIZE, Fraction(input_files.CLIP_FPS))
 

@@ -108,9 +108,11 @@ def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_forma
     assert (sampler["editor"], sampler["cfg"], sampler["pnp_attn_t"], sampler["pnp_f_t"], sampler["batch_size"]) == \
         ("pnp", 1.0, 0.5, 0.8, 8)
     assert "correspondences" not in sampler  # on the fly, the official setting
-    assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "ddim")
-    guided = {node_id for node_id, node in prompt.items() if node["class_type"] == "FluxGuidance"}
-    assert str(sampler["positive"][0]) in guided and str(invert["conditioning"][0]) in guided
+    assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "fixed_point")
+    guided = {node_id: node["inputs"]["guidance"] for node_id, node in prompt.items()
+              if node["class_type"] == "FluxGuidance"}
+    # Flux-dev inverts at guidance 1 and edits at FluxGuidance's default
+    assert guided[str(sampler["positive"][0])] == 3.5 and guided[str(invert["conditioning"][0])] == 1.0
     assert prompt[str(sampler["negative"][0])]["class_type"] == "CLIPTextEncode"  # unused at cfg 1
     (shift,) = _of_type(prompt, "ModelSamplingFlux")
     assert (loader["width"], loader["height"]) == (512, 512)
@@ -195,7 +197,7 @@ def test_sd3_example_loads_one_checkpoint_in_the_frontend_format(object_info):
     assert (sampler["editor"], sampler["cfg"], sampler["pnp_attn_t"], sampler["batch_size"],
             sampler["pnp_attention_blocks"]) == ("pnp", example_specs.SD35_CFG, 0.5, 8, "auto")
     assert "correspondences" not in sampler  # on the fly, the official setting
-    assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "ddim")
+    assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "fixed_point")
     assert (loader["width"], loader["height"], loader["video"]) == (512, 512, "wolf.mp4")
     checkpoint_id = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
     assert [str(sampler["model"][0]), str(invert["model"][0])] == [checkpoint_id, checkpoint_id]

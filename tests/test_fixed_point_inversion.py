@@ -211,13 +211,15 @@ def test_fixed_point_does_not_use_the_inversion_grid(tiny_sd15):
     assert inv.inversion_steps == 2 and inv.inverted_timestep == inv.timesteps[0] == 501
 
 
-def test_node_inputs_are_appended_with_ddim_the_default():
+def test_node_inputs_are_appended_with_auto_the_default():
     schema = inversion_nodes.TokenFlowInvert.define_schema()
     ids = [i.id for i in schema.inputs]
     assert ids == ["model", "latent", "conditioning", "steps", "inversion_steps", "frame_batch", "method",
                    "max_iterations", "tolerance"]
     by_id = {i.id: i for i in schema.inputs}
-    assert by_id["method"].default == "ddim" and by_id["method"].optional
+    # auto (appended) is ddim on SD UNets: a saved workflow without the input inverts as before on them
+    assert by_id["method"].default == "auto" and by_id["method"].optional
+    assert by_id["method"].options == ["ddim", "fixed_point", "auto"]
     assert by_id["max_iterations"].default == fixed_point.DEFAULT_MAX_ITERATIONS
     assert by_id["tolerance"].default == fixed_point.DEFAULT_TOLERANCE
     assert all(i.tooltip for i in schema.inputs)
@@ -279,7 +281,7 @@ def _runner():
     (["--inversion-method", "fixed_point", "--max-iterations", "0"], "--max-iterations (0)"),
     (["--inversion-method", "fixed_point", "--tolerance", "1.5"], "--tolerance (1.5)"),
     (["--inversion-method", "fixed_point", "--steps", "1000"], "--steps (1000)"),
-    (["--steps", "50", "--inversion-steps", "600"], "--inversion-steps (600)"),
+    (["--inversion-method", "ddim", "--steps", "50", "--inversion-steps", "600"], "--inversion-steps (600)"),
     (["--inversion-method", "fixed_point", "--inversion-steps", "600"], None),  # not used: nothing to refuse
 ])
 def test_runner_flags(tmp_path, flags, words):
@@ -294,7 +296,7 @@ def test_runner_flags(tmp_path, flags, words):
     else:
         assert message is not None and words in message and "\n" not in message, message
     defaults = runner.build_parser().parse_args([])
-    assert (defaults.inversion_method, defaults.max_iterations, defaults.tolerance) == ("ddim", 3, 1e-3)
+    assert (defaults.inversion_method, defaults.max_iterations, defaults.tolerance) == ("auto", 3, 1e-3)
 
 
 def test_warning_names_the_slowest_step(sd15_64, clip64, caplog):

@@ -17,6 +17,7 @@ the step itself, not an error). The iteration stops at the first residual <= ``t
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,8 +25,11 @@ import torch
 
 from .inversion import ddim_inversion_step
 # The settings and their one check live with the other step-count rules (scripts load schedule.py on its own).
-from .schedule import (DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, INVERSION_METHODS as METHODS,  # noqa: F401
-                       MAX_ITERATIONS_LIMIT, TOLERANCE_LIMIT, check_fixed_point_settings)
+from .schedule import (DEFAULT_INVERSION_METHOD, DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE,  # noqa: F401
+                       INVERSION_METHODS as METHODS, MAX_ITERATIONS_LIMIT, TOLERANCE_LIMIT, check_fixed_point_settings,
+                       resolve_method)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,22 +81,55 @@ def solve_inversion_step(eps_at: Callable[[torch.Tensor], torch.Tensor], x_prev:
     (:func:`anderson_mix`); False (the engine's choice) is the plain Picard iteration. The first iteration
     is the same either way.
     """
-    x = x_prev
+    return iterate_to_fixed_point(lambda x: ddim_inversion_step(x_prev, eps_at(x), abar_prev, abar), x_prev,
+                                  max_iterations, tolerance, anderson)
+
+
+def iterate_to_fixed_point(g: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
+                           max_iterations: int = DEFAULT_MAX_ITERATIONS, tolerance: float = DEFAULT_TOLERANCE,
+                           anderson: bool = False) -> StepSolution:
+    """``x^{k+1} = g(x^k)`` from ``x^0 = start``, under the stopping rule above (any implicit step's solver).
+
+    ``g`` makes one model call per application; the residual is read from the second iteration on.
+    """
+    x = start
     residuals: list[float] = []
     evaluations = 0
     g_old = f_old = None
     for k in range(max_iterations):
-        g = ddim_inversion_step(x_prev, eps_at(x), abar_prev, abar)
+        new = g_x = g(x)
         evaluations += 1
-        new = g
         if anderson:
-            f = g - x
+            f = g_x - x
             if f_old is not None:
-                new = anderson_mix(g, g_old, f, f_old)
-            g_old, f_old = g, f
+                new = anderson_mix(g_x, g_old, f, f_old)
+            g_old, f_old = g_x, f
         if k > 0:
             residuals.append(float(relative_residual(new, x)))  # the one scalar read of this iteration
         x = new
         if k > 0 and residuals[-1] <= tolerance:
             break
     return StepSolution(x, evaluations, residuals)
+
+
+def convergence_warning(residuals: list[float | None], timesteps: list[int], max_iterations: int,
+                        tolerance: float) -> str | None:
+    """The warning for steps that ended at the cap above the tolerance (``residuals`` and ``timesteps`` in the order
+    the steps ran), or None when every step converged or the cap was 1 (no residual)."""
+    open_steps = [(r, t) for r, t in zip(residuals, timesteps) if r is not None and r > tolerance]
+    if not open_steps or max_iterations <= 1:
+        return None
+    worst, at = max(open_steps)
+    return (f"{len(open_steps)} of {len(timesteps)} steps stopped at max_iterations ({max_iterations}) above the "
+            f"tolerance {tolerance:g} (largest residual {worst:.3g} at t = {at}); raise max_iterations, use more steps "
+            "(a finer grid converges faster) or method ddim")
+
+
+def report_convergence(evaluations: list[float], residuals: list[float | None], timesteps: list[int],
+                       max_iterations: int, tolerance: float) -> None:
+    """Log the cost; warn when steps ended at the cap above the tolerance (a coarse grid converges slowly)."""
+    log.info("TokenFlow: fixed-point inversion: %.2f evaluations per frame and step on average",
+             sum(evaluations) / len(evaluations))
+    warning = convergence_warning(residuals, timesteps, max_iterations, tolerance)
+    if warning:
+        log.warning("TokenFlow: fixed-point inversion: %s", warning)

@@ -22,9 +22,12 @@ STEP_GRID_RULE = ("every editing timestep must lie on the inversion grid: 1000 /
                   "{inversion} 50, 100, 200, 250, 500 or 999; {inversion} 12 with {steps} 4 does not fit)")
 
 
-# Inversion methods (TokenFlowInvert's ``method``): the official DDIM inversion on the grid of inversion_steps, and
-# the exact inversion on the editing grid (tokenflow_ops.fixed_point), with its cap and stopping tolerance.
-INVERSION_METHODS = ("ddim", "fixed_point")
+# Inversion methods (TokenFlowInvert's ``method``): the official DDIM inversion on the grid of inversion_steps (Euler
+# on a flow model's sigmas), the exact inversion on the editing grid (tokenflow_ops.fixed_point), with its cap and
+# stopping tolerance, and "auto" (appended: saved workflows keep their values), each family's most faithful one
+# (resolve_method).
+INVERSION_METHODS = ("ddim", "fixed_point", "auto")
+DEFAULT_INVERSION_METHOD = "auto"
 DEFAULT_MAX_ITERATIONS = 3
 MAX_ITERATIONS_LIMIT = 20
 DEFAULT_TOLERANCE = 1e-3
@@ -158,8 +161,9 @@ def check_fixed_point_settings(method: str, max_iterations: int, tolerance: floa
     """Refuse an unknown method, an iteration cap or tolerance out of range: one line naming the input and a value."""
     if method not in INVERSION_METHODS:
         raise ValueError(f"{method_name} ({method!r}) must be one of {', '.join(INVERSION_METHODS)}; 'ddim' is the "
-                         "official code's inversion, 'fixed_point' the exact inversion on the editing grid")
-    if method != "fixed_point":
+                         "official code's inversion, 'fixed_point' the exact inversion on the editing grid, 'auto' "
+                         "fixed_point on Flux / SD3.x and ddim on SD UNets")
+    if method == "ddim":
         return
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or not (
             1 <= max_iterations <= MAX_ITERATIONS_LIMIT):
@@ -170,6 +174,27 @@ def check_fixed_point_settings(method: str, max_iterations: int, tolerance: floa
             0.0 <= float(tolerance) < TOLERANCE_LIMIT):
         raise ValueError(f"{tolerance_name} ({tolerance}) must be at least 0 and below {TOLERANCE_LIMIT:g} (a relative "
                          f"residual; 0 always runs {iterations_name}); use {DEFAULT_TOLERANCE:g}")
+
+
+def resolve_method(method: str, flow: bool) -> str:
+    """The method "auto" stands for: fixed_point on a flow-matching model (measured more faithful than 500 Euler
+    steps there, benchmarks/README.md), ddim on an SD UNet (where it is not on every family); others as they are."""
+    if method != "auto":
+        return method
+    return "fixed_point" if flow else "ddim"
+
+
+def check_inversion_settings(steps: int, inversion_steps: int, method: str, max_iterations: int, tolerance: float,
+                             flow: bool, *, steps_name: str = "steps", inversion_name: str = "inversion_steps",
+                             **names: str) -> None:
+    """Every refusal of an inversion's own settings, before any model call: the method and its cap and tolerance,
+    then the grid the method inverts on (fixed point: the editing grid of ``steps``; ddim: the grid of
+    ``inversion_steps``, which must cover it). ``flow``: a flow-matching model (what "auto" resolves to)."""
+    check_fixed_point_settings(method, max_iterations, tolerance, **names)
+    if resolve_method(method, flow) == "fixed_point":
+        check_step_count(steps, steps_name)  # the fixed-point inversion's grid is the editing grid of steps
+    else:
+        check_inversion_covers(steps, inversion_steps, steps_name=steps_name, inversion_name=inversion_name)
 
 
 def alpha_bar_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 import comfy.samplers
 
 from ...data.products import TokenFlowInversion
-from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, check_fixed_point_settings
-from ...tokenflow_ops.schedule import (alpha_bar_from_sigma, check_inversion_covers, check_step_count,
-                                       editing_timesteps, inversion_timesteps)
+from ...tokenflow_ops import schedule
+from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, report_convergence, resolve_method
+from ...tokenflow_ops.schedule import alpha_bar_from_sigma, editing_timesteps, inversion_timesteps
 from ..checks import (Stage, control_hints, each_prompt, every_step, latent_fits, latent_frames, model_identity,
                       no_area, not_joint_edit_model, run_checks, runs_on_frame_subsets, supported_model,
                       usable_conditioning)
@@ -32,33 +32,15 @@ log = logging.getLogger(__name__)
 def check_inversion_settings(steps: int, inversion_steps: int, method: str, max_iterations: int,
                              tolerance: float) -> None:
     """Every refusal of the inversion's own settings, before any model call."""
-    check_fixed_point_settings(method, max_iterations, tolerance)
-    if method == "fixed_point":
-        check_step_count(steps, "steps")  # the fixed-point inversion's grid is the editing grid of steps
-    else:
-        check_inversion_covers(steps, inversion_steps)
-
-
-def _report_convergence(recorder: InversionRecorder, timesteps: list[int], max_iterations: int,
-                        tolerance: float) -> None:
-    """Log the cost; warn when steps ended at the cap above the tolerance (a coarse grid converges slowly)."""
-    log.info("TokenFlow: fixed-point inversion: %.2f evaluations per frame and step on average",
-             sum(recorder.evaluations) / len(recorder.evaluations))
-    open_steps = [(r, t) for r, t in zip(recorder.residuals, timesteps) if r is not None and r > tolerance]
-    if open_steps and max_iterations > 1:
-        worst, at = max(open_steps)
-        log.warning("TokenFlow: fixed-point inversion: %d of %d steps stopped at max_iterations (%d) above the "
-                    "tolerance %g (largest residual %.3g at t = %d); raise max_iterations, use more steps (a finer "
-                    "grid converges faster) or method ddim", len(open_steps), len(timesteps), max_iterations,
-                    tolerance, worst, at)
+    schedule.check_inversion_settings(steps, inversion_steps, method, max_iterations, tolerance, flow=False)
 
 
 @torch.no_grad()
 def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion_steps: int,
                   frame_batch: int = 0, method: str = "ddim", max_iterations: int = DEFAULT_MAX_ITERATIONS,
                   tolerance: float = DEFAULT_TOLERANCE) -> TokenFlowInversion:
-    """Invert every frame; ``method`` "ddim" on the grid of ``inversion_steps``, "fixed_point" on that of ``steps``
-    (``inversion_steps`` is then not used)."""
+    """Invert every frame; ``method`` "ddim" (or "auto") on the grid of ``inversion_steps``, "fixed_point" on that of
+    ``steps`` (``inversion_steps`` is then not used)."""
     def settings(stage: Stage) -> None:
         check_inversion_settings(steps, inversion_steps, method, max_iterations, tolerance)
 
@@ -68,6 +50,7 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
     layout, samples = stage.layout, stage.samples
     sampling = model.get_model_object("model_sampling")
     model_sigmas = sampling.sigmas.float().cpu()
+    method = resolve_method(method, flow=False)
     fixed_point = method == "fixed_point"
     if fixed_point:
         inversion_steps = steps
@@ -93,8 +76,8 @@ def run_inversion(model, latent: dict, conditioning: list, steps: int, inversion
         log.info("TokenFlow: inverting %d frames with %d DDIM steps", samples.shape[0], inversion_steps)
     guider.sample(torch.zeros_like(samples), samples.float(), sampler, sigmas, seed=0, disable_pbar=True)
     trajectory = torch.stack([recorder.saved[t] for t in edit_ts])
-    if fixed_point:
-        _report_convergence(recorder, inv_ts, max_iterations, tolerance)  # ascending, as the steps ran
+    if fixed_point:  # the residuals run with the steps, t ascending
+        report_convergence(recorder.evaluations, recorder.residuals, inv_ts, max_iterations, tolerance)
     return TokenFlowInversion(
         steps=steps, inversion_steps=inversion_steps, timesteps=edit_ts,
         sigmas=torch.cat([model_sigmas[edit_ts], model_sigmas[:1]]),

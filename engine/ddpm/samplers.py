@@ -14,7 +14,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, solve_inversion_step
+from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, StepSolution, solve_inversion_step
 from ...tokenflow_ops.inversion import ddim_inversion_step
 from ...tokenflow_ops.schedule import alpha_bar_from_sigma
 from ..patches.contract import to_device
@@ -93,10 +93,8 @@ def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
     try:
         for i, sigma in enumerate(sigmas):
             abar = float(alpha_bar_from_sigma(host_sigmas[i]))
-            out = torch.empty_like(x)
-            evaluations, residuals = 0, []
-            for frames in chunks:
-                guider.chunk = frames
+
+            def solve(frames: range, x_chunk: torch.Tensor) -> StepSolution:
                 s_in = x.new_ones([len(frames)])
 
                 def eps_at(latent: torch.Tensor) -> torch.Tensor:
@@ -105,16 +103,12 @@ def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
                     denoised = model(model_input, sigma * s_in, **extra_args)
                     return (model_input - denoised) / sigma
 
-                solved = solve_inversion_step(eps_at, x[frames.start:frames.stop], abar_prev, abar, max_iterations,
-                                              tolerance)
-                out[frames.start:frames.stop] = solved.x
-                evaluations += solved.evaluations * len(frames)
-                if solved.residuals:
-                    residuals.append(solved.residual)
-            x = out
+                return solve_inversion_step(eps_at, x_chunk, abar_prev, abar, max_iterations, tolerance)
+
+            x, evaluations, residual = guider.solve_each_chunk(x, chunks, solve)
             abar_prev = abar
-            recorder.evaluations.append(evaluations / x.shape[0])
-            recorder.residuals.append(max(residuals) if residuals else None)
+            recorder.evaluations.append(evaluations)
+            recorder.residuals.append(residual)
             t = recorder.timesteps[i]
             if t in recorder.keep:
                 recorder.saved[t] = to_host(x, torch.float32)

@@ -8,6 +8,8 @@ starts) at sigma = 1, and a start latent that already is x_sigma (an inverted la
   may be 0: the step then returns ``denoised``), the edit's sampler; :func:`sample_flow` plain sampling with it;
 - :class:`FlowInversionSampler`: Euler on ascending sigmas from the clean latent, each step evaluated at the
   next sigma (the analogue of the official DDIM inversion), x kept at the editing levels;
+- :class:`FlowFixedPointSampler`: the exact inverse of :class:`FlowEulerSampler` on the editing levels, each
+  implicit step solved by fixed point, every chunk of frames on its own;
 - :class:`FlowExtractionSampler`: the stored source latents of every step through the model, for extraction.
 """
 from __future__ import annotations
@@ -20,9 +22,11 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
-from ...tokenflow_ops.flow_inversion import euler_from_denoised, euler_step, velocity
+from ...tokenflow_ops.fixed_point import StepSolution
+from ...tokenflow_ops.flow_inversion import euler_from_denoised, euler_step, solve_flow_inversion_step, velocity
 from ..patches.contract import to_device
 from ..sampling.frame_guider import to_host
+from ..sampling.inversion_guiders import ChunkGuider
 
 
 class FlowEulerSampler(comfy.samplers.Sampler):
@@ -84,6 +88,54 @@ class FlowInversionSampler(comfy.samplers.Sampler):
                 self.saved[self.keep[i]] = to_host(x, torch.float32)
             self.progress.update(1)
         self.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
+        return x
+
+
+class FlowFixedPointSampler(FlowInversionSampler):
+    """From the clean latent up the ascending editing ``levels``: at each, the latent the edit's Euler step maps to
+    the previous one, by fixed point (``max_iterations``, ``tolerance``: :mod:`...tokenflow_ops.fixed_point`).
+
+    Every chunk of frames (``frame_batch`` / device memory) iterates on its own: one model call for all of its
+    frames per iteration and one scalar residual read per iteration from the second on.
+    """
+
+    def __init__(self, levels: list[float], keep: dict[int, int], guider: ChunkGuider, max_iterations: int,
+                 tolerance: float) -> None:
+        super().__init__(levels, keep)
+        self.guider = guider
+        self.max_iterations = max_iterations
+        self.tolerance = tolerance
+        self.evaluations: list[float] = []  # model evaluations per frame at each step (levels ascending)
+        self.residuals: list[float | None] = []  # largest final residual over the chunks (None: one evaluation)
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        x = latent_image
+        chunks = self.guider.chunks(x)
+        self.guider.n_frames = x.shape[0]
+        previous = 0.0
+        try:
+            for i, sigma in enumerate(self.levels):
+                def solve(frames: range, x_chunk: torch.Tensor) -> StepSolution:
+                    s_in = x.new_ones([len(frames)])
+
+                    def velocity_at(latent: torch.Tensor) -> torch.Tensor:
+                        comfy.model_management.throw_exception_if_processing_interrupted()
+                        return velocity(latent, model_wrap(latent, sigmas[i] * s_in, **extra_args), sigma)
+
+                    return solve_flow_inversion_step(velocity_at, x_chunk, previous, sigma, self.max_iterations,
+                                                     self.tolerance)
+
+                x, evaluations, residual = self.guider.solve_each_chunk(x, chunks, solve)
+                self.evaluations.append(evaluations)
+                self.residuals.append(residual)
+                previous = sigma
+                if i in self.keep:
+                    self.saved[self.keep[i]] = to_host(x, torch.float32)
+                self.progress.update(1)
+        finally:
+            self.guider.chunk = None
+        self.final = x.float().cpu()
         return x
 
 

@@ -2,9 +2,11 @@
 
 :class:`FrameBatchGuider` evaluates the whole clip per step, every frame in one call when it fits;
 :class:`ChunkGuider` can also evaluate one chunk of frames at a time, for inversions whose every chunk
-iterates on its own (the DDPM fixed-point inversion).
+iterates on its own (the fixed-point inversions of both sampling rules).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -12,6 +14,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
 
+from ...tokenflow_ops.fixed_point import StepSolution
 from ..plan.call_sizing import even_chunks, frames_per_call
 from .frame_guider import FrameSubsetGuider
 
@@ -59,6 +62,23 @@ class ChunkGuider(FrameBatchGuider):
         n = x.shape[0]
         per_call = frames_per_call(self.inner_model, 1, tuple(x.shape[1:]), x.device, n, cap=self.frame_batch)
         return even_chunks(n, per_call)
+
+    def solve_each_chunk(self, x: torch.Tensor, chunks: list[range],
+                         solve: Callable[[range, torch.Tensor], StepSolution]) -> tuple[torch.Tensor, float, float | None]:
+        """One implicit step for every chunk on its own: ``solve(frames, x_chunk)`` with ``chunk`` set to those frames.
+
+        Returns the solved latents, the evaluations per frame and the largest final residual over the chunks (None
+        when no chunk took two evaluations)."""
+        out = torch.empty_like(x)
+        evaluations, residuals = 0, []
+        for frames in chunks:
+            self.chunk = frames
+            solved = solve(frames, x[frames.start:frames.stop])
+            out[frames.start:frames.stop] = solved.x
+            evaluations += solved.evaluations * len(frames)
+            if solved.residuals:
+                residuals.append(solved.residual)
+        return out, evaluations / x.shape[0], (max(residuals) if residuals else None)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         if self.chunk is None or x.shape[0] == self.n_frames:
