@@ -128,11 +128,13 @@ def _note(text: str, size: tuple[int, int]) -> N:
     return N(20, "MarkdownNote", "", text=text, title="Read me", size=size)
 
 
-NOTE_VIDEO = (f"Put **wolf.mp4** (the paper's clip, from the `data/` folder of the official repository: {WOLF_URL}) "
-              "or your clip in `ComfyUI/input/`, or use *choose file to upload* on **TokenFlow Load Video**.\n\n"
-              "40 frames at 512x512, 50 steps and 500 inversion steps are the official code's settings (the paper "
-              "used 1000 inversion steps; the pack's largest, 999, is that grid without the t = 1000 past the "
-              "schedule's end). For a quick look use `inversion_steps` 50 and fewer frames.")
+NOTE_CLIP = (f"Put **wolf.mp4** (the paper's clip, from the `data/` folder of the official repository: {WOLF_URL}) "
+             "or your clip in `ComfyUI/input/`, or use *choose file to upload* on **TokenFlow Load Video**.")
+NOTE_VIDEO = (NOTE_CLIP + "\n\n40 frames at 512x512, 50 steps and 500 inversion steps are the official code's "
+              "settings (the paper used 1000 inversion steps; the pack's largest, 999, is that grid without the t = "
+              "1000 past the schedule's end). For a quick look use `inversion_steps` 50 and fewer frames.")
+# The flow examples invert by fixed point on the editing grid: inversion_steps is not used there.
+NOTE_FLOW_VIDEO = NOTE_CLIP + "\n\n40 frames at 512x512 and 50 steps; for a quick look use fewer frames and steps."
 TINY_ONLY = ("support is checked on tiny random-weight models only; the edit quality on the real weights has not "
              "been measured. ")
 NOTE_GROUPS = ("The groups read left to right: **Load**, **Invert**, **Edit**, **Output**. After a run, *Output* "
@@ -283,7 +285,7 @@ def _flux() -> Example:
     ]
     out, out_links = _output(11, 10, "video/tokenflow_flux", vae_from=(25, "VAE"))
     note = (
-        "### TokenFlow + Plug-and-Play on Flux-dev\n\n" + NOTE_VIDEO + "\n\n" + ON_THE_FLY + " (TokenFlow "
+        "### TokenFlow + Plug-and-Play on Flux-dev\n\n" + NOTE_FLOW_VIDEO + "\n\n" + ON_THE_FLY + " (TokenFlow "
         "Extract Correspondences works on Flux too: wire it as in the SDEdit example.)\n\n**Model files** (the names ComfyUI's Flux templates use):\n\n"
         f"* `{FLUX_DEV}` in `models/diffusion_models/` (FLUX.1-dev, gated: accept the license on "
         "https://huggingface.co/black-forest-labs/FLUX.1-dev first)\n"
@@ -301,7 +303,7 @@ def _flux() -> Example:
         f"single blocks 20-37 of 38) and *pnp_attn_t* is its published fraction, **{FLUX_PNP_ATTN_T:g}**; `stable_flow` "
         "(Stable Flow: image keys and values in its vital layers) injects in every step in its paper: set *pnp_attn_t* "
         "1 with it.\n\nFlux " + TINY_ONLY + NOTE_GROUPS)
-    nodes += out + [_note(note, (560, 600))]
+    nodes += out + [_note(note, (640, 540))]
     return Example("tokenflow_flux", nodes, links + out_links,
                    thumbnail=("5. TokenFlow + PnP on Flux-dev", "Flux-dev files; checked on tiny models only"))
 
@@ -315,7 +317,7 @@ def _sd3() -> Example:
               (7, "inversion", 10, "inversion")]
     out, out_links = _output(11, 10, "video/tokenflow_sd3")
     note = (
-        "### TokenFlow + Plug-and-Play on SD3.5\n\n" + NOTE_VIDEO + "\n\n" + ON_THE_FLY + "\n\n**Model file** (the "
+        "### TokenFlow + Plug-and-Play on SD3.5\n\n" + NOTE_FLOW_VIDEO + "\n\n" + ON_THE_FLY + "\n\n**Model file** (the "
         "one ComfyUI's SD3.5 template loads):\n\n"
         f"* `{SD35_LARGE}` in `models/checkpoints/` (MMDiT, CLIP-L/G, T5-XXL and VAE in one file; {SD35_LARGE_URL})"
         "\n\nOther SD3 / SD3.5 all-in-one checkpoints load the same way (SD3.5 Medium's second image attention is "

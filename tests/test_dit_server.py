@@ -106,7 +106,7 @@ def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_forma
     (sampler,), (invert,), (loader,) = (_of_type(prompt, k) for k in
                                         ("TokenFlowSampler", "TokenFlowInvert", "TokenFlowLoadVideo"))
     assert (sampler["editor"], sampler["cfg"], sampler["pnp_attn_t"], sampler["pnp_f_t"], sampler["batch_size"]) == \
-        ("pnp", 1.0, 0.5, 0.8, 8)
+        ("pnp", 1.0, example_specs.FLUX_PNP_ATTN_T, 0.8, 8)  # the rf_solver preset's published fraction
     assert "correspondences" not in sampler  # on the fly, the official setting
     assert (invert["steps"], invert["inversion_steps"], invert["method"]) == (50, 500, "fixed_point")
     guided = {node_id: node["inputs"]["guidance"] for node_id, node in prompt.items()
@@ -128,7 +128,7 @@ def test_flux_example_uses_the_core_flux_loaders_and_loads_in_the_frontend_forma
     for words in ("models/diffusion_models/", "models/text_encoders/", "models/vae/", example_specs.FLUX_DEV,
                   example_specs.CLIP_L, example_specs.T5XXL, example_specs.FLUX_AE, "cfg 1", "skips the negative",
                   "ModelSamplingFlux", "tiny random-weight models only", "on the fly", "unconnected",
-                  "500 inversion steps are the official code's", "github.com/omerbt/TokenFlow"):
+                  "fixed_point", "github.com/omerbt/TokenFlow"):
         assert words in note, words
     models = {m["name"]: m["directory"] for n in workflow["nodes"] for m in n["properties"].get("models", [])}
     assert models == {example_specs.FLUX_DEV: "diffusion_models", example_specs.CLIP_L: "text_encoders",
@@ -205,7 +205,7 @@ def test_sd3_example_loads_one_checkpoint_in_the_frontend_format(object_info):
     note = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote")
     for words in ("models/checkpoints/", example_specs.SD35_LARGE, example_specs.SD35_LARGE_URL, "cfg 4",
                   "Stable Flow", "double_block:9-17", "tiny random-weight models only", "on the fly", "unconnected",
-                  "500 inversion steps are the official code's", "github.com/omerbt/TokenFlow"):
+                  "fixed_point", "github.com/omerbt/TokenFlow"):
         assert words in note, words
     models = {m["name"]: m["directory"] for n in workflow["nodes"] for m in n["properties"].get("models", [])}
     assert models == {example_specs.SD35_LARGE: "checkpoints"}
