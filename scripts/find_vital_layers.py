@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import runner_models as models  # scripts/runner_models.py, beside this file
-import runner_support as support  # scripts/runner_support.py, beside this file
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "devkit"))
+sys.path.insert(0, str(REPO / "devkit"))  # before the runner's modules, which read devkit/model_links.py
 import pack_import  # noqa: E402  (devkit/pack_import.py: outside ComfyUI the pack is the package comfyui_tokenflow)
+import runner_models as models  # noqa: E402  (scripts/runner_models.py, beside this file)
+import runner_support as support  # noqa: E402  (scripts/runner_support.py, beside this file)
 
 if TYPE_CHECKING:  # pragma: no cover  (torch is imported with the host, after the arguments are read)
     import torch

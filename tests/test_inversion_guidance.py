@@ -82,14 +82,14 @@ def test_the_runner_names_the_method_auto_stands_for(flow, method, tmp_path):
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"")
     args = _runner_args(runner, video=str(video))
-    assert args.inversion_method == "auto" and runner.check_args(args) is None
+    assert args.inversion_method == "auto" and runner.checks.check_args(args) is None
     assert runner.models.resolve_inversion_method(args, flow) is None and args.inversion_method == method
     prompt, _ = runner.build_prompt(args, "clip.mp4", "c.safetensors", None, "out")
     assert prompt["7"]["inputs"]["method"] == method
     # auto on a --checkpoint may be ddim: the grid rule is refused before anything loads, and checked again for the
     # detected family (on a flow model --inversion-steps is not used)
     bad = _runner_args(runner, "--steps", "50", "--inversion-steps", "600", video=str(video))
-    assert "--inversion-steps (600)" in runner.check_args(bad)
+    assert "--inversion-steps (600)" in runner.checks.check_args(bad)
     message = runner.models.resolve_inversion_method(bad, flow)
     assert (message is None) if flow else ("--inversion-steps (600)" in message and "\n" not in message), message
 

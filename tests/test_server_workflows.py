@@ -368,7 +368,7 @@ def test_runner_edits_a_clip_end_to_end(tmp_path, tiny_model_files, artifacts):
                "--extra-nodes", str(REPO / "tests" / "stand_in_nodes")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=PROMPT_TIMEOUT, env=_runner_env())
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    assert "TokenFlow DDIM Inversion" in result.stdout and "TokenFlow Sampler" in result.stdout
+    assert "TokenFlow Inversion: DDIM inversion, 4 steps" in result.stdout and "TokenFlow Sampler" in result.stdout
     assert f"wrote {output}" in result.stdout
     shutil.copy(output, artifacts / "headless_runner.mp4")
     assert read_video(output) == (5, CLIP_SIZE, CLIP_SIZE, Fraction(CLIP_FPS))

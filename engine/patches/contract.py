@@ -275,7 +275,9 @@ def join_roles(source: torch.Tensor | None, edit: torch.Tensor | None, chunks: i
 def copies_async(device: torch.device | str) -> bool:
     """Whether a host-to-device copy may skip the stream synchronisation (``non_blocking``): the host's rule
     (``device_supports_non_blocking``: not on MPS, Intel XPU, DirectML or under ``--deterministic``)."""
-    return bool(comfy.model_management.device_supports_non_blocking(torch.device(device)))
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    return bool(comfy.model_management.device_supports_non_blocking(device))
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
