@@ -15,7 +15,6 @@ import torch
 
 import comfy.model_management
 import comfy.sample
-import comfy.samplers
 from comfyui_tokenflow.engine.editors import stable_inputs
 from comfyui_tokenflow.nodes.correspondence_nodes import TokenFlowExtractCorrespondences
 from comfyui_tokenflow.nodes.inversion_nodes import TokenFlowInvert
@@ -81,7 +80,7 @@ def scaled_peak(tracker: MemoryTracker, phase: str, device: str, ratio: float) -
     peak = tracker.peaks[phase][device]
     holders = dict(peak.holders)
     extra = 0
-    for name in GROWING:
+    for name in GROWING if device == "cpu" else ():  # the trajectory and extracted fields are kept on the host
         grown = int(holders.get(name, 0) * ratio)
         extra += grown - holders.get(name, 0)
         holders[name] = grown

@@ -72,6 +72,7 @@ def install_device_facts(vram_bytes: int, ram_bytes: int, live_bytes: Callable[[
     _patch(mm, "should_use_fp16", lambda *a, **k: True, "fp16 supported")
     _patch(mm, "should_use_bf16", lambda *a, **k: True, "bf16 supported")
     _patch(mm, "supports_fp8_compute", lambda *a, **k: True, "fp8 supported")
+    _patch(mm, "supports_nvfp4_compute", lambda *a, **k: False, "no nvfp4 (a pre-Blackwell card)")
     _patch(mm, "get_offload_stream", lambda *a, **k: None, "no asynchronous offload stream (casts on the compute stream)")
     _patch(mm, "pin_memory", lambda *a, **k: False, "no page-locking through the CUDA runtime")
     _patch(mm, "unpin_memory", lambda *a, **k: False, "no page-locking through the CUDA runtime")

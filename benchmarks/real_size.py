@@ -13,7 +13,6 @@ trajectory, extracted fields) is scaled from the steps run to ``--steps`` (per-s
     python benchmarks/real_size.py --model flux-dev --dtype bf16 --size 1024 --frames 40 --vram 23.99 --ram 64 --editor pnp
 
 The last line is one of ``verdict: fits ...``, ``verdict: oom ...``, ``verdict: refused: <message>``.
-``--device cpu`` runs the same logic on real tensors on the CPU (tiny models, for the accounting check).
 """
 from __future__ import annotations
 
