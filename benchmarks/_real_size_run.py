@@ -22,6 +22,7 @@ from comfyui_tokenflow.nodes.sampler_nodes import TokenFlowSampler
 
 import _real_size_models as models
 import _real_size_shims as shims
+from _real_size_steps import StepMix
 from _real_size_track import HOLDERS, MemoryTracker, StepFlops, retag
 
 GIB = 2**30
@@ -101,6 +102,7 @@ def dry_run(args) -> str:
     vram, ram = int(args.vram * GIB), int(args.ram * GIB)
     shims.install_device_facts(vram, ram, tracker.live_bytes)
     shims.install_fingerprints()
+    shims.install_gpu_attention()
     reserve = int((args.reserve if args.reserve is not None else
                    comfy.model_management.minimum_inference_memory() / GIB) * GIB)
     budget = vram - reserve
@@ -108,6 +110,7 @@ def dry_run(args) -> str:
     small = shims.SmallValues(fake_mode)
     shims.install_fake_parameter_moves(fake_mode)
     flops = StepFlops(tracker)
+    mix = StepMix()
     ratio = args.steps / args.run_steps
     verdict = None
     # Built outside the modes: the schedule's buffers are real host tensors, the weights fake ones.
@@ -127,6 +130,7 @@ def dry_run(args) -> str:
         work = Workload(model, latent, source, positive, negative, models.CFG[args.model], args.editor,
                         args.extracted, args.run_steps, controlnet)
         stack.enter_context(flops.installed())
+        stack.enter_context(mix.installed())
         stack.enter_context(retag(tracker, model))
         try:
             run_phases(work, tracker, flops)
@@ -141,12 +145,16 @@ def dry_run(args) -> str:
           f"{args.steps} steps (trajectory, fields x{ratio:g}); vram {args.vram} GiB - reserve {reserve / GIB:.2f} = "
           f"budget {budget / GIB:.2f} GiB, ram {args.ram} GiB")
     plain = flops.per_step("plain")
+    per_step = {phase: (flops.per_step(phase), "") for phase in tracker.peaks}
+    if flops.per_phase.get("edit") and mix.calls:
+        weighted, how = mix.weighted(flops.per_phase["edit"], args.run_steps, args.steps)
+        per_step["edit"] = (weighted, f"; over a {args.steps}-step edit's step mix: {how}")
     worst = None
     for phase, peaks in tracker.peaks.items():
         if phase == "setup":
             continue
-        print(f"\n{phase}: FLOPs/step {flops.per_step(phase) / 1e12:.2f} T"
-              + (f" ({flops.per_step(phase) / plain:.2f}x plain)" if plain else ""))
+        value, how = per_step[phase]
+        print(f"\n{phase}: FLOPs/step {value / 1e12:.2f} T" + (f" ({value / plain:.2f}x plain)" if plain else "") + how)
         print(f"  {'device':<6} {'peak GiB':>9}  " + "  ".join(f"{h:>11}" for h in HOLDERS))
         for device in ("cuda", "cpu"):
             total, holders = scaled_peak(tracker, phase, device, ratio)

@@ -80,6 +80,58 @@ def install_device_facts(vram_bytes: int, ram_bytes: int, live_bytes: Callable[[
     _patch(mm, "synchronize", lambda *a, **k: None, "nothing to wait for")
     _patch(torch.cuda, "synchronize", lambda *a, **k: None, "nothing to wait for")
     _patch(torch.cuda, "empty_cache", lambda *a, **k: None, "no cache to empty")
+    # Set when model_management was imported on this CPU host; on an NVIDIA card partial loading may keep as few
+    # weights on the device as the free memory allows (no minimum share).
+    mm.MIN_WEIGHT_MEMORY_RATIO = 0.0
+    SHIMS.append("comfy.model_management.MIN_WEIGHT_MEMORY_RATIO: 0.0 (its NVIDIA value; partial loading sizing)")
+
+
+def install_gpu_attention() -> None:
+    """Attention as a CUDA card runs it. ComfyUI picks its attention function when it is imported: on this CPU host
+    sub-quadratic or split attention, on an NVIDIA card with torch 2 ``attention_pytorch`` (SDPA, batches of at most
+    ``SDP_BATCH_LIMIT`` 2**15). And torch's SDPA on a fake ``cuda`` tensor takes the math path (the whole
+    (B, H, N, N) score matrix, in float32), where a card runs a fused kernel (cuDNN / flash / memory-efficient in
+    ComfyUI's priority order) that allocates the output and a log-sum-exp row only. So the CPU choice is rebound
+    to ``attention_pytorch`` wherever a module imported it, and SDPA on fake device tensors calls the fused op torch
+    would pick: flash for float16 / bfloat16 without a mask and head size up to 256, else memory-efficient (which
+    takes the mask as a bias). Both ops have fake kernels and FLOP formulas in torch."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.model_management as mm
+
+    cpu_choice = attention.optimized_attention
+    mm.ENABLE_PYTORCH_ATTENTION = True
+    attention.SDP_BATCH_LIMIT = 2**15
+    rebound = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("comfy") or module is None:
+            continue
+        for attr in ("optimized_attention", "optimized_attention_masked"):
+            if getattr(module, attr, None) is cpu_choice and cpu_choice is not attention.attention_pytorch:
+                setattr(module, attr, attention.attention_pytorch)
+                rebound.append(f"{name}.{attr}")
+    SHIMS.append(f"comfy attention: attention_pytorch, SDP_BATCH_LIMIT 2**15 (NVIDIA's choice; this host's was "
+                 f"{cpu_choice.__name__}, {len(rebound)} names rebound)")
+    math_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if not (_is_fake(query) and query.device.type == "cuda" and query.ndim == 4) or dropout_p or kwargs:
+            return math_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                             scale=scale, **kwargs)
+        if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256:
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal,
+                                                                       scale=scale)[0]
+        bias = attn_mask
+        if bias is not None:
+            if bias.dtype == torch.bool:  # torch turns a boolean mask into an additive one of the mask's size
+                bias = torch.zeros(bias.shape, dtype=query.dtype, device=bias.device).masked_fill(
+                    bias.logical_not(), float("-inf"))
+            bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, False, 0.0,
+                                                                        is_causal, scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = fused_sdpa
+    SHIMS.append("torch SDPA on fake device tensors: the fused kernel a card runs (flash: fp16/bf16, no mask, head "
+                 "<= 256; else memory-efficient), output + log-sum-exp allocated, not the math path's score matrix")
 
 
 def install_fake_parameter_moves(fake_mode) -> None:

@@ -40,13 +40,25 @@ def parse(argv=None) -> argparse.Namespace:
                    "memory)")
     p.add_argument("--ram", type=float, default=64.0, help="host GiB")
     p.add_argument("--steps", type=int, default=50, help="editing steps the memory is counted for (sampler default)")
-    p.add_argument("--run-steps", type=int, default=2, help="steps actually run per phase")
+    p.add_argument("--run-steps", type=int, default=3, help="steps actually run per phase (the edit's must include "
+                   "every kind of step of a --steps edit: PnP's default 0.5 / 0.8 injection needs 3)")
+    p.add_argument("--check", choices=("tiny", "mid"), default=None,
+                   help="instead of the dry run: its memory accounting on the CPU with real tensors and a real "
+                   "random-weight UNet of this size, against torch.profiler's allocation events of the same run")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> str:
     args = parse(argv)
     _host.bootstrap("cpu")
+    if args.check:
+        import _real_size_check
+
+        check = _real_size_check.accounting_check(args.check)
+        line = (f"accounting check {check.size} (cpu, real tensors): tracker peak {check.tracker_peak / 2**20:.2f} MiB, "
+                f"profiler peak {check.profiler_peak / 2**20:.2f} MiB, difference {100 * check.difference:.2f}%")
+        print(line)
+        return line
     import _real_size_run
 
     return _real_size_run.dry_run(args)
