@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+import comfy.cldm.cldm
 import comfy.controlnet
 import comfy.model_detection
 import comfy.model_management
@@ -97,8 +98,6 @@ def build(name: str, dtype: str, fake_mode, track) -> comfy.model_patcher.ModelP
 
 def build_controlnet(name: str, patcher, fake_mode, track) -> comfy.controlnet.ControlNet:
     """One cldm ControlNet for a UNet model (the layout ``comfy.controlnet.load_controlnet`` builds), fake weights."""
-    import comfy.cldm.cldm
-
     model_config = patcher.model.model_config
     config = dict(model_config.unet_config)
     config.pop("out_channels", None)
