@@ -17,6 +17,7 @@ It keeps the peak of each device with the holder breakdown at that moment, per p
 """
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import weakref
@@ -41,6 +42,14 @@ _PACK_HOLDERS = (
 )
 _COMFY_HOLDERS = (("model_patcher.py", "weights"), ("model_management.py", "weights"), ("controlnet.py", "controlnet"),
                   ("cldm/", "controlnet"))
+
+
+@functools.lru_cache(maxsize=None)
+def _comfy_root() -> str:
+    """The host's ``comfy`` package folder (ComfyUI's code; its venv's torch is elsewhere)."""
+    import comfy.model_management  # comfy is a namespace package: no __file__ of its own
+
+    return str(Path(comfy.model_management.__file__).parent) + "/"
 
 
 def device_kind(tensor: torch.Tensor) -> str:
@@ -94,12 +103,13 @@ class MemoryTracker(TorchDispatchMode):
                 for prefix, holder in _PACK_HOLDERS:
                     if rel.startswith(prefix):
                         return holder
-            elif "/comfy/" in name:
+            elif name.startswith(_comfy_root()):
                 for suffix, holder in _COMFY_HOLDERS:
                     if suffix in name:
                         return holder
-                if "/ldm/" in name or "/k_diffusion/" in name:
-                    return "activations"  # the model's forward or the sampler's step, whoever called it
+                # The model's forward, the sampler's step, the conds batched for a call: whoever called them,
+                # working memory of the call, not what the pack's caller keeps (a trajectory grows per step).
+                return "activations"
             frame = frame.f_back
         return "activations"
 
@@ -186,12 +196,17 @@ def _tensors(value, depth: int = 0):
             yield from _tensors(item, depth + 1)
 
 
-def retag_known(tracker: MemoryTracker) -> None:
-    """Give the storages reachable from the pack's banks, recorders and products their holder."""
-    for obj in gc.get_objects():
-        holder = _KNOWN.get(type(obj).__name__)
-        if holder is None or not type(obj).__module__.startswith("comfyui_tokenflow"):
-            continue
+def _known_objects() -> list:
+    return [obj for obj in gc.get_objects() if type(obj).__name__ in _KNOWN
+            and type(obj).__module__.startswith("comfyui_tokenflow")]
+
+
+def retag_known(tracker: MemoryTracker, objects: list | None = None) -> list:
+    """Give the storages reachable from the pack's banks, recorders and products (``objects``; default: all found
+    by the garbage collector) their holder. Returns weak references to the objects walked."""
+    objects = _known_objects() if objects is None else objects
+    for obj in objects:
+        holder = _KNOWN[type(obj).__name__]
         for value in vars(obj).values():
             for tensor in _tensors(value):
                 key = id(tensor.untyped_storage())
@@ -202,14 +217,29 @@ def retag_known(tracker: MemoryTracker) -> None:
                 tracker._seen[key] = (kind, holder, nbytes)
                 tracker.live[kind][old] -= nbytes
                 tracker.live[kind][holder] += nbytes
+    return [weakref.ref(obj) for obj in objects]
 
 
 @contextmanager
 def retag(tracker: MemoryTracker, model_patcher):
-    """Re-tag the known holders before every model call and after every model evaluation."""
-    handle = model_patcher.model.diffusion_model.register_forward_pre_hook(lambda *a: retag_known(tracker))
+    """Re-tag the known holders before every model call (found by the garbage collector) and before each block of
+    the model (the objects found at the call: a bank filled during a call is then its own holder from the next
+    block on, not the call's activations; within the block that allocates it, it still counts as activations)."""
+    found: list = []
+
+    def at_call(*_):
+        found[:] = retag_known(tracker)
+
+    def at_block(*_):
+        retag_known(tracker, [obj for obj in (ref() for ref in found) if obj is not None])
+
+    unet = model_patcher.model.diffusion_model
+    handles = [unet.register_forward_pre_hook(at_call)]
+    handles += [module.register_forward_pre_hook(at_block) for name, module in unet.named_modules()
+                if name and name.count(".") <= 2]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         retag_known(tracker)
