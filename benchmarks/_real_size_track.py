@@ -1,0 +1,245 @@
+"""Live device and host bytes at every allocation, by holder, for the real-size dry run (and its CPU check).
+
+:class:`MemoryTracker` is a ``TorchDispatchMode``: every op's output storages that it has not seen are counted
+live on their device (``cuda`` for fake device tensors, ``cpu`` for host ones) until the storage dies (a
+``weakref.finalize`` on the untyped storage: PyTorch keeps a storage's Python object while the storage lives).
+Each allocation is attributed to a holder by where it happens (the innermost frame of the pack, or ComfyUI's
+loading, or a holder a caller names with :meth:`MemoryTracker.holder`):
+
+- ``weights``: the model's parameters and ComfyUI's loading (``model_patcher``, ``model_management``);
+- ``trajectory``: the inversion's saved latents (the pack's samplers' recorders, the inversion product);
+- ``fields``: the extraction's correspondence fields (the extraction guider, the correspondences product);
+- ``bank``: what the pack's step bank keeps between calls (tensors reachable from a ``StepBank``: re-tagged at every
+  model call by :func:`retag`, whoever allocated them);
+- ``controlnet``: ControlNet copies of keyframe subsets (the pack's ControlNet editor) and the ControlNet's run;
+- ``activations``: everything else (the model's forward, the sampler).
+It keeps the peak of each device with the holder breakdown at that moment, per phase.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import sys
+import weakref
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO = str(Path(__file__).resolve().parents[1]) + "/"
+HOLDERS = ("weights", "activations", "bank", "trajectory", "fields", "controlnet")
+
+# The pack's modules (path under the repo) whose allocations belong to a holder other than activations.
+_PACK_HOLDERS = (
+    ("engine/ddpm/samplers.py", "trajectory"), ("engine/flow/samplers.py", "trajectory"),
+    ("engine/sampling/extraction_guider.py", "fields"), ("engine/ddpm/extract.py", "fields"),
+    ("engine/flow/extract.py", "fields"), ("tokenflow_ops/correspondence.py", "fields"),
+    ("engine/editors/controlnet.py", "controlnet"),
+)
+_COMFY_HOLDERS = (("model_patcher.py", "weights"), ("model_management.py", "weights"), ("controlnet.py", "controlnet"),
+                  ("cldm/", "controlnet"))
+
+
+@functools.lru_cache(maxsize=None)
+def _comfy_root() -> str:
+    """The host's ``comfy`` package folder (ComfyUI's code; its venv's torch is elsewhere)."""
+    import comfy.model_management  # comfy is a namespace package: no __file__ of its own
+
+    return str(Path(comfy.model_management.__file__).parent) + "/"
+
+
+def device_kind(tensor: torch.Tensor) -> str:
+    """``cuda`` or ``cpu`` (a fake tensor's storage is on the meta device: its tensor's device is the one)."""
+    return "cuda" if tensor.device.type == "cuda" else "cpu"
+
+
+@dataclass
+class Peak:
+    bytes: int = 0
+    holders: dict[str, int] = field(default_factory=dict)
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts live bytes per device and holder; ``peaks[phase][device]`` is the high-water mark with its breakdown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[str, Counter] = {"cuda": Counter(), "cpu": Counter()}
+        self.total: Counter = Counter()
+        self.phase = "setup"
+        self.peaks: dict[str, dict[str, Peak]] = {}
+        self._named: list[str] = []
+        self._seen: dict[int, tuple] = {}
+        self.by_holder_end: dict[str, Counter] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def live_bytes(self, device: str) -> int:
+        return self.total[device]
+
+    @contextmanager
+    def holder(self, name: str):
+        self._named.append(name)
+        try:
+            yield
+        finally:
+            self._named.pop()
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.peaks.setdefault(phase, {d: Peak(self.total[d], dict(self.live[d])) for d in ("cuda", "cpu")})
+
+    def _holder(self) -> str:
+        if self._named:
+            return self._named[-1]
+        frame = sys._getframe(3)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if name.startswith(REPO) and "/benchmarks/" not in name:
+                rel = name[len(REPO):]
+                for prefix, holder in _PACK_HOLDERS:
+                    if rel.startswith(prefix):
+                        return holder
+            elif name.startswith(_comfy_root()):
+                for suffix, holder in _COMFY_HOLDERS:
+                    if suffix in name:
+                        return holder
+                # The model's forward, the sampler's step, the conds batched for a call: whoever called them,
+                # working memory of the call, not what the pack's caller keeps (a trajectory grows per step).
+                return "activations"
+            frame = frame.f_back
+        return "activations"
+
+    def track(self, tensor: torch.Tensor, holder: str | None = None) -> None:
+        """Count ``tensor``'s storage if it is new (also for tensors made outside the mode, e.g. inputs)."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._seen:
+            return
+        nbytes = storage.nbytes()
+        kind = device_kind(tensor)
+        holder = holder or self._holder()
+        self._seen[key] = (kind, holder, nbytes)
+        weakref.finalize(storage, self._release, key)
+        self.live[kind][holder] += nbytes
+        self.total[kind] += nbytes
+        peak = self.peaks.setdefault(self.phase, {d: Peak() for d in ("cuda", "cpu")})[kind]
+        if self.total[kind] > peak.bytes:
+            peak.bytes = self.total[kind]
+            peak.holders = dict(self.live[kind])
+
+    def _release(self, key: int) -> None:
+        kind, holder, nbytes = self._seen.pop(key)
+        self.live[kind][holder] -= nbytes
+        self.total[kind] -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                self.track(value)
+        return out
+
+
+class StepFlops:
+    """FLOPs of each model evaluation (ComfyUI's ``CFGGuider.outer_predict_noise``), per phase:
+    ``torch.utils.flop_counter.FlopCounterMode`` entered around each call of the same run."""
+
+    def __init__(self, tracker: MemoryTracker) -> None:
+        self.tracker = tracker
+        self.per_phase: dict[str, list[float]] = {}
+
+    @contextmanager
+    def installed(self):
+        import comfy.samplers
+        from torch.utils.flop_counter import FlopCounterMode
+
+        original = comfy.samplers.CFGGuider.outer_predict_noise
+        counts = self.per_phase
+
+        def counted(guider, *args, **kwargs):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                out = original(guider, *args, **kwargs)
+            counts.setdefault(self.tracker.phase, []).append(float(counter.get_total_flops()))
+            return out
+
+        comfy.samplers.CFGGuider.outer_predict_noise = counted
+        try:
+            yield self
+        finally:
+            comfy.samplers.CFGGuider.outer_predict_noise = original
+
+    def per_step(self, phase: str) -> float:
+        values = self.per_phase.get(phase) or [0.0]
+        return sum(values) / len(values)
+
+
+# Objects of the pack whose tensors belong to a holder (class name -> holder), re-tagged by :func:`retag`.
+_KNOWN = {"StepBank": "bank", "InversionRecorder": "trajectory", "FlowInversionSampler": "trajectory",
+          "TokenFlowInversion": "trajectory", "TokenFlowCorrespondences": "fields", "ExtractionGuider": "fields"}
+
+
+def _tensors(value, depth: int = 0):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth > 4:
+        return
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item, depth + 1)
+
+
+def _known_objects() -> list:
+    return [obj for obj in gc.get_objects() if type(obj).__name__ in _KNOWN
+            and type(obj).__module__.startswith("comfyui_tokenflow")]
+
+
+def retag_known(tracker: MemoryTracker, objects: list | None = None) -> list:
+    """Give the storages reachable from the pack's banks, recorders and products (``objects``; default: all found
+    by the garbage collector) their holder. Returns weak references to the objects walked."""
+    objects = _known_objects() if objects is None else objects
+    for obj in objects:
+        holder = _KNOWN[type(obj).__name__]
+        for value in vars(obj).values():
+            for tensor in _tensors(value):
+                key = id(tensor.untyped_storage())
+                seen = tracker._seen.get(key)
+                if seen is None or seen[1] == holder:
+                    continue
+                kind, old, nbytes = seen
+                tracker._seen[key] = (kind, holder, nbytes)
+                tracker.live[kind][old] -= nbytes
+                tracker.live[kind][holder] += nbytes
+    return [weakref.ref(obj) for obj in objects]
+
+
+@contextmanager
+def retag(tracker: MemoryTracker, model_patcher):
+    """Re-tag the known holders before every model call (found by the garbage collector) and before each block of
+    the model (the objects found at the call: a bank filled during a call is then its own holder from the next
+    block on, not the call's activations; within the block that allocates it, it still counts as activations)."""
+    found: list = []
+
+    def at_call(*_):
+        found[:] = retag_known(tracker)
+
+    def at_block(*_):
+        retag_known(tracker, [obj for obj in (ref() for ref in found) if obj is not None])
+
+    unet = model_patcher.model.diffusion_model
+    handles = [unet.register_forward_pre_hook(at_call)]
+    handles += [module.register_forward_pre_hook(at_block) for name, module in unet.named_modules()
+                if name and name.count(".") <= 2]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        retag_known(tracker)
