@@ -162,7 +162,7 @@ def dry_run(args) -> str:
             limit = budget if device == "cuda" else ram
             over = total - limit
             if over > 0 and (worst is None or over > worst[0]):
-                worst = (over, device, phase, total, limit, max(holders, key=holders.get))
+                worst = (over, device, phase, total, limit, max(holders, key=holders.get) if holders else "reserve")
     peak_vram = max(scaled_peak(tracker, p, "cuda", ratio)[0] for p in tracker.peaks)
     peak_ram = max(scaled_peak(tracker, p, "cpu", ratio)[0] for p in tracker.peaks)
     if verdict is None and worst is not None:
