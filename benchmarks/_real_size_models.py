@@ -43,8 +43,17 @@ def _diffusers_unet_configs() -> dict[str, dict[str, Any]]:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
             name = getattr(node.targets[0], "id", None)
             if name in ("SD15", "SD21", "SDXL"):
-                found[name] = eval(compile(ast.Expression(node.value), "<model_detection>", "eval"), {"dtype": None})
+                found[name] = ast.literal_eval(_names_as_none(node.value))
     return found
+
+
+def _names_as_none(node: ast.expr) -> ast.expr:
+    """The config literal with its variable references (``dtype``) as None, so ``ast.literal_eval`` reads it."""
+    class Names(ast.NodeTransformer):
+        def visit_Name(self, name: ast.Name) -> ast.AST:
+            return ast.copy_location(ast.Constant(None), name)
+
+    return ast.fix_missing_locations(Names().visit(node))
 
 
 def unet_config(name: str) -> dict[str, Any]:
