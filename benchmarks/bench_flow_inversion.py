@@ -64,6 +64,15 @@ def psnr(rec: torch.Tensor, x0: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
+def _report(row: dict, rows_file: str) -> None:
+    """Print one measured row and append it to ``rows_file`` (JSON lines) when one is given."""
+    print(f"{row['family']} {row['dtype']} {row['label']}: PSNR {row['psnr']:.1f} dB, max error "
+          f"{row['max_error']:.2e}, {row['evaluations']:.0f} evaluations per frame", flush=True)
+    if rows_file:
+        with open(rows_file, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
 def table_rows(family: str, dtype: str, steps: int, frames: int, rows_file: str = "") -> list[dict]:
     model, cond = _world(family, dtype)
     latent = {"samples": torch.randn(frames, 16, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.5}
@@ -78,12 +87,7 @@ def table_rows(family: str, dtype: str, steps: int, frames: int, rows_file: str 
         rows.append(dict(family=family, dtype=dtype, label=label, evaluations=counter.images / frames,
                          psnr=psnr(rec, inv.x0), max_error=float((rec.double() - inv.x0.double()).abs().max()),
                          residuals=inv.residuals, seconds=time.perf_counter() - start))
-        r = rows[-1]
-        print(f"{family} {dtype} {label}: PSNR {r['psnr']:.1f} dB, max error {r['max_error']:.2e}, "
-              f"{r['evaluations']:.0f} evaluations per frame", flush=True)
-        if rows_file:
-            with open(rows_file, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+        _report(rows[-1], rows_file)
 
     for n in EULER_STEPS:
         measure(f"euler {n}", inversion_steps=n)
@@ -162,12 +166,7 @@ def fireflow_rows(family: str, dtype: str, frames: int, rows_file: str = "") -> 
         rec = _fireflow(model, cond, inverted, levels)
         rows.append(dict(family=family, dtype=dtype, label=f"fireflow {steps}", evaluations=counter.images / frames,
                          psnr=psnr(rec, x0), max_error=float((rec.double() - x0.double()).abs().max()), residuals=[]))
-        r = rows[-1]
-        print(f"{family} {dtype} {r['label']}: PSNR {r['psnr']:.1f} dB, max error {r['max_error']:.2e}, "
-              f"{r['evaluations']:.0f} evaluations per frame", flush=True)
-        if rows_file:
-            with open(rows_file, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+        _report(rows[-1], rows_file)
     return rows
 
 

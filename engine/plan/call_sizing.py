@@ -80,10 +80,12 @@ def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str)
     if need(h, w) <= total:
         return
     # The largest frame of the same aspect, in 64 px steps, that fits: a value the user can set.
-    fitting = next(((lw, max(8, round(h * lw / w / 8) * 8)) for lw in range(w - w % 8 or w - 8, 7, -8)
-                    if need(max(8, round(h * lw / w / 8) * 8), lw) <= total), None)
-    advice = (f"lower the resolution to {fitting[0] * 8}x{fitting[1] * 8} px or less (TokenFlow Load Video's "
-              "width/height, or scale the images before VAE Encode)" if fitting else
+    def same_aspect(lw: int) -> int:
+        return max(8, round(h * lw / w / 8) * 8)
+
+    fitting = next((lw for lw in range((w - 1) // 8 * 8, 7, -8) if need(same_aspect(lw), lw) <= total), None)
+    advice = (f"lower the resolution to {fitting * 8}x{same_aspect(fitting) * 8} px or less (TokenFlow Load Video's "
+              "width/height, or scale the images before VAE Encode)" if fitting is not None else
               "no frame size fits beside ComfyUI's minimum inference memory; use a device with more memory")
     raise ValueError(f"{input_name}: one model call on a single {w * 8}x{h * 8} px frame needs about "
                      f"{need(h, w) / 2**30:.2f} GiB besides the weights (ComfyUI can keep those off the device), more "
