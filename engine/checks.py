@@ -182,18 +182,31 @@ def check_runs_on_frame_subsets(model, input_name: str = "model") -> None:
                          "itself). Connect the model without the AnimateDiff-Evolved nodes")
 
 
-def _post_cfg_of(fn, module: str, owner: str) -> bool:
-    """Whether ``fn`` is the post-CFG function that node class ``owner`` of core module ``module`` sets (ComfyUI loads
+def _cfg_function_of(fn, module: str, owner: str) -> bool:
+    """Whether ``fn`` is the CFG function that node class ``owner`` of core module ``module`` sets (ComfyUI loads
     comfy_extras by file path in the server: its module name is then the path)."""
     name = str(getattr(fn, "__module__", "") or "").replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[-1]
     return name == module and str(getattr(fn, "__qualname__", "")).startswith(f"{owner}.")
 
 
+def _captured(fn, name: str, missing=None):
+    """The value ``fn`` closes over under ``name`` (``missing`` when it closes over no such name)."""
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    return fn.__closure__[names.index(name)].cell_contents if name in names else missing
+
+
 def check_guidance(model, input_name: str = "model") -> None:
     """Refuse guidance whose extra pass TokenFlow cannot run: Self-Attention Guidance blurs by the uncond branch's
-    middle-block self-attention map, which TokenFlow's propagated frames never compute."""
+    middle-block self-attention map, which TokenFlow's propagated frames never compute. APG's momentum keeps one
+    running guidance for the whole batch it saw last, so TokenFlow's per-subset calls would mix frames."""
+    for fn in model.model_options.get("sampler_pre_cfg_function", []):
+        if _cfg_function_of(fn, "nodes_apg", "APG") and _captured(fn, "momentum", 0.0) != 0:
+            raise ValueError(f"{input_name}: Adaptive Projected Guidance is applied to it with momentum "
+                             f"{_captured(fn, 'momentum')}; its running average is one tensor for the frames of the "
+                             "last call, but TokenFlow evaluates each step on subsets of the frames, so it would mix "
+                             "frames. Set APG's momentum to 0 (eta and norm_threshold work with TokenFlow)")
     for fn in model.model_options.get("sampler_post_cfg_function", []):
-        if _post_cfg_of(fn, "nodes_sag", "SelfAttentionGuidance"):
+        if _cfg_function_of(fn, "nodes_sag", "SelfAttentionGuidance"):
             raise ValueError(f"{input_name}: Self-Attention Guidance is applied to it; its extra pass needs the "
                              "uncond branch's self-attention map of the middle block, which TokenFlow replaces (the "
                              "frames take their self-attention from the keyframes). Remove the Self-Attention Guidance "

@@ -23,8 +23,8 @@ import torch
 import comfy.patcher_extension
 import tiny_dit_models
 import tiny_models
-from comfy_extras import (nodes_context_windows, nodes_easycache, nodes_fresca, nodes_pag, nodes_sag, nodes_sd3,
-                          nodes_slg)
+from comfy_extras import (nodes_apg, nodes_context_windows, nodes_easycache, nodes_fresca, nodes_pag, nodes_sag,
+                          nodes_sd3, nodes_slg)
 from comfy_extras.nodes_torch_compile import TorchCompileModel
 from comfyui_tokenflow.engine.ddpm import edit as ddpm_edit
 from comfyui_tokenflow.engine.flow import edit as flow_edit
@@ -290,6 +290,20 @@ def test_step_caches_and_animatediff_are_refused_at_every_stage(sd15, sd3, name)
     assert name in refusal(lambda: sd3_edit(sd3, flow_model), flow_model)
     assert name in refusal(lambda: run_flow_inversion(flow_model, {"samples": sd3["frames"]}, sd3["src"], 1, 2),
                            flow_model)
+
+
+def apg(model, momentum: float):
+    return node(nodes_apg, "APG", model, eta=1.0, norm_threshold=5.0, momentum=momentum)
+
+
+def test_apg_momentum_is_refused_by_name_and_without_momentum_apg_guides(sd15, sd3):
+    """APG's momentum is one running tensor for the frames of its last call, which TokenFlow's subsets would mix;
+    without momentum APG is per frame and guides the edit."""
+    for world, edit in ((sd15, sd15_edit), (sd3, sd3_edit)):
+        model = apg(world["model"], -0.5)
+        message = refusal(lambda: edit(world, model), model)
+        assert "Adaptive Projected Guidance" in message and "momentum -0.5" in message and "to 0" in message
+        assert differs(edit(world, apg(world["model"], 0.0)), world["plain"])
 
 
 def test_self_attention_guidance_is_refused_on_a_dit_too(sd3):
