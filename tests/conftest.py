@@ -47,6 +47,16 @@ def tokenflow_package() -> ModuleType:
     return host_bootstrap.load_package()
 
 
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory) -> Path:
+    """The short test clip of ``input_files.write_test_clip`` as an mp4 file, written once for the runner tests."""
+    import input_files
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    input_files.write_test_clip(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _reset_seeds() -> None:
     """Every test starts from the same global RNG state."""

@@ -35,15 +35,8 @@ def tiny_files(tmp_path_factory) -> dict:
     return input_files.write_tiny_model_files(tmp_path_factory.mktemp("runner-models"))
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("runner-clip") / "clip.mp4"
-    input_files.write_test_clip(path)
-    return path
-
-
-def _command(clip: Path, checkpoint: Path | str, output: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(RUNNER), "--video", str(clip), "--prompt", "a shiny silver robotic wolf",
+def _command(video_file: Path, checkpoint: Path | str, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(RUNNER), "--video", str(video_file), "--prompt", "a shiny silver robotic wolf",
             "--inversion-prompt", "a wolf", "--checkpoint", str(checkpoint), "--output", str(output),
             "--width", "64", "--height", "64", "--cpu", "--extra-nodes", str(STAND_INS), *extra]
 
@@ -95,12 +88,12 @@ class LineReader:
         return "".join(self.lines)
 
 
-def test_ctrl_c_stops_the_sampler_at_once_and_leaves_nothing(tmp_path, tiny_files, clip):
+def test_ctrl_c_stops_the_sampler_at_once_and_leaves_nothing(tmp_path, tiny_files, video_file):
     temp = tmp_path / "tmp"
     temp.mkdir()
     output = tmp_path / "out" / "edited.mp4"
     # 50 editing steps x 3 batches: the sampler alone runs for many seconds on the tiny model
-    command = _command(clip, tiny_files["checkpoint"], output, "--steps", "50", "--inversion-steps", "50",
+    command = _command(video_file, tiny_files["checkpoint"], output, "--steps", "50", "--inversion-steps", "50",
                        "--batch-size", "2", "--frames", "5")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=harness.runner_env(TMPDIR=str(temp)))
@@ -141,8 +134,8 @@ def test_ctrl_c_stops_the_sampler_at_once_and_leaves_nothing(tmp_path, tiny_file
     ("4", "12", ["--steps (4)", "--inversion-steps (12)", "Set --inversion-steps to 8 or 20 for --steps = 4"]),
     ("50", "1000", ["--inversion-steps (1000) is too many", "Use --inversion-steps = 999 or less"]),
 ])
-def test_runner_refuses_steps_off_the_grid_before_loading_anything(tmp_path, clip, steps, inversion_steps, words):
-    result = subprocess.run(_command(clip, tmp_path / "none.safetensors", tmp_path / "out.mp4", "--steps", steps,
+def test_runner_refuses_steps_off_the_grid_before_loading_anything(tmp_path, video_file, steps, inversion_steps, words):
+    result = subprocess.run(_command(video_file, tmp_path / "none.safetensors", tmp_path / "out.mp4", "--steps", steps,
                                      "--inversion-steps", inversion_steps),
                             capture_output=True, text=True, timeout=120, env=harness.runner_env())
     assert result.returncode == 2, result.stderr
@@ -166,10 +159,10 @@ def _one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def test_damaged_safetensors_checkpoint_is_one_line_naming_the_file(tmp_path, clip):
+def test_damaged_safetensors_checkpoint_is_one_line_naming_the_file(tmp_path, video_file):
     bad = tmp_path / "half-downloaded.safetensors"
     bad.write_bytes(b"\x00\xff" * 2000)
-    command = _command(clip, bad, tmp_path / "out.mp4", "--steps", "2", "--inversion-steps", "4")
+    command = _command(video_file, bad, tmp_path / "out.mp4", "--steps", "2", "--inversion-steps", "4")
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=harness.runner_env())
     assert result.returncode == 2, result.stderr
     line = _one_line_error(result.stderr)
@@ -177,7 +170,7 @@ def test_damaged_safetensors_checkpoint_is_one_line_naming_the_file(tmp_path, cl
     assert "ComfyUI host" not in result.stdout  # its header was read before the host loaded
 
 
-def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, clip):
+def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, video_file):
     """A file whose header is sound but which holds no model: ComfyUI's loader refuses it, named by the option."""
     import safetensors.torch
     import torch
@@ -185,7 +178,7 @@ def test_checkpoint_comfyui_cannot_load_is_one_line_naming_the_file(tmp_path, cl
     bad = tmp_path / "not-a-model.safetensors"
     safetensors.torch.save_file({"weight": torch.zeros(4)}, str(bad))
     output = tmp_path / "out.mp4"
-    command = _command(clip, bad, output, "--steps", "2", "--inversion-steps", "4")
+    command = _command(video_file, bad, output, "--steps", "2", "--inversion-steps", "4")
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=harness.runner_env())
     assert result.returncode == 1, result.stderr
     line = _one_line_error(result.stderr)
@@ -200,7 +193,7 @@ def _faststart_mp4(path: Path, frames: int = 14, size: int = 64) -> Path:
     return input_files.write_mp4(path, n=frames, size=size, faststart=True)
 
 
-def _bad_video(kind: str, folder: Path, clip: Path) -> Path:
+def _bad_video(kind: str, folder: Path, video_file: Path) -> Path:
     if kind == "text renamed .mp4":
         path = folder / "notes.mp4"
         path.write_text("these are my notes, not a video\n" * 20)
@@ -215,9 +208,9 @@ def _bad_video(kind: str, folder: Path, clip: Path) -> Path:
     return path
 
 
-def _run(clip: Path, tiny_files: dict, output: Path, *extra: str, env: dict | None = None, frames: str = "2",
+def _run(video_file: Path, tiny_files: dict, output: Path, *extra: str, env: dict | None = None, frames: str = "2",
          timeout: float = 240) -> subprocess.CompletedProcess:
-    command = _command(clip, tiny_files["checkpoint"], output, "--steps", "2", "--inversion-steps", "4",
+    command = _command(video_file, tiny_files["checkpoint"], output, "--steps", "2", "--inversion-steps", "4",
                        "--batch-size", "2", "--frames", frames, *extra)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=harness.runner_env(**(env or {})))
@@ -228,8 +221,8 @@ def _run(clip: Path, tiny_files: dict, output: Path, *extra: str, env: dict | No
     ("truncated mp4", "Use an mp4/webm/mov/gif file or a folder of images."),
     ("cut mid-file", "set --frames 6 to load only them, or re-export / re-download the video."),
 ])
-def test_a_bad_video_names_the_users_path_and_keeps_the_whole_fix(tmp_path, tiny_files, clip, kind, fix):
-    bad = _bad_video(kind, tmp_path, clip)
+def test_a_bad_video_names_the_users_path_and_keeps_the_whole_fix(tmp_path, tiny_files, video_file, kind, fix):
+    bad = _bad_video(kind, tmp_path, video_file)
     result = _run(bad, tiny_files, tmp_path / "out.mp4", frames="0")
     assert result.returncode == 1, result.stderr
     line = _one_line_error(result.stderr)
@@ -239,25 +232,25 @@ def test_a_bad_video_names_the_users_path_and_keeps_the_whole_fix(tmp_path, tiny
     assert line.endswith("(--verbose shows the traceback)"), line
 
 
-def test_a_video_too_large_for_ram_keeps_the_advice_in_the_runners_words(tmp_path, tiny_files, clip):
-    result = _run(clip, tiny_files, tmp_path / "out.mp4", env={"TOKENFLOW_VIDEO_MAX_BYTES": "1000"})
+def test_a_video_too_large_for_ram_keeps_the_advice_in_the_runners_words(tmp_path, tiny_files, video_file):
+    result = _run(video_file, tiny_files, tmp_path / "out.mp4", env={"TOKENFLOW_VIDEO_MAX_BYTES": "1000"})
     assert result.returncode == 1, result.stderr
     line = _one_line_error(result.stderr)
     assert "Load fewer or smaller frames: set --frames, raise --every-nth, or lower --width/--height." in line, line
 
 
-def test_a_value_out_of_range_names_the_option(tmp_path, tiny_files, clip):
-    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--pnp-attn-t", "1.5")
+def test_a_value_out_of_range_names_the_option(tmp_path, tiny_files, video_file):
+    result = _run(video_file, tiny_files, tmp_path / "out.mp4", "--pnp-attn-t", "1.5")
     assert result.returncode == 2, result.stderr
     assert _one_line_error(result.stderr) == "error: --pnp-attn-t 1.5 is too large: the largest value is 1.0."
-    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--cfg", "-1")
+    result = _run(video_file, tiny_files, tmp_path / "out.mp4", "--cfg", "-1")
     assert result.returncode == 2, result.stderr
     assert _one_line_error(result.stderr) == "error: --cfg -1.0 is too small: the smallest value is 0.0."
 
 
-def test_a_rounded_width_is_said_and_the_log_is_the_runners(tmp_path, tiny_files, clip):
+def test_a_rounded_width_is_said_and_the_log_is_the_runners(tmp_path, tiny_files, video_file):
     output = tmp_path / "out.mp4"
-    result = _run(clip, tiny_files, output, "--width", "100", "--height", "0", "--threads", "2")
+    result = _run(video_file, tiny_files, output, "--width", "100", "--height", "0", "--threads", "2")
     assert result.returncode == 0, result.stderr
     assert "PyTorch uses 2 CPU thread(s)" in result.stdout  # --threads wins over $OMP_NUM_THREADS
     # The header gives the work; progress lines say what they count; every node's line ends with its time.
@@ -279,24 +272,24 @@ def test_a_rounded_width_is_said_and_the_log_is_the_runners(tmp_path, tiny_files
         assert line.startswith(("warning: ", "error: ")), line
 
 
-def test_a_size_advice_leads_to_a_whole_edit(tmp_path, tiny_files, clip):
+def test_a_size_advice_leads_to_a_whole_edit(tmp_path, tiny_files, video_file):
     """--width 56 --size-multiple 8 is refused at start (56 px frames are below TokenFlow's 64); the advised
     --width runs the whole edit. tests/test_runner_checks.py follows every other advice through the checks."""
-    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "56", "--size-multiple", "8", "--height", "0")
+    result = _run(video_file, tiny_files, tmp_path / "out.mp4", "--width", "56", "--size-multiple", "8", "--height", "0")
     assert result.returncode == 2 and "ComfyUI host" not in result.stdout, result.stderr
     line = _one_line_error(result.stderr)
     assert line.endswith("gives frames of 56x56 px; TokenFlow edits sides of 64 to 8192 px: pass --width 64."), line
-    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "64", "--size-multiple", "8", "--height", "0")
+    result = _run(video_file, tiny_files, tmp_path / "out.mp4", "--width", "64", "--size-multiple", "8", "--height", "0")
     assert result.returncode == 0, result.stderr
     assert "2 frames, 64x64" in result.stdout and "note:" not in result.stdout
-    result = _run(clip, tiny_files, tmp_path / "out.mp4", "--width", "80", "--size-multiple", "16",
+    result = _run(video_file, tiny_files, tmp_path / "out.mp4", "--width", "80", "--size-multiple", "16",
                   "--height", "80")
     assert result.returncode == 0, result.stderr
     assert "2 frames, 80x80" in result.stdout and "note:" not in result.stdout
 
 
-def test_verbose_shows_the_traceback_once_with_short_logger_names(tmp_path, tiny_files, clip):
-    bad = _bad_video("text renamed .mp4", tmp_path, clip)
+def test_verbose_shows_the_traceback_once_with_short_logger_names(tmp_path, tiny_files, video_file):
+    bad = _bad_video("text renamed .mp4", tmp_path, video_file)
     result = _run(bad, tiny_files, tmp_path / "out.mp4", "--verbose")
     assert result.returncode == 1
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr

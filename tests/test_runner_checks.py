@@ -33,13 +33,6 @@ PROBE = ("import sys; sys.path.insert(0, {scripts!r}); import tokenflow_edit; co
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("checks-clip") / "clip.mp4"
-    input_files.write_test_clip(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return input_files.write_tiny_model_files(tmp_path_factory.mktemp("checks-models"))["checkpoint"]
 
@@ -55,9 +48,9 @@ def runner():
     return tokenflow_edit, runner_checks
 
 
-def _argv(clip: Path, checkpoint: Path | str | None, *extra: str) -> list[str]:
+def _argv(video_file: Path, checkpoint: Path | str | None, *extra: str) -> list[str]:
     models = ["--checkpoint", str(checkpoint)] if checkpoint else []
-    return ["--video", str(clip), "--prompt", "a robot wolf", *models, "--steps", "2", "--inversion-steps", "4",
+    return ["--video", str(video_file), "--prompt", "a robot wolf", *models, "--steps", "2", "--inversion-steps", "4",
             "--cpu", *extra]
 
 
@@ -106,8 +99,8 @@ def _follow(argv: list[str], line: str) -> list[str]:
     (["--skip-frames", "40"], "skips all 6 frames of --video"),
 ], ids=["width-7", "width-56-multiple-8", "both-small", "height-rounds-below", "largest", "multiple-7",
         "multiple-200", "skip-all"])
-def test_size_and_frame_advice_leads_to_a_command_that_passes(runner, clip, tiny_checkpoint, extra, words):
-    argv = _argv(clip, tiny_checkpoint, *extra)
+def test_size_and_frame_advice_leads_to_a_command_that_passes(runner, video_file, tiny_checkpoint, extra, words):
+    argv = _argv(video_file, tiny_checkpoint, *extra)
     if words is None:
         assert _accepted(runner, argv)
         return
@@ -130,16 +123,16 @@ def test_a_frame_size_advice_is_exact_where_a_0_side_follows_the_aspect_ratio(ru
     assert _accepted(runner, _follow(argv, lines[0]))
 
 
-def test_bad_counts_and_outputs_each_get_their_line(runner, clip, tiny_checkpoint, tmp_path):
+def test_bad_counts_and_outputs_each_get_their_line(runner, video_file, tiny_checkpoint, tmp_path):
     for flag, value, words in (("--frames", "-3", "error: --frames -3 is below 0: pass the number of frames to edit, "
                                                    "or 0 for all of them."),
                                ("--every-nth", "0", "error: --every-nth 0 is below 1"),
                                ("--batch-size", "0", "error: --batch-size 0 is below 1")):
-        lines = _refused_before_host(_argv(clip, tiny_checkpoint, flag, value))
+        lines = _refused_before_host(_argv(video_file, tiny_checkpoint, flag, value))
         assert lines == [lines[0]] and lines[0].startswith(words), lines
     for output, advice in ((tmp_path, f"--output {tmp_path / 'clip_tokenflow.mp4'}"),
                            (tmp_path / "edit.gif", f"--output {tmp_path / 'edit.mp4'}")):
-        argv = _argv(clip, tiny_checkpoint, "--output", str(output))
+        argv = _argv(video_file, tiny_checkpoint, "--output", str(output))
         lines = _refused_before_host(argv)
         assert len(lines) == 1 and lines[0].startswith(f"error: --output {output}") and advice in lines[0], lines
         assert _accepted(runner, _follow(argv, lines[0]))
@@ -168,27 +161,27 @@ def _bad_models(folder: Path, checkpoint: Path) -> dict[str, tuple[Path, str]]:
                                f"{models / checkpoint.name})")}
 
 
-def test_bad_model_files_are_one_line_naming_the_file(runner, tmp_path, clip, tiny_checkpoint):
+def test_bad_model_files_are_one_line_naming_the_file(runner, tmp_path, video_file, tiny_checkpoint):
     for kind, (path, words) in _bad_models(tmp_path / "bad", tiny_checkpoint).items():
-        lines = _refused_before_host(_argv(clip, path))
+        lines = _refused_before_host(_argv(video_file, path))
         assert lines == [f"error: --checkpoint {path}{words}" + lines[0][len(f"error: --checkpoint {path}{words}"):]]
         assert len(lines[0]) < 300 and lines[0].endswith("."), (kind, lines)
     folder = tmp_path / "bad" / "models"
-    assert _accepted(runner, _argv(clip, folder / tiny_checkpoint.name))  # the file the folder's line names
+    assert _accepted(runner, _argv(video_file, folder / tiny_checkpoint.name))  # the file the folder's line names
 
 
-def test_a_missing_checkpoint_names_where_it_was_looked_for(clip):
-    lines = _refused_before_host(_argv(clip, "no-such-model.safetensors"))
+def test_a_missing_checkpoint_names_where_it_was_looked_for(video_file):
+    lines = _refused_before_host(_argv(video_file, "no-such-model.safetensors"))
     models = harness.comfyui_path() / "models" / "checkpoints"
     assert lines == [f"error: --checkpoint no-such-model.safetensors: no such file, and no file of that name in "
                      f"{models}: pass an existing file (e.g. {model_links.SD21_BASE.name}, TokenFlow's official "
                      f"model: {model_links.SD21_BASE.url})."]
 
 
-def test_every_missing_flux_file_is_named_at_once_with_folder_and_download(clip):
+def test_every_missing_flux_file_is_named_at_once_with_folder_and_download(video_file):
     given = {"--unet": "flux1-dev-missing.safetensors", "--clip-l": "clip_l-missing.safetensors",
              "--t5": "t5-missing.safetensors", "--vae": "ae-missing.safetensors"}
-    lines = _refused_before_host(_argv(clip, None, *[word for pair in given.items() for word in pair]))
+    lines = _refused_before_host(_argv(video_file, None, *[word for pair in given.items() for word in pair]))
     models = harness.comfyui_path() / "models"
     links = {"--unet": model_links.FLUX_DEV, "--clip-l": model_links.CLIP_L, "--t5": model_links.T5XXL,
              "--vae": model_links.FLUX_AE}
@@ -199,7 +192,7 @@ def test_every_missing_flux_file_is_named_at_once_with_folder_and_download(clip)
         looked = " or ".join(str(models / sub) for sub in folders[flag])
         assert line.startswith(f"error: {flag} {name}: no such file, and no file of that name in {looked}; download "
                                f"it from {links[flag].url}"), line
-    lines = _refused_before_host(_argv(clip, None, "--unet", "flux1-dev.safetensors"))
+    lines = _refused_before_host(_argv(video_file, None, "--unet", "flux1-dev.safetensors"))
     assert [line.split(" missing:")[0] for line in lines] == [
         f"error: --unet given but {flag}" for flag in ("--clip-l", "--t5", "--vae")]
     assert all(links[flag].url in line for flag, line in zip(("--clip-l", "--t5", "--vae"), lines))
@@ -237,9 +230,9 @@ def test_the_models_folders_and_extensions_are_the_hosts(runner):
     assert set(runner_checks.SAFETENSORS + runner_checks.PICKLED) == set(folder_paths.supported_pt_extensions)
 
 
-def test_ctrl_c_during_start_up_says_what_it_interrupted(tmp_path, clip, tiny_checkpoint):
+def test_ctrl_c_during_start_up_says_what_it_interrupted(tmp_path, video_file, tiny_checkpoint):
     output = tmp_path / "out.mp4"
-    process = subprocess.Popen([sys.executable, str(RUNNER), *_argv(clip, tiny_checkpoint, "--output", str(output),
+    process = subprocess.Popen([sys.executable, str(RUNNER), *_argv(video_file, tiny_checkpoint, "--output", str(output),
                                                                     "--width", "64")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness.runner_env())
     try:
