@@ -8,6 +8,7 @@ to run (unless the machine really lacks the memory, which is logged).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -22,6 +23,20 @@ log = logging.getLogger(__name__)
 CPU_BUDGET_BYTES = 16 << 30
 COMFY_FACTOR = 1.5  # calc_cond_batch's own margin over memory_required
 TOKENFLOW_FACTOR = 1.3  # propagation gathers, fields and the margin that keeps calc_cond_batch from re-splitting
+# The device's budget in bytes in place of its free memory (and of its total, with nothing reserved, for the
+# refusals): tests and the dry run force small budgets with it. None: the device's own.
+BUDGET_OVERRIDE_BYTES: int | None = None
+
+
+@contextlib.contextmanager
+def budget(nbytes: int | None):
+    """Size calls (and refusals) for a device of ``nbytes`` within the block (None: the device's own memory)."""
+    global BUDGET_OVERRIDE_BYTES
+    previous, BUDGET_OVERRIDE_BYTES = BUDGET_OVERRIDE_BYTES, nbytes
+    try:
+        yield
+    finally:
+        BUDGET_OVERRIDE_BYTES = previous
 
 
 def call_bytes(model, images: int, latent_shape: tuple[int, ...]) -> float:
@@ -30,6 +45,8 @@ def call_bytes(model, images: int, latent_shape: tuple[int, ...]) -> float:
 
 
 def available_bytes(device: torch.device) -> float:
+    if BUDGET_OVERRIDE_BYTES is not None:
+        return float(BUDGET_OVERRIDE_BYTES)
     free = comfy.model_management.get_free_memory(device)
     if device.type == "cpu":
         if free < CPU_BUDGET_BYTES:
@@ -58,6 +75,14 @@ def fits(model, images: int, latent_shape: tuple[int, ...], device: torch.device
     return call_bytes(model, images, latent_shape) <= available_bytes(device)
 
 
+def budget_total() -> tuple[float, float]:
+    """(the device's total memory, ComfyUI's minimum inference memory reserved on it), or (the override, 0)."""
+    if BUDGET_OVERRIDE_BYTES is not None:
+        return float(BUDGET_OVERRIDE_BYTES), 0.0
+    total = comfy.model_management.get_total_memory(comfy.model_management.get_torch_device())
+    return float(total), float(comfy.model_management.minimum_inference_memory())
+
+
 def even_chunks(n_frames: int, per_call: int) -> list[range]:
     """Consecutive frame ranges of at most ``per_call`` frames whose sizes differ by at most one."""
     calls = -(-n_frames // max(1, per_call))
@@ -70,8 +95,7 @@ def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str)
     """Refuse frames so large that one model call on a single frame cannot run on the device at all: its
     activations and ComfyUI's minimum inference memory. The weights are not counted: ComfyUI loads them partly and
     streams the rest when they do not fit (Flux-dev bf16 on a 24 GB card), so they never make a size impossible."""
-    total = comfy.model_management.get_total_memory(comfy.model_management.get_torch_device())
-    reserve = comfy.model_management.minimum_inference_memory()
+    total, reserve = budget_total()
     h, w = latent_shape[-2:]
 
     def need(lh: int, lw: int) -> float:
