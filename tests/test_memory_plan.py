@@ -23,6 +23,7 @@ from comfyui_tokenflow.engine.ddpm.edit import DDPMTokenFlowGuider
 from comfyui_tokenflow.engine.patches import contract
 from comfyui_tokenflow.engine.plan import call_sizing, memory_plan
 from comfyui_tokenflow.engine.plan.settings import EditSettings
+from comfyui_tokenflow.engine.sampling.edit_guider import TokenFlowGuider
 from test_call_plan import UNetEntry
 from tokenflow_helpers import conds, double, edit, float64_copy, invert, random_latent
 
@@ -70,7 +71,12 @@ def world(request):
     return request.getfixturevalue(request.param)
 
 
-def test_the_bank_in_host_memory_gives_the_result_of_the_bank_on_the_device(world):
+@pytest.mark.parametrize("source_apart", [False, True], ids=["shared", "source_apart"])
+def test_the_bank_in_host_memory_gives_the_result_of_the_bank_on_the_device(world, source_apart, monkeypatch):
+    """Also with the source branch in calls of its own: a propagation call then reads the blocks' records in another
+    order than the source's call before it (a prefetched record is not the one read)."""
+    if source_apart:
+        monkeypatch.setattr(TokenFlowGuider, "_source_shares_calls", lambda self, names, x, timestep: False)
     with memory_plan.bank_placement(memory_plan.DEVICE):
         on_device = _edit(world, editor="pnp")
     record = memory_plan.latest_record()
