@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import torch
 
@@ -29,14 +30,19 @@ BUDGET_OVERRIDE_BYTES: int | None = None
 
 
 @contextlib.contextmanager
-def budget(nbytes: int | None):
-    """Size calls (and refusals) for a device of ``nbytes`` within the block (None: the device's own memory)."""
-    global BUDGET_OVERRIDE_BYTES
-    previous, BUDGET_OVERRIDE_BYTES = BUDGET_OVERRIDE_BYTES, nbytes
+def overriding(module, name: str, value):
+    """``module.name`` is ``value`` within the block (a planner's override knob)."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        BUDGET_OVERRIDE_BYTES = previous
+        setattr(module, name, previous)
+
+
+def budget(nbytes: int | None):
+    """Size calls (and refusals) for a device of ``nbytes`` within the block (None: the device's own memory)."""
+    return overriding(sys.modules[__name__], "BUDGET_OVERRIDE_BYTES", nbytes)
 
 
 def call_bytes(model, images: int, latent_shape: tuple[int, ...]) -> float:

@@ -19,14 +19,14 @@ None of it changes the keyframes or the arithmetic: the budget only splits calls
 """
 from __future__ import annotations
 
-import contextlib
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from ..families.base import FLOW, AttentionSize, ModelLayout
-from .call_sizing import available_bytes, budget_total, call_bytes
+from .call_sizing import available_bytes, budget_total, call_bytes, overriding
 from .edit_plan import EditPlan
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,9 @@ FIELD_BYTES = 8  # fields are long indices
 FORCE_PLACEMENT: str | None = None  # DEVICE or HOST: overrides the planner's choice (tests, the dry run)
 
 
-@contextlib.contextmanager
 def bank_placement(placement: str | None):
     """Force the keyframe bank on the device or in host memory within the block (None: the planner's choice)."""
-    global FORCE_PLACEMENT
-    previous, FORCE_PLACEMENT = FORCE_PLACEMENT, placement
-    try:
-        yield
-    finally:
-        FORCE_PLACEMENT = previous
+    return overriding(sys.modules[__name__], "FORCE_PLACEMENT", placement)
 
 
 @dataclass(frozen=True)
