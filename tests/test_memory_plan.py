@@ -159,6 +159,23 @@ def test_keyframes_that_cannot_fit_are_refused_before_any_model_call_naming_a_co
         assert calls.batches, "the advised count runs"
 
 
+def test_a_frame_size_where_one_keyframe_cannot_fit_is_refused_naming_a_size_that_fits(tiny_sd15):
+    src, pos, neg = conds(tiny_sd15)
+    inversion = invert(tiny_sd15, random_latent(4, size=16, seed=4), src)
+    shape = tuple(inversion.latent_shape)
+    budget = int(call_sizing.call_bytes(tiny_sd15.model, 1, shape)) + 1  # one frame's activations, no more
+    with UNetEntry(tiny_sd15) as calls, call_sizing.budget(budget):
+        with pytest.raises(ValueError, match=r"^inversion: at 128x128 px even 1 keyframe per step needs about [\d.]+ "
+                                             r"GiB .*; lower the resolution to (\d+)x(\d+) px or less") as refused:
+            edit(tiny_sd15, pos, neg, inversion, editor="pnp", batch_size=4, steps=1)
+    assert calls.batches == []
+    width, height = (int(v) for v in re.search(r"to (\d+)x(\d+) px", str(refused.value)).groups())
+    assert width == height < 128
+    smaller = invert(tiny_sd15, random_latent(4, size=width // 8, seed=4), src)
+    with call_sizing.budget(budget):
+        edit(tiny_sd15, pos, neg, smaller, editor="pnp", batch_size=4, steps=1)  # the advised size runs
+
+
 def _storage_bytes(tensors) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())

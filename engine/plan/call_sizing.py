@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from typing import Callable
 
 import torch
 
@@ -97,6 +98,24 @@ def even_chunks(n_frames: int, per_call: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, starts[1:])]
 
 
+def largest_fitting_frame(h: int, w: int, fits_at: Callable[[int, int], bool]) -> tuple[int, int] | None:
+    """The largest latent (height, width) of the same aspect below (h, w), in 64 px steps of width, that ``fits_at``:
+    a size the user can set (None: none fits)."""
+    def same_aspect(lw: int) -> int:
+        return max(8, round(h * lw / w / 8) * 8)
+
+    lw = next((lw for lw in range((w - 1) // 8 * 8, 7, -8) if fits_at(same_aspect(lw), lw)), None)
+    return None if lw is None else (same_aspect(lw), lw)
+
+
+def resolution_advice(fitting: tuple[int, int] | None, what: str) -> str:
+    """What the user can do about a frame size that does not fit (``fitting``: a latent size that does)."""
+    if fitting is None:
+        return f"no frame size fits {what}; use a device with more memory"
+    return (f"lower the resolution to {fitting[1] * 8}x{fitting[0] * 8} px or less (TokenFlow Load Video's "
+            "width/height, or scale the images before VAE Encode)")
+
+
 def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
     """Refuse frames so large that one model call on a single frame cannot run on the device at all: its
     activations and ComfyUI's minimum inference memory. The weights are not counted: ComfyUI loads them partly and
@@ -109,14 +128,8 @@ def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str)
 
     if need(h, w) <= total:
         return
-    # The largest frame of the same aspect, in 64 px steps, that fits: a value the user can set.
-    def same_aspect(lw: int) -> int:
-        return max(8, round(h * lw / w / 8) * 8)
-
-    fitting = next((lw for lw in range((w - 1) // 8 * 8, 7, -8) if need(same_aspect(lw), lw) <= total), None)
-    advice = (f"lower the resolution to {fitting * 8}x{same_aspect(fitting) * 8} px or less (TokenFlow Load Video's "
-              "width/height, or scale the images before VAE Encode)" if fitting is not None else
-              "no frame size fits beside ComfyUI's minimum inference memory; use a device with more memory")
+    advice = resolution_advice(largest_fitting_frame(h, w, lambda lh, lw: need(lh, lw) <= total),
+                               "beside ComfyUI's minimum inference memory")
     raise ValueError(f"{input_name}: one model call on a single {w * 8}x{h * 8} px frame needs about "
                      f"{need(h, w) / 2**30:.2f} GiB besides the weights (ComfyUI can keep those off the device), more "
                      f"than this device has ({total / 2**30:.2f} GiB); {advice}")

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..families.base import FLOW, AttentionSize, ModelLayout
-from .call_sizing import available_bytes, budget_total, call_bytes, overriding
+from .call_sizing import (available_bytes, budget_total, call_bytes, largest_fitting_frame, overriding,
+                          resolution_advice)
 from .edit_plan import EditPlan
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,11 @@ def check_keyframes_fit(model_patcher, layout: ModelLayout, latent_shape: tuple[
     element = torch.empty((), dtype=compute_dtype(model)).element_size()
     total, reserve = budget_total()
 
-    def need(keyframes: int) -> float:
+    def need(keyframes: int, shape_at: tuple[int, ...] = latent_shape) -> float:
         one = StepShape(keyframes, 1, shape.source, shape.on_the_fly, shape.pnp_blocks)
-        tf = tokenflow_bytes(sizes, one, layout.sampling, element)
-        return call_bytes(model, keyframes, latent_shape) + tf.joint_kv + tf.pnp_store + tf.staging + reserve
+        at = sizes if shape_at == latent_shape else attention_sizes(model_patcher, layout, shape_at, text_tokens)
+        tf = tokenflow_bytes(at, one, layout.sampling, element)
+        return call_bytes(model, keyframes, shape_at) + tf.joint_kv + tf.pnp_store + tf.staging + reserve
 
     if need(shape.keyframes) <= total:
         return
@@ -185,8 +187,10 @@ def check_keyframes_fit(model_patcher, layout: ModelLayout, latent_shape: tuple[
             f"in the keyframe pass (every keyframe attends to every other in one call; the bank already in host "
             f"memory), more than this device has ({total / 2**30:.2f} GiB)")
     if fitting is None:
-        raise ValueError(f"latent: at {w * 8}x{h * 8} px even 1 keyframe per step needs about {need(1) / 2**30:.2f} "
-                         f"GiB on the device, more than it has ({total / 2**30:.2f} GiB); lower the resolution")
+        frame = largest_fitting_frame(h, w, lambda lh, lw: need(1, (*latent_shape[:-2], lh, lw)) <= total)
+        raise ValueError(f"inversion: at {w * 8}x{h * 8} px even 1 keyframe per step needs about "
+                         f"{need(1) / 2**30:.2f} GiB on the device in the keyframe pass, more than it has "
+                         f"({total / 2**30:.2f} GiB); {resolution_advice(frame, 'one keyframe')}")
     where = ("extract the correspondences again with max_keyframes" if extracted else "set max_keyframes to")
     raise ValueError(f"max_keyframes: {what}; {where} {fitting} or less")
 
