@@ -26,7 +26,9 @@ class HostBank:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.pinned = device.type == "cuda" and copies_async(device)
+        # Page-locked copies and a side stream need a CUDA runtime (not the dry run's fake device) that copies
+        # asynchronously (not under --deterministic); elsewhere the same code runs synchronously.
+        self.pinned = device.type == "cuda" and torch.cuda.is_available() and copies_async(device)
         self.stream = torch.cuda.Stream(device) if self.pinned else None
         self.slots: list[torch.Tensor | None] = [None] * SLOTS
         self.next_slot = 0

@@ -48,6 +48,7 @@ class TokenFlowGuider(FrameSubsetGuider):
         self.source_apart = False  # set once the host ran an edit branch of a shared call before the source branch
         self.memory_record = MemoryRecord()  # what the planner chose and moved, per step
         self.host_bank: HostBank | None = None  # the bank's host side and device buffers, when a step needs them
+        self._sizes: dict[tuple, tuple] = {}  # the patched attentions' sizes per latent shape and text length
 
     def largest_call_images(self, n_frames: int) -> int:
         """The keyframe pass: every keyframe in one call (extended attention), in each edit branch and the source's."""
@@ -64,7 +65,10 @@ class TokenFlowGuider(FrameSubsetGuider):
 
     def _tokenflow_bytes(self, shape: StepShape, latent_shape: tuple[int, ...]):
         layout = self.model_patcher.model_options[KEY].layout
-        sizes = attention_sizes(self.model_patcher, layout, latent_shape, self.text_tokens)
+        key = (latent_shape, self.text_tokens)
+        if key not in self._sizes:  # read off the model once per run
+            self._sizes[key] = attention_sizes(self.model_patcher, layout, latent_shape, self.text_tokens)
+        sizes = self._sizes[key]
         element = torch.empty((), dtype=compute_dtype(self.model_patcher.model)).element_size()
         return tokenflow_bytes(sizes, shape, layout.sampling, element)
 
@@ -145,6 +149,8 @@ class TokenFlowGuider(FrameSubsetGuider):
         names = edit_names + [SOURCE]
         ctx = PassContext(phase, frames=ids, source_index=len(edit_names), source_input=frames_of(source, idx),
                           **common)
+        bank = common["bank"]
+        traced = len(bank.trace) if bank.trace is not None else 0
         try:
             return self.calc_on_frames(names, x, timestep, idx, model_options, ctx, n, cache=cache)[:-1]
         except SourceBranchMissing as error:
@@ -153,7 +159,8 @@ class TokenFlowGuider(FrameSubsetGuider):
             log.info("TokenFlow: %s; ComfyUI split a shared call, so the source branch now runs in calls of its own",
                      error)
             self.source_apart = True
-            bank = common["bank"]
+            if bank.trace is not None:
+                del bank.trace[traced:]
             if phase is Phase.KEYFRAMES:
                 bank.keyframe_outputs.clear()
                 bank.keyframe_tokens.clear()
