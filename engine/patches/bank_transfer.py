@@ -77,6 +77,8 @@ class HostBank:
         out = slot[:nbytes].view(dtype).view(shape)
         if stream is not None:  # after everything queued so far: the reads of this buffer's last record included
             stream.wait_stream(torch.cuda.current_stream(self.device))
+        elif self.stream is not None:  # a copy on the compute stream: after a prefetch not read (into this buffer)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             row = 0
             for part in parts:  # a block's calls of the keyframe pass: at most one per branch
