@@ -103,4 +103,5 @@ TINY_DIT = DiTFamily(
     name="tinydit", model_class="dit_plugin.TinyJointDiT",
     blocks=lambda dm: tuple(("double_block", i, 0) for i in range(len(dm.double_blocks))),
     image_tokens=lambda dm, h, w: h * w, pnp_attention=lambda blocks: blocks[-1:], pnp_injects="kv",
-    pnp_source="Stable Flow style key/value swap in the last block (a test family)")
+    pnp_source="Stable Flow style key/value swap in the last block (a test family)",
+    width=lambda dm: int(dm.img_in.out_features))

@@ -20,6 +20,7 @@ from ..checks import (RUN_ON_INVERSION, Stage, control_hints, correspondences_ma
 from ..families.base import DDPM
 from ..patches.install import patched_clone
 from ..plan.edit_plan import make_plan
+from ..plan.memory_plan import check_edit_fits
 from ..plan.settings import EditSettings
 from ..sampling.edit_guider import TokenFlowGuider
 from .samplers import ddim_sampler
@@ -60,6 +61,7 @@ def prepare_edit(model, positive, negative, inversion: TokenFlowInversion, setti
     layout = stage.layout
     sigmas_all = model.get_model_object("model_sampling").sigmas.float().cpu()
     plan = make_plan(settings, inversion, layout, model.model.diffusion_model, correspondences)
+    check_edit_fits(model, layout, plan, inversion.latent_shape, positive, negative, inversion.conditioning)
     sigmas = torch.cat([sigmas_all[plan.timesteps], sigmas_all[:1]])
     guider = DDPMTokenFlowGuider(patched_clone(model, layout), inversion, plan, sigmas)
     guider.set_cfg(settings.cfg)

@@ -18,6 +18,18 @@ FLOW = "flow"  # CONST (rectified flow): x_s = (1 - s) x0 + s eps, Euler inversi
 
 
 @dataclass(frozen=True)
+class AttentionSize:
+    """One patched attention at a frame size, as the family adapter reads it off the model: what TokenFlow keeps of
+    it per frame is ``image_tokens`` rows of ``width`` channels (its attention output; its source tokens; PnP's
+    source q/k or k/v), and its joint keys/values span ``text_tokens + image_tokens`` per keyframe."""
+
+    block: BlockKey
+    image_tokens: int
+    width: int  # heads x head dim of the attention output
+    text_tokens: int = 0  # tokens besides the image's in the same attention (a DiT's text; 0 in a UNet's attn1)
+
+
+@dataclass(frozen=True)
 class ModelLayout:
     family: str  # the adapter's name, for messages, products and defaults
     prediction: str  # "eps" | "v" | "flow"
@@ -38,6 +50,11 @@ class FamilyAdapter(Protocol):
     def claims(self, model_patcher) -> bool: ...
 
     def describe(self, model_patcher) -> ModelLayout: ...
+
+    def attention_sizes(self, diffusion_model, latent_shape: tuple[int, ...], text_tokens: int
+                        ) -> tuple[AttentionSize, ...]:
+        """Every patched attention's sizes for frames of ``latent_shape`` (the planner's byte counts)."""
+        ...
 
 
 def _is_video_model(model_patcher) -> bool:

@@ -27,7 +27,7 @@ import torch
 
 import comfy.model_sampling
 
-from .base import FLOW, BlockKey, ModelLayout
+from .base import FLOW, AttentionSize, BlockKey, ModelLayout
 from .injection_presets import RF_SOLVER, SD3_HEURISTIC, STABLE_FLOW, InjectionPreset
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class DiTFamily:
     # Named values of pnp_attention_blocks; ``auto`` is (pnp_attention, pnp_injects), listed here under its method's
     # name where it has one (Flux: rf_solver).
     presets: tuple[InjectionPreset, ...] = ()
+    # Heads x head dim of every declared attention, read off the model (the planner's byte counts).
+    width: Callable[[torch.nn.Module], int] = lambda dm: int(dm.hidden_size)
 
     def claims(self, model_patcher) -> bool:
         cls = _class_named(self.model_class)
@@ -73,6 +75,16 @@ class DiTFamily:
         blocks = self.blocks(dm)
         return ModelLayout(self.name, "flow", blocks, self.pnp_attention(blocks), (), sampling=FLOW, adapter=self)
 
+    def attention_sizes(self, diffusion_model, latent_shape: tuple[int, ...], text_tokens: int
+                        ) -> tuple[AttentionSize, ...]:
+        """Every declared attention: the image tokens of a frame, the model's width, and ``text_tokens`` beside them
+        in the joint attention (none in SD3.5's image-only second attention)."""
+        h, w = latent_shape[-2:]
+        n_img = self.image_tokens(diffusion_model, int(h), int(w))
+        width = int(self.width(diffusion_model))
+        return tuple(AttentionSize(block, n_img, width, text_tokens if block[2] == 0 else 0)
+                     for block in self.blocks(diffusion_model))
+
     def image_token_count(self, model_patcher, latent_shape: tuple[int, ...]) -> int:
         h, w = latent_shape[-2:]
         return self.image_tokens(model_patcher.model.diffusion_model, int(h), int(w))
@@ -81,6 +93,11 @@ class DiTFamily:
 def _patched_tokens(dm: torch.nn.Module, h: int, w: int) -> int:
     p = int(dm.patch_size)
     return math.ceil(h / p) * math.ceil(w / p)
+
+
+def _sd3_width(dm: torch.nn.Module) -> int:
+    attn = dm.joint_blocks[0].x_block.attn
+    return int(attn.num_heads * attn.head_dim)
 
 
 def _flux_blocks(dm: torch.nn.Module) -> tuple[BlockKey, ...]:
@@ -104,7 +121,7 @@ FLUX = DiTFamily(
     presets=(RF_SOLVER, STABLE_FLOW))
 SD3 = DiTFamily(
     name="sd3", model_class="comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",
-    blocks=_sd3_blocks, image_tokens=_patched_tokens, pnp_attention=SD3_HEURISTIC.blocks,
+    blocks=_sd3_blocks, image_tokens=_patched_tokens, pnp_attention=SD3_HEURISTIC.blocks, width=_sd3_width,
     pnp_injects=SD3_HEURISTIC.injects,
     pnp_source="a heuristic with Stable Flow's injection (Avrahami et al. 2025): swap image keys/values in the joint "
                "blocks of the second quarter (no published vital layers for SD3.x)")

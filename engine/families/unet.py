@@ -13,9 +13,9 @@ import torch
 
 import comfy.model_sampling
 from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample, UNetModel
 
-from .base import DDPM, BlockKey, ModelLayout, unsupported_model
+from .base import DDPM, AttentionSize, BlockKey, ModelLayout, unsupported_model
 
 
 def _describe_unet(model_patcher, family: "UNetFamily") -> ModelLayout:
@@ -68,6 +68,35 @@ def transformer_blocks(unet: torch.nn.Module) -> tuple[BlockKey, ...]:
     return tuple(keys)
 
 
+def attention_sizes(unet: torch.nn.Module, latent_shape: tuple[int, ...]) -> tuple[AttentionSize, ...]:
+    """Every BasicTransformerBlock's self-attention at frames of ``latent_shape``: its tokens (the latent size at its
+    level: each Downsample halves it, rounding up as a stride-2 convolution does; each Upsample returns to the level
+    above) and its width (``attn1``'s heads x head dim), read off the model."""
+    sizes = [(int(latent_shape[-2]), int(latent_shape[-1]))]
+    level = 0
+    found: list[AttentionSize] = []
+
+    def visit(kind: str, block_id: int, block) -> None:
+        h, w = sizes[level]
+        for layer in block:
+            if isinstance(layer, SpatialTransformer):
+                found.extend(AttentionSize((kind, block_id, i), h * w, int(t.attn1.to_q.out_features))
+                             for i, t in enumerate(layer.transformer_blocks))
+
+    for block_id, block in enumerate(unet.input_blocks):
+        visit("input", block_id, block)
+        if any(isinstance(layer, Downsample) for layer in block):
+            h, w = sizes[level]
+            sizes.append((-(-h // 2), -(-w // 2)))
+            level += 1
+    visit("middle", 0, unet.middle_block)
+    for block_id, block in enumerate(unet.output_blocks):
+        visit("output", block_id, block)
+        if any(isinstance(layer, Upsample) for layer in block):
+            level -= 1
+    return tuple(found)
+
+
 def default_pnp_attention(unet: torch.nn.Module, blocks: tuple[BlockKey, ...]) -> tuple[BlockKey, ...]:
     """Decoder transformer blocks minus the first decoder attention block (SD: output 4-11; SDXL: output 1-5)."""
     decoder = [b for b in blocks if b[0] == "output"]
@@ -103,6 +132,10 @@ class UNetFamily:
 
     def describe(self, model_patcher) -> ModelLayout:
         return _describe_unet(model_patcher, self)
+
+    def attention_sizes(self, diffusion_model, latent_shape: tuple[int, ...], text_tokens: int = 0
+                        ) -> tuple[AttentionSize, ...]:
+        return attention_sizes(diffusion_model, latent_shape)  # attn1 attends over image tokens only
 
 
 # SDXL: 2816-wide ADM input (or a sequential class embedding); PnP at the analogous decoder levels.

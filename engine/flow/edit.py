@@ -33,6 +33,7 @@ from ..checks import (Stage, attention_patches, control_hints, correspondences_m
 from ..families.base import FLOW
 from ..patches.install import patched_clone
 from ..plan.edit_plan import clamp_batch_size, make_plan
+from ..plan.memory_plan import check_edit_fits
 from ..plan.settings import EditSettings
 from ..sampling.edit_guider import TokenFlowGuider
 from .samplers import FlowEulerSampler
@@ -85,6 +86,7 @@ def prepare_edit(model, positive, negative, inversion: TokenFlowInversion, setti
     layout = stage.layout
     settings = replace(settings, batch_size=clamp_batch_size(settings.batch_size, inversion.n_frames))
     plan = make_plan(settings, inversion, layout, model.model.diffusion_model, correspondences)
+    check_edit_fits(model, layout, plan, inversion.latent_shape, positive, negative, inversion.conditioning)
     by_timestep = dict(zip(inversion.timesteps, inversion.sigmas.double().tolist()))
     levels = [by_timestep[t] for t in plan.timesteps] + [0.0]
     sigmas = torch.tensor(levels)

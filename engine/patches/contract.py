@@ -47,6 +47,12 @@ FieldProvider = Callable[[BlockKey, torch.Tensor], torch.Tensor]  # (block, fram
 FieldSink = Callable[[BlockKey, torch.Tensor, torch.Tensor], None]  # (block, frame ids, fields)
 
 
+class SourceBranchMissing(RuntimeError):
+    """An edit branch needed what the source branch records (tokens, fields, the PnP store) before the source branch
+    of the same frames ran: the host split a shared call and ran the edit part first. The guider then runs the
+    source branch in calls of its own and the pass again."""
+
+
 class DiTBlockTag(TypedDict):
     """The DiT block running now (a plain dict: traced code reads and counts it cheaply)."""
 
@@ -76,6 +82,9 @@ class StepBank:
     fields: dict[BlockKey, torch.Tensor] = field(default_factory=dict)
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
     trace: list | None = None  # when a list, PnP injections are logged into it as (kind, where, phase)
+    # A patches.bank_transfer.HostBank when the planner put the bank in host memory: the keyframe outputs and source
+    # tokens are kept there and come back to the device block by block.
+    host: Any = None
 
     def clear(self) -> None:
         for store in (self.keyframe_tokens, self.keyframe_outputs, self.pnp_qk, self.fields, self.residuals):
@@ -88,6 +97,38 @@ class StepBank:
         """Log ``times`` PnP injections of ``kind`` at ``where`` when the bank traces them."""
         if self.trace is not None:
             self.trace.extend([(kind, where, f"edit_{phase.value}")] * times)
+
+    def record_output(self, block: BlockKey, out: torch.Tensor, uuids: list) -> None:
+        """Keep one call's keyframe outputs of ``block`` (in host memory for a host bank)."""
+        self.keyframe_outputs.setdefault(block, []).append((out if self.host is None else self.host.keep(out), uuids))
+
+    def record_tokens(self, block: BlockKey, tokens: torch.Tensor) -> None:
+        """Keep the source keyframes' tokens of ``block`` for the nearest-neighbour search."""
+        self.keyframe_tokens[block] = tokens if self.host is None else self.host.keep(tokens)
+
+    def source_tokens(self, block: BlockKey) -> torch.Tensor:
+        """The source keyframes' tokens of ``block`` on the device."""
+        tokens = self.keyframe_tokens.get(block)
+        if tokens is None:
+            raise SourceBranchMissing(f"TokenFlow: no source keyframe tokens for block {block}; the keyframe pass's "
+                                      "source branch did not run")
+        return tokens if self.host is None else self.host.fetch(("tokens", block), [tokens], self._host_parts)
+
+    def pnp_store(self, block: BlockKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's PnP tensors of ``block``, recorded earlier in this keyframe pass."""
+        stored = self.pnp_qk.get(block)
+        if stored is None:
+            raise SourceBranchMissing(f"TokenFlow: no source attention for PnP at block {block}; the source branch "
+                                      "did not run before the edit branches")
+        return stored
+
+    def _host_parts(self, key: tuple) -> list | None:
+        kind, block = key
+        if kind == "tokens":
+            tokens = self.keyframe_tokens.get(block)
+            return None if tokens is None else [tokens]
+        segments = self.keyframe_outputs.get(block)
+        return [s[0] for s in segments] if segments else None
 
     def owner_rows(self, uuids: list, keyframes: int) -> tuple[int, ...]:
         """First row of each of ``uuids`` in the recorded keyframe outputs (the same for every block); () if none."""
@@ -102,9 +143,13 @@ class StepBank:
         segments = self.keyframe_outputs.get(block)
         if not segments:
             raise RuntimeError(f"TokenFlow: block {block} has no keyframe output; the keyframe pass did not run")
-        if len(segments) > 1:  # the keyframe pass was split by branch: merge once per block and step
-            segments[:] = [(torch.cat([s[0] for s in segments]), [u for s in segments for u in s[1]])]
-        values, owners = segments[0]
+        if self.host is not None:  # joined on the device, in one of the host bank's buffers
+            values = self.host.fetch(("outputs", block), [s[0] for s in segments], self._host_parts)
+            owners = [u for s in segments for u in s[1]]
+        else:
+            if len(segments) > 1:  # the keyframe pass was split by branch: merge once per block and step
+                segments[:] = [(torch.cat([s[0] for s in segments]), [u for s in segments for u in s[1]])]
+            values, owners = segments[0]
         missing = [u for u in uuids if u not in owners]
         if missing:
             raise RuntimeError(f"TokenFlow: block {block} has no keyframe output for this conditioning; "
@@ -200,7 +245,7 @@ class PassContext:
         fields = self.bank.fields.get(block)
         if fields is None:
             if self.field_provider is None:
-                raise RuntimeError(f"TokenFlow: no correspondences for block {block}; the source branch did not run")
+                raise SourceBranchMissing(f"TokenFlow: no correspondences for block {block}; the source branch did not run")
             fields = self.bank.fields[block] = to_device(self.field_provider(block, self.frames), device)
         return fields
 

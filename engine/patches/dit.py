@@ -155,19 +155,18 @@ def _keyframe_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassContext
         out_s = kernel.heads_out(q_s, k_s, v_s)
         if ctx.field_provider is None:  # the source's image values for the nearest-neighbour search
             v_given = v_s if kernel.in_heads else split_roles(v, chunks, src)[0]
-            ctx.bank.keyframe_tokens[block] = unit_tokens(kernel.image_values(v_given, n_img))
+            ctx.bank.record_tokens(block, unit_tokens(kernel.image_values(v_given, n_img)))
         if block in ctx.pnp_attention:  # and its image keys / values for PnP
             ctx.bank.pnp_qk[block] = (image_rows(k_s, n_img, 2), image_rows(v_s, n_img, 2))
     if edit:
         injects = ctx.pnp_tensors.get(block, ctx.clone_settings.layout.adapter.pnp_injects) \
             if block in ctx.pnp_attention else ""
-        src_kv = ctx.bank.pnp_qk[block] if injects else None
+        src_kv = ctx.bank.pnp_store(block) if injects else None
         if injects:
             ctx.bank.record_injection("attention", block, ctx.phase, len(edit))
         out_e = extended_image_attention(q_e, k_e, v_e, src_kv, injects, kernel, n_img, len(edit))
     out = merge_heads(join_roles(out_s, out_e, chunks, src))
-    ctx.bank.keyframe_outputs.setdefault(block, []).append((image_rows(out, n_img, 1),
-                                                             list(options.get("uuids", [None]))))
+    ctx.bank.record_output(block, image_rows(out, n_img, 1), list(options.get("uuids", [None])))
     return out
 
 
@@ -181,7 +180,7 @@ def _propagated_attention(q, k, v, kernel: Kernel, options: dict, ctx: PassConte
             ctx.bank.fields[block] = to_device(ctx.field_provider(block, ctx.frames), q.device)
         elif src is not None:
             tokens = kernel.image_values(split_roles(v, chunks, src)[0], n_img)
-            ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.keyframe_tokens[block], ctx.pairing,
+            ctx.bank.fields[block] = frame_fields(tokens, ctx.frames, ctx.bank.source_tokens(block), ctx.pairing,
                                                   ctx.max_elements, plan=ctx.pair_plan(q.device), keys_are_unit=True)
     uuids = list(options.get("uuids", [None]))
     values, rows = ctx.bank.keyframe_values(block, uuids, ctx.keyframes)  # (R, n_img, d): image rows only

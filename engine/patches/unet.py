@@ -52,11 +52,11 @@ def tokenflow_attn1_patch(n: torch.Tensor, context: torch.Tensor, value: torch.T
     source_tokens = branches(n, chunk_count(extra))[src] if src is not None else None
     if ctx.phase in (Phase.KEYFRAMES, Phase.EXTRACT_KEYFRAMES):
         if source_tokens is not None and ctx.field_provider is None:  # only the nearest-neighbour search reads them
-            ctx.bank.keyframe_tokens[block] = unit_tokens(source_tokens)
+            ctx.bank.record_tokens(block, unit_tokens(source_tokens))
         return n, context, value
     # Extracted fields were prefetched before the call (PassContext.prepare); here only tensor ops.
     if block not in ctx.bank.fields and ctx.field_provider is None and source_tokens is not None:
-        ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.keyframe_tokens[block],
+        ctx.bank.fields[block] = frame_fields(source_tokens, ctx.frames, ctx.bank.source_tokens(block),
                                               ctx.pairing, ctx.max_elements, plan=ctx.pair_plan(n.device),
                                               keys_are_unit=True)
     if ctx.phase is Phase.EXTRACT_FRAMES:  # handed to the sink after the call (by the APPLY_MODEL wrapper)
@@ -77,8 +77,8 @@ def _keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra
     bank = ctx.bank
     qs, ks, vs = branches(q, chunks), branches(k, chunks), branches(v, chunks)
     outs: list[torch.Tensor | None] = [None] * chunks
-    if src is not None and block in ctx.pnp_attention:
-        bank.pnp_qk[block] = (qs[src], ks[src])
+    if src is not None and block in ctx.pnp_attention:  # own storage: views would hold every branch's q and k
+        bank.pnp_qk[block] = (qs[src].clone(), ks[src].clone())
     for i in range(chunks):
         if i not in edit:  # the source branch: ordinary per-frame self-attention
             outs[i] = _attention(qs[i], ks[i], vs[i], extra)
@@ -87,7 +87,7 @@ def _keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra
             return torch.stack([parts[i] for i in edit])
 
         if block in ctx.pnp_attention:
-            q_src, k_src = bank.pnp_qk[block]
+            q_src, k_src = bank.pnp_store(block)
             q_e, k_e = q_src.expand(len(edit), *q_src.shape), k_src.expand(len(edit), *k_src.shape)
             bank.record_injection("attention", block, ctx.phase, len(edit))
         else:
@@ -96,7 +96,7 @@ def _keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra
         for row, i in enumerate(edit):
             outs[i] = out_e[row]
     out = torch.cat(outs)
-    bank.keyframe_outputs.setdefault(block, []).append((out, list(extra.get("uuids", [None]))))
+    bank.record_output(block, out, list(extra.get("uuids", [None])))
     return out
 
 

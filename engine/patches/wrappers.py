@@ -15,7 +15,7 @@ import torch
 
 from ..families.base import FLOW
 from .unet import foreign_attn1
-from .contract import EXTRACT_PHASES, KEY, PassContext, Phase, StepBank, branches, pass_of
+from .contract import EXTRACT_PHASES, KEY, PassContext, Phase, SourceBranchMissing, StepBank, branches, pass_of
 
 CALL_KEY = "tokenflow_call"  # keyword argument of the diffusion model: see PassContext.call_key
 
@@ -35,7 +35,10 @@ def _residual_hook(module, inputs, output, *, ctx: PassContext, path: str, chunk
                 raise _SourceFeaturesRecorded
             return None
     # Every edit chunk gets the source's features (the source chunk keeps its own, which are the same).
-    source = ctx.bank.residuals[path]
+    source = ctx.bank.residuals.get(path)
+    if source is None:
+        raise SourceBranchMissing(f"TokenFlow: no source features for the PnP ResBlock {path}; the source branch did "
+                                  "not run before the edit branches")
     ctx.bank.record_injection("residual", path, ctx.phase, 1)
     return source.repeat(chunks, *([1] * (source.ndim - 1))) if chunks > 1 else source
 

@@ -8,7 +8,10 @@ to run (unless the machine really lacks the memory, which is logged).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from typing import Callable
 
 import torch
 
@@ -22,6 +25,25 @@ log = logging.getLogger(__name__)
 CPU_BUDGET_BYTES = 16 << 30
 COMFY_FACTOR = 1.5  # calc_cond_batch's own margin over memory_required
 TOKENFLOW_FACTOR = 1.3  # propagation gathers, fields and the margin that keeps calc_cond_batch from re-splitting
+# The device's budget in bytes in place of its free memory (and of its total, with nothing reserved, for the
+# refusals): tests and the dry run force small budgets with it. None: the device's own.
+BUDGET_OVERRIDE_BYTES: int | None = None
+
+
+@contextlib.contextmanager
+def overriding(module, name: str, value):
+    """``module.name`` is ``value`` within the block (a planner's override knob)."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def budget(nbytes: int | None):
+    """Size calls (and refusals) for a device of ``nbytes`` within the block (None: the device's own memory)."""
+    return overriding(sys.modules[__name__], "BUDGET_OVERRIDE_BYTES", nbytes)
 
 
 def call_bytes(model, images: int, latent_shape: tuple[int, ...]) -> float:
@@ -30,6 +52,8 @@ def call_bytes(model, images: int, latent_shape: tuple[int, ...]) -> float:
 
 
 def available_bytes(device: torch.device) -> float:
+    if BUDGET_OVERRIDE_BYTES is not None:
+        return float(BUDGET_OVERRIDE_BYTES)
     free = comfy.model_management.get_free_memory(device)
     if device.type == "cpu":
         if free < CPU_BUDGET_BYTES:
@@ -58,6 +82,14 @@ def fits(model, images: int, latent_shape: tuple[int, ...], device: torch.device
     return call_bytes(model, images, latent_shape) <= available_bytes(device)
 
 
+def budget_total() -> tuple[float, float]:
+    """(the device's total memory, ComfyUI's minimum inference memory reserved on it), or (the override, 0)."""
+    if BUDGET_OVERRIDE_BYTES is not None:
+        return float(BUDGET_OVERRIDE_BYTES), 0.0
+    total = comfy.model_management.get_total_memory(comfy.model_management.get_torch_device())
+    return float(total), float(comfy.model_management.minimum_inference_memory())
+
+
 def even_chunks(n_frames: int, per_call: int) -> list[range]:
     """Consecutive frame ranges of at most ``per_call`` frames whose sizes differ by at most one."""
     calls = -(-n_frames // max(1, per_call))
@@ -66,12 +98,29 @@ def even_chunks(n_frames: int, per_call: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, starts[1:])]
 
 
+def largest_fitting_frame(h: int, w: int, fits_at: Callable[[int, int], bool]) -> tuple[int, int] | None:
+    """The largest latent (height, width) of the same aspect below (h, w), in 64 px steps of width, that ``fits_at``:
+    a size the user can set (None: none fits)."""
+    def same_aspect(lw: int) -> int:
+        return max(8, round(h * lw / w / 8) * 8)
+
+    lw = next((lw for lw in range((w - 1) // 8 * 8, 7, -8) if fits_at(same_aspect(lw), lw)), None)
+    return None if lw is None else (same_aspect(lw), lw)
+
+
+def resolution_advice(fitting: tuple[int, int] | None, what: str) -> str:
+    """What the user can do about a frame size that does not fit (``fitting``: a latent size that does)."""
+    if fitting is None:
+        return f"no frame size fits {what}; use a device with more memory"
+    return (f"lower the resolution to {fitting[1] * 8}x{fitting[0] * 8} px or less (TokenFlow Load Video's "
+            "width/height, or scale the images before VAE Encode)")
+
+
 def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str) -> None:
     """Refuse frames so large that one model call on a single frame cannot run on the device at all: its
     activations and ComfyUI's minimum inference memory. The weights are not counted: ComfyUI loads them partly and
     streams the rest when they do not fit (Flux-dev bf16 on a 24 GB card), so they never make a size impossible."""
-    total = comfy.model_management.get_total_memory(comfy.model_management.get_torch_device())
-    reserve = comfy.model_management.minimum_inference_memory()
+    total, reserve = budget_total()
     h, w = latent_shape[-2:]
 
     def need(lh: int, lw: int) -> float:
@@ -79,14 +128,8 @@ def check_frame_size_fits(model, latent_shape: tuple[int, ...], input_name: str)
 
     if need(h, w) <= total:
         return
-    # The largest frame of the same aspect, in 64 px steps, that fits: a value the user can set.
-    def same_aspect(lw: int) -> int:
-        return max(8, round(h * lw / w / 8) * 8)
-
-    fitting = next((lw for lw in range((w - 1) // 8 * 8, 7, -8) if need(same_aspect(lw), lw) <= total), None)
-    advice = (f"lower the resolution to {fitting * 8}x{same_aspect(fitting) * 8} px or less (TokenFlow Load Video's "
-              "width/height, or scale the images before VAE Encode)" if fitting is not None else
-              "no frame size fits beside ComfyUI's minimum inference memory; use a device with more memory")
+    advice = resolution_advice(largest_fitting_frame(h, w, lambda lh, lw: need(lh, lw) <= total),
+                               "beside ComfyUI's minimum inference memory")
     raise ValueError(f"{input_name}: one model call on a single {w * 8}x{h * 8} px frame needs about "
                      f"{need(h, w) / 2**30:.2f} GiB besides the weights (ComfyUI can keep those off the device), more "
                      f"than this device has ({total / 2**30:.2f} GiB); {advice}")

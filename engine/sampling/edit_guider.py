@@ -10,6 +10,7 @@ source branch's input is at a step and brings its sampler.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -18,13 +19,18 @@ import comfy.samplers
 import comfy.utils
 
 from ...data.products import TokenFlowInversion
-from ..patches.contract import PassContext, Phase, StepBank, to_device
-from ..plan.call_sizing import even_chunks, fits, frames_per_call
+from ..patches.bank_transfer import HostBank
+from ..patches.contract import KEY, PassContext, Phase, SourceBranchMissing, StepBank, to_device
+from ..plan.call_sizing import even_chunks
 from ..plan.edit_plan import EditPlan
+from ..plan.memory_plan import (HOST, MemoryRecord, StepShape, attention_sizes, compute_dtype, extra_load_images,
+                                plan_step, publish_record, text_tokens_of, tokenflow_bytes, widest_step)
 from .cfg_hooks import apply_cfg, guidance_banks
 from .frame_guider import FrameSubsetGuider, frame_ids, frames_of
 
 SOURCE = "tokenflow_source"  # the source branch's conds: the inversion prompt
+
+log = logging.getLogger(__name__)
 
 
 class TokenFlowGuider(FrameSubsetGuider):
@@ -38,6 +44,11 @@ class TokenFlowGuider(FrameSubsetGuider):
         self.skip_unused_source = True  # a source-only call that just feeds the PnP residuals stops after them
         self.progress = comfy.utils.ProgressBar(len(plan.timesteps) * inversion.n_frames)
         self.trace: list[tuple] | None = None  # set to [] to log (timestep, kind, where, phase) of PnP injections
+        self.text_tokens = 0  # the longest prompt's tokens (a DiT's joint attention spans them), set by ``edit``
+        self.source_apart = False  # set once the host ran an edit branch of a shared call before the source branch
+        self.memory_record = MemoryRecord()  # what the planner chose and moved, per step
+        self.host_bank: HostBank | None = None  # the bank's host side and device buffers, when a step needs them
+        self._sizes: dict[tuple, tuple] = {}  # the patched attentions' sizes per latent shape and text length
 
     def largest_call_images(self, n_frames: int) -> int:
         """The keyframe pass: every keyframe in one call (extended attention), in each edit branch and the source's."""
@@ -45,6 +56,21 @@ class TokenFlowGuider(FrameSubsetGuider):
         branches = 1 if math.isclose(self.cfg, 1.0) else 2
         source = any(needs.source_in_keyframe_pass(self.plan.on_the_fly) for needs in self.plan.needs)
         return keyframes * (branches + source)
+
+    def extra_call_images(self, latent_shape: tuple[int, ...]) -> int:
+        """The keyframe pass's joint keys/values, PnP store and host-bank buffers, as images of the host's estimate:
+        the load leaves room for them (the bank itself goes on the device only where it fits after loading)."""
+        shape = widest_step(self.plan, 1 if math.isclose(self.cfg, 1.0) else 2)
+        return extra_load_images(self.model_patcher.model, self._tokenflow_bytes(shape, latent_shape), latent_shape)
+
+    def _tokenflow_bytes(self, shape: StepShape, latent_shape: tuple[int, ...]):
+        layout = self.model_patcher.model_options[KEY].layout
+        key = (latent_shape, self.text_tokens)
+        if key not in self._sizes:  # read off the model once per run
+            self._sizes[key] = attention_sizes(self.model_patcher, layout, latent_shape, self.text_tokens)
+        sizes = self._sizes[key]
+        element = torch.empty((), dtype=compute_dtype(self.model_patcher.model)).element_size()
+        return tokenflow_bytes(sizes, shape, layout.sampling, element)
 
     def _field_provider(self, step: int):
         corr = self.plan.correspondences
@@ -62,9 +88,17 @@ class TokenFlowGuider(FrameSubsetGuider):
         """Sample the edit from ``latent_image`` with the rule's ``sampler``; ``trace`` (a list) receives
         (timestep, kind, where, phase) for every PnP injection."""
         self.trace = trace
+        self.text_tokens = text_tokens_of(positive, negative, self.inversion.conditioning)
         self.inner_set_conds({"positive": positive, "negative": negative, SOURCE: self.inversion.conditioning})
-        return self.sample(torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback, seed=seed,
-                           disable_pbar=True)
+        try:
+            return self.sample(torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback,
+                               seed=seed, disable_pbar=True)
+        finally:
+            if self.host_bank is not None:
+                self.host_bank.release()
+                self.host_bank = None
+            publish_record(self.memory_record)
+            self.memory_record.log()
 
     def _source_shares_calls(self, edit_names: list[str | None], x: torch.Tensor, timestep: torch.Tensor) -> bool:
         """Whether calc_cond_batch runs the source branch in its first model call, i.e. before any edit cond.
@@ -115,7 +149,26 @@ class TokenFlowGuider(FrameSubsetGuider):
         names = edit_names + [SOURCE]
         ctx = PassContext(phase, frames=ids, source_index=len(edit_names), source_input=frames_of(source, idx),
                           **common)
-        return self.calc_on_frames(names, x, timestep, idx, model_options, ctx, n, cache=cache)[:-1]
+        bank = common["bank"]
+        traced = len(bank.trace) if bank.trace is not None else 0
+        try:
+            return self.calc_on_frames(names, x, timestep, idx, model_options, ctx, n, cache=cache)[:-1]
+        except SourceBranchMissing as error:
+            # The host split the call and ran an edit branch first: what that part recorded is dropped, the source
+            # branch runs in calls of its own first (from now on), and the pass again (same arithmetic per branch).
+            log.info("TokenFlow: %s; ComfyUI split a shared call, so the source branch now runs in calls of its own",
+                     error)
+            self.source_apart = True
+            if bank.trace is not None:
+                del bank.trace[traced:]
+            if phase is Phase.KEYFRAMES:
+                bank.keyframe_outputs.clear()
+                bank.keyframe_tokens.clear()
+                bank.pnp_qk.clear()
+            bank.fields.clear()
+            bank.residuals.clear()
+            return self._run_pass(phase, idx, x, source, edit_names, timestep, model_options, common, n,
+                                  separate_source=True)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         step = self.current_step
@@ -124,11 +177,6 @@ class TokenFlowGuider(FrameSubsetGuider):
         on_the_fly = self.plan.on_the_fly
         n, latent_shape = x.shape[0], tuple(x.shape[1:])
         keyframes = self.plan.schedule.keyframes[step]
-        bank = StepBank(trace=[] if self.trace is not None else None)
-        common = dict(bank=bank, pairing=self.plan.schedule.pairing(step, n), pnp_attention=needs.attention_injection,
-                      pnp_tensors=dict(needs.attention_tensors), pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
-                      field_blocks=tuple(self.plan.correspondences.fields) if not on_the_fly else (),
-                      keyframes=len(keyframes))
         edit_names = ["positive", "negative"]
         if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
             edit_names = ["positive", None]
@@ -138,25 +186,35 @@ class TokenFlowGuider(FrameSubsetGuider):
             source = to_device(self.source_latents(step), x.device, x.dtype)
         # A calc_cond_batch function is handed the edit branches' conds alone: the source gets calls of its own.
         calc_function = "sampler_calc_cond_batch_function" in model_options
-        own_calls = source is not None and (calc_function or not self._source_shares_calls(edit_names, x, timestep))
-        model = self.inner_model
+        own_calls = source is not None and (calc_function or self.source_apart
+                                            or not self._source_shares_calls(edit_names, x, timestep))
+        frame_source = source if needs.source_in_propagation(on_the_fly) else None
+        separate = frame_source is not None and (own_calls or needs.source_stops_early(on_the_fly))
+        shape = StepShape(len(keyframes), branches, source is not None, on_the_fly,
+                          frozenset(needs.attention_injection))
+        memory = plan_step(self.inner_model, self._tokenflow_bytes(shape, latent_shape), shape, latent_shape, x.device,
+                           n, branches + (frame_source is not None and not separate))
+        if memory.placement == HOST and self.host_bank is None:
+            self.host_bank = HostBank(x.device)
+        bank = StepBank(trace=[] if self.trace is not None else None,
+                        host=self.host_bank if memory.placement == HOST else None)
+        common = dict(bank=bank, pairing=self.plan.schedule.pairing(step, n), pnp_attention=needs.attention_injection,
+                      pnp_tensors=dict(needs.attention_tensors), pnp_residual=needs.residual_injection, field_provider=self._field_provider(step),
+                      field_blocks=tuple(self.plan.correspondences.fields) if not on_the_fly else (),
+                      keyframes=len(keyframes))
         out = torch.empty_like(x)
         guides = guidance_banks(model_options, bank)
         try:
             # Keyframe pass: it cannot be split by frames (extended attention spans every keyframe).
-            with_source = branches + (source is not None)
-            keyframes_fit = fits(model, with_source * len(keyframes), latent_shape, x.device)
-            keyframe_preds = self._run_pass(Phase.KEYFRAMES, keyframes, x, source, edit_names, timestep,
-                                            model_options, common, n, separate_source=own_calls or not keyframes_fit)
+            keyframe_preds = self._run_pass(Phase.KEYFRAMES, keyframes, x, source, edit_names, timestep, model_options,
+                                            common, n, separate_source=own_calls or not memory.shared_keyframe_call)
             if guides:  # the post-CFG functions' own keyframe passes, recorded in their banks (the CFG is unused)
                 self._combine(keyframe_preds, x, timestep, keyframes, model_options, edit_names, Phase.KEYFRAMES,
                               guides, common, cache=False)
             bank.pnp_qk.clear()  # only the keyframe pass computes (and injects into) self-attention
             # Propagation pass: every frame, as many per call as memory allows.
-            frame_source = source if needs.source_in_propagation(on_the_fly) else None
-            separate = frame_source is not None and (own_calls or needs.source_stops_early(on_the_fly))
-            per_call = frames_per_call(model, branches + (frame_source is not None and not separate), latent_shape,
-                                       x.device, n)
+            separate = separate or (frame_source is not None and self.source_apart)
+            per_call = memory.frames_per_call
             stop_early = self.skip_unused_source and needs.source_stops_early(on_the_fly)
             for frames in even_chunks(n, per_call):
                 bank.fields.clear()
@@ -169,6 +227,10 @@ class TokenFlowGuider(FrameSubsetGuider):
         finally:
             if self.trace is not None:
                 self.trace.extend((t, *event) for event in bank.trace)
+            record = self.memory_record
+            record.placements.append(memory.placement)
+            record.bank_bytes.append(memory.bytes.bank)
+            record.transfer_bytes.append(bank.host.finish_step() if bank.host is not None else 0)
             bank.clear()
             for guide in guides:
                 guide.clear()

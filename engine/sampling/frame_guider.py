@@ -92,6 +92,10 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         """The images of the largest model call this guider cannot split by frames (None: the host's estimate)."""
         return None
 
+    def extra_call_images(self, latent_shape: tuple[int, ...]) -> int:
+        """The guider's own device bytes beside its largest call's activations, as images of the host's estimate."""
+        return 0
+
     def _prepare_sampling_for_calls(self, executor, model, noise_shape, *args, **kwargs):
         """ComfyUI sizes the model's load for the whole latent batch (every frame, twice for CFG) and loads the
         weights partly when that does not fit; each TokenFlow call holds a few frames and the guider splits its
@@ -100,6 +104,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         between ComfyUI versions."""
         images = self.largest_call_images(int(noise_shape[0]))
         if images is not None:  # the host estimates two images (CFG) per frame of noise_shape
+            images += self.extra_call_images(tuple(int(d) for d in noise_shape[1:]))
             noise_shape = [min(int(noise_shape[0]), max(1, -(-images // 2))), *noise_shape[1:]]
         return executor(model, noise_shape, *args, **kwargs)
 
