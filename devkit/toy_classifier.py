@@ -5,7 +5,22 @@ resized to 64²) and, optionally, the mask of the object to read, and predicts t
 colour and pattern and the background kind. It was trained on autoencoder round-trips of rendered
 single-object scenes (both toy autoencoders, frames at 64² and 128², train seeds and train attribute
 combinations) plus clean renders, with the mask given half of the time, so that it judges what a
-model trained here decodes. Figures of the saved weights are in ``ACCURACY`` (``--measure``).
+model trained here decodes. Trained 10.6 CPU minutes (one thread: 5.6 of them making the 3000 training
+images, 1000 scenes x clean / 4ch / 16ch round-trips, then 25 epochs).
+
+Accuracy (``--measure``) on 150 held-out-seed scenes x (clean, 4ch, 16ch round-trips) = 450 images,
+frames at 64² and 128², without / with the object mask:
+
+================================  ===============  ===============  ===============  ===============
+attribute combinations            shape            colour           pattern          background
+================================  ===============  ===============  ===============  ===============
+train combinations                0.844 / 0.976    0.998 / 1.000    0.824 / 0.847    1.000 / 1.000
+HELDOUT_COMBOS                    0.478 / 0.693    0.996 / 0.996    0.718 / 0.718    1.000 / 1.000
+================================  ===============  ===============  ===============  ===============
+
+Colour and background reach the 98% aimed at; shape (without a mask) and pattern do not, and shape falls on
+the unseen combinations (the net partly learnt shape from colour and pattern there): the toy
+autoencoders (about 22 dB) blur stripes and dots, and a 64² input leaves a dot about 2 pixels wide.
 
     bash -c 'source scripts/host_env.sh && "$PYTHON" devkit/toy_classifier.py'            # train
     bash -c 'source scripts/host_env.sh && "$PYTHON" devkit/toy_classifier.py --measure'  # accuracy
