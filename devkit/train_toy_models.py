@@ -1,7 +1,7 @@
 """Train the toy-world diffusion models (a toy world trained here, never real-weight quality).
 
-    python devkit/train_toy_models.py unet --minutes 25        # the SD1.x-layout UNet (epsilon)
-    python devkit/train_toy_models.py flux --minutes 25        # the Flux-schnell-layout flow transformer
+    python devkit/train_toy_models.py unet --minutes 22        # the SD1.x-layout UNet (epsilon)
+    python devkit/train_toy_models.py flux --minutes 22        # the Flux-schnell-layout flow transformer
 
 Each model (configs: ``devkit/toy_model_configs.py``) learns on latents of rendered train-split scenes (one or
 two objects, ``devkit/toy_latents.py``), encoded once by the toy autoencoder, conditioned by its frozen random
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -136,8 +137,10 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        for group in opt.param_groups:  # linear warm-up over the first 200 steps
-            group["lr"] = lr * min(1.0, (step + 1) / 200)
+        progress = (cpu_used + time.process_time() - started) / (minutes * 60)
+        for group in opt.param_groups:  # linear warm-up over 200 steps, then cosine down to a tenth over the budget
+            cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * cosine
         opt.step()
         step += 1
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
@@ -157,7 +160,8 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
     model.eval()
     toy_latents.standardise_vae(vae, data.raw_mean, data.raw_std, model.latent_format.process_in)
     info = {"model": name, "steps": step, "batch": batch, "cpu_minutes": round(cpu_minutes, 1), "scenes": n_scenes,
-            "size": size, "seed": seed, "final_loss": round(sum(losses[-200:]) / max(1, len(losses[-200:])), 4),
+            "size": size, "seed": seed, "encode_cpu_minutes": round(data.encode_cpu_seconds / 60, 1),
+            "final_loss": round(sum(losses[-200:]) / max(1, len(losses[-200:])), 4),
             "autoencoder": Path(ae).name, "raw_latent_mean": data.raw_mean, "raw_latent_std": data.raw_std}
     write_checkpoint(checkpoint_path(name), patcher, clip, vae, info)
     print(f"trained {name}: {step} steps of {batch}, {cpu_minutes:.1f} CPU minutes (1 thread), "
@@ -204,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                         "the saved models' figures")
     parser.add_argument("--samples", type=int, default=96, help="measure: samples per caption split")
     parser.add_argument("--clips", type=int, default=4, help="measure: held-out clips to reconstruct")
-    parser.add_argument("--minutes", type=float, default=25.0, help="CPU minutes of training (this process)")
+    parser.add_argument("--minutes", type=float, default=22.0, help="CPU minutes of training (this process)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tokenflow_toy_training",
                         help="resumable training state and the encoded dataset")
     parser.add_argument("--ae", default=None, help="the toy TAESD file (default: devkit/toy_weights' one for the "
                         "model's latent channels; random4 / random16 for a random TAESD)")
-    parser.add_argument("--scenes", type=int, default=16000)
+    parser.add_argument("--scenes", type=int, default=5000)
     parser.add_argument("--size", type=int, default=64, help="frame size in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
