@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "toy_weights"
 LATENT_CHANNELS = (4, 16)
-PHASES = ((32, 1500), (64, 250))  # (crop side, steps): cheap small crops first, then context
+PHASES = ((32, 1500), (64, 100))  # (crop side, steps): cheap small crops first, then context
 BATCH = 8
 LEARNING_RATE = 1e-3
 CHECKPOINT_EVERY = 100
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument("--measure", action="store_true", help="only measure the saved weights")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if args.measure:
         measure(args.channels)
         return
