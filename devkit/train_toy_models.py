@@ -65,7 +65,13 @@ def load_ae(path: str):
         taesd = comfy.taesd.taesd.TAESD(latent_channels=int(path[len("random"):]))
         tiny_models.init_weights(taesd, 7, skip=("vae_scale", "vae_shift"))
         return comfy.sd.VAE(sd={k: v.detach().clone() for k, v in taesd.state_dict().items()})
-    return comfy.sd.VAE(sd={k: v.float() for k, v in comfy.utils.load_torch_file(path).items()})
+    if path.endswith(".ckpt"):  # a training state of devkit/train_toy_autoencoder.py (its "model" entry)
+        import torch
+
+        state = torch.load(path, weights_only=False, map_location="cpu")["model"]
+    else:
+        state = comfy.utils.load_torch_file(path)
+    return comfy.sd.VAE(sd={k: v.float() for k, v in state.items()})
 
 
 def level_sampler(name: str, model_sampling) -> Callable:
@@ -87,7 +93,7 @@ def _clone_saved(t):
 
 
 def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: int, seed: int, batch: int,
-          lr: float, save_every: float) -> dict:
+          lr: float, save_every: float, warm_start: Path | None = None) -> dict:
     import torch
 
     import toy_latents
@@ -104,11 +110,19 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     state_file = work / f"train_{name}_{toy_latents.file_key(ae)}_{size}_{seed}.pt"
-    step, cpu_used = 0, 0.0
+    step, cpu_used, warm = 0, 0.0, {}
+    if not state_file.is_file() and warm_start is not None:
+        # Weights learnt on the latents of an earlier snapshot of the autoencoder: the latent space moves little
+        # late in the AE's training, so training goes on from them (their CPU time is counted in the total).
+        state = torch.load(warm_start)
+        net.load_state_dict(state["ema"])
+        ema = {k: v.clone() for k, v in state["ema"].items()}
+        warm = {"warm_start_steps": state["step"], "warm_start_cpu_minutes": round(state["cpu_seconds"] / 60, 1)}
+        log.info("%s: warm start from %s (%d steps)", name, warm_start, state["step"])
     if state_file.is_file():
         state = torch.load(state_file)
         net.load_state_dict(state["net"])
-        ema, step, cpu_used = state["ema"], state["step"], state["cpu_seconds"]
+        ema, step, cpu_used, warm = state["ema"], state["step"], state["cpu_seconds"], state.get("warm", {})
         opt.load_state_dict(state["opt"])
         generator.set_state(state["generator"])
         log.info("%s: resumed at step %d after %.1f CPU minutes", name, step, cpu_used / 60)
@@ -118,7 +132,8 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
 
     def save() -> None:
         torch.save({"net": net.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step, "generator":
-                    generator.get_state(), "cpu_seconds": cpu_used + time.process_time() - started}, state_file)
+                    generator.get_state(), "cpu_seconds": cpu_used + time.process_time() - started, "warm": warm},
+                   state_file)
 
     while cpu_used + time.process_time() - started < minutes * 60:
         rows = torch.randint(0, len(data.latents), (batch,), generator=generator)
@@ -162,7 +177,7 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
     info = {"model": name, "steps": step, "batch": batch, "cpu_minutes": round(cpu_minutes, 1), "scenes": n_scenes,
             "size": size, "seed": seed, "encode_cpu_minutes": round(data.encode_cpu_seconds / 60, 1),
             "final_loss": round(sum(losses[-200:]) / max(1, len(losses[-200:])), 4),
-            "autoencoder": Path(ae).name, "raw_latent_mean": data.raw_mean, "raw_latent_std": data.raw_std}
+            "autoencoder": Path(ae).name, "raw_latent_mean": data.raw_mean, "raw_latent_std": data.raw_std, **warm}
     write_checkpoint(checkpoint_path(name), patcher, clip, vae, info)
     print(f"trained {name}: {step} steps of {batch}, {cpu_minutes:.1f} CPU minutes (1 thread), "
           f"final loss {info['final_loss']}")
@@ -184,14 +199,16 @@ def write_checkpoint(path: Path, patcher, clip, vae, info: dict) -> None:
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
 
 
-def measure(samples: int, clips: int) -> None:
+def measure(samples: int, clips: int, size: int | None) -> None:
     """Print the figures of the saved toy models: attribute accuracy of plain samples (seen and unseen attribute
-    combinations) and the PSNR of inversion followed by sampling on held-out clips."""
+    combinations) and the PSNR of inversion followed by sampling on held-out clips, at ``size`` (default: the
+    training frame size)."""
     import toy_models
 
     for name in toy_models.TOY_MODELS:
         model, clip, vae = toy_models.load_toy_model(name)
-        size = int(toy_models.training_info(name).get("size", 64))
+        size = size or int(toy_models.training_info(name).get("size", 64))
+        print(f"toy {name}: frames of {size} px")
         settings = toy_models.SAMPLING[name]
         for split in ("train", "heldout"):
             accuracy = toy_models.attribute_accuracy(model, clip, vae, samples, size, split)
@@ -208,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the saved models' figures")
     parser.add_argument("--samples", type=int, default=96, help="measure: samples per caption split")
     parser.add_argument("--clips", type=int, default=4, help="measure: held-out clips to reconstruct")
+    parser.add_argument("--measure-size", type=int, default=None, help="measure: frame size (default: the trained one)")
     parser.add_argument("--minutes", type=float, default=22.0, help="CPU minutes of training (this process)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tokenflow_toy_training",
                         help="resumable training state and the encoded dataset")
@@ -218,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warm-start", type=Path, default=None, help="a training state (--work's train_*.pt) whose "
+                        "EMA weights start this run, e.g. one trained on an earlier snapshot of the autoencoder")
     parser.add_argument("--save-every", type=float, default=3.0, help="minutes between resumable saves")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -226,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
     toy_model_configs.register()
     if args.model == "measure":
-        measure(args.samples, args.clips)
+        measure(args.samples, args.clips, args.measure_size)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     train(args.model, args.minutes, args.work, args.ae or str(AE_FILES[args.model]), args.scenes, args.size,
-          args.seed, args.batch, args.lr, args.save_every)
+          args.seed, args.batch, args.lr, args.save_every, args.warm_start)
     return 0
 
 
