@@ -199,13 +199,13 @@ def write_checkpoint(path: Path, patcher, clip, vae, info: dict) -> None:
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
 
 
-def measure(samples: int, clips: int, size: int | None) -> None:
+def measure(samples: int, clips: int, size: int | None, names: tuple[str, ...]) -> None:
     """Print the figures of the saved toy models: attribute accuracy of plain samples (seen and unseen attribute
     combinations) and the PSNR of inversion followed by sampling on held-out clips, at ``size`` (default: the
     training frame size)."""
     import toy_models
 
-    for name in toy_models.TOY_MODELS:
+    for name in names:
         model, clip, vae = toy_models.load_toy_model(name)
         size = size or int(toy_models.training_info(name).get("size", 64))
         print(f"toy {name}: frames of {size} px")
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the saved models' figures")
     parser.add_argument("--samples", type=int, default=96, help="measure: samples per caption split")
     parser.add_argument("--clips", type=int, default=4, help="measure: held-out clips to reconstruct")
+    parser.add_argument("--only", action="append", choices=("unet", "flux"), help="measure: this model only")
     parser.add_argument("--measure-size", type=int, default=None, help="measure: frame size (default: the trained one)")
     parser.add_argument("--minutes", type=float, default=22.0, help="CPU minutes of training (this process)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tokenflow_toy_training",
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     toy_model_configs.register()
     if args.model == "measure":
-        measure(args.samples, args.clips, args.measure_size)
+        measure(args.samples, args.clips, args.measure_size, tuple(args.only or ("unet", "flux")))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     train(args.model, args.minutes, args.work, args.ae or str(AE_FILES[args.model]), args.scenes, args.size,
