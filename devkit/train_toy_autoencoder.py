@@ -177,7 +177,7 @@ def save_weights(model: comfy.taesd.taesd.TAESD, path: Path) -> None:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10 * torch.log10(1.0 / (a - b).square().mean().clamp_min(1e-10)))
+    return float(10 * torch.log10(1.0 / (a - b).detach().square().mean().clamp_min(1e-10)))
 
 
 @torch.no_grad()
