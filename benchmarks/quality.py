@@ -156,7 +156,7 @@ def run_model(name: str, workload: Workload, editors, methods, quick: bool, clas
     loaded = toy_models.load_toy_model(name)
     recipe = recipe_for(name, quick)
     results = empty_results(editors, methods)
-    for seed in list(_heldout_seeds())[:workload.seeds]:
+    for seed in list(heldout_seeds())[:workload.seeds]:
         started = time.perf_counter()
         editor, measure, source_rt, reference = prepare_clip(loaded, seed, workload, recipe, classify)
         for key, metrics in reference.items():
@@ -177,7 +177,7 @@ def run_model(name: str, workload: Workload, editors, methods, quick: bool, clas
     return results
 
 
-def _heldout_seeds():
+def heldout_seeds():
     import toy_world
 
     return toy_world.HELDOUT_SEEDS
