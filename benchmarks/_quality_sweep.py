@@ -54,11 +54,11 @@ def inversion_methods(model_name: str, recipe) -> list[tuple[str, object]]:
 
 def sweep_model(name: str, workload, classify) -> dict[str, dict[str, dict[str, list[float]]]]:
     """tables[table][row][metric] = values over seeds."""
-    import quality
+    import _quality_clips as clips
     import toy_models
 
     loaded = toy_models.load_toy_model(name)
-    recipe = quality.recipe_for(name)
+    recipe = clips.recipe_for(name)
     tables: dict = {}
 
     def record(table: str, row: str, metrics: dict) -> None:
@@ -66,8 +66,8 @@ def sweep_model(name: str, workload, classify) -> dict[str, dict[str, dict[str, 
         for metric, value in metrics.items():
             cells[metric].append(value)
 
-    for seed in list(quality.heldout_seeds())[:workload.seeds]:
-        editor, measure, _, _ = quality.prepare_clip(loaded, seed, workload, recipe, classify)
+    for seed in list(clips.heldout_seeds())[:workload.seeds]:
+        editor, measure, _, _ = clips.prepare_clip(loaded, seed, workload, recipe, classify)
         for table, row, editor_name, overrides in settings_of(name):
             options = {k: v for k, v in overrides.items() if k != "batch_size"}
             run_recipe = replace(recipe, batch_size=overrides.get("batch_size", recipe.batch_size)).with_options(**options)

@@ -43,7 +43,7 @@ def load_quality():
 def measured(request) -> tuple[str, dict]:
     """(model, the quality results of the test's seeds: per-frame editing and TokenFlow with PnP)."""
     quality = load_quality()
-    workload = quality.QUICK.__class__(**{**quality.QUICK.__dict__, "seeds": TEST_SEEDS})
+    workload = quality.Workload(**{**quality.QUICK.__dict__, "seeds": TEST_SEEDS})
     results = quality.run_model(request.param, workload, ["pnp"], ["perframe", "tokenflow"], quick=True,
                                 classify=quality.classifier())
     return request.param, results
