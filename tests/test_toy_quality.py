@@ -1,7 +1,7 @@
 """Edit quality on A TOY WORLD TRAINED HERE (never real-weight quality): TokenFlow against per-frame editing.
 
 benchmarks/quality.py's pipeline in-process, through the pack's node classes, on the trained toy models
-(devkit/toy_models.py) and the first :data:`TEST_SEEDS` held-out clips of its ``--quick`` workload, PnP:
+(devkit/toy_models.py) and the first :data:`TEST_SEEDS` of its held-out clips (its full workload), PnP:
 per-frame editing (each frame a one-frame clip) and TokenFlow (correspondences on the fly). What the paper
 claims, on these models:
 
@@ -23,9 +23,9 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TEST_SEEDS = 1
-# Two sigma of the per-seed spread of (per-frame warp - TokenFlow warp), x1e-3, measured by
-# `quality.py --quick --seeds 5 --editors pnp --methods perframe,tokenflow` (benchmarks/README.md, "Quality on
-# a toy world", the margins row), before this file's comparisons were first run.
+# Two sigma of the spread over seeds of (per-frame warp - TokenFlow warp), x1e-3, PnP, measured by the full
+# benchmark (`quality.py --seeds 5`, benchmarks/README.md, "Quality on a toy world") before this file's
+# comparisons were first run.
 MARGINS: dict[str, dict[str, float]] = {}
 # (model, claim) -> why it does not hold there, with the figures; the claim's test is then a strict xfail.
 XFAIL: dict[tuple[str, str], str] = {}
@@ -43,8 +43,8 @@ def load_quality():
 def measured(request) -> tuple[str, dict]:
     """(model, the quality results of the test's seeds: per-frame editing and TokenFlow with PnP)."""
     quality = load_quality()
-    workload = quality.Workload(**{**quality.QUICK.__dict__, "seeds": TEST_SEEDS})
-    results = quality.run_model(request.param, workload, ["pnp"], ["perframe", "tokenflow"], quick=True,
+    workload = quality.Workload(**{**quality.FULL.__dict__, "seeds": TEST_SEEDS})
+    results = quality.run_model(request.param, workload, ["pnp"], ["perframe", "tokenflow"], quick=False,
                                 classify=quality.classifier())
     return request.param, results
 
