@@ -1,0 +1,210 @@
+"""Train the toy-world diffusion models (a toy world trained here, never real-weight quality).
+
+    python devkit/train_toy_models.py unet --minutes 25        # the SD1.x-layout UNet (epsilon)
+    python devkit/train_toy_models.py flux --minutes 25        # the Flux-schnell-layout flow transformer
+
+Each model (configs: ``devkit/toy_model_configs.py``) learns on latents of rendered train-split scenes (one or
+two objects, ``devkit/toy_latents.py``), encoded once by the toy autoencoder, conditioned by its frozen random
+text encoder, with 10 % of the captions dropped to the empty prompt so that cfg > 1 works:
+
+* ``unet``: epsilon prediction on the SD1.x discrete schedule (a timestep drawn uniformly from the 1000).
+* ``flux``: rectified flow (x_s = (1 - s) x0 + s noise, target noise - x0) at levels s = the host's
+  ``ModelSamplingFlux.sigma`` (Flux-schnell's shift) of a logit-normal draw, as Flux was trained.
+
+The loss is computed through ComfyUI's own ``BaseModel.apply_model`` (its input scaling, timestep mapping and
+conditioning), so training and sampling share one code path. Training is seeded, runs on one CPU thread, stops
+after ``--minutes`` of this process's CPU time, keeps an EMA of the weights and saves a resumable state to
+``--work`` every ``--save-every`` minutes; rerunning the same command resumes. At the end it writes the EMA
+weights as an all-in-one fp16 checkpoint (diffusion model + text encoder + the toy TAESD, the layout
+``CheckpointLoaderSimple`` reads) to ``devkit/toy_weights/toy_<model>.safetensors`` and prints the CPU minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+DEVKIT = Path(__file__).resolve().parent
+if str(DEVKIT) not in sys.path:
+    sys.path.insert(0, str(DEVKIT))
+import host_bootstrap  # noqa: E402
+
+log = logging.getLogger("train_toy_models")
+
+WEIGHTS = DEVKIT / "toy_weights"
+AE_FILES = {"unet": WEIGHTS / "toy_taesd_4ch.safetensors", "flux": WEIGHTS / "toy_taesd_16ch.safetensors"}
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.998
+
+
+def checkpoint_path(name: str) -> Path:
+    return WEIGHTS / f"toy_{name}.safetensors"
+
+
+def _build(name: str, seed: int):
+    import toy_model_configs as configs
+
+    if name == "unet":
+        return configs.new_unet(seed), configs.new_sd_clip(seed + 1)
+    return configs.new_flux(seed), configs.new_flux_clip(seed + 1)
+
+
+def load_ae(path: str):
+    """The toy autoencoder as ``comfy.sd.VAE`` (``random4`` / ``random16``: a random TAESD, to debug the pipeline)."""
+    import comfy.sd
+    import comfy.taesd.taesd
+    import comfy.utils
+    import tiny_models
+
+    if path.startswith("random"):
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=int(path[len("random"):]))
+        tiny_models.init_weights(taesd, 7, skip=("vae_scale", "vae_shift"))
+        return comfy.sd.VAE(sd={k: v.detach().clone() for k, v in taesd.state_dict().items()})
+    return comfy.sd.VAE(sd={k: v.float() for k, v in comfy.utils.load_torch_file(path).items()})
+
+
+def level_sampler(name: str, model_sampling) -> Callable:
+    """Draws (B,) noise levels: the SD1.x table at uniform timesteps, or Flux-schnell's shifted logit-normal."""
+    import torch
+
+    if name == "unet":
+        table = model_sampling.sigmas.float()
+        return lambda b, g: table[torch.randint(0, len(table), (b,), generator=g)]
+    return lambda b, g: model_sampling.sigma(torch.sigmoid(torch.randn(b, generator=g))).float().clamp(1e-3, 1.0)
+
+
+def _clone_saved(t):
+    # ComfyUI's Flux blocks add to their input in place (inference code); clones of the tensors autograd
+    # saves keep the backward pass valid without touching the host's model code.
+    import torch
+
+    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+
+
+def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: int, seed: int, batch: int,
+          lr: float, save_every: float) -> dict:
+    import torch
+
+    import toy_latents
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    patcher, clip = _build(name, seed)
+    model = patcher.model
+    vae = load_ae(ae)
+    data = toy_latents.latent_set(vae, ae, n_scenes, size, seed, work)
+    table = toy_latents.caption_table(clip, data.captions)
+    net = model.diffusion_model
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    state_file = work / f"train_{name}_{toy_latents.file_key(ae)}_{size}_{seed}.pt"
+    step, cpu_used = 0, 0.0
+    if state_file.is_file():
+        state = torch.load(state_file)
+        net.load_state_dict(state["net"])
+        ema, step, cpu_used = state["ema"], state["step"], state["cpu_seconds"]
+        opt.load_state_dict(state["opt"])
+        generator.set_state(state["generator"])
+        log.info("%s: resumed at step %d after %.1f CPU minutes", name, step, cpu_used / 60)
+    levels = level_sampler(name, model.model_sampling)
+    model.train()
+    started, last_save, losses = time.process_time(), time.process_time(), []
+
+    def save() -> None:
+        torch.save({"net": net.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step, "generator":
+                    generator.get_state(), "cpu_seconds": cpu_used + time.process_time() - started}, state_file)
+
+    while cpu_used + time.process_time() - started < minutes * 60:
+        rows = torch.randint(0, len(data.latents), (batch,), generator=generator)
+        x0 = data.latents[rows]
+        captions = table.index[rows].clone()
+        captions[torch.rand(batch, generator=generator) < CAPTION_DROPOUT] = 0
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = levels(batch, generator)
+        xt = model.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+        target = noise if name == "unet" else noise - x0
+        extra = {"y": table.pooled[captions]} if name == "flux" else {}
+        with torch.autograd.graph.saved_tensors_hooks(_clone_saved, lambda t: t):
+            denoised = model.apply_model(xt, sigma, c_crossattn=table.conds[captions], **extra)
+            prediction = (xt - denoised) / sigma.view(-1, 1, 1, 1)
+            loss = torch.nn.functional.mse_loss(prediction, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        for group in opt.param_groups:  # linear warm-up over the first 200 steps
+            group["lr"] = lr * min(1.0, (step + 1) / 200)
+        opt.step()
+        step += 1
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log.info("%s step %d loss %.4f (mean of 100) %.1f CPU min", name, step, sum(losses[-100:]) / 100,
+                     (cpu_used + time.process_time() - started) / 60)
+        if time.process_time() - last_save > save_every * 60:
+            save()
+            last_save = time.process_time()
+    save()
+    cpu_minutes = (cpu_used + time.process_time() - started) / 60
+    net.load_state_dict(ema)
+    model.eval()
+    toy_latents.standardise_vae(vae, data.raw_mean, data.raw_std, model.latent_format.process_in)
+    info = {"model": name, "steps": step, "batch": batch, "cpu_minutes": round(cpu_minutes, 1), "scenes": n_scenes,
+            "size": size, "seed": seed, "final_loss": round(sum(losses[-200:]) / max(1, len(losses[-200:])), 4),
+            "autoencoder": Path(ae).name, "raw_latent_mean": data.raw_mean, "raw_latent_std": data.raw_std}
+    write_checkpoint(checkpoint_path(name), patcher, clip, vae, info)
+    print(f"trained {name}: {step} steps of {batch}, {cpu_minutes:.1f} CPU minutes (1 thread), "
+          f"final loss {info['final_loss']}")
+    return info
+
+
+def write_checkpoint(path: Path, patcher, clip, vae, info: dict) -> None:
+    """The all-in-one checkpoint in ComfyUI's own saved layout (``state_dict_for_saving``), every float fp16."""
+    import torch
+
+    import comfy.utils
+
+    sd = patcher.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"tokenflow_toy_world": "a toy world trained here (devkit/train_toy_models.py), not real weights",
+                "training": json.dumps(info)}
+    comfy.utils.save_torch_file(sd, str(path), metadata=metadata)
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=("unet", "flux"))
+    parser.add_argument("--minutes", type=float, default=25.0, help="CPU minutes of training (this process)")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tokenflow_toy_training",
+                        help="resumable training state and the encoded dataset")
+    parser.add_argument("--ae", default=None, help="the toy TAESD file (default: devkit/toy_weights' one for the "
+                        "model's latent channels; random4 / random16 for a random TAESD)")
+    parser.add_argument("--scenes", type=int, default=16000)
+    parser.add_argument("--size", type=int, default=64, help="frame size in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--save-every", type=float, default=3.0, help="minutes between resumable saves")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    host_bootstrap.bootstrap(cpu=True, threads=1)
+    import toy_model_configs
+
+    toy_model_configs.register()
+    args.work.mkdir(parents=True, exist_ok=True)
+    train(args.model, args.minutes, args.work, args.ae or str(AE_FILES[args.model]), args.scenes, args.size,
+          args.seed, args.batch, args.lr, args.save_every)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
