@@ -69,7 +69,7 @@ def classifier():
     import toy_classifier
 
     model = toy_classifier.load_classifier()
-    return lambda images, masks=None: toy_classifier.classify(model, images, masks=masks)
+    return lambda images, masks=None: toy_classifier.classify(images, masks=masks, model=model)
 
 
 class ClipMeasure:
