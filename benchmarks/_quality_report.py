@@ -50,6 +50,17 @@ def summary_line(model: str, editor: str, results: dict) -> str:
             f"structure={mean(methods['tokenflow']['iou']):.3f}")
 
 
+def margin_line(model: str, editor: str, results: dict) -> str:
+    """The spread the tests' margins come from: per seed, per-frame editing's warp error minus TokenFlow's
+    (x1e-3), its mean and two sample standard deviations; TokenFlow's fidelity, likewise."""
+    methods = results["editors"][editor]
+    gaps = [p - t for p, t in zip(methods["perframe"]["warp"], methods["tokenflow"]["warp"])]
+    gap_mean, gap_spread = mean_and_spread(gaps)
+    fid_mean, fid_spread = mean_and_spread(methods["tokenflow"]["fidelity"])
+    return (f"margins model={model} editor={editor} warp_gap={gap_mean:.3f} warp_gap_2sigma={2 * gap_spread:.3f} "
+            f"fidelity={fid_mean:.3f} fidelity_2sigma={2 * fid_spread:.3f} seeds={len(gaps)}")
+
+
 def save_strip(path: Path, rows: list[tuple[str, torch.Tensor]], frames: int = 6, scale: int = 2) -> Path:
     """A PNG strip: one row per (label, (N, H, W, 3) frames), ``frames`` evenly spaced frames each, upscaled
     ``scale`` x by nearest neighbour so the toy frames are visible; the labels are written beside it."""

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_sweeps(models, workload, classify)
         return 0
-    from _quality_report import markdown_table, summary_line
+    from _quality_report import margin_line, markdown_table, summary_line
 
     editors = [e for e in args.editors.split(",") if e]
     methods = [m for m in args.methods.split(",") if m]
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                             strip=args.strip if index == 0 else None)
         everything[name] = results
         print("\n".join(markdown_table(name, results, workload.seeds)) + "\n", flush=True)
+        if {"perframe", "tokenflow"} <= set(methods):
+            print("\n".join(margin_line(name, editor, results) for editor in editors))
         if {"perframe", "joint", "tokenflow"} <= set(methods):
             lines += [summary_line(name, editor, results) for editor in editors]
     if args.json:
