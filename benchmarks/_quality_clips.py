@@ -17,16 +17,25 @@ ATTRIBUTES = ("colour", "pattern")
 
 @dataclass(frozen=True)
 class Workload:
-    """The clips every model edits: their count, length and size, and the edited attribute."""
+    """The clips every model edits: their count, length and size (0: the size the model was trained at), and
+    the edited attribute."""
 
     seeds: int = 5
     frames: int = 10
-    size: int = 64
+    size: int = 0
     attribute: str = "colour"
+
+    def for_model(self, model_name: str) -> "Workload":
+        """This workload with its size resolved: the frame size ``model_name`` was trained at when it is 0."""
+        if self.size:
+            return self
+        import toy_models
+
+        return replace(self, size=int(toy_models.training_info(model_name).get("size", 64)))
 
 
 FULL = Workload()
-QUICK = Workload(seeds=1, frames=6, size=64)
+QUICK = Workload(seeds=1, frames=6)
 
 
 def recipe_for(model_name: str, quick: bool = False):

@@ -22,9 +22,10 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def markdown_table(model: str, results: dict, n_seeds: int) -> list[str]:
+def markdown_table(model: str, results: dict, workload) -> list[str]:
     """One model's table: the reference rows, then every editor's methods (mean ± sample std over seeds)."""
-    lines = [f"#### {model} (a toy world trained here; {n_seeds} held-out seed(s), mean ± std over seeds)", "",
+    lines = [f"#### {model} (a toy world trained here; {workload.seeds} held-out clip(s) of {workload.frames} frames "
+             f"at {workload.size}x{workload.size} px, mean ± std over clips)", "",
              "| editor | method | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for key, label in REFERENCE_LABELS.items():

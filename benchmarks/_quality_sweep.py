@@ -58,6 +58,7 @@ def sweep_model(name: str, workload, classify) -> dict[str, dict[str, dict[str, 
     import toy_models
 
     loaded = toy_models.load_toy_model(name)
+    workload = workload.for_model(name)
     recipe = clips.recipe_for(name)
     tables: dict = {}
 

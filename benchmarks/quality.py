@@ -58,6 +58,7 @@ def run_model(name: str, workload: Workload, editors, methods, quick: bool, clas
     from _quality_report import save_strip
 
     loaded = toy_models.load_toy_model(name)
+    workload = workload.for_model(name)
     recipe = recipe_for(name, quick)
     results = empty_results(editors, methods)
     for seed in list(heldout_seeds())[:workload.seeds]:
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--seeds", type=int, default=None, help=f"held-out clips per model (default {FULL.seeds})")
     parser.add_argument("--frames", type=int, default=None, help=f"frames per clip (default {FULL.frames})")
-    parser.add_argument("--size", type=int, default=None, help=f"frame size in pixels (default {FULL.size})")
+    parser.add_argument("--size", type=int, default=None, help="frame size in pixels (default: the size "
+                        "each model was trained at)")
     parser.add_argument("--attribute", choices=ATTRIBUTES, default=FULL.attribute, help="the edited attribute")
     parser.add_argument("--quick", action="store_true", help="one small clip per model, fewer steps")
     parser.add_argument("--sweep", action="store_true", help="the toy-world setting tables instead")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_model(name, workload, editors, methods, args.quick, classify,
                             strip=args.strip if index == 0 else None)
         everything[name] = results
-        print("\n".join(markdown_table(name, results, workload.seeds)) + "\n", flush=True)
+        print("\n".join(markdown_table(name, results, workload.for_model(name))) + "\n", flush=True)
         if {"perframe", "tokenflow"} <= set(methods):
             print("\n".join(margin_line(name, editor, results) for editor in editors))
         if {"perframe", "joint", "tokenflow"} <= set(methods):
