@@ -15,8 +15,24 @@ unit-variance over the training frames.
 
 Training is seeded and runs on one thread; it prints the CPU minutes spent.
 
-Figures (see ``FIGURES`` below, filled in from ``--measure`` runs) pick the frame size at which the
-source clip's own warp error after the autoencoder stays well below per-frame editing's.
+Measured (``--measure``: 6 held-out clips of 8 frames, 1 or 2 objects; mean ± spread over clips; warp
+errors x1e-3 with the exact source flow, metric/warp_error.py). "flicker" is a crude stand-in for
+per-frame editing: the same clip with the background texture drawn anew every frame, round-tripped.
+
+=====  =======  ============  ==============  ==============  ==============
+AE     size     PSNR (dB)     source          source via AE   flicker via AE
+=====  =======  ============  ==============  ==============  ==============
+4ch    64²      21.45 ± 2.36  0.541 ± 0.335   0.108 ± 0.087   0.837 ± 0.673
+4ch    128²     22.15 ± 2.31  0.233 ± 0.180   0.348 ± 0.245   1.801 ± 1.692
+16ch   64²      21.02 ± 2.01  0.541 ± 0.335   0.133 ± 0.103   0.821 ± 0.716
+16ch   128²     21.89 ± 1.66  0.233 ± 0.180   0.382 ± 0.435   1.834 ± 1.939
+=====  =======  ============  ==============  ==============  ==============
+
+Frame size chosen: 128². At both sizes the source's warp error after the autoencoder is well below the
+per-frame stand-in's (128²: 5x, 64²: 6-8x, where the autoencoder's blur hides the texture that the
+stand-in changes); 128² gives 16x16 latents, on which an object spans about 6x6 tokens (at 64², 3x3 of
+8x8), enough for the tokens TokenFlow matches and for a pattern to survive. Each autoencoder trained
+10.3-10.4 CPU minutes (one thread); PSNR is modest (about 22 dB: blurred patterns and textures).
 """
 from __future__ import annotations
 
@@ -45,7 +61,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "toy_weights"
 LATENT_CHANNELS = (4, 16)
-PHASES = ((32, 1500), (64, 250))  # (crop side, steps): cheap small crops first, then context
+PHASES = ((32, 1500), (64, 100))  # (crop side, steps): cheap small crops first, then context
 BATCH = 8
 LEARNING_RATE = 1e-3
 CHECKPOINT_EVERY = 100
@@ -192,7 +208,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument("--measure", action="store_true", help="only measure the saved weights")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if args.measure:
         measure(args.channels)
         return
