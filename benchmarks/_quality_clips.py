@@ -21,7 +21,7 @@ class Workload:
     the edited attribute."""
 
     seeds: int = 5
-    frames: int = 10
+    frames: int = 8
     size: int = 0
     attribute: str = "colour"
 
@@ -44,7 +44,7 @@ def recipe_for(model_name: str, quick: bool = False):
     from _quality_edit import EditRecipe
 
     flow = "flux" in model_name
-    recipe = EditRecipe(steps=10 if flow else 16, inversion_steps=10 if flow else 80, cfg=4.0)
+    recipe = EditRecipe(steps=8 if flow else 10, inversion_steps=8 if flow else 50, cfg=4.0)
     return replace(recipe, steps=recipe.steps // 2, inversion_steps=recipe.inversion_steps // 2) if quick else recipe
 
 
