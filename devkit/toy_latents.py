@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class LatentSet:
     captions: list[str]  # N captions
     raw_mean: float  # of the AE's raw latents (its own vae_scale / vae_shift), before standardising
     raw_std: float
+    encode_cpu_seconds: float  # rendering and encoding the scenes, this process's CPU time
 
 
 def scene_seeds(n: int, seed: int) -> list[int]:
@@ -86,15 +88,18 @@ def latent_set(vae: comfy.sd.VAE, vae_file: str, n: int, size: int, seed: int, c
     cache = cache_dir / f"latents_{file_key(vae_file)}_{n}_{size}_{seed}.pt"
     if cache.is_file():
         stored = torch.load(cache)
-        return LatentSet(stored["latents"], stored["captions"], stored["raw_mean"], stored["raw_std"])
+        return LatentSet(stored["latents"], stored["captions"], stored["raw_mean"], stored["raw_std"],
+                         stored["encode_cpu_seconds"])
+    started = time.process_time()
     images, captions = render_train_scenes(n, size, seed)
     raw = encode_images(vae, images)
     mean, std = float(raw.mean()), float(raw.std())
-    data = LatentSet((raw - mean) / std, captions, mean, std)
+    data = LatentSet((raw - mean) / std, captions, mean, std, time.process_time() - started)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"latents": data.latents, "captions": captions, "raw_mean": mean, "raw_std": std}, cache)
-    log.info("encoded %d scenes of %d px: latents %s, raw mean %.4f std %.4f", n, size, tuple(raw.shape[1:]),
-             mean, std)
+    torch.save({"latents": data.latents, "captions": captions, "raw_mean": mean, "raw_std": std,
+                "encode_cpu_seconds": data.encode_cpu_seconds}, cache)
+    log.info("encoded %d scenes of %d px in %.1f CPU minutes: latents %s, raw mean %.4f std %.4f", n, size,
+             data.encode_cpu_seconds / 60, tuple(raw.shape[1:]), mean, std)
     return data
 
 

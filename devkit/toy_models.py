@@ -105,7 +105,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruct_frames(model, clip, vae, images: torch.Tensor, caption: str, steps: int = 20,
+def reconstruct_frames(model, clip, vae, images: torch.Tensor, caption: str, steps: int = 25,
                        inversion_steps: int = 50, method: str = "ddim") -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``images`` (N, H, W, 3) with the pack's TokenFlow inversion under ``caption`` and sample them back
     (the editing sampler at cfg 1, no edit): (reconstruction, the autoencoder's own round trip), both IMAGEs."""
@@ -121,3 +121,54 @@ def reconstruct_frames(model, clip, vae, images: torch.Tensor, caption: str, ste
                                      inversion_steps, method=method)
     back = model.model.process_latent_out(invert.reconstruct(model, inversion))
     return vae.decode(back).float().cpu(), vae.decode(latent).float().cpu()
+
+
+def heldout_captions(n: int, split: str = "train", first_seed: int | None = None) -> list[tuple[int, list, str]]:
+    """``n`` one-object (seed, objects, caption) drawn from held-out seeds: ``split`` "train" gives attribute
+    combinations seen in training, "heldout" the world's unseen ``HELDOUT_COMBOS``."""
+    import numpy as np
+
+    import toy_world
+
+    first = toy_world.HELDOUT_SEEDS.start if first_seed is None else first_seed
+    drawn = []
+    for seed in range(first, first + n):
+        rng = np.random.default_rng(seed)
+        objects = toy_world.sample_objects(rng, 1, split)
+        background = toy_world.BACKGROUNDS[int(rng.integers(len(toy_world.BACKGROUNDS)))]
+        drawn.append((seed, objects, toy_world.caption(objects, background)))
+    return drawn
+
+
+def attribute_accuracy(model, clip, vae, n: int, size: int, split: str = "train",
+                       settings: SamplingSettings | None = None) -> dict[str, float]:
+    """Per attribute (shape, colour, pattern, background), the fraction of ``n`` plain samples of one-object
+    captions (noise seeds never used in training) in which the toy classifier finds the captioned value."""
+    import toy_classifier
+
+    classifier = toy_classifier.load_classifier()
+    hits: dict[str, int] = {}
+    for seed, objects, text in heldout_captions(n, split):
+        found = toy_classifier.classify(sample_images(model, clip, vae, text, seed, size, 1, settings),
+                                        model=classifier)
+        wanted = {"shape": objects[0].shape, "colour": objects[0].colour, "pattern": objects[0].pattern,
+                  "background": text.rsplit(" on ", 1)[1]}
+        for attribute, value in wanted.items():
+            hits[attribute] = hits.get(attribute, 0) + int(found[attribute][0] == value)
+    return {attribute: count / n for attribute, count in hits.items()}
+
+
+def reconstruction_psnr(model, clip, vae, n_clips: int, size: int, n_frames: int = 4, steps: int = 25,
+                        inversion_steps: int = 50) -> tuple[float, float]:
+    """Mean PSNR (dB) over the frames of ``n_clips`` held-out clips of (inversion then sampling back, the
+    autoencoder's own round trip) against the rendered frames."""
+    import toy_world
+
+    rec, ae = [], []
+    for seed in range(toy_world.HELDOUT_SEEDS.start, toy_world.HELDOUT_SEEDS.start + n_clips):
+        clip_ = toy_world.render_clip(seed, n_frames, size)
+        back, round_trip = reconstruct_frames(model, clip, vae, clip_.frames, clip_.caption, steps, inversion_steps)
+        rec.append(psnr(back, clip_.frames))
+        ae.append(psnr(round_trip, clip_.frames))
+    return sum(rec) / len(rec), sum(ae) / len(ae)
+

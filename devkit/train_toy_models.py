@@ -1,7 +1,7 @@
 """Train the toy-world diffusion models (a toy world trained here, never real-weight quality).
 
-    python devkit/train_toy_models.py unet --minutes 25        # the SD1.x-layout UNet (epsilon)
-    python devkit/train_toy_models.py flux --minutes 25        # the Flux-schnell-layout flow transformer
+    python devkit/train_toy_models.py unet --minutes 22        # the SD1.x-layout UNet (epsilon)
+    python devkit/train_toy_models.py flux --minutes 22        # the Flux-schnell-layout flow transformer
 
 Each model (configs: ``devkit/toy_model_configs.py``) learns on latents of rendered train-split scenes (one or
 two objects, ``devkit/toy_latents.py``), encoded once by the toy autoencoder, conditioned by its frozen random
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,13 @@ def load_ae(path: str):
         taesd = comfy.taesd.taesd.TAESD(latent_channels=int(path[len("random"):]))
         tiny_models.init_weights(taesd, 7, skip=("vae_scale", "vae_shift"))
         return comfy.sd.VAE(sd={k: v.detach().clone() for k, v in taesd.state_dict().items()})
-    return comfy.sd.VAE(sd={k: v.float() for k, v in comfy.utils.load_torch_file(path).items()})
+    if path.endswith(".ckpt"):  # a training state of devkit/train_toy_autoencoder.py (its "model" entry)
+        import torch
+
+        state = torch.load(path, weights_only=False, map_location="cpu")["model"]
+    else:
+        state = comfy.utils.load_torch_file(path)
+    return comfy.sd.VAE(sd={k: v.float() for k, v in state.items()})
 
 
 def level_sampler(name: str, model_sampling) -> Callable:
@@ -86,7 +93,7 @@ def _clone_saved(t):
 
 
 def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: int, seed: int, batch: int,
-          lr: float, save_every: float) -> dict:
+          lr: float, save_every: float, warm_start: Path | None = None) -> dict:
     import torch
 
     import toy_latents
@@ -103,11 +110,19 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     state_file = work / f"train_{name}_{toy_latents.file_key(ae)}_{size}_{seed}.pt"
-    step, cpu_used = 0, 0.0
+    step, cpu_used, warm = 0, 0.0, {}
+    if not state_file.is_file() and warm_start is not None:
+        # Weights learnt on the latents of an earlier snapshot of the autoencoder: the latent space moves little
+        # late in the AE's training, so training goes on from them (their CPU time is counted in the total).
+        state = torch.load(warm_start)
+        net.load_state_dict(state["ema"])
+        ema = {k: v.clone() for k, v in state["ema"].items()}
+        warm = {"warm_start_steps": state["step"], "warm_start_cpu_minutes": round(state["cpu_seconds"] / 60, 1)}
+        log.info("%s: warm start from %s (%d steps)", name, warm_start, state["step"])
     if state_file.is_file():
         state = torch.load(state_file)
         net.load_state_dict(state["net"])
-        ema, step, cpu_used = state["ema"], state["step"], state["cpu_seconds"]
+        ema, step, cpu_used, warm = state["ema"], state["step"], state["cpu_seconds"], state.get("warm", {})
         opt.load_state_dict(state["opt"])
         generator.set_state(state["generator"])
         log.info("%s: resumed at step %d after %.1f CPU minutes", name, step, cpu_used / 60)
@@ -117,7 +132,8 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
 
     def save() -> None:
         torch.save({"net": net.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step, "generator":
-                    generator.get_state(), "cpu_seconds": cpu_used + time.process_time() - started}, state_file)
+                    generator.get_state(), "cpu_seconds": cpu_used + time.process_time() - started, "warm": warm},
+                   state_file)
 
     while cpu_used + time.process_time() - started < minutes * 60:
         rows = torch.randint(0, len(data.latents), (batch,), generator=generator)
@@ -136,8 +152,10 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        for group in opt.param_groups:  # linear warm-up over the first 200 steps
-            group["lr"] = lr * min(1.0, (step + 1) / 200)
+        progress = (cpu_used + time.process_time() - started) / (minutes * 60)
+        for group in opt.param_groups:  # linear warm-up over 200 steps, then cosine down to a tenth over the budget
+            cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * cosine
         opt.step()
         step += 1
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
@@ -157,8 +175,9 @@ def train(name: str, minutes: float, work: Path, ae: str, n_scenes: int, size: i
     model.eval()
     toy_latents.standardise_vae(vae, data.raw_mean, data.raw_std, model.latent_format.process_in)
     info = {"model": name, "steps": step, "batch": batch, "cpu_minutes": round(cpu_minutes, 1), "scenes": n_scenes,
-            "size": size, "seed": seed, "final_loss": round(sum(losses[-200:]) / max(1, len(losses[-200:])), 4),
-            "autoencoder": Path(ae).name, "raw_latent_mean": data.raw_mean, "raw_latent_std": data.raw_std}
+            "size": size, "seed": seed, "encode_cpu_minutes": round(data.encode_cpu_seconds / 60, 1),
+            "final_loss": round(sum(losses[-200:]) / max(1, len(losses[-200:])), 4),
+            "autoencoder": Path(ae).name, "raw_latent_mean": data.raw_mean, "raw_latent_std": data.raw_std, **warm}
     write_checkpoint(checkpoint_path(name), patcher, clip, vae, info)
     print(f"trained {name}: {step} steps of {batch}, {cpu_minutes:.1f} CPU minutes (1 thread), "
           f"final loss {info['final_loss']}")
@@ -180,19 +199,46 @@ def write_checkpoint(path: Path, patcher, clip, vae, info: dict) -> None:
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
 
 
+def measure(samples: int, clips: int, size: int | None, names: tuple[str, ...]) -> None:
+    """Print the figures of the saved toy models: attribute accuracy of plain samples (seen and unseen attribute
+    combinations) and the PSNR of inversion followed by sampling on held-out clips, at ``size`` (default: the
+    training frame size)."""
+    import toy_models
+
+    for name in names:
+        model, clip, vae = toy_models.load_toy_model(name)
+        size = size or int(toy_models.training_info(name).get("size", 64))
+        print(f"toy {name}: frames of {size} px")
+        settings = toy_models.SAMPLING[name]
+        for split in ("train", "heldout"):
+            accuracy = toy_models.attribute_accuracy(model, clip, vae, samples, size, split)
+            print(f"toy {name}: {split}-combination captions, {samples} samples, {settings}: "
+                  + " ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
+        rec, ae = toy_models.reconstruction_psnr(model, clip, vae, clips, size)
+        print(f"toy {name}: {clips} held-out clips, inversion then sampling {rec:.2f} dB PSNR, "
+              f"the autoencoder alone {ae:.2f} dB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=("unet", "flux"))
-    parser.add_argument("--minutes", type=float, default=25.0, help="CPU minutes of training (this process)")
+    parser.add_argument("model", choices=("unet", "flux", "measure"), help="the model to train, or measure: print "
+                        "the saved models' figures")
+    parser.add_argument("--samples", type=int, default=96, help="measure: samples per caption split")
+    parser.add_argument("--clips", type=int, default=4, help="measure: held-out clips to reconstruct")
+    parser.add_argument("--only", action="append", choices=("unet", "flux"), help="measure: this model only")
+    parser.add_argument("--measure-size", type=int, default=None, help="measure: frame size (default: the trained one)")
+    parser.add_argument("--minutes", type=float, default=22.0, help="CPU minutes of training (this process)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tokenflow_toy_training",
                         help="resumable training state and the encoded dataset")
     parser.add_argument("--ae", default=None, help="the toy TAESD file (default: devkit/toy_weights' one for the "
                         "model's latent channels; random4 / random16 for a random TAESD)")
-    parser.add_argument("--scenes", type=int, default=16000)
+    parser.add_argument("--scenes", type=int, default=5000)
     parser.add_argument("--size", type=int, default=64, help="frame size in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warm-start", type=Path, default=None, help="a training state (--work's train_*.pt) whose "
+                        "EMA weights start this run, e.g. one trained on an earlier snapshot of the autoencoder")
     parser.add_argument("--save-every", type=float, default=3.0, help="minutes between resumable saves")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -200,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     import toy_model_configs
 
     toy_model_configs.register()
+    if args.model == "measure":
+        measure(args.samples, args.clips, args.measure_size, tuple(args.only or ("unet", "flux")))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     train(args.model, args.minutes, args.work, args.ae or str(AE_FILES[args.model]), args.scenes, args.size,
-          args.seed, args.batch, args.lr, args.save_every)
+          args.seed, args.batch, args.lr, args.save_every, args.warm_start)
     return 0
 
 

@@ -25,6 +25,10 @@ widths, so CLIPTextEncode gives Flux-shaped conditioning (T5 tokens, CLIP-L pool
 :class:`TinySD3` does the same for the tiny all-in-one SD3 checkpoint (its widths are all read from the
 weights; it matches only depth 2 and builds ComfyUI's SD3 text encoder with a tiny T5 only).
 
+It registers the toy-world configs too (``devkit/toy_model_configs.py``: ``ToySD15``, ``ToyFluxSchnell``), so
+the checkpoints trained here (``devkit/toy_weights/toy_*.safetensors``; ``devkit/toy_weights/extra_model_paths.yaml``
+names their folder) load in a server, the runner and the example graphs as in ``devkit/toy_models.py``.
+
 The files themselves are written by :mod:`tiny_files` (``write_tiny_model_files``), run with
 ``python tests/stand_in_nodes/tiny_files.py <models dir>`` to make them by hand.
 
@@ -49,6 +53,7 @@ from comfy import sd1_clip  # noqa: E402
 
 import tiny_dit_models  # noqa: E402
 import tiny_models  # noqa: E402
+import toy_model_configs  # noqa: E402
 
 from .tiny_files import TINY_SD3_T5_CONFIG, TINY_T5_CONFIG  # noqa: E402  (the writer's tiny T5 widths)
 
@@ -145,6 +150,7 @@ def register() -> None:
                    for m in models):
             models.insert(0, stand_in)
             log.info("TokenFlow test stand-ins: registered the tiny %s model config (test only)", stand_in.__name__)
+    toy_model_configs.register()
 
 
 register()
