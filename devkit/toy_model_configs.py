@@ -103,14 +103,14 @@ class ToyFluxSchnell(comfy.supported_models.FluxSchnell):
 TOY_CONFIGS = (ToySD15, ToyFluxSchnell)
 
 
-def register() -> None:
-    """Put the toy configs first in ComfyUI's model list (idempotent)."""
+def register(configs: tuple[type, ...] = TOY_CONFIGS) -> None:
+    """Put ``configs`` first in ComfyUI's model list, in their order (idempotent)."""
     models = comfy.supported_models.models
-    for config in reversed(TOY_CONFIGS):
+    for config in reversed(configs):
         if not any(getattr(m, "__name__", "") == config.__name__ and m.unet_config == config.unet_config
                    for m in models):
             models.insert(0, config)
-            log.info("toy world: registered the %s model config", config.__name__)
+            log.info("registered the %s model config", config.__name__)
 
 
 def _patcher(model: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:

@@ -143,14 +143,8 @@ STAND_INS = (TinySD15, TinyFlux, TinySD3)
 
 
 def register() -> None:
-    """Put the stand-in configs first in ComfyUI's model list (idempotent)."""
-    models = comfy.supported_models.models
-    for stand_in in reversed(STAND_INS):
-        if not any(getattr(m, "__name__", "") == stand_in.__name__ and m.unet_config == stand_in.unet_config
-                   for m in models):
-            models.insert(0, stand_in)
-            log.info("TokenFlow test stand-ins: registered the tiny %s model config (test only)", stand_in.__name__)
-    toy_model_configs.register()
+    """Put the stand-in configs and the toy-world configs first in ComfyUI's model list (idempotent)."""
+    toy_model_configs.register(STAND_INS + toy_model_configs.TOY_CONFIGS)
 
 
 register()
