@@ -27,7 +27,7 @@ TEST_SEEDS = 1
 # benchmark (`quality.py --seeds 5`, benchmarks/README.md, "Quality on a toy world") before this file's
 # comparisons were first run.
 MARGINS: dict[str, dict[str, float]] = {
-    # quality.py --seeds 5 at 613b2ec (toy_unet.safetensors sha256 fc618b6b...): 2 sigma of the per-seed gaps (PnP)
+    # quality.py --seeds 5 at d75ce2d (toy_unet.safetensors sha256 fc618b6b...): 2 sigma of the per-seed gaps (PnP)
     "unet": {"warp_gap": 1.510},
     # quality.py --models flux --seeds 5 at the merge of 28ff06d (toy_flux.safetensors sha256 b529bd21...)
     "flux": {"warp_gap": 1.146},
