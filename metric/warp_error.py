@@ -137,12 +137,14 @@ def occlusion_mask(flow_fwd: torch.Tensor, flow_bwd: torch.Tensor,
 
 
 def pair_errors(frames: torch.Tensor, next_frames: torch.Tensor, flow_fwd: torch.Tensor,
-                flow_bwd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                flow_bwd: torch.Tensor, occluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp error of a batch of frame pairs.
 
     frames, next_frames: (B, C, H, W) edited frames i and i+1 in [0, 1]; flow_fwd / flow_bwd:
-    (B, 2, H, W) SOURCE flows i -> i+1 and i+1 -> i. Returns the (B,) masked MSE (NaN where no
-    pixel is valid) and the (B,) excluded fraction.
+    (B, 2, H, W) SOURCE flows i -> i+1 and i+1 -> i. ``occluded``: optional (B, H, W) bool, the
+    pixels of frame i hidden in frame i+1 when they are known exactly (a rendered clip); it then
+    replaces step 3's forward-backward check. Returns the (B,) masked MSE (NaN where no pixel is
+    valid) and the (B,) excluded fraction.
     """
     if frames.shape != next_frames.shape:
         raise ValueError(f"frame batches differ in shape: {tuple(frames.shape)} vs {tuple(next_frames.shape)}")
@@ -152,7 +154,10 @@ def pair_errors(frames: torch.Tensor, next_frames: torch.Tensor, flow_fwd: torch
     # one sampling pass for the next frame and the backward flow (same sample points)
     stacked, inside = backward_warp(torch.cat((next_frames.to(dtype), flow_bwd), dim=1), flow_fwd)
     warped, bwd_at_target = stacked[:, :channels], stacked[:, channels:]
-    occluded = _occluded(flow_fwd, bwd_at_target, inside, OCCLUSION_ALPHA1, OCCLUSION_ALPHA2)
+    if occluded is None:
+        occluded = _occluded(flow_fwd, bwd_at_target, inside, OCCLUSION_ALPHA1, OCCLUSION_ALPHA2)
+    elif occluded.shape != inside.shape:
+        raise ValueError(f"occlusion masks {tuple(occluded.shape)} do not match the pairs {tuple(inside.shape)}")
     valid = (inside & ~occluded).to(dtype)  # (B, H, W)
     count = valid.sum(dim=(1, 2))
     squared = (warped - frames.to(dtype)).square().sum(dim=1)  # summed over channels
@@ -177,12 +182,13 @@ def summarize(per_pair: torch.Tensor, excluded_fraction: torch.Tensor) -> WarpEr
 
 
 def warp_error(frames: torch.Tensor, flows_fwd: torch.Tensor, flows_bwd: torch.Tensor,
-               chunk: int = 8) -> WarpErrorResult:
+               chunk: int = 8, occlusion: torch.Tensor | None = None) -> WarpErrorResult:
     """Warp error of a whole edited video given the source video's flows.
 
     frames: (N, C, H, W) edited frames in [0, 1]; flows_fwd[i]: source flow i -> i+1 and
-    flows_bwd[i]: source flow i+1 -> i, both (N-1, 2, H, W). Pairs are processed ``chunk`` at a
-    time to bound memory.
+    flows_bwd[i]: source flow i+1 -> i, both (N-1, 2, H, W). ``occlusion``: optional exact (N-1, H, W)
+    bool masks of the pixels of frame i hidden in frame i+1 (a rendered clip's), used instead of the
+    forward-backward check. Pairs are processed ``chunk`` at a time to bound memory.
     """
     n = frames.shape[0]
     if n < 2:
@@ -192,7 +198,8 @@ def warp_error(frames: torch.Tensor, flows_fwd: torch.Tensor, flows_bwd: torch.T
     errors, excluded = [], []
     for start in range(0, n - 1, chunk):
         stop = min(start + chunk, n - 1)
-        mse, exc = pair_errors(frames[start:stop], frames[start + 1:stop + 1], flows_fwd[start:stop], flows_bwd[start:stop])
+        mse, exc = pair_errors(frames[start:stop], frames[start + 1:stop + 1], flows_fwd[start:stop], flows_bwd[start:stop],
+                               None if occlusion is None else occlusion[start:stop])
         errors.append(mse)
         excluded.append(exc)
     return summarize(torch.cat(errors), torch.cat(excluded))

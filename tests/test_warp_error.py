@@ -151,6 +151,29 @@ def test_matches_brute_force_on_random_flows() -> None:
     np.testing.assert_array_equal(inside_t.numpy(), inside)
 
 
+def test_exact_occlusion_masks_replace_the_forward_backward_check() -> None:
+    """A rendered clip knows its occlusion: given masks replace step 3, the out-of-frame mask still applies."""
+    gen = torch.Generator().manual_seed(1)
+    n, height, width = 3, 7, 9
+    frames = torch.rand(n, 3, height, width, generator=gen, dtype=torch.float64)
+    fwd = (torch.rand(n - 1, 2, height, width, generator=gen, dtype=torch.float64) * 2 - 1) * 3.0
+    bwd = fwd.clone()  # inconsistent everywhere: the check alone would flag almost every moving pixel
+    given = torch.rand(n - 1, height, width, generator=gen) < 0.3
+
+    result = we.warp_error(frames, fwd, bwd, chunk=1, occlusion=given)
+    *_, inside = brute_force(frames.numpy(), fwd.numpy(), bwd.numpy())
+    image, flow = frames.numpy(), fwd.numpy()
+    for i in range(n - 1):
+        valid = inside[i] & ~given[i].numpy()
+        squared = [((_bilinear(image[i + 1], x + flow[i, 0, y, x], y + flow[i, 1, y, x]) - image[i, :, y, x]) ** 2).sum()
+                   for y, x in zip(*np.nonzero(valid))]
+        assert result.per_pair[i].item() == pytest.approx(sum(squared) / (3 * valid.sum()), rel=1e-10)
+        assert result.excluded_fraction[i].item() == pytest.approx(1 - valid.sum() / (height * width), rel=1e-12)
+    assert abs(result.mean - we.warp_error(frames, fwd, bwd).mean) > 1e-3  # the check's masks differ
+    with pytest.raises(ValueError, match="occlusion masks"):
+        we.warp_error(frames, fwd, bwd, occlusion=given[:, :-1])
+
+
 def test_occlusion_mask_consistent_and_inconsistent_flows() -> None:
     fwd = torch.zeros(1, 2, 6, 8)
     fwd[:, 0] = 1.0
