@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import weakref
 from typing import Callable
 
 import torch
@@ -80,10 +81,28 @@ def install_device_facts(vram_bytes: int, ram_bytes: int, live_bytes: Callable[[
     _patch(mm, "synchronize", lambda *a, **k: None, "nothing to wait for")
     _patch(torch.cuda, "synchronize", lambda *a, **k: None, "nothing to wait for")
     _patch(torch.cuda, "empty_cache", lambda *a, **k: None, "no cache to empty")
+    _patch(torch.cuda, "Event", _LandedEvent, "events on fake tensors have landed when recorded (no stream)")
+    _patch(torch.cuda, "current_stream", lambda *a, **k: None, "no stream (fake tensors)")
     # Set when model_management was imported on this CPU host; on an NVIDIA card partial loading may keep as few
     # weights on the device as the free memory allows (no minimum share).
     mm.MIN_WEIGHT_MEMORY_RATIO = 0.0
     SHIMS.append("comfy.model_management.MIN_WEIGHT_MEMORY_RATIO: 0.0 (its NVIDIA value; partial loading sizing)")
+
+
+class _LandedEvent:
+    """``torch.cuda.Event`` for fake tensors: nothing is queued, so every copy has landed when it is recorded."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 def install_gpu_attention() -> None:
@@ -195,6 +214,28 @@ def _to_cpu(value):
     return value
 
 
+class PinnedBytes:
+    """The bytes the pack asked to page-lock (made pageable here), live and at their peak: what PyTorch's caching
+    host allocator would keep locked on a card."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = self.allocations = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.allocations += 1
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+PINNED = PinnedBytes()
+
+
 class SmallValues(TorchDispatchMode):
     """Keeps the real values the sampler reads back (above a FakeTensorMode): ops on host tensors only run for
     real; a fake result computed from inputs whose real values are known keeps its real value when it has at most
@@ -238,6 +279,10 @@ class SmallValues(TorchDispatchMode):
                 kwargs = {**kwargs, "pin_memory": False}
                 self.reads["pinned host allocations made pageable"] = self.reads.get(
                     "pinned host allocations made pageable", 0) + 1
+                with unset_fake_temporarily():
+                    out = func(*args, **kwargs)
+                PINNED.add(out)
+                return out
             with unset_fake_temporarily():  # host work on host tensors: real
                 return func(*args, **kwargs)
         if func is torch.ops.aten._local_scalar_dense.default:
