@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from _real_size_track import leaves
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -271,9 +273,10 @@ class SmallValues(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat = tree_flatten((args, kwargs))[0]
+        flat = leaves((args, kwargs))
         tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-        to_device = any(str(v).startswith("cuda") for v in flat if isinstance(v, (str, torch.device)))
+        to_device = any(v.type == "cuda" if isinstance(v, torch.device) else v.startswith("cuda")
+                        for v in flat if isinstance(v, (str, torch.device)))
         if not to_device and not any(_is_fake(t) for t in tensors):
             if kwargs.get("pin_memory"):  # page-locked host memory needs a driver: the same host bytes, unpinned
                 kwargs = {**kwargs, "pin_memory": False}
@@ -293,8 +296,9 @@ class SmallValues(TorchDispatchMode):
             self.reads[_caller()] = self.reads.get(_caller(), 0) + 1
             with unset_fake_temporarily():
                 return func(real)
-        known = all(self.value_of(t) is not None for t in tensors) and all(
-            t.numel() <= SHADOW_LIMIT for t in tensors)
+        values = self._values
+        # Most ops take a fake weight or an activation computed from one: no real value, nothing to shadow.
+        known = all(t.numel() <= SHADOW_LIMIT and (not _is_fake(t) or values.get(t) is not None) for t in tensors)
         try:
             out = func(*args, **kwargs)
         except (torch._subclasses.fake_tensor.DynamicOutputShapeException,
@@ -310,7 +314,7 @@ class SmallValues(TorchDispatchMode):
                     self._values[fake] = value
             return out
         if known:
-            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            outs = [o for o in leaves(out) if isinstance(o, torch.Tensor)]
             if outs and all(o.numel() <= SHADOW_LIMIT for o in outs) and any(_is_fake(o) for o in outs):
                 real = self._real(func, args, kwargs)
                 if real is not None:

@@ -22,7 +22,7 @@ from ..patches.contract import copies_async
 log = logging.getLogger(__name__)
 
 CAPACITY_BYTES = 64 * 2**20  # the page-locked bytes one run may hold (two slices of 32 MiB in flight)
-SMALLEST_BUFFER_BYTES = 2**20  # the ring's first size: small copies (fields) do not lock the whole capacity
+SMALLEST_BUFFER_BYTES = 2**16  # the ring's first size: small copies (fields) do not lock the whole capacity
 
 
 @dataclass
