@@ -185,8 +185,9 @@ def dry_run(args) -> str:
     if verdict is None:
         verdict = (f"verdict: fits peak_vram_gib={peak_vram / GIB:.2f} peak_ram_gib={peak_ram / GIB:.2f} "
                    f"weights={weights} bank=device")
-    print(f"\npage-locked host memory (what the caching host allocator would keep): peak {shims.PINNED.peak / 2**20:.2f}"
-          f" MiB live, {shims.PINNED.allocations} allocations (the {args.run_steps} steps run, not scaled)")
+    print(f"\npage-locked host memory (what the caching host allocator would keep): peak {shims.PINNED.peak} bytes "
+          f"({shims.PINNED.peak / 2**20:.2f} MiB) live, {shims.PINNED.allocations} allocations (the {args.run_steps} "
+          f"steps run, not scaled)")
     if shims.SmallValues.reads:
         print("\nvalues read back from the real small inputs: "
               + ", ".join(f"{k} x{v}" for k, v in sorted(shims.SmallValues.reads.items())))
