@@ -12,6 +12,7 @@ loading, or a holder a caller names with :meth:`MemoryTracker.holder`):
 - ``bank``: what the pack's step bank keeps between calls (tensors reachable from a ``StepBank``: re-tagged at every
   model call by :func:`retag`, whoever allocated them);
 - ``controlnet``: ControlNet copies of keyframe subsets (the pack's ControlNet editor) and the ControlNet's run;
+- ``staging``: page-locked host memory (the ring the trajectory and fields reach the host through);
 - ``activations``: everything else (the model's forward, the sampler).
 It keeps the peak of each device with the holder breakdown at that moment, per phase.
 """
@@ -30,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = str(Path(__file__).resolve().parents[1]) + "/"
-HOLDERS = ("weights", "activations", "bank", "trajectory", "fields", "controlnet")
+HOLDERS = ("weights", "activations", "bank", "trajectory", "fields", "controlnet", "staging")
 
 # The pack's modules (path under the repo) whose allocations belong to a holder other than activations.
 _PACK_HOLDERS = (
@@ -154,9 +155,12 @@ class MemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Page-locked host memory is the staging ring of the host copies, whoever asks for it: not a trajectory that
+        # grows with the steps.
+        holder = "staging" if kwargs and kwargs.get("pin_memory") else None
         for value in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                self.track(value)
+                self.track(value, holder)
         return out
 
 
