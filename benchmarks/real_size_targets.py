@@ -32,29 +32,25 @@ class Target:
     args: tuple[str, ...]
 
 
-TARGETS = (
-    Target("flux-fp8-1024", "Flux-dev fp8 1024², 24 GB",
-           ("--model", "flux-dev", "--dtype", "fp8", "--size", "1024", "--frames", "40", "--vram", "23.99")),
-    Target("flux-bf16-1024", "Flux-dev bf16 1024², 24 GB",
-           ("--model", "flux-dev", "--dtype", "bf16", "--size", "1024", "--frames", "40", "--vram", "23.99")),
-    Target("flux-fp8-512-120", "Flux-dev fp8 512², 120 frames, 24 GB",
-           ("--model", "flux-dev", "--dtype", "fp8", "--size", "512", "--frames", "120", "--vram", "23.99")),
-    Target("sd35l-fp8-1024", "SD3.5 Large fp8 1024², 24 GB",
-           ("--model", "sd35-large", "--dtype", "fp8", "--size", "1024", "--frames", "40", "--vram", "23.99")),
-    Target("sd35m-fp16-1024-12gb", "SD3.5 Medium fp16 1024², 12 GB (11.99)",
-           ("--model", "sd35-medium", "--dtype", "fp16", "--size", "1024", "--frames", "40", "--vram", "11.99")),
-    Target("sdxl-12gb", "SDXL fp16 1024², 12 GB (11.99)",
-           ("--model", "sdxl", "--dtype", "fp16", "--size", "1024", "--frames", "40", "--vram", "11.99")),
-    Target("sdxl-12gb-controlnet", "SDXL fp16 1024², 12 GB (11.99), one ControlNet",
-           ("--model", "sdxl", "--dtype", "fp16", "--size", "1024", "--frames", "40", "--vram", "11.99",
-            "--editor", "controlnet")),
-    Target("sd21-8gb", "SD2.1 fp16 512², 8 GB (7.99)",
-           ("--model", "sd21", "--dtype", "fp16", "--size", "512", "--frames", "40", "--vram", "7.99")),
-    Target("sd21-1000", "SD2.1 fp16 512², 1000 frames, 24 GB, 64 GB RAM",
-           ("--model", "sd21", "--dtype", "fp16", "--size", "512", "--frames", "1000", "--vram", "23.99")),
-    Target("flux-bf16-2048-8gb", "Flux-dev bf16 2048², 40 frames, 8 GB (7.99)",
-           ("--model", "flux-dev", "--dtype", "bf16", "--size", "2048", "--frames", "40", "--vram", "7.99")),
-)
+def _target(name: str, title: str, model: str, dtype: str, size: int, frames: int, vram: float, *extra: str) -> Target:
+    return Target(name, title, ("--model", model, "--dtype", dtype, "--size", str(size), "--frames", str(frames),
+                                "--vram", str(vram), *extra))
+
+
+# Issue-style targets: 40 frames, PnP on the fly, default settings, --ram 64, a "24 GB" card at 23.99 GiB unless said.
+TARGETS = tuple(_target(*row) for row in (
+    ("flux-fp8-1024", "Flux-dev fp8 1024², 24 GB", "flux-dev", "fp8", 1024, 40, 23.99),
+    ("flux-bf16-1024", "Flux-dev bf16 1024², 24 GB", "flux-dev", "bf16", 1024, 40, 23.99),
+    ("flux-fp8-512-120", "Flux-dev fp8 512², 120 frames, 24 GB", "flux-dev", "fp8", 512, 120, 23.99),
+    ("sd35l-fp8-1024", "SD3.5 Large fp8 1024², 24 GB", "sd35-large", "fp8", 1024, 40, 23.99),
+    ("sd35m-fp16-1024-12gb", "SD3.5 Medium fp16 1024², 12 GB (11.99)", "sd35-medium", "fp16", 1024, 40, 11.99),
+    ("sdxl-12gb", "SDXL fp16 1024², 12 GB (11.99)", "sdxl", "fp16", 1024, 40, 11.99),
+    ("sdxl-12gb-controlnet", "SDXL fp16 1024², 12 GB (11.99), one ControlNet", "sdxl", "fp16", 1024, 40, 11.99,
+     "--editor", "controlnet"),
+    ("sd21-8gb", "SD2.1 fp16 512², 8 GB (7.99)", "sd21", "fp16", 512, 40, 7.99),
+    ("sd21-1000", "SD2.1 fp16 512², 1000 frames, 24 GB, 64 GB RAM", "sd21", "fp16", 512, 1000, 23.99),
+    ("flux-bf16-2048-8gb", "Flux-dev bf16 2048², 40 frames, 8 GB (7.99)", "flux-dev", "bf16", 2048, 40, 7.99),
+))
 PHASE = re.compile(r"^(inversion|extraction|plain|edit): FLOPs/step ([\d.]+) T(?: \(([\d.]+)x plain\))?")
 CUDA_ROW = re.compile(r"^  cuda\s+([\d.]+)\s+(.*)$")
 HOLDER_HEADER = re.compile(r"^  device\s+peak GiB\s+(.*)$")
