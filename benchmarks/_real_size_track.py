@@ -167,15 +167,15 @@ class MemoryTracker(TorchDispatchMode):
 class StepFlops:
     """FLOPs of each model evaluation (ComfyUI's ``CFGGuider.outer_predict_noise``), per phase:
     ``torch.utils.flop_counter.FlopCounterMode`` entered around an evaluation of the same run. Evaluations of one
-    kind do the same work (``step_kind(phase, index)`` names the kind; None: every evaluation of the phase is of one
-    kind), so each kind is counted once and its later evaluations get its count: the counter's per-op dispatch is
-    most of a model evaluation's cost on fake tensors."""
+    kind on inputs of one shape do the same work (``step_kind(phase, index)`` names the kind; None: every evaluation
+    of the phase is of one kind), so each is counted once and its later evaluations get its count: the counter's
+    per-op dispatch is a large share of a model evaluation's cost on fake tensors."""
 
     def __init__(self, tracker: MemoryTracker, step_kind: Callable[[str, int], Hashable] | None = None) -> None:
         self.tracker = tracker
         self.step_kind = step_kind or (lambda phase, index: None)
         self.per_phase: dict[str, list[float]] = {}
-        self.counted: dict[tuple[str, Hashable], float] = {}  # (phase, kind) -> FLOPs of its first evaluation
+        self.counted: dict[tuple, float] = {}  # (phase, kind, input shape) -> FLOPs of its first evaluation
 
     @contextmanager
     def installed(self):
@@ -188,7 +188,9 @@ class StepFlops:
         def counted(guider, *args, **kwargs):
             phase = self.tracker.phase
             done = counts.setdefault(phase, [])
-            key = (phase, self.step_kind(phase, len(done)))
+            # Same kind and same input shape (an inversion chunk may be a frame shorter): the same calls.
+            shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+            key = (phase, self.step_kind(phase, len(done)), shape)
             if key in self.counted:
                 out = original(guider, *args, **kwargs)
             else:
