@@ -6,8 +6,10 @@ on fake tensors with the shims and prints the tables and the verdict.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -54,7 +56,7 @@ def apply_controlnet(conditioning: list, controlnet, frames: int, size: int) -> 
 
 def run_phases(work: Workload, tracker: MemoryTracker, flops: StepFlops | None = None) -> None:
     """Inversion, extraction (``work.extracted``), plain sampling of the same frames and the edit, each through the
-    pack's node function (plain: ComfyUI's ``comfy.sample.sample``), ``run_steps`` editing steps each."""
+    pack's node function (plain: ComfyUI's ``comfy.sample.sample``), ``run_steps`` editing steps each (plain: one)."""
     steps = work.run_steps
     tracker.set_phase("inversion")
     inversion, _ = TokenFlowInvert.execute(work.model, {"samples": work.latent}, work.source, steps, steps).args
@@ -66,7 +68,9 @@ def run_phases(work: Workload, tracker: MemoryTracker, flops: StepFlops | None =
         work.results["extraction"] = correspondences
     tracker.set_phase("plain")
     noise = torch.zeros_like(work.latent)
-    comfy.sample.sample(work.model, noise, steps, work.cfg, "euler", "normal", work.positive, work.negative,
+    # Every step of plain sampling makes the same model call and keeps nothing from the one before: one step shows
+    # its memory and FLOPs per step.
+    comfy.sample.sample(work.model, noise, 1, work.cfg, "euler", "normal", work.positive, work.negative,
                         work.latent, denoise=1.0, seed=0)
     gc.collect()
     tracker.set_phase("edit")
@@ -95,9 +99,18 @@ def _weights_mode(model) -> str:
     return "full" if loaded >= model.model_size() else "partial"
 
 
+def _step_kind(mix: StepMix, run_steps: int, phase: str, index: int):
+    """The kind of the edit's ``index``-th model evaluation (its plan's step needs); other phases have one kind."""
+    if phase != "edit" or not mix.calls:
+        return None
+    kinds = mix.kinds(run_steps)
+    return kinds[index] if index < len(kinds) else ("beyond the plan", index)
+
+
 def dry_run(args) -> str:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    started = time.monotonic()
     tracker = MemoryTracker()
     vram, ram = int(args.vram * GIB), int(args.ram * GIB)
     shims.install_device_facts(vram, ram, tracker.live_bytes)
@@ -109,8 +122,8 @@ def dry_run(args) -> str:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     small = shims.SmallValues(fake_mode)
     shims.install_fake_parameter_moves(fake_mode)
-    flops = StepFlops(tracker)
     mix = StepMix()
+    flops = StepFlops(tracker, functools.partial(_step_kind, mix, args.run_steps))
     ratio = args.steps / args.run_steps
     verdict = None
     # Built outside the modes: the schedule's buffers are real host tensors, the weights fake ones.
@@ -172,8 +185,12 @@ def dry_run(args) -> str:
     if verdict is None:
         verdict = (f"verdict: fits peak_vram_gib={peak_vram / GIB:.2f} peak_ram_gib={peak_ram / GIB:.2f} "
                    f"weights={weights} bank=device")
+    print(f"\npage-locked host memory (what the caching host allocator would keep): peak {shims.PINNED.peak} bytes "
+          f"({shims.PINNED.peak / 2**20:.2f} MiB) live, {shims.PINNED.allocations} allocations (the {args.run_steps} "
+          f"steps run, not scaled)")
     if shims.SmallValues.reads:
         print("\nvalues read back from the real small inputs: "
               + ", ".join(f"{k} x{v}" for k, v in sorted(shims.SmallValues.reads.items())))
+    print(f"dry run: {time.monotonic() - started:.0f} s wall")
     print(verdict)
     return verdict

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import weakref
 from typing import Callable
 
 import torch
@@ -27,6 +28,8 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from _real_size_track import leaves
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +83,28 @@ def install_device_facts(vram_bytes: int, ram_bytes: int, live_bytes: Callable[[
     _patch(mm, "synchronize", lambda *a, **k: None, "nothing to wait for")
     _patch(torch.cuda, "synchronize", lambda *a, **k: None, "nothing to wait for")
     _patch(torch.cuda, "empty_cache", lambda *a, **k: None, "no cache to empty")
+    _patch(torch.cuda, "Event", _LandedEvent, "events on fake tensors have landed when recorded (no stream)")
+    _patch(torch.cuda, "current_stream", lambda *a, **k: None, "no stream (fake tensors)")
     # Set when model_management was imported on this CPU host; on an NVIDIA card partial loading may keep as few
     # weights on the device as the free memory allows (no minimum share).
     mm.MIN_WEIGHT_MEMORY_RATIO = 0.0
     SHIMS.append("comfy.model_management.MIN_WEIGHT_MEMORY_RATIO: 0.0 (its NVIDIA value; partial loading sizing)")
+
+
+class _LandedEvent:
+    """``torch.cuda.Event`` for fake tensors: nothing is queued, so every copy has landed when it is recorded."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 def install_gpu_attention() -> None:
@@ -195,6 +216,28 @@ def _to_cpu(value):
     return value
 
 
+class PinnedBytes:
+    """The bytes the pack asked to page-lock (made pageable here), live and at their peak: what PyTorch's caching
+    host allocator would keep locked on a card."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = self.allocations = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.allocations += 1
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+PINNED = PinnedBytes()
+
+
 class SmallValues(TorchDispatchMode):
     """Keeps the real values the sampler reads back (above a FakeTensorMode): ops on host tensors only run for
     real; a fake result computed from inputs whose real values are known keeps its real value when it has at most
@@ -230,14 +273,19 @@ class SmallValues(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat = tree_flatten((args, kwargs))[0]
+        flat = leaves((args, kwargs))
         tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-        to_device = any(str(v).startswith("cuda") for v in flat if isinstance(v, (str, torch.device)))
+        to_device = any(v.type == "cuda" if isinstance(v, torch.device) else v.startswith("cuda")
+                        for v in flat if isinstance(v, (str, torch.device)))
         if not to_device and not any(_is_fake(t) for t in tensors):
             if kwargs.get("pin_memory"):  # page-locked host memory needs a driver: the same host bytes, unpinned
                 kwargs = {**kwargs, "pin_memory": False}
                 self.reads["pinned host allocations made pageable"] = self.reads.get(
                     "pinned host allocations made pageable", 0) + 1
+                with unset_fake_temporarily():
+                    out = func(*args, **kwargs)
+                PINNED.add(out)
+                return out
             with unset_fake_temporarily():  # host work on host tensors: real
                 return func(*args, **kwargs)
         if func is torch.ops.aten._local_scalar_dense.default:
@@ -248,8 +296,9 @@ class SmallValues(TorchDispatchMode):
             self.reads[_caller()] = self.reads.get(_caller(), 0) + 1
             with unset_fake_temporarily():
                 return func(real)
-        known = all(self.value_of(t) is not None for t in tensors) and all(
-            t.numel() <= SHADOW_LIMIT for t in tensors)
+        values = self._values
+        # Most ops take a fake weight or an activation computed from one: no real value, nothing to shadow.
+        known = all(t.numel() <= SHADOW_LIMIT and (not _is_fake(t) or values.get(t) is not None) for t in tensors)
         try:
             out = func(*args, **kwargs)
         except (torch._subclasses.fake_tensor.DynamicOutputShapeException,
@@ -265,7 +314,7 @@ class SmallValues(TorchDispatchMode):
                     self._values[fake] = value
             return out
         if known:
-            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            outs = [o for o in leaves(out) if isinstance(o, torch.Tensor)]
             if outs and all(o.numel() <= SHADOW_LIMIT for o in outs) and any(_is_fake(o) for o in outs):
                 real = self._real(func, args, kwargs)
                 if real is not None:

@@ -12,26 +12,26 @@ loading, or a holder a caller names with :meth:`MemoryTracker.holder`):
 - ``bank``: what the pack's step bank keeps between calls (tensors reachable from a ``StepBank``: re-tagged at every
   model call by :func:`retag`, whoever allocated them);
 - ``controlnet``: ControlNet copies of keyframe subsets (the pack's ControlNet editor) and the ControlNet's run;
+- ``staging``: page-locked host memory (the ring the trajectory and fields reach the host through);
 - ``activations``: everything else (the model's forward, the sampler).
 It keeps the peak of each device with the holder breakdown at that moment, per phase.
 """
 from __future__ import annotations
 
 import functools
-import gc
 import sys
 import weakref
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Hashable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 REPO = str(Path(__file__).resolve().parents[1]) + "/"
-HOLDERS = ("weights", "activations", "bank", "trajectory", "fields", "controlnet")
+HOLDERS = ("weights", "activations", "bank", "trajectory", "fields", "controlnet", "staging")
 
 # The pack's modules (path under the repo) whose allocations belong to a holder other than activations.
 _PACK_HOLDERS = (
@@ -55,6 +55,23 @@ def _comfy_root() -> str:
 def device_kind(tensor: torch.Tensor) -> str:
     """``cuda`` or ``cpu`` (a fake tensor's storage is on the meta device: its tensor's device is the one)."""
     return "cuda" if tensor.device.type == "cuda" else "cpu"
+
+
+def leaves(value, out: list | None = None) -> list:
+    """The leaves of an op's arguments or result (nested lists, tuples and dicts), as ``tree_flatten`` gives them
+    for aten ops, without its per-node bookkeeping (it runs for every op of the dry run). A plain recursive
+    function: a nested one that calls itself is a reference cycle, and the tensors in its list would stay alive
+    (and counted) until the garbage collector runs."""
+    out = [] if out is None else out
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        for item in value:
+            leaves(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            leaves(item, out)
+    else:
+        out.append(value)
+    return out
 
 
 @dataclass
@@ -138,19 +155,27 @@ class MemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
+        # Page-locked host memory is the staging ring of the host copies, whoever asks for it: not a trajectory that
+        # grows with the steps.
+        holder = "staging" if kwargs and kwargs.get("pin_memory") else None
+        for value in (out,) if isinstance(out, torch.Tensor) else leaves(out):
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                self.track(value)
+                self.track(value, holder)
         return out
 
 
 class StepFlops:
     """FLOPs of each model evaluation (ComfyUI's ``CFGGuider.outer_predict_noise``), per phase:
-    ``torch.utils.flop_counter.FlopCounterMode`` entered around each call of the same run."""
+    ``torch.utils.flop_counter.FlopCounterMode`` entered around an evaluation of the same run. Evaluations of one
+    kind on inputs of one shape do the same work (``step_kind(phase, index)`` names the kind; None: every evaluation
+    of the phase is of one kind), so each is counted once and its later evaluations get its count: the counter's
+    per-op dispatch is a large share of a model evaluation's cost on fake tensors."""
 
-    def __init__(self, tracker: MemoryTracker) -> None:
+    def __init__(self, tracker: MemoryTracker, step_kind: Callable[[str, int], Hashable] | None = None) -> None:
         self.tracker = tracker
+        self.step_kind = step_kind or (lambda phase, index: None)
         self.per_phase: dict[str, list[float]] = {}
+        self.counted: dict[tuple, float] = {}  # (phase, kind, input shape) -> FLOPs of its first evaluation
 
     @contextmanager
     def installed(self):
@@ -161,10 +186,19 @@ class StepFlops:
         counts = self.per_phase
 
         def counted(guider, *args, **kwargs):
-            counter = FlopCounterMode(display=False)
-            with counter:
+            phase = self.tracker.phase
+            done = counts.setdefault(phase, [])
+            # Same kind and same input shape (an inversion chunk may be a frame shorter): the same calls.
+            shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+            key = (phase, self.step_kind(phase, len(done)), shape)
+            if key in self.counted:
                 out = original(guider, *args, **kwargs)
-            counts.setdefault(self.tracker.phase, []).append(float(counter.get_total_flops()))
+            else:
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    out = original(guider, *args, **kwargs)
+                self.counted[key] = float(counter.get_total_flops())
+            done.append(self.counted[key])
             return out
 
         comfy.samplers.CFGGuider.outer_predict_noise = counted
@@ -196,9 +230,45 @@ def _tensors(value, depth: int = 0):
             yield from _tensors(item, depth + 1)
 
 
+class _Registry:
+    """The live instances of the pack's classes named in ``_KNOWN``: their ``__init__`` registers them (instead of
+    a scan of every object the garbage collector holds before each model call)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, weakref.ref] = {}
+        self.patched: list[tuple[type, Callable]] = []
+
+    def install(self) -> None:
+        classes = {value for name, module in list(sys.modules.items())
+                   if name.startswith("comfyui_tokenflow") and module is not None
+                   for value in vars(module).values()
+                   if isinstance(value, type) and value.__name__ in _KNOWN and value.__module__ == name}
+        for cls in classes:
+            original = cls.__init__
+
+            def registering(obj, *args, _original=original, **kwargs):
+                _original(obj, *args, **kwargs)
+                if type(obj).__name__ in _KNOWN:
+                    key = id(obj)
+                    self.refs[key] = weakref.ref(obj, lambda _, key=key: self.refs.pop(key, None))
+
+            cls.__init__ = registering
+            self.patched.append((cls, original))
+
+    def uninstall(self) -> None:
+        for cls, original in self.patched:
+            cls.__init__ = original
+        self.patched.clear()
+
+    def objects(self) -> list:
+        return [obj for obj in (ref() for ref in list(self.refs.values())) if obj is not None]
+
+
+_REGISTRY = _Registry()
+
+
 def _known_objects() -> list:
-    return [obj for obj in gc.get_objects() if type(obj).__name__ in _KNOWN
-            and type(obj).__module__.startswith("comfyui_tokenflow")]
+    return _REGISTRY.objects()
 
 
 def retag_known(tracker: MemoryTracker, objects: list | None = None) -> list:
@@ -237,9 +307,11 @@ def retag(tracker: MemoryTracker, model_patcher):
     handles = [unet.register_forward_pre_hook(at_call)]
     handles += [module.register_forward_pre_hook(at_block) for name, module in unet.named_modules()
                 if name and name.count(".") <= 2]
+    _REGISTRY.install()
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
         retag_known(tracker)
+        _REGISTRY.uninstall()

@@ -26,11 +26,12 @@ def test_copies_are_asynchronous_only_where_the_host_allows(monkeypatch):
 
 
 def test_no_hot_path_copy_hard_codes_non_blocking():
-    """Every asynchronous copy of the engine goes through the host's rule (pinned host staging aside)."""
+    """Every asynchronous copy of the engine goes through the host's rule (the page-locked host staging asks it
+    itself: ``HostStaging.stages``)."""
     from pathlib import Path
 
     engine = Path(__file__).resolve().parents[1] / "engine"
     offenders = [f"{path.relative_to(engine)}:{n}" for path in engine.rglob("*.py")
                  for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if "non_blocking=True" in line and "host.copy_" not in line]
+                 if "non_blocking=True" in line and path.name != "host_staging.py"]
     assert not offenders

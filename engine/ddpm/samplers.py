@@ -18,7 +18,7 @@ from ...tokenflow_ops.fixed_point import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERAN
 from ...tokenflow_ops.inversion import ddim_inversion_step
 from ...tokenflow_ops.schedule import alpha_bar_from_sigma
 from ..patches.contract import to_device
-from ..sampling.frame_guider import to_host
+from ..sampling.host_staging import HostStaging
 from ..sampling.inversion_guiders import ChunkGuider
 
 
@@ -33,6 +33,7 @@ class InversionRecorder:
         self.progress = comfy.utils.ProgressBar(total)
         self.evaluations: list[float] = []  # fixed point: model evaluations per frame at each step (mean over chunks)
         self.residuals: list[float | None] = []  # fixed point: largest final residual over the chunks (None: k = 1)
+        self.staging = HostStaging()  # the saved steps' way to the host (bounded page-locked memory)
 
 
 def ddim_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, begin_step=None):
@@ -69,9 +70,10 @@ def inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable=
         abar_prev = abar
         t = recorder.timesteps[i]
         if t in recorder.keep:
-            recorder.saved[t] = to_host(x, torch.float32)
+            recorder.saved[t] = recorder.staging.copy(x, torch.float32)
         recorder.progress.update(1)
     recorder.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
+    recorder.staging.finish()
     return x
 
 
@@ -111,11 +113,12 @@ def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
             recorder.residuals.append(residual)
             t = recorder.timesteps[i]
             if t in recorder.keep:
-                recorder.saved[t] = to_host(x, torch.float32)
+                recorder.saved[t] = recorder.staging.copy(x, torch.float32)
             recorder.progress.update(1)
     finally:
         guider.chunk = None
     recorder.final = x.float().cpu()
+    recorder.staging.finish()
     return x
 
 

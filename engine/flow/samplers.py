@@ -25,7 +25,7 @@ import comfy.utils
 from ...tokenflow_ops.fixed_point import StepSolution
 from ...tokenflow_ops.flow_inversion import euler_from_denoised, euler_step, solve_flow_inversion_step, velocity
 from ..patches.contract import to_device
-from ..sampling.frame_guider import to_host
+from ..sampling.host_staging import HostStaging
 from ..sampling.inversion_guiders import ChunkGuider
 
 
@@ -72,6 +72,7 @@ class FlowInversionSampler(comfy.samplers.Sampler):
         self.keep = keep  # step index -> row of the saved trajectory
         self.saved: dict[int, torch.Tensor] = {}
         self.final: torch.Tensor | None = None
+        self.staging = HostStaging()  # the saved levels' way to the host (bounded page-locked memory)
         self.progress = comfy.utils.ProgressBar(len(levels))
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -85,9 +86,10 @@ class FlowInversionSampler(comfy.samplers.Sampler):
             x = euler_step(x, velocity(x, denoised, sigma), previous, sigma)
             previous = sigma
             if i in self.keep:
-                self.saved[self.keep[i]] = to_host(x, torch.float32)
+                self.saved[self.keep[i]] = self.staging.copy(x, torch.float32)
             self.progress.update(1)
         self.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
+        self.staging.finish()
         return x
 
 
@@ -131,11 +133,12 @@ class FlowFixedPointSampler(FlowInversionSampler):
                 self.residuals.append(residual)
                 previous = sigma
                 if i in self.keep:
-                    self.saved[self.keep[i]] = to_host(x, torch.float32)
+                    self.saved[self.keep[i]] = self.staging.copy(x, torch.float32)
                 self.progress.update(1)
         finally:
             self.guider.chunk = None
         self.final = x.float().cpu()
+        self.staging.finish()
         return x
 
 

@@ -23,7 +23,8 @@ from ..patches.contract import PassContext, Phase, StepBank
 from ..patches.install import patched_clone
 from ..plan.call_sizing import even_chunks, frames_per_call
 from ..plan.edit_plan import planned_correspondences
-from .frame_guider import FrameSubsetGuider, frame_ids, to_host
+from .frame_guider import FrameSubsetGuider, frame_ids
+from .host_staging import HostStaging
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,15 @@ class ExtractionGuider(FrameSubsetGuider):
         self.n_frames = n_frames
         self.progress = comfy.utils.ProgressBar(len(corr.timesteps) * n_frames)
         self._pending: list[tuple[int, Any, torch.Tensor, torch.Tensor]] = []  # fields still on their way to the host
+        self._staging = HostStaging()
 
     def _sink(self, step: int, block, frames: torch.Tensor, fields: torch.Tensor) -> None:
         tokens = fields.shape[-1]
-        self._pending.append((step, block, frames, to_host(fields, field_dtype(tokens))))
+        self._pending.append((step, block, frames, self._staging.copy(fields, field_dtype(tokens))))
 
     def store_fields(self) -> None:
-        """Move the collected fields into the product (after sampling, when every copy has landed)."""
+        """Move the collected fields into the product (after sampling, once every copy has landed)."""
+        self._staging.finish()
         for step, block, frames, fields in self._pending:
             store = self.corr.fields.get(block)
             if store is None:

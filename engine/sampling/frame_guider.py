@@ -25,20 +25,6 @@ from ..patches.contract import KEY, PassContext, to_device
 log = logging.getLogger(__name__)
 
 
-def to_host(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A CPU copy that does not make the host wait for the device (pinned, non-blocking on CUDA).
-
-    Valid once the device has caught up: the next blocking copy or synchronisation (the end of
-    sampling) guarantees it. On the CPU it is an ordinary copy.
-    """
-    dtype = dtype or tensor.dtype
-    if tensor.device.type != "cuda":
-        return tensor.to(device="cpu", dtype=dtype, copy=True)
-    host = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
-    host.copy_(tensor.to(dtype), non_blocking=True)
-    return host
-
-
 def frames_of(tensor: torch.Tensor, frames: range | torch.Tensor) -> torch.Tensor:
     """``tensor[frames]``: the tensor itself or a view for a range, a gather for indices."""
     if isinstance(frames, range):
