@@ -18,6 +18,7 @@ import torch
 import comfy.model_management
 import comfy.sample
 from comfyui_tokenflow.engine.editors import stable_inputs
+from comfyui_tokenflow.engine.plan import memory_plan
 from comfyui_tokenflow.nodes.correspondence_nodes import TokenFlowExtractCorrespondences
 from comfyui_tokenflow.nodes.inversion_nodes import TokenFlowInvert
 from comfyui_tokenflow.nodes.sampler_nodes import TokenFlowSampler
@@ -182,9 +183,16 @@ def dry_run(args) -> str:
         _, device, phase, total, limit, largest = worst
         verdict = (f"verdict: oom memory={'vram' if device == 'cuda' else 'ram'} phase={phase} "
                    f"peak_gib={total / GIB:.2f} budget_gib={limit / GIB:.2f} largest={largest}")
+    record = memory_plan.latest_record()  # what the edit's planner chose, step by step
+    bank = memory_plan.HOST if record is not None and memory_plan.HOST in record.placements else memory_plan.DEVICE
+    if record is not None and record.placements:
+        moved = [b for p, b in zip(record.placements, record.transfer_bytes) if p == memory_plan.HOST]
+        print(f"\nkeyframe bank: {bank} ({record.placements.count(memory_plan.HOST)} of {len(record.placements)} steps "
+              f"run in host memory), up to {max(record.bank_bytes) / GIB:.2f} GiB; host <-> device transfer "
+              f"{(sum(moved) / len(moved) if moved else 0) / GIB:.2f} GiB per step")
     if verdict is None:
         verdict = (f"verdict: fits peak_vram_gib={peak_vram / GIB:.2f} peak_ram_gib={peak_ram / GIB:.2f} "
-                   f"weights={weights} bank=device")
+                   f"weights={weights} bank={bank}")
     print(f"\npage-locked host memory (what the caching host allocator would keep): peak {shims.PINNED.peak} bytes "
           f"({shims.PINNED.peak / 2**20:.2f} MiB) live, {shims.PINNED.allocations} allocations (the {args.run_steps} "
           f"steps run, not scaled)")
