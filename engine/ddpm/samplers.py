@@ -60,20 +60,22 @@ def inversion_sampler(model, x, sigmas, extra_args=None, callback=None, disable=
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     abar_prev = abar_start
-    for i, sigma in enumerate(sigmas):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        abar = float(alpha_bar_from_sigma(host_sigmas[i]))
-        model_input = x / abar ** 0.5  # ComfyUI divides by sqrt(1 + sigma^2): the UNet sees x at timestep u_j
-        denoised = model(model_input, sigma * s_in, **extra_args)
-        eps = (model_input - denoised) / sigma
-        x = ddim_inversion_step(x, eps, abar_prev, abar)
-        abar_prev = abar
-        t = recorder.timesteps[i]
-        if t in recorder.keep:
-            recorder.saved[t] = recorder.staging.copy(x, torch.float32)
-        recorder.progress.update(1)
-    recorder.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
-    recorder.staging.finish()
+    try:
+        for i, sigma in enumerate(sigmas):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            abar = float(alpha_bar_from_sigma(host_sigmas[i]))
+            model_input = x / abar ** 0.5  # ComfyUI divides by sqrt(1 + sigma^2): the UNet sees x at timestep u_j
+            denoised = model(model_input, sigma * s_in, **extra_args)
+            eps = (model_input - denoised) / sigma
+            x = ddim_inversion_step(x, eps, abar_prev, abar)
+            abar_prev = abar
+            t = recorder.timesteps[i]
+            if t in recorder.keep:
+                recorder.saved[t] = recorder.staging.copy(x, torch.float32)
+            recorder.progress.update(1)
+        recorder.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
+    finally:  # an interrupted run leaves no page-locked ring behind either
+        recorder.staging.finish()
     return x
 
 
@@ -115,10 +117,10 @@ def fixed_point_sampler(model, x, sigmas, extra_args=None, callback=None, disabl
             if t in recorder.keep:
                 recorder.saved[t] = recorder.staging.copy(x, torch.float32)
             recorder.progress.update(1)
-    finally:
+        recorder.final = x.float().cpu()
+    finally:  # an interrupted run leaves no page-locked ring behind either
         guider.chunk = None
-    recorder.final = x.float().cpu()
-    recorder.staging.finish()
+        recorder.staging.finish()
     return x
 
 

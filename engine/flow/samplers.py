@@ -80,16 +80,18 @@ class FlowInversionSampler(comfy.samplers.Sampler):
         x = latent_image  # model space (CFGGuider.inner_sample applied process_latent_in)
         s_in = x.new_ones([x.shape[0]])
         previous = 0.0
-        for i, sigma in enumerate(self.levels):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            denoised = model_wrap(x, sigmas[i] * s_in, **extra_args)
-            x = euler_step(x, velocity(x, denoised, sigma), previous, sigma)
-            previous = sigma
-            if i in self.keep:
-                self.saved[self.keep[i]] = self.staging.copy(x, torch.float32)
-            self.progress.update(1)
-        self.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
-        self.staging.finish()
+        try:
+            for i, sigma in enumerate(self.levels):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                denoised = model_wrap(x, sigmas[i] * s_in, **extra_args)
+                x = euler_step(x, velocity(x, denoised, sigma), previous, sigma)
+                previous = sigma
+                if i in self.keep:
+                    self.saved[self.keep[i]] = self.staging.copy(x, torch.float32)
+                self.progress.update(1)
+            self.final = x.float().cpu()  # blocking: every earlier non-blocking copy has landed too
+        finally:  # an interrupted run leaves no page-locked ring behind either
+            self.staging.finish()
         return x
 
 
@@ -135,10 +137,10 @@ class FlowFixedPointSampler(FlowInversionSampler):
                 if i in self.keep:
                     self.saved[self.keep[i]] = self.staging.copy(x, torch.float32)
                 self.progress.update(1)
-        finally:
+            self.final = x.float().cpu()
+        finally:  # an interrupted run leaves no page-locked ring behind either
             self.guider.chunk = None
-        self.final = x.float().cpu()
-        self.staging.finish()
+            self.staging.finish()
         return x
 
 

@@ -71,11 +71,18 @@ def frames_per_call(model, branches: int, latent_shape: tuple[int, ...], device:
     """
     budget = available_bytes(device)
     per_frame = call_bytes(model, branches, latent_shape)
-    fit = max(1, int(budget // max(per_frame, 1.0)))
-    while fit > 1 and call_bytes(model, fit * branches, latent_shape) > budget:
-        fit -= 1
-    fit = min(fit, n_frames)
+    fit = most_that_fit(lambda frames: call_bytes(model, frames * branches, latent_shape), budget,
+                        min(n_frames, int(budget // max(per_frame, 1.0))))
     return min(fit, cap) if cap > 0 else fit
+
+
+def most_that_fit(need: Callable[[int], float], budget: float, start: int) -> int:
+    """The most frames, at least 1 and at most ``start`` (an estimate from above), whose ``need`` (bytes, growing
+    with the frames) fits ``budget``."""
+    fit = max(1, start)
+    while fit > 1 and need(fit) > budget:
+        fit -= 1
+    return fit
 
 
 def fits(model, images: int, latent_shape: tuple[int, ...], device: torch.device) -> bool:

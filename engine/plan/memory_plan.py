@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..families.base import FLOW, AttentionSize, ModelLayout
-from .call_sizing import (available_bytes, budget_total, call_bytes, largest_fitting_frame, overriding,
-                          resolution_advice)
+from .call_sizing import (available_bytes, budget_total, call_bytes, largest_fitting_frame, most_that_fit,
+                          overriding, resolution_advice)
 from .edit_plan import EditPlan
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,8 @@ def plan_step(model, tf: TokenFlowBytes, shape: StepShape, latent_shape: tuple[i
         placement = DEVICE if keyframe_edit + tf.bank <= budget and frames_need(1, tf.bank) <= budget else HOST
     held = tf.bank if placement == DEVICE else tf.staging
     shared = keyframe_shared + held <= budget
-    fit = max(1, int(budget // max(frames_need(1, 0), 1.0)))
-    fit = min(fit, n_frames)
-    while fit > 1 and frames_need(fit, held) > budget:
-        fit -= 1
+    fit = most_that_fit(lambda frames: frames_need(frames, held), budget,
+                        min(n_frames, int(budget // max(frames_need(1, 0), 1.0))))
     return StepMemoryPlan(placement, shared, fit, tf)
 
 

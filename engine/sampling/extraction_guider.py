@@ -53,6 +53,11 @@ class ExtractionGuider(FrameSubsetGuider):
             store[step, frames] = fields
         self._pending.clear()
 
+    def drop_fields(self) -> None:
+        """Forget the collected fields (the run stopped): the copies land and the staging ring is released."""
+        self._staging.finish()
+        self._pending.clear()
+
     def largest_call_images(self, n_frames: int) -> int:
         """The keyframe pass of the source branch: every keyframe in one call."""
         return max((len(k) for k in self.corr.keyframes), default=1)
@@ -94,7 +99,11 @@ def extract(model, inversion: TokenFlowInversion, layout: ModelLayout, fingerpri
     sampler = make_sampler(guider, sigmas)
     zeros = torch.zeros((n,) + inversion.latent_shape)
     log.info("TokenFlow: extracting correspondences for %d frames over %d steps%s", n, inversion.steps, what)
-    guider.sample(zeros, zeros, sampler, sigmas, seed=seed, disable_pbar=True)
+    try:
+        guider.sample(zeros, zeros, sampler, sigmas, seed=seed, disable_pbar=True)
+    except BaseException:
+        guider.drop_fields()  # an interrupted run leaves no page-locked ring behind
+        raise
     guider.store_fields()
     log.info("TokenFlow: correspondences hold %.1f MiB", corr.nbytes() / 2**20)
     return corr
