@@ -254,6 +254,12 @@ class SmallValues(TorchDispatchMode):
                      f"of tensors up to {SHADOW_LIMIT} elements computed from real inputs")
 
     @classmethod
+    def forget(cls, *tensors: torch.Tensor) -> None:
+        """Drop the real values of ``tensors`` (a stand-in for a result of fake weights, which has none)."""
+        for tensor in tensors:
+            cls._values.pop(tensor, None)
+
+    @classmethod
     def value_of(cls, tensor):
         if not isinstance(tensor, torch.Tensor):
             return tensor

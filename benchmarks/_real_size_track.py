@@ -92,6 +92,7 @@ class MemoryTracker(TorchDispatchMode):
         self._named: list[str] = []
         self._seen: dict[int, tuple] = {}
         self.by_holder_end: dict[str, Counter] = {}
+        self.watches: list = []  # calls being watched (``_real_size_replay.CallWatch``): their own high-water marks
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def live_bytes(self, device: str) -> int:
@@ -143,10 +144,18 @@ class MemoryTracker(TorchDispatchMode):
         weakref.finalize(storage, self._release, key)
         self.live[kind][holder] += nbytes
         self.total[kind] += nbytes
+        for watch in self.watches:
+            if self.total[kind] > watch.peak.get(kind, watch.start[kind]):
+                watch.peak[kind] = self.total[kind]
+                watch.peak_live[kind] = dict(self.live[kind])
+        self.note_peak(kind, self.total[kind], self.live[kind])
+
+    def note_peak(self, kind: str, total: int, holders: dict[str, int]) -> None:
+        """Raise the phase's ``kind`` peak to ``total`` (with ``holders``) if it is higher."""
         peak = self.peaks.setdefault(self.phase, {d: Peak() for d in ("cuda", "cpu")})[kind]
-        if self.total[kind] > peak.bytes:
-            peak.bytes = self.total[kind]
-            peak.holders = dict(self.live[kind])
+        if total > peak.bytes:
+            peak.bytes = total
+            peak.holders = dict(holders)
 
     def _release(self, key: int) -> None:
         kind, holder, nbytes = self._seen.pop(key)
@@ -176,6 +185,7 @@ class StepFlops:
         self.step_kind = step_kind or (lambda phase, index: None)
         self.per_phase: dict[str, list[float]] = {}
         self.counted: dict[tuple, float] = {}  # (phase, kind, input shape) -> FLOPs of its first evaluation
+        self.counting = False  # an evaluation is being counted (its model calls must run, not be replayed)
 
     @contextmanager
     def installed(self):
@@ -195,8 +205,12 @@ class StepFlops:
                 out = original(guider, *args, **kwargs)
             else:
                 counter = FlopCounterMode(display=False)
-                with counter:
-                    out = original(guider, *args, **kwargs)
+                self.counting = True
+                try:
+                    with counter:
+                        out = original(guider, *args, **kwargs)
+                finally:
+                    self.counting = False
                 self.counted[key] = float(counter.get_total_flops())
             done.append(self.counted[key])
             return out

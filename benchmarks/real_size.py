@@ -42,6 +42,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="editing steps the memory is counted for (sampler default)")
     p.add_argument("--run-steps", type=int, default=3, help="steps actually run per phase (the edit's must include "
                    "every kind of step of a --steps edit: PnP's default 0.5 / 0.8 injection needs 3)")
+    p.add_argument("--no-replay", dest="replay", action="store_false",
+                   help="run every model call (by default a call layout seen to keep nothing in two checked runs is "
+                   "replayed from its recorded memory instead of run again: _real_size_replay.py)")
     p.add_argument("--check", choices=("tiny", "mid"), default=None,
                    help="instead of the dry run: its memory accounting on the CPU with real tensors and a real "
                    "random-weight UNet of this size, against torch.profiler's allocation events of the same run")
