@@ -7,7 +7,8 @@ the same shapes, so its memory is known from one that ran.
 
 :class:`CallReplay` wraps the diffusion model's ``forward`` (the module's own hooks still run). Each call gets a
 layout key: the phase, the shapes, dtypes and devices of the tensors it is given, the cond order, and what the
-pack's pass says of the call (its phase, its step bank, frames, keyframes, injections). A call of a key runs for
+pack's pass says of the call (its phase, frames, keyframes, injections, where the step's keyframe bank lives and
+the shapes of its records). A call of a key runs for
 real and is watched: its device and host peak above the bytes live at its start (with the holder breakdown) and
 what it leaves behind. A call is *pure* when it leaves nothing but its output (on both devices). After
 :data:`CHECKED_RUNS` consecutive pure runs (the first run of a key may keep something: a host bank's device buffers
@@ -87,6 +88,16 @@ def _pass_of(transformer_options: dict):
     return None
 
 
+def _bank_layout(bank) -> tuple:
+    """What a call reads from the step's keyframe bank, as shapes: where it lives and the rows of each record (a
+    step's bank differs from the last one's in values only, when its keyframes are as many)."""
+    if bank is None:
+        return ()
+    outputs = tuple(sum(int(part[0].shape[0]) for part in parts) for parts in bank.keyframe_outputs.values())
+    tokens = tuple(tuple(t.shape) for t in bank.keyframe_tokens.values())
+    return (bank.host is None, outputs, tokens, len(bank.pnp_qk), len(bank.residuals), len(bank.fields))
+
+
 def layout_key(phase: str, args: tuple, kwargs: dict) -> tuple:
     """The layout of a call: everything that decides which ops it makes on which shapes."""
     options = kwargs.get("transformer_options") or {}
@@ -96,8 +107,8 @@ def layout_key(phase: str, args: tuple, kwargs: dict) -> tuple:
     pass_facts = None
     if context is not None:
         pass_facts = tuple(repr(getattr(context, name, None)) for name in _PASS_FIELDS) + (
-            id(context.bank), tuple(context.frames.shape), context.pairing is None, context.field_provider is None,
-            context.source_input is None)
+            _bank_layout(context.bank), tuple(context.frames.shape), context.pairing is None,
+            context.field_provider is None, context.source_input is None)
     patches = tuple(sorted((k, tuple(sorted(v))) for k, v in (options.get("patches_replace") or {}).items()))
     return (phase, tensors, tuple(options.get("cond_or_uncond") or ()), patches, pass_facts)
 
