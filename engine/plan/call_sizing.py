@@ -60,7 +60,9 @@ def available_bytes(device: torch.device) -> float:
             log.info("TokenFlow: %.1f GiB of free memory, less than the CPU budget of %.1f GiB: smaller calls",
                      free / 2**30, CPU_BUDGET_BYTES / 2**30)
         return min(free, CPU_BUDGET_BYTES)
-    return free
+    # ComfyUI keeps its minimum inference memory free when it loads weights, for what no estimate counts (the
+    # driver's context, the allocator's fragmentation): TokenFlow's calls and bank plan within the rest.
+    return max(0.0, free - comfy.model_management.minimum_inference_memory())
 
 
 def frames_per_call(model, branches: int, latent_shape: tuple[int, ...], device: torch.device, n_frames: int,

@@ -20,6 +20,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..checks import check_hint_count
+from ..plan.call_sizing import available_bytes, call_bytes
 from ..patches.contract import KEY, PassContext, to_device
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,22 @@ def _slice_frames(value: torch.Tensor, frames: range | torch.Tensor, n_frames: i
     if n_frames > 1 and value.ndim > 0 and value.shape[0] == n_frames:
         return frames_of(value, frames)
     return value
+
+
+def make_room_for_call(model_patcher, need: float) -> None:
+    """Offload part of the loaded weights when ``need`` bytes (the largest call TokenFlow cannot split, its own
+    margins included) do not fit beside them and ComfyUI's minimum inference memory. ComfyUI sizes a load from the memory it is
+    asked for, but never offloads a model it is loading, so weights loaded whole by an earlier, smaller job (the
+    inversion's one-frame calls) would stay whole beside the edit's keyframe pass. The CPU shares one memory: nothing
+    to offload there."""
+    device = model_patcher.load_device
+    if device.type == "cpu" or model_patcher.loaded_size() <= 0:
+        return
+    short = need - available_bytes(device)  # the free memory beyond ComfyUI's minimum inference memory
+    if short > 0:
+        freed = model_patcher.partially_unload(model_patcher.offload_device, short)
+        log.info("TokenFlow: offloaded %.2f GiB of weights to make room for a %.2f GiB call", freed / 2**30,
+                 need / 2**30)
 
 
 class FrameSubsetGuider(comfy.samplers.CFGGuider):
@@ -89,10 +106,15 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         context windows cap the same estimate). The host's other arguments pass through unchanged: they differ
         between ComfyUI versions."""
         images = self.largest_call_images(int(noise_shape[0]))
-        if images is not None:  # the host estimates two images (CFG) per frame of noise_shape
-            images += self.extra_call_images(tuple(int(d) for d in noise_shape[1:]))
-            noise_shape = [min(int(noise_shape[0]), max(1, -(-images // 2))), *noise_shape[1:]]
-        return executor(model, noise_shape, *args, **kwargs)
+        if images is None:
+            return executor(model, noise_shape, *args, **kwargs)
+        latent_shape = tuple(int(d) for d in noise_shape[1:])
+        images += self.extra_call_images(latent_shape)
+        # the host estimates two images (CFG) per frame of noise_shape
+        prepared = executor(model, [min(int(noise_shape[0]), max(1, -(-images // 2))), *noise_shape[1:]],
+                            *args, **kwargs)
+        make_room_for_call(model, call_bytes(model.model, images, latent_shape))
+        return prepared
 
     def release_subsets(self, raise_errors: bool = True) -> None:
         """Drop cached cond subsets and clean every ControlNet copy made for them (all of them, even if one fails)."""
