@@ -44,24 +44,57 @@ def test_autoencoder_loads_through_comfy_vae_detection(channels: int, scenes: li
     assert ae.psnr(decoded, images) > MIN_PSNR[channels]
 
 
-def test_classifier_reads_round_trips_of_held_out_scenes(scenes: list[tw.ToyScene]) -> None:
+CLASSIFIER_SEEDS = range(tw.HELDOUT_SEEDS[0] + 100, tw.HELDOUT_SEEDS[0] + 150)
+# The least share of right answers per attribute on the 150 images of ``round_trips`` (train combinations),
+# with / without the object mask. Measured (``--measure``, 450 images of other held-out seeds): with the mask
+# shape 1.000, colour 0.998, pattern 0.873, background 1.000; without it shape 0.58, colour 0.99, pattern 0.85,
+# background 1.00 (here: 1.000, 1.000, 0.933, 1.000 and 0.547, 1.000, 0.827, 1.000). With the mask the outline is
+# given, so every shape must be right (the previous 64²-resize classifier missed 1 of these 150); the pattern's
+# and the mask-free bounds sit about 2 sigma of a 150-image count below the measured rates. The 98 % aimed at
+# holds with the mask for every attribute but the pattern (its own strict xfail below).
+LEAST = {"masks": {"shape": 1.0, "colour": 0.98, "pattern": 0.80, "background": 0.98},
+         None: {"shape": 0.45, "colour": 0.95, "pattern": 0.78, "background": 0.98}}
+
+
+@pytest.fixture(scope="module")
+def round_trips() -> list[tuple[torch.Tensor, torch.Tensor, dict[str, list[str]]]]:
+    """Per frame size (64², 128²), 25 held-out scenes clean and round-tripped through both autoencoders:
+    (images, object masks, true values), the way the classifier's own measure reads them."""
+    groups = tc.round_trip_set(CLASSIFIER_SEEDS, (64, 128))
+    out = []
+    for group in groups.values():
+        versions = group["images"].shape[0]
+        images = group["images"].flatten(0, 1).float()
+        truth = {name: [tc.ATTRIBUTES[name][i] for i in group["labels"][name].repeat(versions).tolist()]
+                 for name in tc.ATTRIBUTES}
+        out.append((images, group["masks"].repeat(versions, 1, 1), truth))
+    return out
+
+
+def _share_right(model: tc.AttributeNet, round_trips: list, with_masks: bool) -> dict[str, float]:
+    right, total = {name: 0 for name in tc.ATTRIBUTES}, 0
+    for images, masks, truth in round_trips:
+        found = tc.classify(images, masks if with_masks else None, model=model)
+        for name in tc.ATTRIBUTES:
+            right[name] += sum(a == b for a, b in zip(found[name], truth[name]))
+        total += len(images)
+    return {name: count / total for name, count in right.items()}
+
+
+def test_classifier_reads_round_trips_of_held_out_scenes(round_trips: list) -> None:
     model = tc.load_classifier()
-    vae = ae.load_vae(4)
-    images = torch.stack([s.image for s in scenes])
-    round_trip = vae.decode(vae.encode(images)).reshape(images.shape)
-    masks = torch.stack([s.masks[0] for s in scenes])
-    truth = {"shape": [s.objects[0].shape for s in scenes], "colour": [s.objects[0].colour for s in scenes],
-             "pattern": [s.objects[0].pattern for s in scenes], "background": [s.background for s in scenes]}
-    # measured on 150 held-out scenes x (clean, 4ch, 16ch round-trips), train combinations, without /
-    # with the mask: shape 0.84 / 0.98, colour 1.00 / 1.00, pattern 0.82 / 0.85, background 1.00 / 1.00;
-    # the least right answers of 12 allowed here sit about 2 sigma of a 12-scene count below those rates
-    least = {None: {"shape": 8, "colour": 11, "pattern": 8, "background": 11},
-             "masks": {"shape": 10, "colour": 11, "pattern": 8, "background": 11}}
-    for given in (None, "masks"):
-        found = tc.classify(round_trip, masks if given else None, model=model)
-        for attribute, values in truth.items():
-            right = sum(a == b for a, b in zip(found[attribute], values))
-            assert right >= least[given][attribute], (attribute, found[attribute], values)
-    probs = tc.probabilities(round_trip, masks, model=model)
+    assert sum(len(images) for images, _, _ in round_trips) == 150
+    for given in ("masks", None):
+        shares = _share_right(model, round_trips, with_masks=given is not None)
+        for attribute, least in LEAST[given].items():
+            assert shares[attribute] >= least, (given, attribute, shares)
+    images, masks, _ = round_trips[1]
+    probs = tc.probabilities(images, masks, model=model)
     assert set(probs) == set(tc.ATTRIBUTES)
-    assert torch.allclose(probs["colour"].sum(1), torch.ones(len(scenes)))
+    assert torch.allclose(probs["colour"].sum(1), torch.ones(len(images)))
+
+
+@pytest.mark.xfail(strict=True, reason="the pattern reads 0.873 with the mask (the toy autoencoders blur dots and "
+                                        "stripes away, most on 64² frames): 98 % is not reached")
+def test_classifier_reads_the_pattern_at_98_percent_with_the_mask(round_trips: list) -> None:
+    assert _share_right(tc.load_classifier(), round_trips, with_masks=True)["pattern"] >= 0.98
