@@ -37,8 +37,9 @@ left) re-encoded nothing but lost the CPU time since their last save: about 1 mi
 pack's DDIM / Euler inversion (50 steps) then its editing sampler (25 steps, cfg 1) on 3 held-out clips x 4
 frames, mean PSNR against the rendered frames, beside the autoencoder's own round trip.
 
-Attribute accuracy (``devkit/toy_classifier.py`` on plain samples, KSampler path, 20 Euler steps, cfg 4, 64 px,
-one-object captions drawn from held-out seeds; chance: shape 0.33, colour 0.25, pattern 0.33, background 0.25):
+Attribute accuracy (``devkit/toy_classifier.py`` without a mask, i.e. its whole-frame network, the same weights
+then and now, on plain samples, KSampler path, 20 Euler steps, cfg 4, 64 px, one-object captions drawn from
+held-out seeds; chance: shape 0.33, colour 0.25, pattern 0.33, background 0.25):
 
 =====  ============================  =====  ======  =======  ==========
 model  captions                      shape  colour  pattern  background

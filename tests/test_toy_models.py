@@ -16,6 +16,7 @@ import comfy.utils
 import toy_classifier as tc
 import toy_world as tw
 import train_toy_autoencoder as ae
+import train_toy_classifier as ttc
 
 SEEDS = range(tw.HELDOUT_SEEDS[0] + 100, tw.HELDOUT_SEEDS[0] + 112)
 MIN_PSNR = {4: 20.5, 16: 20.5}  # measured here 21.7 (4ch) and 22.3 (16ch) on these 12 scenes
@@ -44,24 +45,68 @@ def test_autoencoder_loads_through_comfy_vae_detection(channels: int, scenes: li
     assert ae.psnr(decoded, images) > MIN_PSNR[channels]
 
 
-def test_classifier_reads_round_trips_of_held_out_scenes(scenes: list[tw.ToyScene]) -> None:
+CLASSIFIER_SEEDS = range(tw.HELDOUT_SEEDS[0] + 100, tw.HELDOUT_SEEDS[0] + 150)
+# The least share of right answers per attribute on the 150 images of ``round_trips`` (train combinations),
+# with / without the object mask. Measured (``devkit/train_toy_classifier.py --measure``, 450 images of other
+# held-out seeds): with the mask shape 1.000, colour 0.998, pattern 0.956, background 1.000; without it shape
+# 0.844, colour 0.998, pattern 0.824, background 1.000 (here: 1.000, 1.000, 0.960, 1.000 and 0.920, 1.000, 0.853,
+# 1.000). With the mask the outline is given, so every shape must be right (the 64²-resize network, now the
+# mask-free one, missed 1 of these 150); the pattern's bound leaves 3 of these images (the crop network's own
+# pattern reading, 0.933 here and 0.873 measured, falls below it), the mask-free bounds about 2 sigma of a
+# 150-image count below the measured rates (the crop network's whole-frame reading, shape 0.547 here, falls
+# below). The 98 % aimed at holds with the mask for every attribute but the pattern (its own strict xfail below).
+LEAST = {"masks": {"shape": 1.0, "colour": 0.98, "pattern": 0.94, "background": 0.98},
+         None: {"shape": 0.78, "colour": 0.97, "pattern": 0.76, "background": 0.98}}
+
+
+@pytest.fixture(scope="module")
+def round_trips() -> list[tuple[torch.Tensor, torch.Tensor, dict[str, list[str]]]]:
+    """Per frame size (64², 128²), 25 held-out scenes clean and round-tripped through both autoencoders:
+    (images, object masks, true values), the way the classifier's own measure reads them."""
+    groups = ttc.round_trip_set(CLASSIFIER_SEEDS, (64, 128))
+    out = []
+    for group in groups.values():
+        versions = group["images"].shape[0]
+        images = group["images"].flatten(0, 1).float()
+        truth = {name: [tc.ATTRIBUTES[name][i] for i in group["labels"][name].repeat(versions).tolist()]
+                 for name in tc.ATTRIBUTES}
+        out.append((images, group["masks"].repeat(versions, 1, 1), truth))
+    return out
+
+
+def _share_right(model: tc.ToyClassifier, round_trips: list, with_masks: bool) -> dict[str, float]:
+    right, total = {name: 0 for name in tc.ATTRIBUTES}, 0
+    for images, masks, truth in round_trips:
+        found = tc.classify(images, masks if with_masks else None, model=model)
+        for name in tc.ATTRIBUTES:
+            right[name] += sum(a == b for a, b in zip(found[name], truth[name]))
+        total += len(images)
+    return {name: count / total for name, count in right.items()}
+
+
+def test_classifier_reads_round_trips_of_held_out_scenes(round_trips: list) -> None:
     model = tc.load_classifier()
-    vae = ae.load_vae(4)
-    images = torch.stack([s.image for s in scenes])
-    round_trip = vae.decode(vae.encode(images)).reshape(images.shape)
-    masks = torch.stack([s.masks[0] for s in scenes])
-    truth = {"shape": [s.objects[0].shape for s in scenes], "colour": [s.objects[0].colour for s in scenes],
-             "pattern": [s.objects[0].pattern for s in scenes], "background": [s.background for s in scenes]}
-    # measured on 150 held-out scenes x (clean, 4ch, 16ch round-trips), train combinations, without /
-    # with the mask: shape 0.84 / 0.98, colour 1.00 / 1.00, pattern 0.82 / 0.85, background 1.00 / 1.00;
-    # the least right answers of 12 allowed here sit about 2 sigma of a 12-scene count below those rates
-    least = {None: {"shape": 8, "colour": 11, "pattern": 8, "background": 11},
-             "masks": {"shape": 10, "colour": 11, "pattern": 8, "background": 11}}
-    for given in (None, "masks"):
-        found = tc.classify(round_trip, masks if given else None, model=model)
-        for attribute, values in truth.items():
-            right = sum(a == b for a, b in zip(found[attribute], values))
-            assert right >= least[given][attribute], (attribute, found[attribute], values)
-    probs = tc.probabilities(round_trip, masks, model=model)
+    assert sum(len(images) for images, _, _ in round_trips) == 150
+    for given in ("masks", None):
+        shares = _share_right(model, round_trips, with_masks=given is not None)
+        for attribute, least in LEAST[given].items():
+            assert shares[attribute] >= least, (given, attribute, shares)
+    images, masks, _ = round_trips[1]
+    probs = tc.probabilities(images, masks, model=model)
     assert set(probs) == set(tc.ATTRIBUTES)
-    assert torch.allclose(probs["colour"].sum(1), torch.ones(len(scenes)))
+    assert torch.allclose(probs["colour"].sum(1), torch.ones(len(images)))
+    # a frame whose mask is empty is read whole, as without a mask, beside frames read through their masks
+    emptied = masks.clone()
+    emptied[0] = 0
+    mixed = tc.probabilities(images[:4], emptied[:4], model=model)
+    whole = tc.probabilities(images[:1], model=model)
+    for name in tc.ATTRIBUTES:
+        assert torch.allclose(mixed[name][:1], whole[name], atol=1e-6)
+        assert torch.allclose(mixed[name][1:], probs[name][1:4], atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="the pattern reads 0.956 with the mask (0.960 here): the toy autoencoders "
+                                        "blur dots and stripes away, most on 64² frames (0.933 there, 0.978 on "
+                                        "128²): 98 % is not reached")
+def test_classifier_reads_the_pattern_at_98_percent_with_the_mask(round_trips: list) -> None:
+    assert _share_right(tc.load_classifier(), round_trips, with_masks=True)["pattern"] >= 0.98
