@@ -20,7 +20,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..checks import check_hint_count
-from ..plan.call_sizing import available_bytes, call_bytes
+from ..plan.call_sizing import available_bytes
 from ..patches.contract import KEY, PassContext, to_device
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,11 @@ def _slice_frames(value: torch.Tensor, frames: range | torch.Tensor, n_frames: i
 
 
 def make_room_for_call(model_patcher, need: float) -> None:
-    """Offload part of the loaded weights when ``need`` bytes (the largest call TokenFlow cannot split, its own
-    margins included) do not fit beside them and ComfyUI's minimum inference memory. ComfyUI sizes a load from the memory it is
-    asked for, but never offloads a model it is loading, so weights loaded whole by an earlier, smaller job (the
-    inversion's one-frame calls) would stay whole beside the edit's keyframe pass. The CPU shares one memory: nothing
-    to offload there."""
+    """Offload part of the loaded weights when ``need`` bytes (the host's own estimate for the largest call
+    TokenFlow cannot split, as its load sizing uses it) do not fit beside them and ComfyUI's minimum inference
+    memory. ComfyUI sizes a load from the memory it is asked for, but never offloads a model it is loading, so
+    weights loaded whole by an earlier, smaller job (the inversion's one-frame calls) would stay whole beside the
+    edit's keyframe pass. The CPU shares one memory: nothing to offload there."""
     device = model_patcher.load_device
     if device.type == "cpu" or model_patcher.loaded_size() <= 0:
         return
@@ -113,7 +113,7 @@ class FrameSubsetGuider(comfy.samplers.CFGGuider):
         # the host estimates two images (CFG) per frame of noise_shape
         prepared = executor(model, [min(int(noise_shape[0]), max(1, -(-images // 2))), *noise_shape[1:]],
                             *args, **kwargs)
-        make_room_for_call(model, call_bytes(model.model, images, latent_shape))
+        make_room_for_call(model, model.model.memory_required([images, *latent_shape]))
         return prepared
 
     def release_subsets(self, raise_errors: bool = True) -> None:
