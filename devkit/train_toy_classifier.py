@@ -13,6 +13,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,23 +74,17 @@ def network_inputs(groups: Groups, whole: bool = False) -> tuple[torch.Tensor, t
             {name: torch.cat(v) for name, v in labels.items()})
 
 
-def train(with_masks: torch.Tensor, without: torch.Tensor, labels: dict[str, torch.Tensor]) -> AttributeNet:
-    """The crop network, ``NO_MASK_SHARE`` of its inputs read whole."""
-    torch.manual_seed(SEED)
-    model = AttributeNet()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+def fit(model: torch.nn.Module, count: int, labels: dict[str, torch.Tensor], lr: float, epochs: int,
+        batch_input: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule over ``epochs`` of shuffled batches of 64 (``batch_input``: the batch of the
+    rows ``index``, drawing its augmentations from the generator), the attributes' cross-entropies summed."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(SEED)
-    batches = (len(with_masks) + 63) // 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=EPOCHS * batches)
-    for epoch in range(EPOCHS):
-        for index in torch.randperm(len(with_masks), generator=generator).split(64):
-            whole = torch.rand(len(index), 1, 1, 1, generator=generator) < NO_MASK_SHARE
-            x = torch.where(whole, without[index], with_masks[index])
-            if bool(torch.rand(1, generator=generator) < 0.5):
-                x = x.flip(-1)
-            # objects turn freely in the world, so any quarter turn is another scene of it
-            x = torch.rot90(x, int(torch.randint(4, (1,), generator=generator)), (2, 3))
-            logits = model(x)
+    batches = (count + 63) // 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * batches)
+    for epoch in range(epochs):
+        for index in torch.randperm(count, generator=generator).split(64):
+            logits = model(batch_input(index, generator))
             loss = sum(F.cross_entropy(logits[k], labels[k][index]) for k in ATTRIBUTES)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -97,30 +92,33 @@ def train(with_masks: torch.Tensor, without: torch.Tensor, labels: dict[str, tor
             schedule.step()
         log.info("epoch %d loss %.4f", epoch, loss.item())
     return model.eval()
+
+
+def train(with_masks: torch.Tensor, without: torch.Tensor, labels: dict[str, torch.Tensor]) -> AttributeNet:
+    """The crop network, ``NO_MASK_SHARE`` of its inputs read whole."""
+    torch.manual_seed(SEED)
+
+    def batch_input(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        whole = torch.rand(len(index), 1, 1, 1, generator=generator) < NO_MASK_SHARE
+        x = torch.where(whole, without[index], with_masks[index])
+        if bool(torch.rand(1, generator=generator) < 0.5):
+            x = x.flip(-1)
+        # objects turn freely in the world, so any quarter turn is another scene of it
+        return torch.rot90(x, int(torch.randint(4, (1,), generator=generator)), (2, 3))
+
+    return fit(AttributeNet(), len(with_masks), labels, 1e-3, EPOCHS, batch_input)
 
 
 def train_whole(inputs: torch.Tensor, labels: dict[str, torch.Tensor]) -> WholeFrameNet:
     """The whole-frame network, the mask channel given half of the time (the first classifier's recipe)."""
     torch.manual_seed(SEED)
-    model = WholeFrameNet()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(SEED)
-    batches = (len(inputs) + 63) // 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=WHOLE_EPOCHS * batches)
-    for epoch in range(WHOLE_EPOCHS):
-        for index in torch.randperm(len(inputs), generator=generator).split(64):
-            keep = (torch.rand(len(index), 1, 1, 1, generator=generator) < 0.5).float()
-            x = torch.cat((inputs[index, :3], inputs[index, 3:] * keep), 1)
-            if bool(torch.rand(1, generator=generator) < 0.5):
-                x = x.flip(-1)
-            logits = model(x)
-            loss = sum(F.cross_entropy(logits[k], labels[k][index]) for k in ATTRIBUTES)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-        log.info("epoch %d loss %.4f", epoch, loss.item())
-    return model.eval()
+
+    def batch_input(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        keep = (torch.rand(len(index), 1, 1, 1, generator=generator) < 0.5).float()
+        x = torch.cat((inputs[index, :3], inputs[index, 3:] * keep), 1)
+        return x.flip(-1) if bool(torch.rand(1, generator=generator) < 0.5) else x
+
+    return fit(WholeFrameNet(), len(inputs), labels, 2e-3, WHOLE_EPOCHS, batch_input)
 
 
 def train_pattern(with_masks: torch.Tensor, pattern: torch.Tensor) -> PatternHead:
