@@ -76,9 +76,7 @@ class Layout:
 def _describe(value) -> object:
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type)
-    if isinstance(value, (int, float, bool, str)) or value is None:
-        return type(value).__name__  # a timestep or strength: the same ops whatever its value
-    return type(value).__name__
+    return type(value).__name__  # a timestep or strength: the same ops whatever its value
 
 
 def _pass_of(transformer_options: dict):
