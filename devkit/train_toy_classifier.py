@@ -2,7 +2,7 @@
 cost and the accuracy table are in its docstring): a toy world trained here, not real-weight quality.
 
     bash -c 'source scripts/host_env.sh && "$PYTHON" devkit/train_toy_classifier.py'                 # train all
-    bash -c 'source scripts/host_env.sh && "$PYTHON" devkit/train_toy_classifier.py --only-pattern'  # the MLP
+    bash -c 'source scripts/host_env.sh && "$PYTHON" devkit/train_toy_classifier.py --only pattern'  # one part
     bash -c 'source scripts/host_env.sh && "$PYTHON" devkit/train_toy_classifier.py --measure'       # accuracy
 
 Needs a ComfyUI host (the autoencoders load through ``comfy.sd.VAE``).
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import toy_world as tw
-from toy_classifier import (ATTRIBUTES, WEIGHTS, AttributeNet, PatternHead, ToyClassifier, WholeFrameNet,
-                            colour_statistics, labels_of, load_classifier, prepare, prepare_whole, probabilities)
+from toy_classifier import (ATTRIBUTES, WEIGHTS, WHOLE_SIZE, AttributeNet, MaskNet, PatternHead, ToyClassifier,
+                            WholeFrameNet, colour_statistics, labels_of, load_classifier, predicted_masks, prepare,
+                            prepare_whole, probabilities, without_mask_channel)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ SEED = 0
 EPOCHS = 30
 WHOLE_EPOCHS = 25
 PATTERN_STEPS = 2000
+MASK_EPOCHS = 12
+PARTS = ("crop", "whole", "pattern", "mask", "pixels")  # in training order: the pixel network reads predicted masks
 NO_MASK_SHARE = 0.2  # crop-network inputs read whole without a mask, so that it still answers without one
 
 Groups = dict[int, dict]  # frame size -> {"images": (versions, N, H, W, 3) fp16, "masks": (N, H, W), "labels"}
@@ -140,14 +143,71 @@ def train_pattern(with_masks: torch.Tensor, pattern: torch.Tensor) -> PatternHea
     return head.eval()
 
 
+def train_mask(groups: Groups) -> MaskNet:
+    """The mask network on every version of every frame at ``WHOLE_SIZE``², binary cross-entropy against the
+    exact masks (resized the same way), with flips and quarter turns."""
+    torch.manual_seed(SEED)
+    frames, targets = [], []
+    for group in groups.values():
+        mask = F.interpolate(group["masks"][:, None].float(), size=(WHOLE_SIZE, WHOLE_SIZE), mode="bilinear",
+                             antialias=True, align_corners=False)[:, 0]
+        for images in group["images"]:
+            frames.append(prepare_whole(images.float())[:, :3])
+            targets.append(mask)
+    frames, targets = torch.cat(frames), torch.cat(targets)
+    net = MaskNet()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(SEED)
+    batches = (len(frames) + 63) // 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=MASK_EPOCHS * batches)
+    for epoch in range(MASK_EPOCHS):
+        for index in torch.randperm(len(frames), generator=generator).split(64):
+            both = torch.cat((frames[index], targets[index, None]), 1)
+            if bool(torch.rand(1, generator=generator) < 0.5):
+                both = both.flip(-1)
+            both = torch.rot90(both, int(torch.randint(4, (1,), generator=generator)), (2, 3))
+            loss = F.binary_cross_entropy_with_logits(net(both[:, :3]), both[:, 3])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+        log.info("mask epoch %d loss %.4f", epoch, loss.item())
+    return net.eval()
+
+
+def train_pixels(groups: Groups, mask_net: MaskNet) -> AttributeNet:
+    """The pixel network: the crop network's recipe on crops around the mask network's own masks (what it reads
+    at use), their mask channel emptied, so that it reads the shape from the pixels."""
+    torch.manual_seed(SEED)
+    crops, labels = [], {name: [] for name in ATTRIBUTES}
+    with torch.no_grad():
+        for group in groups.values():
+            for images in group["images"]:
+                for chunk in images.float().split(256):
+                    crops.append(without_mask_channel(prepare(chunk, predicted_masks(mask_net, chunk))))
+                for name in ATTRIBUTES:
+                    labels[name].append(group["labels"][name])
+    inputs, labels = torch.cat(crops), {name: torch.cat(v) for name, v in labels.items()}
+
+    def batch_input(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = inputs[index]
+        if bool(torch.rand(1, generator=generator) < 0.5):
+            x = x.flip(-1)
+        return torch.rot90(x, int(torch.randint(4, (1,), generator=generator)), (2, 3))
+
+    return fit(AttributeNet(), len(inputs), labels, 1e-3, EPOCHS, batch_input)
+
+
 @torch.no_grad()
-def accuracy(model: ToyClassifier, groups: Groups, with_masks: bool) -> dict[str, float]:
-    """Share of right answers per attribute over every image of ``groups``."""
+def accuracy(model: ToyClassifier, groups: Groups, with_masks: bool, predict_masks: bool = True
+             ) -> dict[str, float]:
+    """Share of right answers per attribute over every image of ``groups`` (without the exact masks: through
+    the predicted ones, or the whole-frame network when ``predict_masks`` is off)."""
     right = {name: 0 for name in ATTRIBUTES}
     total = 0
     for group in groups.values():
         for images in group["images"]:
-            found = probabilities(images.float(), group["masks"] if with_masks else None, model)
+            found = probabilities(images.float(), group["masks"] if with_masks else None, model, predict_masks)
             for name in ATTRIBUTES:
                 right[name] += int((found[name].argmax(1) == group["labels"][name]).sum())
             total += len(images)
@@ -161,8 +221,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="only measure the saved weights")
     parser.add_argument("--data-cache", type=Path, default=None, help="keep the round-trip training set in this file")
-    parser.add_argument("--only-pattern", action="store_true",
-                        help="keep the saved networks and train the pattern head only (seconds)")
+    parser.add_argument("--only", action="append", choices=PARTS, help="keep the saved networks but this one "
+                        "(repeatable; pattern: seconds); default: train every part")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     if not args.measure:
@@ -175,14 +235,21 @@ def main() -> None:
                 torch.save(groups, args.data_cache)
         train_set = network_inputs(groups)
         log.info("training set %d images, %.1f CPU minutes", len(train_set[0]), (time.process_time() - started) / 60)
-        model = load_classifier() if args.only_pattern else ToyClassifier()
-        if not args.only_pattern:
-            model.crop = train(*train_set)
-            log.info("crop network: %.1f CPU minutes so far", (time.process_time() - started) / 60)
-            whole, _, labels = network_inputs(groups, whole=True)
-            model.whole = train_whole(whole, labels)
-            log.info("whole-frame network: %.1f CPU minutes so far", (time.process_time() - started) / 60)
-        model.pattern = train_pattern(train_set[0], train_set[2]["pattern"])
+        parts = args.only or PARTS
+        model = load_classifier() if args.only else ToyClassifier()
+        for part in parts:
+            if part == "crop":
+                model.crop = train(*train_set)
+            elif part == "whole":
+                whole, _, labels = network_inputs(groups, whole=True)
+                model.whole = train_whole(whole, labels)
+            elif part == "pattern":
+                model.pattern = train_pattern(train_set[0], train_set[2]["pattern"])
+            elif part == "mask":
+                model.mask = train_mask(groups)
+            else:
+                model.pixels = train_pixels(groups, model.mask)
+            log.info("%s: %.1f CPU minutes so far", part, (time.process_time() - started) / 60)
         WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.half().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()} |
                   {k: v.contiguous() for k, v in model.state_dict().items() if not v.is_floating_point()}, str(WEIGHTS),
@@ -192,9 +259,9 @@ def main() -> None:
     start = tw.HELDOUT_SEEDS[0] + 5_000
     for split in ("train", "heldout"):
         held = round_trip_set(range(start, start + 150), (64, 128), split=split)
-        for with_masks in (False, True):
-            acc = accuracy(model, held, with_masks=with_masks)
-            print(f"held-out seeds, {split} combos, masks={with_masks}: " + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
+        for masks, with_masks, predict in (("none", False, False), ("predicted", False, True), ("exact", True, True)):
+            acc = accuracy(model, held, with_masks=with_masks, predict_masks=predict)
+            print(f"held-out seeds, {split} combos, masks={masks}: " + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
             if with_masks:
                 for size, group in held.items():
                     acc = accuracy(model, {size: group}, with_masks=True)

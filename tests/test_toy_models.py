@@ -47,15 +47,17 @@ def test_autoencoder_loads_through_comfy_vae_detection(channels: int, scenes: li
 
 CLASSIFIER_SEEDS = range(tw.HELDOUT_SEEDS[0] + 100, tw.HELDOUT_SEEDS[0] + 150)
 # The least share of right answers per attribute on the 150 images of ``round_trips`` (train combinations),
-# with / without the object mask. Measured (``devkit/train_toy_classifier.py --measure``, 450 images of other
-# held-out seeds): with the mask shape 1.000, colour 0.998, pattern 0.956, background 1.000; without it shape
-# 0.844, colour 0.998, pattern 0.824, background 1.000 (here: 1.000, 1.000, 0.960, 1.000 and 0.920, 1.000, 0.853,
-# 1.000). With the mask the outline is given, so every shape must be right (the 64²-resize network, now the
-# mask-free one, missed 1 of these 150); the pattern's bound leaves 3 of these images (the crop network's own
-# pattern reading, 0.933 here and 0.873 measured, falls below it), the mask-free bounds about 2 sigma of a
-# 150-image count below the measured rates (the crop network's whole-frame reading, shape 0.547 here, falls
-# below). The 98 % aimed at holds with the mask for every attribute but the pattern (its own strict xfail below).
+# with the object mask, through the mask network's predicted mask, and with neither (the whole-frame network).
+# Measured (``devkit/train_toy_classifier.py --measure``, 450 images of other held-out seeds): with the mask shape
+# 1.000, colour 0.998, pattern 0.956, background 1.000; predicted 0.936, 0.998, 0.922, 1.000; whole-frame 0.844,
+# 0.998, 0.824, 1.000 (here: 1.000, 1.000, 0.960, 1.000; 0.947, 1.000, 0.920, 1.000; 0.920, 1.000, 0.853, 1.000).
+# With the mask the outline is given, so every shape must be right (the 64²-resize network, now the
+# whole-frame one, missed 1 of these 150); the pattern's bound leaves 3 of these images (the crop network's own
+# pattern reading, 0.933 here and 0.873 measured, falls below it); the other bounds sit about 2 sigma of a
+# 150-image count below the measured rates (the whole-frame network's shape, 0.844, falls below the predicted
+# route's). The 98 % aimed at holds with the mask for every attribute but the pattern (its own strict xfail below).
 LEAST = {"masks": {"shape": 1.0, "colour": 0.98, "pattern": 0.94, "background": 0.98},
+         "predicted": {"shape": 0.89, "colour": 0.97, "pattern": 0.87, "background": 0.98},
          None: {"shape": 0.78, "colour": 0.97, "pattern": 0.76, "background": 0.98}}
 
 
@@ -74,10 +76,11 @@ def round_trips() -> list[tuple[torch.Tensor, torch.Tensor, dict[str, list[str]]
     return out
 
 
-def _share_right(model: tc.ToyClassifier, round_trips: list, with_masks: bool) -> dict[str, float]:
+def _share_right(model: tc.ToyClassifier, round_trips: list, with_masks: bool,
+                 predict_masks: bool = True) -> dict[str, float]:
     right, total = {name: 0 for name in tc.ATTRIBUTES}, 0
     for images, masks, truth in round_trips:
-        found = tc.classify(images, masks if with_masks else None, model=model)
+        found = tc.classify(images, masks if with_masks else None, model=model, predict_masks=predict_masks)
         for name in tc.ATTRIBUTES:
             right[name] += sum(a == b for a, b in zip(found[name], truth[name]))
         total += len(images)
@@ -87,22 +90,35 @@ def _share_right(model: tc.ToyClassifier, round_trips: list, with_masks: bool) -
 def test_classifier_reads_round_trips_of_held_out_scenes(round_trips: list) -> None:
     model = tc.load_classifier()
     assert sum(len(images) for images, _, _ in round_trips) == 150
-    for given in ("masks", None):
-        shares = _share_right(model, round_trips, with_masks=given is not None)
+    for given in ("masks", "predicted", None):
+        shares = _share_right(model, round_trips, with_masks=given == "masks", predict_masks=given is not None)
         for attribute, least in LEAST[given].items():
             assert shares[attribute] >= least, (given, attribute, shares)
     images, masks, _ = round_trips[1]
     probs = tc.probabilities(images, masks, model=model)
     assert set(probs) == set(tc.ATTRIBUTES)
     assert torch.allclose(probs["colour"].sum(1), torch.ones(len(images)))
-    # a frame whose mask is empty is read whole, as without a mask, beside frames read through their masks
+    # a frame whose mask is empty is read whole, as with no mask predicted, beside frames read through their masks
     emptied = masks.clone()
     emptied[0] = 0
     mixed = tc.probabilities(images[:4], emptied[:4], model=model)
-    whole = tc.probabilities(images[:1], model=model)
+    whole = tc.probabilities(images[:1], model=model, predict_masks=False)
     for name in tc.ATTRIBUTES:
         assert torch.allclose(mixed[name][:1], whole[name], atol=1e-6)
         assert torch.allclose(mixed[name][1:], probs[name][1:4], atol=1e-6)
+
+
+def test_mask_network_finds_the_object(round_trips: list) -> None:
+    # Measured on 90 other held-out scenes: mean IoU 0.945 / 0.802 / 0.864 (64²: clean, 4ch, 16ch round trips)
+    # and 0.949 / 0.837 / 0.887 (128²); the bound is the mean's 0.88 less a margin for these 150 images.
+    model = tc.load_classifier()
+    ious = []
+    for images, masks, _ in round_trips:
+        with torch.no_grad():
+            found = tc.predicted_masks(model.mask, images)
+        truth = masks > 0.5
+        ious.append((found.bool() & truth).sum((1, 2)) / (found.bool() | truth).sum((1, 2)).clamp(min=1))
+    assert float(torch.cat(ious).mean()) >= 0.80, torch.cat(ious).mean()
 
 
 @pytest.mark.xfail(strict=True, reason="the pattern reads 0.956 with the mask (0.960 here): the toy autoencoders "
