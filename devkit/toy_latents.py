@@ -24,7 +24,7 @@ import toy_world  # devkit/, beside this file
 
 log = logging.getLogger(__name__)
 
-TWO_OBJECT_FRACTION = 0.4  # the rest of the scenes have one object (the checks sample one-object captions)
+TWO_OBJECT_FRACTION = 0.4  # the first training phase's share of two-object scenes; the rest have one object
 
 
 @dataclass
@@ -43,11 +43,12 @@ def scene_seeds(n: int, seed: int) -> list[int]:
     return [int(s) for s in rng.choice(np.arange(low, high), size=n, replace=False)]
 
 
-def render_train_scenes(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``n`` train-split scenes (``TWO_OBJECT_FRACTION`` of them with two objects): images (N, H, W, 3), captions."""
+def render_train_scenes(n: int, size: int, seed: int, two_object_fraction: float = TWO_OBJECT_FRACTION
+                        ) -> tuple[torch.Tensor, list[str]]:
+    """``n`` train-split scenes (``two_object_fraction`` of them with two objects): images (N, H, W, 3), captions."""
     images, captions = [], []
     for i, scene_seed in enumerate(scene_seeds(n, seed)):
-        n_objects = 2 if (i % 10) < round(10 * TWO_OBJECT_FRACTION) else 1
+        n_objects = 2 if (i % 10) < round(10 * two_object_fraction) else 1
         scene = toy_world.render_scene(scene_seed, size, n_objects=n_objects, split="train")
         images.append(scene.image)
         captions.append(scene.caption)
@@ -83,15 +84,17 @@ def file_key(vae_file: str) -> str:
     return hashlib.sha256(Path(vae_file).read_bytes()).hexdigest()[:16] if Path(vae_file).is_file() else vae_file
 
 
-def latent_set(vae: comfy.sd.VAE, vae_file: str, n: int, size: int, seed: int, cache_dir: Path) -> LatentSet:
+def latent_set(vae: comfy.sd.VAE, vae_file: str, n: int, size: int, seed: int, cache_dir: Path,
+               two_object_fraction: float = TWO_OBJECT_FRACTION) -> LatentSet:
     """The standardised latents of ``n`` train scenes, cached in ``cache_dir`` by the AE file's hash."""
-    cache = cache_dir / f"latents_{file_key(vae_file)}_{n}_{size}_{seed}.pt"
+    mix = "" if two_object_fraction == TWO_OBJECT_FRACTION else f"_two{two_object_fraction:g}"
+    cache = cache_dir / f"latents_{file_key(vae_file)}_{n}_{size}_{seed}{mix}.pt"
     if cache.is_file():
         stored = torch.load(cache)
         return LatentSet(stored["latents"], stored["captions"], stored["raw_mean"], stored["raw_std"],
                          stored["encode_cpu_seconds"])
     started = time.process_time()
-    images, captions = render_train_scenes(n, size, seed)
+    images, captions = render_train_scenes(n, size, seed, two_object_fraction)
     raw = encode_images(vae, images)
     mean, std = float(raw.mean()), float(raw.std())
     data = LatentSet((raw - mean) / std, captions, mean, std, time.process_time() - started)

@@ -11,8 +11,9 @@
   reconstructs them within 3 dB PSNR of the autoencoder's own round trip.
 
 The thresholds were fixed before the trained models were measured. Figures (``devkit/train_toy_models.py``'s
-docstring): reconstruction at 64 px, 3 held-out clips x 4 frames, UNet 24.36 dB (AE alone 24.45), Flux 23.27 dB
-(AE alone 23.40). The attribute check is an xfail: the models are undertrained (see its reason).
+docstring): reconstruction at 64 px, 4 held-out clips x 4 frames, UNet 23.29 dB (AE alone 23.44), Flux 22.50 dB
+(AE alone 22.54); plain samples (96 captions) show the colour and the background at least 90 % of the time on
+both models, the shape and the pattern do not (strict xfails citing the figures and the limit).
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import torch
 MODELS = ("unet", "flux")
 CONFIG_NAMES = {"unet": "ToySD15", "flux": "ToyFluxSchnell"}
 MIN_ATTRIBUTE_ACCURACY = 0.90
-SAMPLES = 30  # one-object captions per model here (the full figures use 96)
+# One-object captions per model, as in the figures (the first 30 read the UNet's colour 0.867: too few for a 90 %
+# bound on a model that reads 0.917 over 96).
+SAMPLES = 96
 RECONSTRUCTION_MARGIN_DB = 3.0
 
 
@@ -62,19 +65,35 @@ def test_checkpoint_loads_as_the_toy_config_with_its_trained_weights(toy, loaded
     assert image.shape == (1, info["size"], info["size"], 3) and torch.isfinite(image).all()
 
 
-@pytest.mark.xfail(reason=("undertrained toy models, below 90 %. Classifier on plain samples at 64 px, cfg 4, "
-                           "30 one-object captions of seen combinations: UNet shape 0.40 colour 0.30 pattern "
-                           "0.30 background 0.30 (chance level); Flux shape 0.27 colour 0.57 pattern 0.37 "
-                           "background 1.00. Diagnosis: the models, not the world or the pack (reconstruction "
-                           "through the same models is within 0.2 dB of the autoencoder): 1557 UNet steps and "
-                           "3536 Flux steps of batch 32, most on early autoencoder snapshots, fit the CPU time "
-                           "left after the autoencoders; resume devkit/train_toy_models.py for longer"),
-                   strict=False)
+# (model, attribute) -> why plain samples do not show it 90 % of the time, with the figures: a strict xfail.
+SAMPLE_FIGURES = {"unet": "UNet on 96 seen-combination captions: shape 0.646, colour 0.917, pattern 0.760, background "
+                          "1.000",
+                  "flux": "Flux on 96 seen-combination captions: shape 0.646, colour 0.917, pattern 0.573, background "
+                          "1.000"}
+SHAPE_REASON = ("the models at 8x8 latents draw rounded blobs (squares and triangles lose their corners); the "
+                "classifier reads the shape of the autoencoders' own 64² round trips 0.87 (4ch) / 0.93 (16ch)")
+NOT_REACHED: dict[tuple[str, str], str] = {
+    ("unet", "shape"): SHAPE_REASON,
+    ("unet", "pattern"): "the model draws the pattern less often than the 4ch autoencoder keeps it (0.96 on its 64² "
+                         "round trips)",
+    ("flux", "shape"): SHAPE_REASON,
+    ("flux", "pattern"): "the 16-channel autoencoder itself keeps the pattern in 0.76 of its 64² round trips",
+}
+
+
+@pytest.fixture(scope="module")
+def sample_accuracy(toy, loaded) -> dict[str, dict[str, float]]:
+    return {name: toy.attribute_accuracy(*loaded[name], SAMPLES, toy.training_info(name)["size"], split="train")
+            for name in MODELS}
+
+
+@pytest.mark.parametrize("attribute", ("shape", "colour", "pattern", "background"))
 @pytest.mark.parametrize("name", MODELS)
-def test_samples_show_the_captioned_attributes(toy, loaded, name):
-    model, clip, vae = loaded[name]
-    accuracy = toy.attribute_accuracy(model, clip, vae, SAMPLES, toy.training_info(name)["size"], split="train")
-    assert min(accuracy.values()) >= MIN_ATTRIBUTE_ACCURACY, accuracy
+def test_samples_show_the_captioned_attributes(sample_accuracy, request, name, attribute):
+    if (name, attribute) in NOT_REACHED:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{SAMPLE_FIGURES[name]}: "
+                                                                 f"{NOT_REACHED[name, attribute]}"))
+    assert sample_accuracy[name][attribute] >= MIN_ATTRIBUTE_ACCURACY, sample_accuracy[name]
 
 
 @pytest.mark.parametrize("name", MODELS)
