@@ -13,7 +13,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,24 +77,36 @@ def network_inputs(groups: Groups, whole: bool = False) -> tuple[torch.Tensor, t
             {name: torch.cat(v) for name, v in labels.items()})
 
 
-def fit(model: torch.nn.Module, count: int, labels: dict[str, torch.Tensor], lr: float, epochs: int,
-        batch_input: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> torch.nn.Module:
-    """AdamW with a one-cycle schedule over ``epochs`` of shuffled batches of 64 (``batch_input``: the batch of the
-    rows ``index``, drawing its augmentations from the generator), the attributes' cross-entropies summed."""
+def attribute_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The attributes' cross-entropies summed."""
+    return sum(F.cross_entropy(logits[k], labels[k]) for k in ATTRIBUTES)
+
+
+def fit(model: torch.nn.Module, count: int, lr: float, epochs: int,
+        batch: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, Any]],
+        loss_of: Callable[[Any, Any], torch.Tensor] = attribute_loss) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule over ``epochs`` of shuffled batches of 64 (``batch``: the inputs and targets
+    of the rows ``index``, drawing its augmentations from the generator; ``loss_of(outputs, targets)``)."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(SEED)
     batches = (count + 63) // 64
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * batches)
     for epoch in range(epochs):
         for index in torch.randperm(count, generator=generator).split(64):
-            logits = model(batch_input(index, generator))
-            loss = sum(F.cross_entropy(logits[k], labels[k][index]) for k in ATTRIBUTES)
+            inputs, targets = batch(index, generator)
+            loss = loss_of(model(inputs), targets)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
         log.info("epoch %d loss %.4f", epoch, loss.item())
     return model.eval()
+
+
+def labelled(batch_input: Callable[[torch.Tensor, torch.Generator], torch.Tensor], labels: dict[str, torch.Tensor]
+             ) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """``batch_input``'s inputs with the attributes' labels of the same rows."""
+    return lambda index, generator: (batch_input(index, generator), {k: v[index] for k, v in labels.items()})
 
 
 def train(with_masks: torch.Tensor, without: torch.Tensor, labels: dict[str, torch.Tensor]) -> AttributeNet:
@@ -109,7 +121,7 @@ def train(with_masks: torch.Tensor, without: torch.Tensor, labels: dict[str, tor
         # objects turn freely in the world, so any quarter turn is another scene of it
         return torch.rot90(x, int(torch.randint(4, (1,), generator=generator)), (2, 3))
 
-    return fit(AttributeNet(), len(with_masks), labels, 1e-3, EPOCHS, batch_input)
+    return fit(AttributeNet(), len(with_masks), 1e-3, EPOCHS, labelled(batch_input, labels))
 
 
 def train_whole(inputs: torch.Tensor, labels: dict[str, torch.Tensor]) -> WholeFrameNet:
@@ -121,7 +133,7 @@ def train_whole(inputs: torch.Tensor, labels: dict[str, torch.Tensor]) -> WholeF
         x = torch.cat((inputs[index, :3], inputs[index, 3:] * keep), 1)
         return x.flip(-1) if bool(torch.rand(1, generator=generator) < 0.5) else x
 
-    return fit(WholeFrameNet(), len(inputs), labels, 2e-3, WHOLE_EPOCHS, batch_input)
+    return fit(WholeFrameNet(), len(inputs), 2e-3, WHOLE_EPOCHS, labelled(batch_input, labels))
 
 
 def train_pattern(with_masks: torch.Tensor, pattern: torch.Tensor) -> PatternHead:
@@ -155,24 +167,15 @@ def train_mask(groups: Groups) -> MaskNet:
             frames.append(prepare_whole(images.float())[:, :3])
             targets.append(mask)
     frames, targets = torch.cat(frames), torch.cat(targets)
-    net = MaskNet()
-    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(SEED)
-    batches = (len(frames) + 63) // 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=MASK_EPOCHS * batches)
-    for epoch in range(MASK_EPOCHS):
-        for index in torch.randperm(len(frames), generator=generator).split(64):
-            both = torch.cat((frames[index], targets[index, None]), 1)
-            if bool(torch.rand(1, generator=generator) < 0.5):
-                both = both.flip(-1)
-            both = torch.rot90(both, int(torch.randint(4, (1,), generator=generator)), (2, 3))
-            loss = F.binary_cross_entropy_with_logits(net(both[:, :3]), both[:, 3])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-        log.info("mask epoch %d loss %.4f", epoch, loss.item())
-    return net.eval()
+
+    def batch(index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.cat((frames[index], targets[index, None]), 1)
+        if bool(torch.rand(1, generator=generator) < 0.5):
+            both = both.flip(-1)
+        both = torch.rot90(both, int(torch.randint(4, (1,), generator=generator)), (2, 3))
+        return both[:, :3], both[:, 3]
+
+    return fit(MaskNet(), len(frames), 3e-3, MASK_EPOCHS, batch, F.binary_cross_entropy_with_logits)
 
 
 def train_pixels(groups: Groups, mask_net: MaskNet) -> AttributeNet:
@@ -195,7 +198,7 @@ def train_pixels(groups: Groups, mask_net: MaskNet) -> AttributeNet:
             x = x.flip(-1)
         return torch.rot90(x, int(torch.randint(4, (1,), generator=generator)), (2, 3))
 
-    return fit(AttributeNet(), len(inputs), labels, 1e-3, EPOCHS, batch_input)
+    return fit(AttributeNet(), len(inputs), 1e-3, EPOCHS, labelled(batch_input, labels))
 
 
 @torch.no_grad()
