@@ -14,6 +14,42 @@ import time
 from pathlib import Path
 
 
+class StartUp:
+    """What start-up is doing, for the message of a Ctrl-C there (``stage``; "" once the graph runs).
+
+    While entered, Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, and is remembered: the
+    host can swallow the KeyboardInterrupt (under Python's default handler ``asyncio.run`` turns it into a
+    cancelled task, which a node pack's loader may catch), and start-up would then go on to a misleading error.
+    :meth:`at` raises again at the next stage, and :attr:`interrupted_in` keeps the stage it came in."""
+
+    def __init__(self) -> None:
+        self.stage = "checking the command line"
+        self.interrupted_in: str | None = None
+        self.previous = None
+
+    def __enter__(self) -> "StartUp":
+        self.previous = signal.signal(signal.SIGINT, self.ctrl_c)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def ctrl_c(self, signum, frame) -> None:
+        if self.interrupted_in is None:
+            self.interrupted_in = self.stage
+        raise KeyboardInterrupt
+
+    def at(self, stage: str) -> None:
+        """Start-up moves on to ``stage``, unless a Ctrl-C came in earlier and was swallowed on the way."""
+        if self.interrupted_in is not None:
+            raise KeyboardInterrupt
+        self.stage = stage
+
+    def interrupted_message(self) -> str:
+        stage = self.interrupted_in if self.interrupted_in is not None else self.stage
+        return f"interrupted{f' while {stage}' if stage else ''}: nothing was written (no output file)"
+
+
 class StopOnCtrlC:
     """Ctrl-C (SIGINT) while the graph runs does what the server's /interrupt does: it sets ComfyUI's interrupt
     flag, so the running node stops at its next step or batch and no further node starts. A second Ctrl-C

@@ -183,7 +183,8 @@ def build_prompt(args: argparse.Namespace, video_name: str, ckpt_name: str | Non
     return prompt, "11"
 
 
-def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dict[str, Path]) -> int:
+def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dict[str, Path],
+         start_up: support.StartUp) -> int:
     # Import the host exactly as ComfyUI's main.py would see it: its folder first on sys.path.
     script_dir = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p not in ("", script_dir, str(REPO))]
@@ -230,7 +231,7 @@ def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dic
             inputs[os.path.realpath(work / "input" / video_name)] = args.video
         inputs[str(video)] = args.video
 
-        _at("loading ComfyUI's nodes and the custom node packs")
+        start_up.at("loading ComfyUI's nodes and the custom node packs")
         import execution
         import nodes
 
@@ -253,7 +254,7 @@ def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dic
               f"{available} available (--threads to change); ComfyUI started in {time.monotonic() - t0:.1f} s",
               flush=True)
 
-        _at("checking the model and the graph")
+        start_up.at("checking the model and the graph")
         family = models.detect_family(str(files.get("--checkpoint") or files["--unet"]), ckpt_name is not None)
         problem = models.resolve_family_settings(args, family, _pack_module("engine.plan.settings").EditSettings().cfg)
         if problem:
@@ -281,7 +282,7 @@ def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dic
         print(f"editing {video} -> {args.output} with {args.editor} on {family.words if family else 'the model'}, "
               f"cfg {args.cfg:g}, {args.steps} steps (inversion {messages.inversion_words(args, flow)}), batch "
               f"{args.batch_size}\nwork: {messages.work_words(args, source, flow)}", flush=True)
-        _at("")  # from here Ctrl-C stops the graph (StopOnCtrlC)
+        start_up.at("")  # from here Ctrl-C stops the graph (StopOnCtrlC)
         with support.StopOnCtrlC() as stop:
             console = support.Console(prompt, titles, stop, messages.progress_units(args, flow))
             comfy.utils.set_progress_bar_global_hook(console.progress)
@@ -310,14 +311,8 @@ def _run(args: argparse.Namespace, host: Path, source: checks.Source, files: dic
         shutil.rmtree(work, ignore_errors=True)
 
 
-_STAGE = ["checking the command line"]  # what start-up is doing, for the message of a Ctrl-C there
-
-
-def _at(stage: str) -> None:
-    _STAGE[0] = stage
-
-
 def main(argv: list[str] | None = None) -> int:
+    start_up = support.StartUp()
     try:
         args = build_parser().parse_args(argv)
         host = support.find_host(args.comfyui, REPO)
@@ -330,11 +325,14 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(problems), file=sys.stderr)
             return 2
         args.flux_route = models.flux_files_given(args)
-        _at("starting ComfyUI (importing PyTorch and the host)")
-        return _run(args, host, source, files)
+        start_up.at("starting ComfyUI (importing PyTorch and the host)")
+        with start_up:
+            code = _run(args, host, source, files, start_up)
+        if start_up.interrupted_in is not None:  # swallowed in the host after the last stage began
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
-        where = f" while {_STAGE[0]}" if _STAGE[0] else ""
-        print(f"\ninterrupted{where}: nothing was written (no output file)", file=sys.stderr)
+        print(f"\n{start_up.interrupted_message()}", file=sys.stderr)
         return 130
 
 

@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,26 @@ def test_ctrl_c_during_start_up_says_what_it_interrupted(tmp_path, video_file, t
     assert re.fullmatch(r"interrupted while (starting ComfyUI|loading ComfyUI's nodes)[^:]*: nothing was written "
                         r"\(no output file\)", lines[-1]), stderr
     assert "Traceback" not in stderr and not output.exists()
+
+
+def test_a_ctrl_c_the_host_swallows_still_stops_start_up():
+    scripts = str(REPO / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import runner_support
+
+    start_up = runner_support.StartUp()
+    start_up.at("loading ComfyUI's nodes and the custom node packs")
+    before = signal.getsignal(signal.SIGINT)
+    with start_up:
+        assert signal.getsignal(signal.SIGINT) == start_up.ctrl_c
+        try:  # what a host's loader may do with the KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            start_up.at("checking the model and the graph")
+    assert signal.getsignal(signal.SIGINT) is before
+    assert start_up.interrupted_message() == ("interrupted while loading ComfyUI's nodes and the custom node packs: "
+                                              "nothing was written (no output file)")
