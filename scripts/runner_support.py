@@ -28,11 +28,14 @@ class StartUp:
         self.previous = None
 
     def __enter__(self) -> "StartUp":
-        self.previous = signal.signal(signal.SIGINT, self.ctrl_c)
+        # An ignored SIGINT stays ignored, as Python leaves it (a shell's background job inherits it so)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self.previous = signal.signal(signal.SIGINT, self.ctrl_c)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
     def ctrl_c(self, signum, frame) -> None:
         if self.interrupted_in is None:

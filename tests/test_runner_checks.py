@@ -234,9 +234,12 @@ def test_the_models_folders_and_extensions_are_the_hosts(runner):
 
 def test_ctrl_c_during_start_up_says_what_it_interrupted(tmp_path, video_file, tiny_checkpoint):
     output = tmp_path / "out.mp4"
+    # Ctrl-C in a terminal reaches a foreground runner whose SIGINT is at its default; a suite started in the
+    # background (a shell's `&`) would hand the runner an ignored SIGINT, which Python keeps ignored.
     process = subprocess.Popen([sys.executable, str(RUNNER), *_argv(video_file, tiny_checkpoint, "--output", str(output),
                                                                     "--width", "64")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness.runner_env())
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness.runner_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert process.stdout.readline().startswith("ComfyUI host:")  # the checks passed; start-up begins
         process.send_signal(signal.SIGINT)
@@ -258,18 +261,24 @@ def test_a_ctrl_c_the_host_swallows_still_stops_start_up():
         sys.path.insert(0, scripts)
     import runner_support
 
-    start_up = runner_support.StartUp()
-    start_up.at("loading ComfyUI's nodes and the custom node packs")
-    before = signal.getsignal(signal.SIGINT)
-    with start_up:
-        assert signal.getsignal(signal.SIGINT) == start_up.ctrl_c
-        try:  # what a host's loader may do with the KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        with pytest.raises(KeyboardInterrupt):
-            start_up.at("checking the model and the graph")
-    assert signal.getsignal(signal.SIGINT) is before
-    assert start_up.interrupted_message() == ("interrupted while loading ComfyUI's nodes and the custom node packs: "
-                                              "nothing was written (no output file)")
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever started pytest
+    try:
+        start_up = runner_support.StartUp()
+        start_up.at("loading ComfyUI's nodes and the custom node packs")
+        with start_up:
+            assert signal.getsignal(signal.SIGINT) == start_up.ctrl_c
+            try:  # what a host's loader may do with the KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            with pytest.raises(KeyboardInterrupt):
+                start_up.at("checking the model and the graph")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert start_up.interrupted_message() == ("interrupted while loading ComfyUI's nodes and the custom node "
+                                                  "packs: nothing was written (no output file)")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's SIGINT stays ignored
+        with runner_support.StartUp():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
