@@ -220,8 +220,8 @@ class PatternHead(torch.nn.Module):
 class MaskNet(torch.nn.Module):
     """RGB (the whole frame resized to ``WHOLE_SIZE``²) -> the object mask's logits at that size.
 
-    Frames without a mask (a model's plain samples) are read through a predicted mask, so that they get the
-    crop network's reading: the whole-frame network reads a 64² frame's shape and pattern poorly (about 0.84).
+    Frames without a mask (a model's plain samples) are read from a crop around a predicted mask: the
+    whole-frame network reads a 64² frame's shape and pattern poorly (about 0.84).
     Dilated convolutions at half size see a whole object; a full-size skip keeps its outline."""
 
     def __init__(self) -> None:
@@ -232,8 +232,8 @@ class MaskNet(torch.nn.Module):
                                        torch.nn.BatchNorm2d(n_out), torch.nn.ReLU())
 
         self.full_size = torch.nn.Sequential(conv(3, 16), conv(16, 16))
-        self.half_size = torch.nn.Sequential(conv(16, 32, stride=2), conv(32, 32, dilation=2), conv(32, 32, dilation=4),
-                                        conv(32, 32, dilation=8))
+        self.half_size = torch.nn.Sequential(conv(16, 32, stride=2), conv(32, 32, dilation=2),
+                                             conv(32, 32, dilation=4), conv(32, 32, dilation=8))
         self.out = torch.nn.Sequential(conv(48, 16), torch.nn.Conv2d(16, 1, 1))
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
